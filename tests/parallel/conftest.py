@@ -1,0 +1,62 @@
+"""Fixtures for the shared-store tests: a PostgreSQL server on 127.0.0.1 (started by scripts/postgres.sh)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "postgres.sh"
+
+
+def _connect(url: str):
+    import psycopg
+
+    return psycopg.connect(url, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """Connection URL of a running PostgreSQL (env MOEKIT_PG_URL, else the cluster of scripts/postgres.sh).
+
+    If nothing answers, runs ``scripts/postgres.sh`` without installing packages; skips (with the reason)
+    only when PostgreSQL or psycopg is not available.
+    """
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install 'psycopg[binary]')")
+    url = os.environ.get("MOEKIT_PG_URL")
+    if url is None:
+        url = subprocess.run([str(SCRIPT), "url"], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        _connect(url).close()
+        return url
+    except Exception as first:  # noqa: BLE001 - any connection failure: try starting the local cluster
+        env = dict(os.environ, MOEKIT_PG_NO_INSTALL="1")
+        proc = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, env=env, timeout=120)
+        if proc.returncode != 0:
+            pytest.skip(
+                f"PostgreSQL not available at {url} ({first}); scripts/postgres.sh: {proc.stderr.strip()}"
+            )
+        _connect(url).close()
+        return url
+
+
+@pytest.fixture
+def fresh_db(pg_url):
+    """A new empty database (dropped afterwards); yields its URL."""
+    name = f"moekit_test_{uuid.uuid4().hex[:10]}"
+    conn = _connect(pg_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    base = pg_url.rsplit("/", 1)[0]
+    yield f"{base}/{name}", name
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
