@@ -1,0 +1,1 @@
+"""Inference-time MoE tools: self-contrast decoding, test-time re-mixing, expert offloading."""

@@ -1,0 +1,372 @@
+"""MC-SMoE: merge experts, then compress (arXiv 2310.01334; code UNITES-Lab/MC-SMoE).
+
+From the paper/code [C]: usage frequencies from calibration data; weight-matching permutation alignment
+(``scipy.optimize.linear_sum_assignment``); dominant experts = the most used; every other expert joins the
+dominant expert with the most similar router-logit column; usage-frequency-weighted merge; router
+unchanged; LoSparse compression ``W ~ U V + S`` with SVD init and importance pruning of S on a cubic
+schedule. Our reading [D]: usage counts every selected (token, slot) pair (the paper's Switch models are
+top-1); a group whose members were never used is merged with uniform weights; merged experts are stored
+once and shared through :class:`~moe_core.surgery.bank.RemappedExperts`; S is pruned element-wise.
+KD fine-tuning after merging is left to the caller's training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_core.surgery.bank import (
+    BlockRef,
+    ComputedWeightExperts,
+    RemappedExperts,
+    bank_activation,
+    find_moe_blocks,
+    get_expert_weights,
+    router_logits,
+    router_selection,
+    set_expert_weights,
+    unwrap_bank,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- statistics
+@dataclass
+class RoutingStats:
+    """Calibration statistics of one MoE block.
+
+    Attributes:
+        counts: ``(E,)`` selected (token, slot) pairs per expert.
+        logits: ``(N, E)`` router logits of the calibration tokens (float32, at most ``max_tokens`` rows).
+    """
+
+    counts: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def freq(self) -> torch.Tensor:
+        """``(E,)`` usage frequency ``count_e / sum(count)``."""
+        return self.counts.float() / self.counts.sum().clamp_min(1)
+
+
+def collect_routing_stats(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    forward: Callable[[nn.Module, object], object] | None = None,
+    max_tokens: int = 65536,
+) -> list[RoutingStats]:
+    """Run calibration batches through ``model`` and record each MoE block's router usage and logits.
+
+    Args:
+        model: a model containing moekit or HF MoE blocks.
+        batches: calibration inputs; each is passed to ``forward(model, batch)`` (default ``model(batch)``).
+        forward: how to call the model.
+        max_tokens: keep at most this many logit rows per block.
+
+    Returns:
+        One :class:`RoutingStats` per block, in :func:`find_moe_blocks` order.
+    """
+    refs = find_moe_blocks(model)
+    if not refs:
+        raise ValueError("model has no MoE blocks")
+    counts: list[torch.Tensor | None] = [None] * len(refs)
+    logits: list[list[torch.Tensor]] = [[] for _ in refs]
+    kept = [0] * len(refs)
+
+    def hook(i: int):
+        def fn(_m, _inp, out):
+            _, idx = router_selection(out)
+            z = router_logits(out).detach()
+            c = torch.bincount(idx.reshape(-1), minlength=z.shape[-1]).cpu()
+            counts[i] = c if counts[i] is None else counts[i] + c
+            if kept[i] < max_tokens:
+                take = z[: max_tokens - kept[i]].cpu()
+                logits[i].append(take)
+                kept[i] += take.shape[0]
+
+        return fn
+
+    handles = [r.router.register_forward_hook(hook(i)) for i, r in enumerate(refs)]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                (forward or (lambda m, x: m(x)))(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    if counts[0] is None:
+        raise ValueError("batches was empty: no routing statistics collected")
+    return [RoutingStats(counts=c, logits=torch.cat(z)) for c, z in zip(counts, logits)]
+
+
+# ----------------------------------------------------------------------------------------- alignment
+def permute_expert(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, perm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Permute the hidden units of one SwiGLU expert (the function is unchanged).
+
+    Args:
+        gate, up: ``(D, H)``; down: ``(H, D)``; perm: ``(H,)`` new hidden unit j = old unit ``perm[j]``.
+    """
+    return gate[:, perm], up[:, perm], down[perm, :]
+
+
+def align_expert(
+    ref: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    other: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Weight matching: the permutation of ``other`` 's hidden units that best matches ``ref``.
+
+    Maximises ``sum_j <ref unit j, other unit perm[j]>`` over gate, up and down weights with
+    ``scipy.optimize.linear_sum_assignment`` (imported here, scipy is optional for moe_core).
+
+    Returns:
+        ``(H,)`` long tensor; ``permute_expert(*other, perm)`` is aligned with ``ref``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    (g0, u0, d0), (g1, u1, d1) = ref, other
+    sim = g0.t().float() @ g1.float() + u0.t().float() @ u1.float() + d0.float() @ d1.t().float()  # (H, H)
+    rows, cols = linear_sum_assignment(sim.cpu().numpy(), maximize=True)
+    perm = torch.empty(sim.shape[0], dtype=torch.long)
+    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    return perm
+
+
+# ------------------------------------------------------------------------------------------ grouping
+def group_experts(freq: torch.Tensor, logits: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Group experts around the ``num_groups`` most used (dominant) experts.
+
+    Args:
+        freq: ``(E,)`` usage frequencies.
+        logits: ``(N, E)`` calibration router logits.
+        num_groups: G, ``1 <= G <= E``.
+
+    Returns:
+        ``(E,)`` group id in ``[0, G)``; group g's dominant expert is the g-th most used expert.
+        Similarity ``(cos(z[:, i], z[:, j]) + 1) / 2`` over router-logit columns [C].
+    """
+    e = freq.numel()
+    if not 1 <= num_groups <= e:
+        raise ValueError(f"num_groups must be in [1, {e}], got {num_groups}")
+    if logits.dim() != 2 or logits.shape[1] != e:
+        raise ValueError(f"logits must have shape (N, {e}), got {tuple(logits.shape)}")
+    dominant = torch.argsort(freq, descending=True, stable=True)[:num_groups]  # (G,)
+    z = torch.nn.functional.normalize(logits.float().t(), dim=1)  # (E, N)
+    sim = (z @ z[dominant].t() + 1) / 2  # (E, G)
+    group = sim.argmax(dim=1)
+    group[dominant] = torch.arange(num_groups)
+    return group
+
+
+def merge_weights(
+    members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Usage-weighted average ``sum_e f_e W_e / sum_e f_e`` of aligned experts (uniform if all f are 0)."""
+    f = freq.double()
+    f = torch.ones_like(f) if f.sum() <= 0 else f
+    f = f / f.sum()
+    return tuple(
+        sum(f[i].item() * m[j].double() for i, m in enumerate(members)).to(members[0][j].dtype)
+        for j in range(3)
+    )  # type: ignore[return-value]
+
+
+def merge_block(ref: BlockRef, stats: RoutingStats, *, num_groups: int, align: bool = True) -> torch.Tensor:
+    """Merge one block's experts into ``num_groups`` experts in place (router untouched).
+
+    Returns:
+        ``(E,)`` group assignment (also the ``index_map`` of the new :class:`RemappedExperts`).
+    """
+    bank = unwrap_bank(ref.experts)
+    gate, up, down = get_expert_weights(bank)
+    group = group_experts(stats.freq, stats.logits, num_groups)
+    freq = stats.freq
+    new = []
+    for g in range(num_groups):
+        members = torch.nonzero(group == g).flatten().tolist()
+        dom = int(torch.argsort(freq, descending=True, stable=True)[g])
+        ws = []
+        for e in [dom] + [m for m in members if m != dom]:
+            w = (gate[e], up[e], down[e])
+            if align and e != dom:
+                w = permute_expert(*w, align_expert((gate[dom], up[dom], down[dom]), w))
+            ws.append(w)
+        order = [dom] + [m for m in members if m != dom]
+        new.append(merge_weights(ws, freq[order]))
+    set_expert_weights(bank, *(torch.stack([n[j] for n in new]) for j in range(3)))
+    ref.experts = RemappedExperts(experts=bank, index_map=group)
+    return group
+
+
+def merge_model(
+    model: nn.Module, stats: list[RoutingStats], *, num_groups: int | list[int], align: bool = True
+) -> list[torch.Tensor]:
+    """MC-SMoE merge of every MoE block (in place). ``num_groups``: one value or one per block."""
+    refs = find_moe_blocks(model)
+    if len(stats) != len(refs):
+        raise ValueError(f"got {len(stats)} RoutingStats for {len(refs)} MoE blocks")
+    groups = [num_groups] * len(refs) if isinstance(num_groups, int) else list(num_groups)
+    return [merge_block(r, s, num_groups=g, align=align) for r, s, g in zip(refs, stats, groups)]
+
+
+# --------------------------------------------------------------------------------------- compression
+def low_rank_plus_sparse(
+    w: torch.Tensor, *, rank: int, keep_ratio: float = 1.0, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoSparse init of one matrix: ``W ~ U V + S``.
+
+    Args:
+        w: ``(m, n)``.
+        rank: r (``0 <= r <= min(m, n)``).
+        keep_ratio: fraction of S entries kept (the largest ``importance``; default ``|S|``).
+        importance: ``(m, n)`` scores for pruning S (e.g. the EMA of ``|S * grad S|``).
+
+    Returns:
+        ``U (m, r) = u sqrt(s)``, ``V (r, n) = sqrt(s) v^T``, ``S (m, n)`` pruned residual.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D, got shape {tuple(w.shape)}")
+    if not 0 <= rank <= min(w.shape):
+        raise ValueError(f"rank must be in [0, {min(w.shape)}], got {rank}")
+    if not 0.0 <= keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    big_u = (u[:, :rank] * root).to(w.dtype)  # (m, r)
+    big_v = (root[:, None] * vh[:rank]).to(w.dtype)  # (r, n)
+    res = w - big_u @ big_v  # (m, n)
+    return big_u, big_v, res * _keep_mask(importance if importance is not None else res.abs(), keep_ratio)
+
+
+def _keep_mask(score: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    if keep_ratio >= 1.0:
+        return torch.ones_like(score)
+    k = int(round(keep_ratio * score.numel()))
+    mask = torch.zeros(score.numel(), dtype=score.dtype, device=score.device)
+    if k > 0:
+        mask[score.flatten().topk(k).indices] = 1
+    return mask.view_as(score)
+
+
+def cubic_keep_ratio(
+    step: int,
+    *,
+    total_steps: int,
+    initial_warmup: int,
+    final_warmup: int,
+    initial: float = 1.0,
+    final: float = 0.10,
+) -> float:
+    """LoSparse cubic schedule ``r(s) = r_f + (r_0 - r_f)(1 - (s - w_i)/(total - w_i - w_f))^3`` [C]."""
+    if step < initial_warmup:
+        return initial
+    span = total_steps - initial_warmup - final_warmup
+    if span <= 0 or step >= total_steps - final_warmup:
+        return final
+    return final + (initial - final) * (1 - (step - initial_warmup) / span) ** 3
+
+
+class LowRankSparseExperts(ComputedWeightExperts):
+    """Expert bank stored as ``U V + S`` per matrix (gate, up, down), S masked.
+
+    Built by :meth:`from_weights`. ``count_parameters`` counts U, V and the kept entries of S.
+    """
+
+    def __init__(self, *, num_experts: int, dim: int, hidden_dim: int, rank: int, act=None) -> None:
+        super().__init__(**({"act": act} if act is not None else {}))
+        self.num_experts, self.dim, self.hidden_dim, self.rank = num_experts, dim, hidden_dim, rank
+        shapes = {"gate": (dim, hidden_dim), "up": (dim, hidden_dim), "down": (hidden_dim, dim)}
+        for n, (m, k) in shapes.items():
+            setattr(self, f"{n}_u", nn.Parameter(torch.zeros(num_experts, m, rank)))
+            setattr(self, f"{n}_v", nn.Parameter(torch.zeros(num_experts, rank, k)))
+            setattr(self, f"{n}_s", nn.Parameter(torch.zeros(num_experts, m, k)))
+            self.register_buffer(f"{n}_mask", torch.ones(num_experts, m, k))
+
+    @classmethod
+    def from_weights(
+        cls,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        *,
+        rank: int,
+        keep_ratio: float = 1.0,
+        act=None,
+    ) -> LowRankSparseExperts:
+        """Compress ``gate/up (E, D, H)``, ``down (E, H, D)`` with :func:`low_rank_plus_sparse` per expert."""
+        e, d, h = gate.shape
+        out = cls(num_experts=e, dim=d, hidden_dim=h, rank=rank, act=act).to(gate.dtype)
+        with torch.no_grad():
+            for n, w in (("gate", gate), ("up", up), ("down", down)):
+                for i in range(e):
+                    uu, vv, ss = low_rank_plus_sparse(w[i], rank=rank, keep_ratio=1.0)
+                    getattr(out, f"{n}_u")[i].copy_(uu)
+                    getattr(out, f"{n}_v")[i].copy_(vv)
+                    getattr(out, f"{n}_s")[i].copy_(ss)
+        out.prune(keep_ratio)
+        return out
+
+    def prune(self, keep_ratio: float, importance: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep the ``keep_ratio`` most important S entries of each expert matrix (default ``|S|``)."""
+        with torch.no_grad():
+            for n in ("gate", "up", "down"):
+                s = getattr(self, f"{n}_s")
+                score = importance[n] if importance is not None else s.abs() * getattr(self, f"{n}_mask")
+                mask = torch.stack([_keep_mask(score[i], keep_ratio) for i in range(self.num_experts)])
+                getattr(self, f"{n}_mask").copy_(mask)
+                s.mul_(mask)
+
+    def expert_weights(self):
+        return tuple(
+            getattr(self, f"{n}_u") @ getattr(self, f"{n}_v")
+            + getattr(self, f"{n}_s") * getattr(self, f"{n}_mask")
+            for n in ("gate", "up", "down")
+        )
+
+    def stored_parameter_correction(self) -> int:
+        """Negative count of pruned S entries (they are not stored in a sparse format)."""
+        return -int(sum((getattr(self, f"{n}_mask") == 0).sum() for n in ("gate", "up", "down")))
+
+
+def compress_model(model: nn.Module, *, rank: int, keep_ratio: float) -> None:
+    """Replace every MoE block's (possibly merged) bank by a :class:`LowRankSparseExperts` (in place)."""
+    for ref in find_moe_blocks(model):
+        holder = ref.block if not isinstance(ref.experts, RemappedExperts) else ref.experts
+        bank = unwrap_bank(ref.experts)
+        g, u, d = get_expert_weights(bank)
+        holder.experts = LowRankSparseExperts.from_weights(
+            g, u, d, rank=rank, keep_ratio=keep_ratio, act=bank_activation(bank)
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moekit lm merge``: MC-SMoE merge (+ optional compression) of a saved MoE model.
+
+    The model file is a whole pickled ``nn.Module`` (``torch.save(model)``); calibration data is a saved
+    ``(B, T)`` long tensor of token ids fed to ``model(ids)``.
+    """
+    p = argparse.ArgumentParser(prog="moekit lm merge", description=main.__doc__)
+    p.add_argument("--model", required=True, help="torch.save'd nn.Module")
+    p.add_argument("--calib", required=True, help="torch.save'd (B, T) token ids")
+    p.add_argument("--num-groups", type=int, required=True)
+    p.add_argument("--rank", type=int, default=0, help="LoSparse rank (0: no compression)")
+    p.add_argument("--keep-ratio", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    model = torch.load(a.model, weights_only=False).eval()
+    ids = torch.load(a.calib)
+    stats = collect_routing_stats(model, ids.split(a.batch_size))
+    merge_model(model, stats, num_groups=a.num_groups)
+    if a.rank > 0:
+        compress_model(model, rank=a.rank, keep_ratio=a.keep_ratio)
+    torch.save(model, a.out)
+    log.info("merged model written to %s", a.out)
