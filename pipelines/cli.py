@@ -1,36 +1,209 @@
-"""The ``moekit`` command line: ``moekit <app> {fit,validate,test,predict} --config ...``.
+"""The ``moekit`` command line.
 
-Each app's YAML config names its LightningModule and LightningDataModule by ``class_path``; LightningCLI
-is the registry.
+::
+
+    moekit <app> {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]   app = recsys | finance | lm
+    moekit lm generate ...          (apps.lm.generate)
+    moekit finance backtest ...     (apps.finance.backtest)
+    moekit tune <app> --config CONFIG.yaml --n-trials N [--storage URL] [--study NAME] [--timeout S]
+    moekit register <app> --config CONFIG.yaml --ckpt PATH --name NAME
+    moekit serve models:/NAME/VERSION [--port P]
+    moekit ui
+
+Each app's YAML names its LightningModule and LightningDataModule by ``class_path``; LightningCLI (subclass
+mode) is the registry, so any such YAML runs and ``--model.help CLASS`` prints a class's documented arguments.
+:class:`MoekitCLI` adds: an MLflow logger by default (see :mod:`pipelines.tracking`), the resolved config,
+params and git commit logged to the run, plots/tables/preprocessing artifacts, a checkpoint folder that does
+not depend on the run id (so ``--ckpt_path last`` resumes exactly), progress bars when stderr is a terminal, and
+``--tracking.register_as NAME`` to register the model at the end of ``fit``.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import Logger
+
+from pipelines.tracking import MlflowArtifactsCallback, MlflowSaveConfigCallback, make_logger
+
+log = logging.getLogger(__name__)
 
 APPS = ("recsys", "finance", "lm")
+_HIDDEN_APPS = ("toy",)  # pipelines._toy, used by the pipelines tests
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+APP_COMMANDS = {"lm": {"generate": "apps.lm.generate"}, "finance": {"backtest": "apps.finance.backtest"}}
+TOOLS = {
+    "tune": ("pipelines.tune", "Optuna sweep of an app config (TPE, median pruning, RDB storage, MLflow nested runs)"),
+    "register": ("pipelines.registry", "put a trained model (with preprocessing) in the MLflow Model Registry"),
+    "serve": ("pipelines.serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
+    "ui": ("pipelines.serve", "start the MLflow UI on the moekit tracking store"),
+}
 
 
-def main(argv: list[str] | None = None) -> None:
+def _fix_checkpointing(trainer: L.Trainer, run_dir: Path) -> None:
+    """Give every ModelCheckpoint without a folder a fixed one, and make sure one of them saves ``last.ckpt``."""
+    cbs = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    for cb in cbs:
+        if cb.dirpath is None:
+            cb.dirpath = str(run_dir)
+    if cbs and not any(cb.save_last for cb in cbs):
+        cbs[0].save_last = True
+
+
+class _CheckpointFolder(Callback):
+    """Re-applies :func:`_fix_checkpointing` at setup, after a LightningModule's ``configure_callbacks`` may
+    have replaced the trainer's checkpoint callbacks (Lightning runs ModelCheckpoint setups last)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        _fix_checkpointing(trainer, self.run_dir)
+
+
+class MoekitCLI(LightningCLI):
+    """LightningCLI for one moekit app, with MLflow tracking and resumable checkpoints by default.
+
+    Args:
+        app: app name (``recsys``, ``finance``, ``lm``); names the MLflow experiment ``moekit-<app>``.
+        args: command-line arguments (None: ``sys.argv``).
+        run: run the subcommand (False: only instantiate ``model``, ``datamodule`` and ``trainer``).
+        logger: a ready logger to use instead of the default MLflow logger (the tuner passes nested-run loggers).
+        extra_callbacks: callbacks appended to the trainer's (the tuner passes the pruning callback).
+    """
+
+    def __init__(
+        self,
+        *,
+        app: str,
+        args: Sequence[str] | None = None,
+        run: bool = True,
+        logger: Logger | None = None,
+        extra_callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.app = app
+        self._logger_override = logger
+        self._extra_callbacks = list(extra_callbacks)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=MlflowSaveConfigCallback,
+            args=list(args) if args is not None else None,
+            run=run,
+            parser_kwargs={"prog": f"moekit {app}"} if run else {"prog": f"moekit {app}", "exit_on_error": False},
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--tracking.uri", type=str | None, default=None,
+                            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite <repo>/mlflow/mlflow.db)")
+        parser.add_argument("--tracking.experiment", type=str | None, default=None,
+                            help="MLflow experiment name (default: moekit-<app>)")
+        parser.add_argument("--tracking.run_name", type=str | None, default=None, help="MLflow run name")
+        parser.add_argument("--tracking.register_as", type=str | None, default=None,
+                            help="register the trained model under this name in the MLflow Model Registry after fit")
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="checkpoint folder (default: <trainer.default_root_dir>/runs/<app>/<config stem>); "
+                            "`--ckpt_path last` resumes from its last.ckpt")
+        parser.set_defaults({"trainer.enable_progress_bar": sys.stderr.isatty()})
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _cfg(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def run_dir(self) -> Path:
+        """Where checkpoints go: ``--run_dir`` or ``<default_root_dir>/runs/<app>/<stem of the first config>``."""
+        cfg = self._cfg()
+        if cfg.get("run_dir"):
+            return Path(cfg["run_dir"])
+        root = Path(cfg["trainer"].get("default_root_dir") or Path.cwd())
+        configs = cfg.get("config") or []
+        stem = Path(str(configs[0])).stem if configs else "default"
+        return root / "runs" / self.app / stem
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+        tracking = self._cfg().get("tracking") or {}
+        if config.get("logger") in (None, True):
+            config["logger"] = self._logger_override or make_logger(
+                app=self.app,
+                tracking_uri=tracking.get("uri"),
+                experiment=tracking.get("experiment"),
+                run_name=tracking.get("run_name"),
+                tags={"moekit.command": self.subcommand or "python"},
+            )
+        run_dir = self.run_dir()
+        callbacks = [*callbacks, MlflowArtifactsCallback(app=self.app), _CheckpointFolder(run_dir),
+                     *self._extra_callbacks]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        _fix_checkpointing(trainer, run_dir)
+        return trainer
+
+    def after_fit(self) -> None:
+        name = (self._cfg().get("tracking") or {}).get("register_as")
+        if name:
+            from pipelines.registry import register_trained
+
+            version = register_trained(app=self.app, model=self.model, datamodule=self.datamodule,
+                                       trainer=self.trainer, name=name)
+            log.info("registered %s as models:/%s/%s", self.app, name, version)
+            print(f"registered models:/{name}/{version}")
+
+
+def _usage() -> str:
+    lines = [
+        "usage: moekit <app> {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]",
+        "       moekit <tool> ...",
+        "",
+        "apps:",
+    ]
+    for app in APPS:
+        extra = ",".join(APP_COMMANDS.get(app, {}))
+        cmds = ",".join(TRAINER_COMMANDS) + (f",{extra}" if extra else "")
+        lines.append(f"  {app:<9} {{{cmds}}}")
+    lines += ["", "tools:"]
+    lines += [f"  {k:<9} {v[1]}" for k, v in TOOLS.items()]
+    lines += [
+        "",
+        "Help: `moekit <app> fit --help`; a class's documented arguments: `moekit <app> fit --model.help CLASS`.",
+        "Tracking: MLflow, $MLFLOW_TRACKING_URI or sqlite <repo>/mlflow/mlflow.db; `moekit ui` opens it.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``moekit`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: moekit {" + ",".join(APPS) + "} {fit,validate,test,predict} --config CONFIG.yaml")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
         return
-    app, rest = argv[0], argv[1:]
-    if app not in APPS:
-        raise SystemExit(f"moekit: unknown app {app!r}; choose one of {', '.join(APPS)}")
-    LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=rest,
-        save_config_kwargs={"overwrite": True},
-    )
+    head, rest = argv[0], argv[1:]
+    if head in TOOLS:
+        module = importlib.import_module(TOOLS[head][0])
+        getattr(module, "ui_main" if head == "ui" else "main")(rest)
+        return
+    if head not in APPS + _HIDDEN_APPS:
+        raise SystemExit(f"moekit: unknown app or tool {head!r}\n\n{_usage()}")
+    if rest and rest[0] in APP_COMMANDS.get(head, {}):
+        target = APP_COMMANDS[head][rest[0]]
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise SystemExit(f"moekit {head} {rest[0]}: {target} is not available ({e})") from e
+        module.main(rest[1:])
+        return
+    MoekitCLI(app=head, args=rest)
 
 
 if __name__ == "__main__":

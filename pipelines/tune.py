@@ -1,0 +1,320 @@
+"""``moekit tune``: Optuna sweeps over an app config.
+
+* Search space: one function per app, ``apps/<app>/search_space.py::suggest(trial) -> {dotted.key: value}``;
+  the values are applied as command-line overrides of the base config (``--model.init_args.lr=...``).
+  The module may also define ``MONITOR`` and ``DIRECTION`` (else the app adapter's are used).
+* Sampling: TPE (seeded). Pruning: Optuna's MedianPruner, fed once per validation by
+  ``optuna_integration.PyTorchLightningPruningCallback`` on the monitored metric.
+* Storage: an RDB URL (default ``sqlite:///<repo>/runs/optuna/optuna.db``, git-ignored; PostgreSQL for many
+  machines). ``--n-trials N`` is the study's *target* number of finished (complete or pruned) trials, so running
+  the same command again after an interruption continues the count and stops at N; several workers can run it
+  at once on one storage. Trials left RUNNING by a killed worker are failed by the heartbeat and retried once.
+* Tracking: one MLflow parent run per study and one nested run per trial (Lightning logs into it).
+* Output: ``<out>/best.yaml``, the base config with the best trial's overrides merged in, runnable with
+  ``moekit <app> fit --config <out>/best.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from pipelines.tracking import REPO_ROOT, default_tracking_uri, ensure_experiment, git_commit
+
+log = logging.getLogger(__name__)
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def default_storage() -> str:
+    path = REPO_ROOT / "runs" / "optuna" / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def load_search_space(app: str) -> tuple[Callable[[optuna.Trial], dict[str, Any]], str | None, str | None]:
+    """``(suggest, MONITOR or None, DIRECTION or None)`` from the app's search-space module."""
+    module = importlib.import_module("pipelines._toy" if app == "toy" else f"apps.{app}.search_space")
+    return module.suggest, getattr(module, "MONITOR", None), getattr(module, "DIRECTION", None)
+
+
+def _arg_value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def overrides_to_args(overrides: Mapping[str, Any]) -> list[str]:
+    """``{"model.init_args.lr": 0.1}`` -> ``["--model.init_args.lr=0.1"]``."""
+    return [f"--{k}={_arg_value(v)}" for k, v in overrides.items()]
+
+
+def _deep_merge(base: dict, extra: Mapping) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def merged_config(configs: Sequence[str | Path], overrides: Mapping[str, Any]) -> dict:
+    """Base YAML files merged in order, then dotted overrides set into the nested mapping."""
+    cfg: dict = {}
+    for c in configs:
+        with open(c) as f:
+            _deep_merge(cfg, yaml.safe_load(f) or {})
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return cfg
+
+
+def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.lstrip("-")] = yaml.safe_load(v)
+    return out
+
+
+class _MlflowStudy:
+    """The study's MLflow parent run and one nested run per trial."""
+
+    def __init__(self, *, study: optuna.Study, app: str, tracking_uri: str, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.experiment_id = ensure_experiment(experiment, tracking_uri)
+        parent = study.user_attrs.get("mlflow_parent_run_id")
+        if parent is not None:
+            try:
+                self.client.get_run(parent)
+            except Exception:  # noqa: BLE001 - the tracking store was reset: start a new parent
+                parent = None
+        if parent is None:
+            tags = {"moekit.app": app, "moekit.study": study.study_name, "moekit.role": "study"}
+            if commit := git_commit():
+                tags["mlflow.source.git.commit"] = commit
+            run = self.client.create_run(self.experiment_id, run_name=f"study-{study.study_name}", tags=tags)
+            parent = run.info.run_id
+            study.set_user_attr("mlflow_parent_run_id", parent)
+        self.parent_run_id = parent
+
+    def trial_run(self, trial: optuna.Trial, params: Mapping[str, Any]) -> str:
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            "moekit.study": trial.study.study_name,
+            "optuna.trial_number": str(trial.number),
+        }
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+        return run.info.run_id
+
+    def finish_trial(self, run_id: str, *, state: str, value: float | None, trial_number: int) -> None:
+        self.client.set_tag(run_id, "optuna.state", state)
+        if value is not None and math.isfinite(value):
+            self.client.log_metric(run_id, "trial_value", value)
+            self.client.log_metric(self.parent_run_id, "trial_value", value, step=trial_number)
+        self.client.set_terminated(run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
+
+
+def run_study(
+    *,
+    app: str,
+    configs: Sequence[str | Path],
+    n_trials: int,
+    storage: str | None = None,
+    study_name: str | None = None,
+    timeout: float | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    seed: int = 0,
+    search_space: Callable[[optuna.Trial], dict[str, Any]] | None = None,
+    monitor: str | None = None,
+    direction: str | None = None,
+    pruner_startup_trials: int = 5,
+    pruner_warmup_steps: int = 1,
+    sampler_startup_trials: int = 10,
+) -> optuna.Study:
+    """Run (or resume) a study until it holds ``n_trials`` finished trials (or ``timeout`` seconds pass).
+
+    Args:
+        app: app name (``recsys``, ``finance``, ``lm``; ``toy`` for tests).
+        configs: base LightningCLI YAML file(s).
+        n_trials: target number of finished (complete + pruned) trials in the study.
+        storage: Optuna RDB URL (default :func:`default_storage`).
+        study_name: default ``<app>-<stem of the first config>``.
+        timeout: stop starting new trials after this many seconds.
+        overrides: fixed dotted overrides applied to every trial (e.g. a shorter ``trainer.max_epochs``).
+        out_dir: where trial checkpoints and ``best.yaml`` go (default ``<repo>/runs/tune/<study>``).
+        tracking_uri, experiment: MLflow store and experiment (default: moekit's store, ``moekit-<app>-tune``).
+        seed: TPE sampler seed.
+        search_space: replaces the app's ``suggest`` (tests).
+        monitor, direction: replace the search space's / adapter's objective metric.
+        pruner_startup_trials, pruner_warmup_steps: MedianPruner settings.
+        sampler_startup_trials: random trials before TPE starts modelling.
+
+    Returns:
+        The Optuna study.
+    """
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from pipelines.adapters import get_adapter
+    from pipelines.cli import MoekitCLI
+    from pipelines.tracking import make_logger
+
+    if n_trials < 1:
+        raise ValueError(f"n_trials={n_trials}: must be at least 1")
+    configs = [str(c) for c in configs]
+    suggest, ss_monitor, ss_direction = load_search_space(app)
+    suggest = search_space or suggest
+    adapter = get_adapter(app)
+    monitor = monitor or ss_monitor or adapter.monitor
+    direction = direction or ss_direction or adapter.direction
+    if direction not in ("maximize", "minimize"):
+        raise ValueError(f"direction={direction!r}: expected 'maximize' or 'minimize'")
+    study_name = study_name or f"{app}-{Path(configs[0]).stem}"
+    out = Path(out_dir) if out_dir else REPO_ROOT / "runs" / "tune" / study_name
+    out.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking_uri or default_tracking_uri()
+    fixed = dict(overrides or {})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = RDBStorage(
+            storage or default_storage(),
+            heartbeat_interval=30,
+            grace_period=120,
+            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        )
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=rdb,
+        load_if_exists=True,
+        direction=direction,
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=sampler_startup_trials),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=pruner_warmup_steps),
+    )
+    if study.direction.name.lower() != direction:
+        raise ValueError(f"study {study_name!r} exists with direction {study.direction.name.lower()}, not {direction}")
+    study.set_user_attr("app", app)
+    study.set_user_attr("configs", configs)
+    study.set_user_attr("monitor", monitor)
+    tracker = _MlflowStudy(study=study, app=app, tracking_uri=tracking_uri,
+                           experiment=experiment or f"moekit-{app}-tune")
+
+    def objective(trial: optuna.Trial) -> float:
+        params = dict(suggest(trial))
+        trial.set_user_attr("overrides", json.dumps(params))
+        run_id = tracker.trial_run(trial, params)
+        logger = make_logger(app=app, tracking_uri=tracking_uri, experiment=tracker.experiment, run_id=run_id)
+        pruning = PyTorchLightningPruningCallback(trial, monitor=monitor)
+        args = [a for c in configs for a in ("--config", c)]
+        args += overrides_to_args(fixed) + overrides_to_args(params)
+        args += ["--trainer.enable_progress_bar=false", f"--run_dir={out / f'trial_{trial.number}'}"]
+        state, value = "FAIL", None
+        try:
+            cli = MoekitCLI(app=app, args=args, run=False, logger=logger, extra_callbacks=[pruning])
+            try:
+                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            except optuna.TrialPruned:
+                state = "PRUNED"
+                raise
+            pruning.check_pruned()
+            reported = list(trial.storage.get_trial(trial._trial_id).intermediate_values.values())
+            if reported:
+                value = max(reported) if direction == "maximize" else min(reported)
+            else:
+                metric = cli.trainer.callback_metrics.get(monitor)
+                if metric is None:
+                    raise RuntimeError(f"monitored metric {monitor!r} was never logged; logged: "
+                                       f"{sorted(cli.trainer.callback_metrics)}")
+                value = float(metric)
+            state = "COMPLETE"
+            return value
+        finally:
+            tracker.finish_trial(run_id, state=state, value=value, trial_number=trial.number)
+
+    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    remaining = max(0, n_trials - done)
+    log.info("study %s: %d finished trial(s), running up to %d more", study_name, done, remaining)
+    if remaining:
+        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(RuntimeError, ValueError),
+                       gc_after_trial=True)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        best_overrides = {**fixed, **json.loads(best.user_attrs["overrides"])}
+        cfg = merged_config(configs, best_overrides)
+        header = (f"# best trial {best.number} of study {study_name!r}: {monitor} = {best.value:.6g}\n"
+                  f"# run it: moekit {app} fit --config {out / 'best.yaml'}\n")
+        path = out / "best.yaml"
+        path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
+        tracker.client.log_artifact(tracker.parent_run_id, str(path), "best")
+        tracker.client.log_metric(tracker.parent_run_id, "best_value", best.value)
+        tracker.client.set_tag(tracker.parent_run_id, "best_trial", str(best.number))
+        log.info("best trial %d: %s = %.6g; config written to %s", best.number, monitor, best.value, path)
+    return study
+
+
+def summary_table(study: optuna.Study) -> str:
+    """Markdown table of the study's trials (number, state, value, params)."""
+    lines = ["| trial | state | value | params |", "|---|---|---|---|"]
+    for t in study.get_trials(deepcopy=False):
+        v = "" if t.value is None else f"{t.value:.4f}"
+        lines.append(f"| {t.number} | {t.state.name} | {v} | {json.dumps(t.params)} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="moekit tune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("app", help="recsys | finance | lm")
+    p.add_argument("--config", action="append", required=True, help="base config YAML (repeatable)")
+    p.add_argument("--n-trials", type=int, required=True, help="target number of finished trials in the study")
+    p.add_argument("--storage", default=None, help="Optuna RDB URL (default sqlite:///<repo>/runs/optuna/optuna.db)")
+    p.add_argument("--study", default=None, help="study name (default <app>-<config stem>)")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after S seconds")
+    p.add_argument("--out", default=None, help="folder for trial checkpoints and best.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed override for every trial, e.g. --set trainer.max_epochs=3 (repeatable)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default moekit-<app>-tune)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pruner-startup-trials", type=int, default=5)
+    p.add_argument("--pruner-warmup-steps", type=int, default=1)
+    p.add_argument("--sampler-startup-trials", type=int, default=10)
+    a = p.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    study = run_study(
+        app=a.app, configs=a.config, n_trials=a.n_trials, storage=a.storage, study_name=a.study,
+        timeout=a.timeout, overrides=_parse_kv(a.set), out_dir=a.out, tracking_uri=a.tracking_uri,
+        experiment=a.experiment, seed=a.seed, pruner_startup_trials=a.pruner_startup_trials,
+        pruner_warmup_steps=a.pruner_warmup_steps, sampler_startup_trials=a.sampler_startup_trials,
+    )
+    print(summary_table(study))
+
+
+if __name__ == "__main__":
+    main()
