@@ -1,0 +1,163 @@
+"""Multi-task recommendation networks: embeddings -> multi-gate backbone -> per-task towers -> logits.
+
+Backbones from ``moe_core.multigate``: Shared-Bottom, MMoE (DOI 10.1145/3219819.3220007), PLE
+(DOI 10.1145/3383313.3412236) and HoME (arXiv 2408.05430). Networks return logits and gate information,
+never probabilities or losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from moe_core.multigate import HoME, MMoE, MultiGateOutput, PLE, SharedBottom
+
+Backbone = Literal["shared_bottom", "mmoe", "ple", "home"]
+
+
+@dataclass
+class MultiTaskOutput:
+    """Per-task logits plus the backbone's gate information.
+
+    Attributes:
+        logits: ``(B, M)`` one logit per task.
+        gates: per gate name ``(B, E_candidates)`` float32 weights (``task{k}`` = task k's last-level gate).
+        expert_outputs: per expert group ``(B, E_group, H)`` activations.
+    """
+
+    logits: torch.Tensor
+    gates: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FeatureEmbedding(nn.Module):
+    """Embeds categorical indices and concatenates standardised numeric values: ``v = [e_1..e_C, x_num]``.
+
+    Args:
+        cardinalities: table size per categorical column (index 0 = out-of-vocabulary).
+        num_numeric: F numeric inputs.
+        embed_dim: width of every categorical embedding.
+    """
+
+    def __init__(self, *, cardinalities: Sequence[int], num_numeric: int, embed_dim: int) -> None:
+        super().__init__()
+        self.cardinalities = [int(c) for c in cardinalities]
+        self.num_numeric = num_numeric
+        self.tables = nn.ModuleList(nn.Embedding(c, embed_dim) for c in self.cardinalities)
+        for t in self.tables:
+            nn.init.normal_(t.weight, std=0.05)
+        self.out_dim = len(self.cardinalities) * embed_dim + num_numeric
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        """``cat (B, C)`` int64, ``num (B, F)`` -> ``v (B, C*d + F)``."""
+        if cat.shape[-1] != len(self.tables) or num.shape[-1] != self.num_numeric:
+            raise ValueError(
+                f"expected {len(self.tables)} categorical and {self.num_numeric} numeric columns, "
+                f"got cat {tuple(cat.shape)} and num {tuple(num.shape)}"
+            )
+        embs = [t(cat[:, j]) for j, t in enumerate(self.tables)]  # C x (B, d)
+        return torch.cat([*embs, num.to(embs[0].dtype if embs else num.dtype)], dim=-1)
+
+
+def tower(in_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
+    """Per-task tower ``in_dim -> hidden... -> 1`` (ReLU), ending in a logit."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        d = h
+    layers.append(nn.Linear(d, 1))
+    return nn.Sequential(*layers)
+
+
+class MultiTaskNet(nn.Module):
+    """Embedding + backbone + towers.
+
+    Args:
+        cardinalities: categorical table sizes (from the fitted preprocessor).
+        num_numeric: numeric input count.
+        num_tasks: M.
+        backbone: ``"shared_bottom"`` | ``"mmoe"`` | ``"ple"`` | ``"home"``.
+        embed_dim: categorical embedding width.
+        expert_hidden: expert widths (Shared-Bottom: the bottom MLP's widths).
+        tower_hidden: tower widths.
+        tower_dropout: dropout inside towers.
+        expert_dropout: dropout inside experts.
+        num_experts: MMoE experts.
+        num_levels, num_shared, num_specific: PLE options.
+        categories: HoME task groups (default: one category per task).
+        home_levels, num_per_category, num_per_task, meta_num_shared, meta_num_per_category, expert_norm,
+            activation, hierarchy_mask, feature_gate_rank, self_gate: HoME options (see ``moe_core.multigate.HoME``).
+        norm: expert normalisation for the non-HoME backbones.
+    """
+
+    def __init__(
+        self,
+        *,
+        cardinalities: Sequence[int],
+        num_numeric: int,
+        num_tasks: int,
+        backbone: Backbone = "mmoe",
+        embed_dim: int = 8,
+        expert_hidden: Sequence[int] = (128, 64),
+        tower_hidden: Sequence[int] = (32,),
+        tower_dropout: float = 0.0,
+        expert_dropout: float = 0.0,
+        num_experts: int = 8,
+        num_levels: int = 2,
+        num_shared: int = 2,
+        num_specific: int = 2,
+        categories: Sequence[Sequence[int]] | None = None,
+        home_levels: int = 2,
+        num_per_category: int = 1,
+        num_per_task: int = 1,
+        meta_num_shared: int = 2,
+        meta_num_per_category: int = 2,
+        expert_norm: Literal["none", "bn", "ln"] = "bn",
+        activation: Literal["relu", "silu"] = "silu",
+        hierarchy_mask: bool = True,
+        feature_gate_rank: int | None = None,
+        self_gate: bool = True,
+        norm: Literal["none", "bn", "ln"] = "none",
+    ) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.embedding = FeatureEmbedding(cardinalities=cardinalities, num_numeric=num_numeric, embed_dim=embed_dim)
+        d = self.embedding.out_dim
+        common = dict(dim=d, expert_hidden=tuple(expert_hidden), dropout=expert_dropout)
+        if backbone == "shared_bottom":
+            self.backbone = SharedBottom(num_tasks=num_tasks, norm=norm, **common)
+        elif backbone == "mmoe":
+            self.backbone = MMoE(num_tasks=num_tasks, num_experts=num_experts, norm=norm, **common)
+        elif backbone == "ple":
+            self.backbone = PLE(
+                num_tasks=num_tasks, num_levels=num_levels, num_shared=num_shared, num_specific=num_specific,
+                norm=norm, **common,
+            )  # fmt: skip
+        elif backbone == "home":
+            cats = categories if categories is not None else [[t] for t in range(num_tasks)]
+            self.backbone = HoME(
+                categories=cats, levels=home_levels, num_shared=num_shared, num_per_category=num_per_category,
+                num_per_task=num_per_task, meta_num_shared=meta_num_shared,
+                meta_num_per_category=meta_num_per_category, expert_norm=expert_norm, activation=activation,
+                hierarchy_mask=hierarchy_mask, feature_gate_rank=feature_gate_rank, self_gate=self_gate,
+                **common,
+            )  # fmt: skip
+        else:
+            raise ValueError(f"backbone must be one of shared_bottom, mmoe, ple, home; got {backbone!r}")
+        self.towers = nn.ModuleList(
+            tower(self.backbone.out_dim, tower_hidden, tower_dropout) for _ in range(num_tasks)
+        )
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> MultiTaskOutput:
+        """``cat (B, C)``, ``num (B, F)`` -> logits ``(B, M)`` and gate information."""
+        v = self.embedding(cat, num)  # (B, D)
+        out: MultiGateOutput = self.backbone(v)
+        logits = torch.cat([t(out.task_outputs[:, k]) for k, t in enumerate(self.towers)], dim=-1)  # (B, M)
+        return MultiTaskOutput(logits, out.gates, out.expert_outputs)

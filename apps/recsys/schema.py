@@ -1,0 +1,280 @@
+"""Declarative feature schema, generic multi-task table reader, and the fitted, versioned preprocessor.
+
+A :class:`FeatureSchema` names categorical columns (embedded; vocabularies fitted on train with an
+out-of-vocabulary bucket), numeric columns (optionally ``log1p``, then standardised with train statistics),
+binary label columns (one per task) and an optional group column (e.g. a user id, for GAUC).
+
+:class:`TabularPreprocessor` is fitted once on the train split, saved as JSON (``save``/``load``) and used
+unchanged at train, test and serving time: ``transform(DataFrame) -> dict[str, Tensor]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+PREPROCESSOR_FORMAT_VERSION = 1
+OOV_INDEX = 0  # index 0 of every vocabulary is the out-of-vocabulary bucket
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """Which columns are features, labels and groups.
+
+    Attributes:
+        categorical: columns embedded through a fitted vocabulary (values are read as strings).
+        numeric: real-valued columns, standardised with train mean/std.
+        labels: binary (0/1 or boolean) label columns, one per task, in task order.
+        log1p: subset of ``numeric`` transformed with ``sign(x) * log1p(|x|)`` before standardising
+            (heavy-tailed counts such as capital gains).
+        group: optional group column (user id) used for GAUC; kept as a string key.
+        min_count: categories seen fewer times than this on train map to the OOV bucket.
+    """
+
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    log1p: tuple[str, ...] = ()
+    group: str | None = None
+    min_count: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "categorical", tuple(self.categorical))
+        object.__setattr__(self, "numeric", tuple(self.numeric))
+        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "log1p", tuple(self.log1p))
+        if not self.labels:
+            raise ValueError("FeatureSchema: labels must name at least one label column")
+        if not self.categorical and not self.numeric:
+            raise ValueError("FeatureSchema: no feature columns (categorical and numeric are both empty)")
+        bad = set(self.log1p) - set(self.numeric)
+        if bad:
+            raise ValueError(f"FeatureSchema: log1p columns {sorted(bad)} are not in numeric")
+        cols = [*self.categorical, *self.numeric, *self.labels]
+        dup = sorted({c for c in cols if cols.count(c) > 1})
+        if dup:
+            raise ValueError(f"FeatureSchema: columns listed twice: {dup}")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column the schema needs (features, labels, group)."""
+        g = (self.group,) if self.group else ()
+        return (*self.categorical, *self.numeric, *self.labels, *g)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureSchema:
+        return cls(**d)
+
+
+def read_table(path: str | os.PathLike, *, sep: str = ",") -> pd.DataFrame:
+    """Read a CSV (optionally gzipped) or Parquet file into a DataFrame of raw values.
+
+    CSVs are read with ``keep_default_na=False`` so literal strings such as ``NA`` stay categories.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unknown extension, or the file has no rows.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {p} not found")
+    name = p.name.lower()
+    if name.endswith(".parquet") or name.endswith(".pq"):
+        df = pd.read_parquet(p)
+    elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".gz")):
+        try:
+            df = pd.read_csv(p, sep=sep, keep_default_na=False, skipinitialspace=True, low_memory=False)
+        except pd.errors.EmptyDataError as e:
+            raise ValueError(f"data file {p} is empty") from e
+    else:
+        raise ValueError(f"data file {p}: unknown format (expected .csv, .csv.gz, .tsv or .parquet)")
+    if len(df) == 0:
+        raise ValueError(f"data file {p} has a header but no rows")
+    return df
+
+
+def validate_frame(df: pd.DataFrame, schema: FeatureSchema, *, source: str, need_labels: bool = True) -> None:
+    """Check that ``df`` has what ``schema`` needs; errors name the column and ``source`` (file name).
+
+    Raises:
+        ValueError: empty frame, missing column, non-numeric or NaN numeric values, non-binary labels.
+    """
+    if len(df) == 0:
+        raise ValueError(f"{source}: no rows")
+    needed = [*schema.categorical, *schema.numeric, *(schema.labels if need_labels else ())]
+    if schema.group:
+        needed.append(schema.group)
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}; found {list(df.columns)[:50]}")
+    for c in schema.numeric:
+        col = pd.to_numeric(df[c], errors="coerce")
+        bad = col.isna() & ~df[c].isna()
+        if bad.any():
+            raise ValueError(
+                f"{source}: numeric column {c!r} has non-numeric value {df[c][bad].iloc[0]!r} "
+                f"(row {int(np.flatnonzero(bad.to_numpy())[0])})"
+            )
+        if col.isna().any():
+            raise ValueError(f"{source}: numeric column {c!r} has {int(col.isna().sum())} missing values (NaN)")
+    if need_labels:
+        for c in schema.labels:
+            _labels_as_float(df[c], column=c, source=source)
+
+
+def _labels_as_float(s: pd.Series, *, column: str, source: str) -> np.ndarray:
+    if s.dtype == bool:
+        return s.to_numpy(dtype=np.float32)
+    v = pd.to_numeric(s, errors="coerce")
+    if v.isna().any():
+        raise ValueError(f"{source}: label column {column!r} has missing or non-numeric values")
+    bad = ~v.isin([0, 1])
+    if bad.any():
+        vals = sorted(set(v[bad].tolist()))[:5]
+        raise ValueError(f"{source}: label column {column!r} is not binary (0/1); found values {vals}")
+    return v.to_numpy(dtype=np.float32)
+
+
+@dataclass
+class TabularPreprocessor:
+    """Fitted transform from raw DataFrames to model tensors (train statistics only).
+
+    Attributes:
+        schema: the feature schema.
+        vocabularies: per categorical column, the list of known values; value ``vocab[i]`` maps to index
+            ``i + 1`` and anything else to ``OOV_INDEX`` (0).
+        means, stds: per numeric column, train mean and std (after ``log1p`` where configured).
+        version: format version, checked on load.
+    """
+
+    schema: FeatureSchema
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    means: dict[str, float] = field(default_factory=dict)
+    stds: dict[str, float] = field(default_factory=dict)
+    version: int = PREPROCESSOR_FORMAT_VERSION
+    _lookup: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def fit(cls, df: pd.DataFrame, schema: FeatureSchema, *, source: str = "train data") -> TabularPreprocessor:
+        """Fit vocabularies and numeric statistics on ``df`` (the train split)."""
+        validate_frame(df, schema, source=source)
+        vocabs: dict[str, list[str]] = {}
+        for c in schema.categorical:
+            counts = df[c].astype(str).value_counts()
+            kept = counts[counts >= schema.min_count].index.tolist()
+            vocabs[c] = sorted(kept)
+        means, stds = {}, {}
+        for c in schema.numeric:
+            x = cls._numeric_raw(df[c], log=c in schema.log1p)
+            means[c] = float(x.mean())
+            sd = float(x.std())
+            stds[c] = sd if sd > 0 and math.isfinite(sd) else 1.0
+        return cls(schema=schema, vocabularies=vocabs, means=means, stds=stds)
+
+    @staticmethod
+    def _numeric_raw(s: pd.Series, *, log: bool) -> np.ndarray:
+        x = pd.to_numeric(s).to_numpy(dtype=np.float64)
+        return np.sign(x) * np.log1p(np.abs(x)) if log else x
+
+    @property
+    def cardinalities(self) -> list[int]:
+        """Embedding-table size per categorical column (vocabulary + OOV bucket)."""
+        return [len(self.vocabularies[c]) + 1 for c in self.schema.categorical]
+
+    @property
+    def num_numeric(self) -> int:
+        return len(self.schema.numeric)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.schema.labels)
+
+    def _index(self, c: str) -> dict[str, int]:
+        if c not in self._lookup:
+            self._lookup[c] = {v: i + 1 for i, v in enumerate(self.vocabularies[c])}
+        return self._lookup[c]
+
+    def transform(
+        self, df: pd.DataFrame, *, source: str = "input data", with_labels: bool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Turn raw rows into tensors.
+
+        Args:
+            df: raw rows with the schema's columns (extra columns are ignored).
+            source: name used in error messages (e.g. the file path).
+            with_labels: require and return labels; default: only if all label columns are present.
+
+        Returns:
+            ``cat`` ``(B, C)`` int64 vocabulary indices (0 = OOV), ``num`` ``(B, F)`` float32 standardised
+            values, ``labels`` ``(B, M)`` float32 (when labels are used), ``group`` ``(B,)`` int64 dense group
+            ids (when the schema has a group column; ids are local to this call).
+        """
+        s = self.schema
+        if with_labels is None:
+            with_labels = all(c in df.columns for c in s.labels)
+        validate_frame(df, s, source=source, need_labels=with_labels)
+        n = len(df)
+        cat = np.zeros((n, len(s.categorical)), dtype=np.int64)
+        for j, c in enumerate(s.categorical):
+            cat[:, j] = df[c].astype(str).map(self._index(c)).fillna(OOV_INDEX).to_numpy(dtype=np.int64)
+        num = np.zeros((n, len(s.numeric)), dtype=np.float32)
+        for j, c in enumerate(s.numeric):
+            num[:, j] = (self._numeric_raw(df[c], log=c in s.log1p) - self.means[c]) / self.stds[c]
+        out = {"cat": torch.from_numpy(cat), "num": torch.from_numpy(num)}
+        if with_labels:
+            lab = np.stack([_labels_as_float(df[c], column=c, source=source) for c in s.labels], axis=1)
+            out["labels"] = torch.from_numpy(lab)  # (B, M)
+        if s.group:
+            codes, _ = pd.factorize(df[s.group].astype(str))
+            out["group"] = torch.from_numpy(codes.astype(np.int64))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """JSON-serialisable state (schema, vocabularies, statistics, version)."""
+        return {
+            "format": "moekit.recsys.TabularPreprocessor",
+            "version": self.version,
+            "schema": self.schema.to_dict(),
+            "vocabularies": self.vocabularies,
+            "means": self.means,
+            "stds": self.stds,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> TabularPreprocessor:
+        if state.get("format") != "moekit.recsys.TabularPreprocessor":
+            raise ValueError(f"not a TabularPreprocessor state (format={state.get('format')!r})")
+        if state.get("version") != PREPROCESSOR_FORMAT_VERSION:
+            raise ValueError(
+                f"TabularPreprocessor version {state.get('version')} is not supported "
+                f"(this code reads version {PREPROCESSOR_FORMAT_VERSION})"
+            )
+        return cls(
+            schema=FeatureSchema.from_dict(state["schema"]),
+            vocabularies={k: list(v) for k, v in state["vocabularies"].items()},
+            means={k: float(v) for k, v in state["means"].items()},
+            stds={k: float(v) for k, v in state["stds"].items()},
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted state as JSON to ``path``."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.state_dict(), indent=1, sort_keys=True))
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TabularPreprocessor:
+        """Read a preprocessor written by :meth:`save`."""
+        return cls.from_state_dict(json.loads(Path(path).read_text()))
