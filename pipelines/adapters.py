@@ -64,9 +64,11 @@ class AppAdapter:
 
     def preprocessing(self, datamodule: L.LightningDataModule) -> Any:
         """The fitted preprocessing object of a set-up datamodule (None when the app has none)."""
-        for name in ("preprocessing", "preprocessor", "transform", "schema", "tokenizer", "processors"):
+        import inspect
+
+        for name in ("preprocessing", "preprocessor", "processors", "tokenizer"):
             obj = getattr(datamodule, name, None)
-            if obj is not None and not callable(getattr(obj, "__self__", None)):
+            if obj is not None and not inspect.ismethod(obj):
                 return obj
         return None
 
@@ -76,8 +78,8 @@ class AppAdapter:
         if obj is None:
             return []
         out_dir.mkdir(parents=True, exist_ok=True)
-        if hasattr(obj, "save") and callable(obj.save):
-            target = out_dir / f"{self.app}_preprocessing"
+        if hasattr(obj, "save") and callable(obj.save) and hasattr(obj, "state_dict"):
+            target = out_dir / f"{self.app}_preprocessing.json"
             obj.save(target)
             return sorted(p for p in out_dir.rglob("*") if p.is_file())
         path = out_dir / f"{self.app}_preprocessing.pkl"
@@ -86,10 +88,18 @@ class AppAdapter:
         return [path]
 
     def build_predictor(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> Any:
+        """A picklable object with ``predict(DataFrame) -> DataFrame`` on raw inputs (see module doc)."""
         raise NotImplementedError(f"no predictor for app {self.app!r} yet")
+
+    def input_example(self, datamodule: L.LightningDataModule) -> pd.DataFrame:
+        """A few raw input rows (used for the model signature and as MLflow's input example)."""
+        raise NotImplementedError(f"no input example for app {self.app!r} yet")
 
 
 # -- toy -----------------------------------------------------------------------------------------------------
+FEATURES_TOY = ("x0", "x1", "x2", "x3")
+
+
 @dataclass
 class ToyPredictor:
     """Raw columns ``x0..x3`` -> probability ``p`` (the toy app's serving function)."""
@@ -103,16 +113,16 @@ class ToyPredictor:
         df = df.copy()
         _require_numeric(df, self.columns)
         with torch.no_grad():
-            p = torch.sigmoid(self.net(self.preprocessing.transform(df)))  # (N,)
+            p = torch.sigmoid(self.net(self.preprocessing.transform(df)).squeeze(-1))  # (N,)
         return pd.DataFrame({"p": p.numpy().astype(np.float64)})
-
-    def input_example(self, datamodule: L.LightningDataModule) -> pd.DataFrame:
-        return datamodule.raw["test"][list(self.columns)].head(5).reset_index(drop=True)
 
 
 class ToyAdapter(AppAdapter):
     def build_predictor(self, model, datamodule) -> ToyPredictor:
-        return ToyPredictor(net=_frozen_copy(model), preprocessing=copy.deepcopy(datamodule.preprocessing))
+        return ToyPredictor(net=_frozen_copy(model.net), preprocessing=copy.deepcopy(datamodule.preprocessing))
+
+    def input_example(self, datamodule) -> pd.DataFrame:
+        return datamodule.raw["test"][list(FEATURES_TOY)].head(5).reset_index(drop=True)
 
 
 ADAPTERS: dict[str, AppAdapter] = {

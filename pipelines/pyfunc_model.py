@@ -1,0 +1,36 @@
+"""The MLflow pyfunc of every moekit model, logged as "model from code" (MLflow 3: a file, not a pickle of a
+``__main__`` instance).
+
+The model's artifacts hold ``predictor`` (a pickled predictor from :mod:`pipelines.adapters`: the trained
+network plus its fitted preprocessing, taking raw inputs). Bad input raises an ``MlflowException`` with
+``INVALID_PARAMETER_VALUE``, which ``mlflow models serve`` answers with HTTP 400 and the message, and keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+
+
+class MoekitPyfunc(PythonModel):
+    """Raw inputs -> predictions through a moekit predictor (see :mod:`pipelines.adapters`)."""
+
+    def load_context(self, context) -> None:
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+        self.predictor = torch.load(context.artifacts["predictor"], map_location="cpu", weights_only=False)
+
+    def predict(self, context, model_input, params=None):
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        try:
+            return self.predictor.predict(model_input, **(params or {}))
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise MlflowException(f"invalid input: {e}", error_code=INVALID_PARAMETER_VALUE) from e
+
+
+mlflow.models.set_model(MoekitPyfunc())
