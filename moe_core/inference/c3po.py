@@ -157,7 +157,7 @@ def neighbourhood_gd(
             path = omega.unsqueeze(0).expand(neighbours.shape[0], *omega.shape)  # (S, L, E)
             logits = remixed_logits(model, neighbours, path, blocks=blocks, forward=forward)[:, -1]  # (S, V)
             loss = (F.cross_entropy(logits.float(), targets, reduction="none") * kw).sum()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step == steps:
                 break
             (grad,) = torch.autograd.grad(loss, theta)

@@ -303,6 +303,7 @@ class LowRankSparseExperts(ComputedWeightExperts):
     ) -> LowRankSparseExperts:
         """Compress ``gate/up (E, D, H)``, ``down (E, H, D)`` with :func:`low_rank_plus_sparse` per expert."""
         e, d, h = gate.shape
+        rank = min(rank, d, h)  # a rank above min(D, H) adds nothing
         out = cls(num_experts=e, dim=d, hidden_dim=h, rank=rank, act=act).to(gate.dtype)
         with torch.no_grad():
             for n, w in (("gate", gate), ("up", up), ("down", down)):

@@ -46,13 +46,31 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """Embedding -> blocks -> norm -> head; ``forward(ids (B, T)) -> logits (B, T, V)``."""
 
-    def __init__(self, *, vocab=31, dim=16, heads=2, hidden_dim=24, layers=3, num_experts=6, top_k=2,
-                 renormalize=True, dense=False) -> None:
+    def __init__(
+        self,
+        *,
+        vocab=31,
+        dim=16,
+        heads=2,
+        hidden_dim=24,
+        layers=3,
+        num_experts=6,
+        top_k=2,
+        renormalize=True,
+        dense=False,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(
-            Block(dim=dim, heads=heads, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k,
-                  renormalize=renormalize, dense=dense)
+            Block(
+                dim=dim,
+                heads=heads,
+                hidden_dim=hidden_dim,
+                num_experts=num_experts,
+                top_k=top_k,
+                renormalize=renormalize,
+                dense=dense,
+            )
             for _ in range(layers)
         )
         self.norm = nn.LayerNorm(dim)
@@ -77,8 +95,15 @@ def tiny_lm():
 def _hf(kind: str, seed: int):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    common = dict(vocab_size=37, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                  num_experts_per_tok=2, max_position_embeddings=64)
+    common = dict(
+        vocab_size=37,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=24, num_local_experts=6, **common)
         m = transformers.MixtralForCausalLM(cfg)
@@ -86,8 +111,14 @@ def _hf(kind: str, seed: int):
         cfg = transformers.OlmoeConfig(intermediate_size=24, num_experts=6, norm_topk_prob=False, **common)
         m = transformers.OlmoeForCausalLM(cfg)
     elif kind == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=24, num_experts=6,
-                                          shared_expert_intermediate_size=20, norm_topk_prob=True, **common)
+        cfg = transformers.Qwen2MoeConfig(
+            intermediate_size=24,
+            moe_intermediate_size=24,
+            num_experts=6,
+            shared_expert_intermediate_size=20,
+            norm_topk_prob=True,
+            **common,
+        )
         m = transformers.Qwen2MoeForCausalLM(cfg)
     else:
         raise ValueError(kind)

@@ -45,7 +45,9 @@ def test_upcycle_model_keeps_logits_of_dense_lm(tiny_lm):
     moe = upcycle_model(dense, ffn_names=names, num_experts=4, top_k=2, router_std=1.0)
     ids = torch.randint(0, 31, (3, 9))
     torch.testing.assert_close(moe(ids), dense(ids), rtol=1e-6, atol=1e-6)
-    assert type(moe.blocks[1].ffn).__name__ == "DenseSwiGLU" and type(moe.blocks[0].ffn).__name__ == "MoELayer"
+    assert (
+        type(moe.blocks[1].ffn).__name__ == "DenseSwiGLU" and type(moe.blocks[0].ffn).__name__ == "MoELayer"
+    )
     with pytest.raises(ValueError, match="ffn_names"):
         upcycle_model(dense, ffn_names=[], num_experts=4, top_k=2)
 
@@ -55,8 +57,15 @@ def test_hf_mistral_upcycled_to_mixtral_matches_dense():
     from moe_core.surgery.upcycling import mixtral_from_dense
 
     torch.manual_seed(0)
-    cfg = transformers.MistralConfig(vocab_size=41, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = transformers.MistralConfig(
+        vocab_size=41,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     dense = transformers.MistralForCausalLM(cfg).eval()
     moe = mixtral_from_dense(dense, num_experts=4, top_k=2, router_std=1.0).eval()
     ids = torch.randint(0, 41, (2, 7))
@@ -69,8 +78,14 @@ def test_hf_mistral_upcycled_to_mixtral_matches_dense():
 def test_bam_of_identical_models_reproduces_the_dense_model(tiny_lm, kv_shared):
     dense = tiny_lm(dense=True).double()
     names = [f"blocks.{i}" for i in range(3)]
-    mixed = bam_merge([dense, dense, dense], ffn_names=[n + ".ffn" for n in names],
-                      attention_names=[n + ".attn" for n in names], top_k=2, kv_shared=kv_shared, router_std=1.0)
+    mixed = bam_merge(
+        [dense, dense, dense],
+        ffn_names=[n + ".ffn" for n in names],
+        attention_names=[n + ".attn" for n in names],
+        top_k=2,
+        kv_shared=kv_shared,
+        router_std=1.0,
+    )
     ids = torch.randint(0, 31, (2, 8))
     torch.testing.assert_close(mixed(ids), dense(ids), rtol=1e-6, atol=1e-6)
     assert mixed.blocks[0].ffn.experts.num_experts == 3
@@ -80,8 +95,10 @@ def test_bam_averages_shared_parameters_and_keeps_each_models_experts(tiny_lm):
     a, b = tiny_lm(seed=1, dense=True), tiny_lm(seed=2, dense=True)
     mixed = bam_merge([a, b], ffn_names=["blocks.0.ffn"], attention_names=["blocks.0.attn"], top_k=1)
     torch.testing.assert_close(mixed.embed.weight, (a.embed.weight + b.embed.weight) / 2)
-    torch.testing.assert_close(mixed.blocks[1].ffn.up_proj.weight,
-                               (a.blocks[1].ffn.up_proj.weight + b.blocks[1].ffn.up_proj.weight) / 2)
+    torch.testing.assert_close(
+        mixed.blocks[1].ffn.up_proj.weight,
+        (a.blocks[1].ffn.up_proj.weight + b.blocks[1].ffn.up_proj.weight) / 2,
+    )
     torch.testing.assert_close(mixed.blocks[0].ffn.experts.up_proj[1], b.blocks[0].ffn.up_proj.weight.t())
     torch.testing.assert_close(mixed.blocks[0].attn.experts[0].q_proj.weight, a.blocks[0].attn.q_proj.weight)
     with pytest.raises(ValueError, match="top_k"):
