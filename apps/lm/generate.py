@@ -1,0 +1,128 @@
+"""Text generation from a trained LM checkpoint: greedy, temperature, top-k and top-p (nucleus) sampling, seeded.
+
+CLI (also ``moekit lm generate ...``)::
+
+    python -m apps.lm.generate --ckpt runs/lm/shakespeare_moe/last.ckpt --prompt "ROMEO:" --max-new-tokens 200 \
+        --temperature 0.8 --top-k 40 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from apps.lm.model import TransformerLM
+
+log = logging.getLogger(__name__)
+
+
+def _filter_logits(logits: torch.Tensor, *, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """logits ``(B, V)`` -> logits with everything outside the top-k / nucleus set to -inf."""
+    if top_k is not None and top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sl, si = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sl.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass strictly before each token
+        drop = before > top_p  # keep the smallest prefix whose mass reaches top_p (first token always kept)
+        sl = sl.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, si, sl)
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerLM,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = 0,
+) -> str:
+    """Continue ``prompt``; returns the prompt plus the generated text.
+
+    Args:
+        model: the network (switched to eval mode for the call and restored afterwards).
+        tokenizer: an ``apps.lm.tokenizers`` tokenizer.
+        prompt: text to continue (non-empty).
+        max_new_tokens: tokens to sample.
+        temperature: softmax temperature (> 0) for sampling.
+        top_k: keep only the k most likely tokens.
+        top_p: keep the smallest set of tokens whose probability reaches p.
+        greedy: take the argmax (ignores temperature, top_k, top_p).
+        seed: seed of a private ``torch.Generator`` (same seed, same text); None = unseeded.
+    """
+    if not prompt:
+        raise ValueError("prompt must be a non-empty string")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    param = next(model.parameters())
+    gen = torch.Generator(device=param.device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=param.device)  # (1, T0)
+    was_training = model.training
+    model.eval()
+    try:
+        ctx = model.config.context_len
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -ctx:]).logits[:, -1, :].float()  # (1, V)
+            if greedy:
+                nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
+            else:
+                logits = _filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)  # (1, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(idx[0].tolist())
+
+
+def load_checkpoint(path: str | Path):
+    """Model and tokenizer from a checkpoint written by :class:`apps.lm.task.LMTask`."""
+    from apps.lm.task import LMTask
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} not found")
+    task = LMTask.load_from_checkpoint(p, map_location="cpu", weights_only=False)
+    if task.model is None or task.tokenizer is None:
+        raise ValueError(f"checkpoint {p} carries no model config or tokenizer (was it written by apps.lm.task.LMTask?)")
+    return task.model.eval(), task.tokenizer
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """``moekit lm generate`` entry point; prints and returns the text."""
+    ap = argparse.ArgumentParser(prog="moekit lm generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="checkpoint written by LMTask (e.g. last.ckpt)")
+    ap.add_argument("--prompt", default="\n", help="text to continue")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--greedy", action="store_true", help="argmax decoding")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    model, tok = load_checkpoint(args.ckpt)
+    text = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

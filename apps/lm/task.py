@@ -1,0 +1,194 @@
+"""LightningModule for MoE LM pretraining: ``loss = CE + w_balance * balance + w_z * z (+ w_entropy * entropy)``.
+
+Logs each loss term, tokens/s, per-layer expert load / load entropy / router entropy, active experts per token,
+val loss and perplexity. The tokenizer travels in the checkpoint (``checkpoint["lm_tokenizer"]``) so that
+``apps.lm.generate`` needs nothing but the checkpoint. No device code: Lightning places tensors, so precision
+(``bf16-mixed``), gradient accumulation/clipping and DDP are trainer options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from apps.lm.model import LMConfig, LMOutput, TransformerLM, count_parameters
+from apps.lm.routing import balance_loss, entropy_loss, routing_summary, z_loss
+
+
+class LMTask(L.LightningModule):
+    """Next-token prediction with MoE auxiliary losses.
+
+    Args:
+        config: model architecture (``vocab_size`` None = take it from the data module).
+        lr: peak AdamW learning rate.
+        min_lr: final learning rate of the cosine decay.
+        warmup_steps: linear warm-up steps.
+        decay_steps: steps of the cosine decay after warm-up (None: ``trainer.max_steps``; constant if unknown).
+        weight_decay: AdamW weight decay on matrices (not on norms).
+        betas: AdamW betas.
+        w_balance: weight of the switch-form balance loss (summed over routing decisions).
+        w_z: weight of the router z-loss (summed over routing decisions).
+        w_entropy: weight of the router-entropy loss (dynamic top-p paper); 0 disables.
+        log_routing_every_n_steps: period of the per-layer routing statistics.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: LMConfig | None = None,
+        lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        w_balance: float = 0.01,
+        w_z: float = 0.001,
+        w_entropy: float = 0.0,
+        log_routing_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        config = config if config is not None else LMConfig()
+        self.save_hyperparameters()
+        self.config = config
+        self.lr, self.min_lr, self.warmup_steps, self.decay_steps = lr, min_lr, warmup_steps, decay_steps
+        self.weight_decay, self.betas = weight_decay, tuple(betas)
+        self.w_balance, self.w_z, self.w_entropy = w_balance, w_z, w_entropy
+        self.log_routing_every_n_steps = log_routing_every_n_steps
+        self.model: TransformerLM | None = TransformerLM(config=config) if config.vocab_size is not None else None
+        self.tokenizer = None
+        self._t0: float | None = None
+
+    # -- model construction linked to the data ----------------------------------------------------------------
+    def _link_datamodule(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "vocab_size"):
+            return
+        vocab = dm.vocab_size
+        self.tokenizer = getattr(dm, "tokenizer", None)
+        if self.config.vocab_size is None:
+            self.config = dataclasses.replace(self.config, vocab_size=vocab)
+            self.hparams["config"] = self.config  # checkpoints carry the resolved vocabulary size
+        elif self.config.vocab_size != vocab:
+            raise ValueError(f"model config.vocab_size={self.config.vocab_size} but the data's tokenizer has {vocab} "
+                             f"tokens; set model.config.vocab_size to null (linked) or {vocab}")
+        dm_ctx = getattr(dm, "context_len", None)
+        if dm_ctx is not None and dm_ctx > self.config.context_len:
+            raise ValueError(f"data context_len={dm_ctx} exceeds model config.context_len={self.config.context_len}")
+
+    def configure_model(self) -> None:
+        self._link_datamodule()
+        if self.model is None:
+            if self.config.vocab_size is None:
+                raise ValueError("config.vocab_size is unknown: pass it or train with an LMDataModule")
+            self.model = TransformerLM(config=self.config)
+
+    def forward(self, idx: torch.Tensor) -> LMOutput:
+        return self.model(idx)
+
+    # -- losses -----------------------------------------------------------------------------------------------
+    def _losses(self, out: LMOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))  # (B*T, V)
+        zero = ce.new_zeros(())
+        bal = sum((balance_loss(r) for _, r in out.routings), zero)
+        zl = sum((z_loss(r) for _, r in out.routings), zero)
+        ent = sum((entropy_loss(r) for _, r in out.routings), zero) if self.w_entropy else zero
+        loss = ce + self.w_balance * bal + self.w_z * zl + self.w_entropy * ent
+        return {"loss": loss, "ce": ce, "balance": bal, "z": zl, "entropy": ent}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        terms = self._losses(out, y)
+        for k, v in terms.items():
+            self.log(f"train/{k}", v, on_step=True, on_epoch=False, prog_bar=k == "loss")
+        if out.routings and self.global_step % self.log_routing_every_n_steps == 0:
+            self._log_routing(out, "train")
+        return terms["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._t0 is not None:
+            dt = time.perf_counter() - self._t0
+            self.log("train/tokens_per_s", batch[0].numel() / max(dt, 1e-9), on_step=True, on_epoch=False)
+
+    def _log_routing(self, out: LMOutput, stage: str) -> None:
+        per_layer: dict[str, list[dict[str, torch.Tensor]]] = {}
+        for name, r in out.routings:
+            per_layer.setdefault(name, []).append(routing_summary(r))
+        for name, stats in per_layer.items():
+            s = stats[0]
+            self.log(f"{stage}_routing/{name}/active_experts", s["active_experts"])
+            self.log(f"{stage}_routing/{name}/load_entropy", s["load_entropy"])
+            self.log(f"{stage}_routing/{name}/router_entropy", s["router_entropy"])
+            self.log(f"{stage}_routing/{name}/max_load", s["max_load"])
+            for e, v in enumerate(s["load"].tolist()):
+                self.log(f"{stage}_routing/{name}/load_e{e}", v)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        out = self(x)
+        terms = self._losses(out, y)
+        self.log("val/loss", terms["ce"], on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        self.log("val/balance", terms["balance"], on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        for name, r in out.routings:
+            self.log(f"val_routing/{name}/active_experts", routing_summary(r)["active_experts"], on_epoch=True,
+                     batch_size=x.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        v = self.trainer.callback_metrics.get("val/loss")
+        if v is not None:
+            self.log("val/ppl", torch.exp(v.detach().float()), sync_dist=False)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        ce = self._losses(self(x), y)["ce"]
+        self.log("test/loss", ce, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+
+    # -- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+        total = self.decay_steps
+        if total is None and self._trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0:
+            total = self.trainer.max_steps - self.warmup_steps
+        warm, floor = max(self.warmup_steps, 0), self.min_lr / self.lr
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if not total or total <= 0:
+                return 1.0
+            u = min((step - warm) / total, 1.0)
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * u))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoint extras --------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer is not None:
+            checkpoint["lm_tokenizer"] = self.tokenizer.to_json()
+        if self.model is not None:
+            checkpoint["lm_params"] = count_parameters(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model is None:
+            cfg = checkpoint.get("hyper_parameters", {}).get("config")
+            if cfg is not None and getattr(cfg, "vocab_size", None) is not None:
+                self.config = cfg
+                self.model = TransformerLM(config=cfg)
+        if "lm_tokenizer" in checkpoint and self.tokenizer is None:
+            from apps.lm.tokenizers import tokenizer_from_json
+
+            self.tokenizer = tokenizer_from_json(checkpoint["lm_tokenizer"])
