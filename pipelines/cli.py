@@ -70,6 +70,51 @@ class _CheckpointFolder(Callback):
         _fix_checkpointing(trainer, self.run_dir)
 
 
+class ResumableRng(Callback):
+    """Store the global RNG states (python, numpy, torch CPU and CUDA) in every checkpoint and restore them on
+    resume, so ``--ckpt_path last`` continues with the same data order and dropout masks as an uninterrupted
+    run (Lightning restores model, optimiser and loop state, but not the global RNGs the samplers draw from).
+
+    Restoring happens while the checkpoint is loaded, before the fit loop creates the epoch's data iterator
+    (Lightning runs the sanity check under ``isolate_rng``).
+    """
+
+    KEY = "moekit_rng_states"
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain types and tensors only: Lightning loads checkpoints with ``weights_only=True``
+        states = {
+            "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint[self.KEY] = states
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        states = checkpoint.get(self.KEY)
+        if not states or trainer.state.fn != "fit":
+            return
+        random.setstate(states["python"])
+        name, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class MoekitCLI(LightningCLI):
     """LightningCLI for one moekit app, with MLflow tracking and resumable checkpoints by default.
 
@@ -143,7 +188,7 @@ class MoekitCLI(LightningCLI):
                 tags={"moekit.command": self.subcommand or "python"},
             )
         run_dir = self.run_dir()
-        callbacks = [*callbacks, MlflowArtifactsCallback(app=self.app), _CheckpointFolder(run_dir),
+        callbacks = [*callbacks, MlflowArtifactsCallback(app=self.app), _CheckpointFolder(run_dir), ResumableRng(),
                      *self._extra_callbacks]
         trainer = super()._instantiate_trainer(config, callbacks)
         _fix_checkpointing(trainer, run_dir)
