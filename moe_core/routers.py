@@ -1,40 +1,191 @@
 """Routers: map tokens ``(N, D)`` to a :class:`~moe_core.types.RouterOutput`.
 
-Top-k softmax gating: GShard (arXiv 2006.16668), Switch (arXiv 2101.03961), Mixtral (arXiv 2401.04088).
-Routing math runs in float32 whatever the activation dtype.
+Papers (arXiv ids): top-k softmax gating GShard 2006.16668, Switch 2101.03961, Mixtral 2401.04088; capacity
+dropping Switch/DeepSpeed; noisy top-k 1701.06538; expert choice 2202.09368; dynamic top-p 2403.07652; AdaMoE
+null experts 2406.13233; MoGE 2505.21411; DeepSeek-V2 2405.04434 / V3 2412.19437 (group-limited, aux-loss-free
+bias 2408.15664); EvoMoE dense-to-sparse gate 2112.14397. Formulas, defaults and invariants:
+``../shared/spec/moe_core.md`` sections 1-4, 7, 8, 10, 12-14.
+
+Common contract (spec section 0):
+
+* ``forward(x (N, D)) -> RouterOutput``; attributes ``dim`` (D), ``num_experts`` (E) and ``gate`` (an
+  ``nn.Linear(D, E, bias=False)`` holding the router weight ``W_g (E, D)``).
+* Routing math runs in float32 whatever the activation dtype (``logits``, ``probs``, ``weights`` are float32);
+  the MoE layer casts the combine weights back to the activation dtype.
+* Fixed-k routers return ``indices``/``weights`` of shape ``(N, K)`` and ``mask=None`` unless slots were
+  dropped. Variable-k routers (expert choice, top-p, null experts, DTS in training) return ``(N, K)`` slots
+  padded with a bool ``mask`` (False slots hold a valid placeholder id and weight 0; expert banks skip them).
+* Input checks: ``x`` must be 2-D of width ``dim`` and free of NaN (``torch.isnan(x).any()``, which costs one
+  device-to-host sync per call); violations raise ``ValueError`` naming ``x``. Constructor arguments are
+  validated and unknown ``Literal`` choices raise ``ValueError`` naming the argument.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import torch
 from torch import nn
 
 from moe_core.types import RouterOutput
 
+DropPolicy = Literal["position", "probs"]
+ScoreFunc = Literal["sigmoid", "softmax"]
+ScheduleKind = Literal["linear", "exp"]
+_DROP_POLICIES: tuple[str, ...] = ("position", "probs")
+_SCORE_FUNCS: tuple[str, ...] = ("sigmoid", "softmax")
+_SCHEDULES: tuple[str, ...] = ("linear", "exp")
 
-class TopKRouter(nn.Module):
-    """Token-choice softmax top-k router.
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
+    """Resolve a ``Literal`` argument; the one place unknown values are rejected."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def _check_x(x: torch.Tensor, dim: int) -> None:
+    """``x`` must be ``(N, dim)`` and contain no NaN (one host sync)."""
+    if x.dim() != 2 or x.shape[-1] != dim:
+        raise ValueError(f"x must have shape (N, dim={dim}), got {tuple(x.shape)}")
+    if torch.isnan(x).any():
+        raise ValueError("x contains NaN values")
+
+
+def _check_sizes(dim: int, num_experts: int) -> None:
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+
+
+def _check_top_k(top_k: int, num_experts: int, name: str = "top_k") -> None:
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"{name} must be in [1, num_experts={num_experts}], got {top_k}")
+
+
+def _renorm(w: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Divide rows by their sum (clamped at ``eps`` when ``eps > 0``: all-zero rows stay zero)."""
+    s = w.sum(dim=-1, keepdim=True)
+    return w / (s.clamp_min(eps) if eps > 0 else s)
+
+
+def _all_slots(n: int, e: int, device: torch.device) -> torch.Tensor:
+    """``(N, E)`` int64 ``indices`` with every expert in its own slot (slot j holds expert j)."""
+    return torch.arange(e, device=device).expand(n, e)  # (N, E)
+
+
+class _GateMixin(nn.Module):
+    """Holds ``gate = nn.Linear(dim, num_experts, bias=False)`` and computes float32 logits."""
+
+    dim: int
+    num_experts: int
+    gate: nn.Linear
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.float(), self.gate.weight.float())  # (N, E)
+
+
+def capacity_positions(indices: torch.Tensor, priority: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Position of every (token, slot) pair in its expert's buffer, in order of ``priority``.
+
+    Pairs are ranked per expert by ascending ``priority`` (ties broken by the flattened slot-major order
+    ``slot * N + token``): the pair with the smallest priority for expert ``e`` gets position 0.
+
+    Args:
+        indices: ``(N, K)`` expert ids.
+        priority: ``(N, K)`` float ranks (smaller = served first).
+        num_experts: E.
+
+    Returns:
+        ``(N, K)`` int64 buffer positions (``loc`` of DeepSpeed / flaxformer).
+    """
+    n, k = indices.shape
+    flat = indices.t().reshape(-1)  # (K*N,) slot-major: all first choices, then all second choices, ...
+    pri = priority.t().reshape(-1)  # (K*N,)
+    order = pri.argsort(stable=True)  # (K*N,) by priority, slot-major order on ties
+    order = order[flat[order].argsort(stable=True)]  # (K*N,) grouped by expert, priority order inside
+    sorted_ids = flat[order]  # (K*N,)
+    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
+    starts = counts.cumsum(0) - counts  # (E,) first sorted row of each expert
+    rank = torch.arange(flat.numel(), device=flat.device) - starts[sorted_ids]  # (K*N,)
+    loc = torch.empty_like(rank).scatter_(0, order, rank)  # (K*N,) back to slot-major order
+    return loc.view(k, n).t()  # (N, K)
+
+
+class TopKRouter(_GateMixin):
+    """Token-choice softmax top-k router, optionally with an expert capacity and token dropping.
+
+    ``s = softmax(x W_g^T)``; each token picks its K largest ``s`` (spec section 1). Weights are the selected
+    probabilities, renormalised to sum to 1 (Mixtral, GShard, DeepSpeed ``topkgating``) or raw (Switch,
+    Qwen2-MoE ``norm_topk_prob=False``), then multiplied by ``routed_scaling_factor`` (DeepSeek-V2; 1 by
+    default).
+
+    Capacity (spec section 4; ``capacity_factor=None`` is dropless, the default): each expert takes at most
+    ``C = max(ceil(N / E * capacity_factor * K), min_capacity)`` (token, slot) pairs (DeepSpeed's
+    ``_capacity``). ``drop_policy="position"``: pairs are served in slot-major order, all first choices before
+    any second choice, earlier tokens first (DeepSpeed adds the first-choice counts to the second-choice
+    locations; flaxformer puts the slot axis first). ``drop_policy="probs"``: each expert keeps its C pairs
+    with the highest router probability (DeepSpeed ``drop_policy="probs"``). Dropped slots get ``mask`` False
+    and weight 0. With ``renormalize`` the surviving weights of each token are renormalised as DeepSpeed does
+    (``w / clamp(sum w, eps)``), so a token that lost every expert gets all-zero weights (MoE output 0; the
+    residual carries it). ``aux["drop_fraction"]`` = 1 - kept / (N K) and ``aux["capacity"]`` = C are
+    reported. When no capacity is set, ``mask`` is None.
 
     Args:
         dim: model width D.
         num_experts: routed experts E.
         top_k: experts per token K (``1 <= K <= E``).
-        renormalize: renormalise the selected probabilities to sum to 1 (Mixtral) or keep the raw
-            softmax probabilities (Switch, Qwen2-MoE ``norm_topk_prob=False``).
+        renormalize: renormalise the selected probabilities to sum to 1.
         jitter: multiplicative input jitter ``U(1-eps, 1+eps)`` applied in training only (0 disables).
+        capacity_factor: None (dropless) or a positive capacity factor.
+        eval_capacity_factor: capacity factor in eval mode (None: same as ``capacity_factor``).
+        drop_policy: ``"position"`` or ``"probs"`` (see above).
+        min_capacity: lower bound on C (DeepSpeed's ``min_capacity``; 0 here by default).
+        routed_scaling_factor: constant multiplying the combine weights.
     """
 
     def __init__(
-        self, *, dim: int, num_experts: int, top_k: int, renormalize: bool = True, jitter: float = 0.0
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool = True,
+        jitter: float = 0.0,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        drop_policy: DropPolicy = "position",
+        min_capacity: int = 0,
+        routed_scaling_factor: float = 1.0,
     ) -> None:
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        _check_sizes(dim, num_experts)
+        _check_top_k(top_k, num_experts)
+        if jitter < 0 or jitter >= 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        factors = {"capacity_factor": capacity_factor, "eval_capacity_factor": eval_capacity_factor}
+        for name, cf in factors.items():
+            if cf is not None and not cf > 0:
+                raise ValueError(f"{name} must be None or > 0, got {cf}")
+        if min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.renormalize, self.jitter = renormalize, jitter
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.drop_policy = _choice("drop_policy", drop_policy, _DROP_POLICIES)
+        self.min_capacity, self.routed_scaling_factor = min_capacity, routed_scaling_factor
         self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Expert capacity C for ``num_tokens`` tokens in the current mode (None when dropless)."""
+        cf = self.capacity_factor
+        if not self.training and self.eval_capacity_factor is not None:
+            cf = self.eval_capacity_factor
+        if cf is None:
+            return None
+        return max(math.ceil(num_tokens / self.num_experts * cf * self.top_k), self.min_capacity)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """Route tokens.
@@ -43,15 +194,563 @@ class TopKRouter(nn.Module):
             x: ``(N, D)`` tokens.
 
         Returns:
-            RouterOutput with ``weights``/``indices`` of shape ``(N, K)``.
+            RouterOutput with ``weights``/``indices`` of shape ``(N, K)``; ``mask`` set only with a capacity.
         """
-        if x.dim() != 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (N, dim={self.dim}), got {tuple(x.shape)}")
+        _check_x(x, self.dim)
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = nn.functional.linear(x.float(), self.gate.weight.float())  # (N, E)
+        logits = self._logits(x)  # (N, E)
         probs = logits.softmax(dim=-1)  # (N, E)
-        weights, indices = probs.topk(self.top_k, dim=-1)  # (N, K), (N, K)
+        top, indices = probs.topk(self.top_k, dim=-1)  # (N, K), (N, K)
+        cap = self.capacity(x.shape[0])
+        mask, aux = None, {}
+        if cap is None:
+            weights = _renorm(top) if self.renormalize else top
+        else:
+            if self.drop_policy == "position":
+                priority = torch.zeros_like(top)  # ties -> slot-major, token order
+            else:
+                priority = -top.detach()  # highest probability served first
+            loc = capacity_positions(indices, priority, self.num_experts)  # (N, K)
+            mask = loc < cap  # (N, K)
+            weights = top * mask
+            if self.renormalize:
+                weights = _renorm(weights, eps=torch.finfo(weights.dtype).eps)
+            aux["capacity"] = torch.tensor(cap, device=x.device)
+            aux["drop_fraction"] = 1.0 - mask.float().mean()
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
+        return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices, mask=mask, aux=aux)
+
+
+class NoisyTopKRouter(_GateMixin):
+    """Noisily gated top-k (Shazeer et al. 2017, arXiv 1701.06538; spec section 2).
+
+    ``H = x W_g + eps * (softplus(x W_noise) + noise_epsilon)`` with ``eps ~ N(0, 1)`` in training only;
+    ``G = softmax(KeepTopK(H, K))``, i.e. the top-K entries of ``softmax(H)`` renormalised. ``logits`` holds
+    ``H`` (the clean logits in eval), ``probs = softmax(H)``.
+
+    ``aux["load_probs"]`` ``(N, E)`` holds the paper's ``P(x, i) = Phi((clean_i - kth_excluding(H, K, i)) /
+    noise_std_i)``, the probability that expert i would still be selected under a fresh draw of its own noise;
+    ``moe_core.losses.noisy_load_importance_loss`` sums it into the smooth load estimator. With ``K = E``
+    every expert is always selected and ``P = 1``. Both weight matrices start at zero as in the paper (so the
+    initial noise std is ``softplus(0) + noise_epsilon``); ``noise_epsilon = 1e-2`` follows the paper's
+    reference code.
+
+    Args:
+        dim: D.
+        num_experts: E.
+        top_k: K.
+        noise_epsilon: floor added to the noise std.
+    """
+
+    def __init__(self, *, dim: int, num_experts: int, top_k: int, noise_epsilon: float = 1e-2) -> None:
+        super().__init__()
+        _check_sizes(dim, num_experts)
+        _check_top_k(top_k, num_experts)
+        if noise_epsilon < 0:
+            raise ValueError(f"noise_epsilon must be >= 0, got {noise_epsilon}")
+        self.dim, self.num_experts, self.top_k, self.noise_epsilon = dim, num_experts, top_k, noise_epsilon
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.noise = nn.Linear(dim, num_experts, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.noise.weight)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route tokens; ``x (N, D)`` -> ``(N, K)`` slots and ``aux["load_probs"] (N, E)``."""
+        _check_x(x, self.dim)
+        clean = self._logits(x)  # (N, E)
+        std = nn.functional.softplus(nn.functional.linear(x.float(), self.noise.weight.float()))  # (N, E)
+        std = std + self.noise_epsilon
+        noisy = clean + torch.randn_like(clean) * std if self.training else clean  # (N, E)
+        probs = noisy.softmax(dim=-1)  # (N, E)
+        top, indices = probs.topk(self.top_k, dim=-1)  # (N, K)
+        weights = _renorm(top)  # softmax over the kept logits
+        k, e = self.top_k, self.num_experts
+        if k < e:
+            top_h = noisy.topk(k + 1, dim=-1).values  # (N, K+1)
+            thr_in = top_h[:, k : k + 1]  # (N, 1) k-th largest of the others when i is in the top-k
+            thr_out = top_h[:, k - 1 : k]  # (N, 1) k-th largest when i is outside
+            is_in = noisy > thr_in  # (N, E)
+            normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+            p_in = normal.cdf((clean - thr_in) / std)
+            p_out = normal.cdf((clean - thr_out) / std)
+            load_probs = torch.where(is_in, p_in, p_out)  # (N, E)
+        else:
+            load_probs = torch.ones_like(clean)
+        return RouterOutput(
+            logits=noisy, probs=probs, weights=weights, indices=indices, aux={"load_probs": load_probs}
+        )
+
+
+class ExpertChoiceRouter(_GateMixin):
+    """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368; spec section 3).
+
+    ``S = softmax(X W_g^T) (N, E)``; every expert takes its ``k_e`` highest-scoring tokens of the group with
+    ``k_e = min(N, ceil(N * capacity_factor / E))`` (the paper writes ``n c / E``; rounding up is our
+    reading), so every expert is exactly full and no balance loss is needed. Output: ``indices (N, E)`` with
+    slot j holding expert j, ``mask (N, E)`` True where expert j chose token t, ``weights = S * mask``. A
+    token may get zero experts (its MoE output is 0; the residual carries it) or many. ``aux["capacity"] =
+    k_e``.
+
+    **Not causal**: the selection looks at the whole group of N tokens, so in a decoder a token's routing
+    depends on future tokens. Use it for encoders, recsys rows and other non-autoregressive inputs.
+
+    Args:
+        dim: D.
+        num_experts: E.
+        capacity_factor: c, the average number of experts per token (paper headline c = 2).
+    """
+
+    def __init__(self, *, dim: int, num_experts: int, capacity_factor: float = 2.0) -> None:
+        super().__init__()
+        _check_sizes(dim, num_experts)
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        self.dim, self.num_experts, self.capacity_factor = dim, num_experts, capacity_factor
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def capacity(self, num_tokens: int) -> int:
+        """Tokens per expert ``k_e`` for a group of ``num_tokens``."""
+        return min(num_tokens, math.ceil(num_tokens * self.capacity_factor / self.num_experts))
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route a group of tokens; ``x (N, D)`` -> RouterOutput with ``(N, E)`` slots and a mask."""
+        _check_x(x, self.dim)
+        n, e = x.shape[0], self.num_experts
+        logits = self._logits(x)  # (N, E)
+        probs = logits.softmax(dim=-1)  # (N, E)
+        ke = self.capacity(n)
+        chosen = probs.topk(ke, dim=0).indices  # (k_e, E) token ids per expert
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(0, chosen, True)  # (N, E)
+        weights = probs * mask  # (N, E)
+        return RouterOutput(
+            logits=logits, probs=probs, weights=weights, indices=_all_slots(n, e, x.device), mask=mask,
+            aux={"capacity": torch.tensor(ke, device=x.device)},
+        )
+
+
+def top_p_mask(sorted_probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Minimal-prefix mask of descending-sorted probabilities (dynamic top-p, spec section 12).
+
+    Keeps slot j when the mass strictly before it is ``<= threshold``: the prefix ends at the first slot whose
+    cumulative mass is ``> threshold`` (strict; that crossing slot is included); no crossing keeps every slot.
+
+    Args:
+        sorted_probs: ``(N, E)`` probabilities sorted descending per row.
+        threshold: p.
+
+    Returns:
+        ``(N, E)`` bool; slot 0 is always kept.
+    """
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (N, E) mass strictly before each slot
+    mask = before <= threshold
+    mask[:, 0] = True
+    return mask
+
+
+class TopPRouter(_GateMixin):
+    """Dynamic top-p routing ("Harder Tasks Need More Experts", arXiv 2403.07652; spec section 12).
+
+    ``P = softmax(x W_g^T)``, sorted descending; the token uses the minimal prefix whose mass is ``>
+    threshold`` (the crossing expert included; no crossing uses all E). Weights are the raw probabilities, not
+    renormalised (as the paper's code). Output slots: ``indices (N, E)`` = experts in descending-probability
+    order, ``mask (N, E)`` True on the prefix, ``weights`` = sorted probabilities times the mask.
+
+    Args:
+        dim: D.
+        num_experts: E.
+        threshold: p (paper code default 0.4).
+    """
+
+    def __init__(self, *, dim: int, num_experts: int, threshold: float = 0.4) -> None:
+        super().__init__()
+        _check_sizes(dim, num_experts)
+        if not 0 <= threshold:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.dim, self.num_experts, self.threshold = dim, num_experts, threshold
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route tokens; ``x (N, D)`` -> RouterOutput with ``(N, E)`` padded slots and a mask."""
+        _check_x(x, self.dim)
+        logits = self._logits(x)  # (N, E)
+        probs = logits.softmax(dim=-1)  # (N, E)
+        sorted_probs, indices = probs.sort(dim=-1, descending=True)  # (N, E), (N, E)
+        mask = top_p_mask(sorted_probs.detach(), self.threshold)  # (N, E)
+        weights = sorted_probs * mask  # (N, E) raw probabilities on the prefix
+        return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices, mask=mask)
+
+
+class NullExpertRouter(_GateMixin):
+    """AdaMoE null experts (arXiv 2406.13233; spec section 13).
+
+    ``s = softmax([x W_g^T ; x W_null^T]) (N, E + m)`` over E true and m null experts (a null expert outputs 0
+    and has no parameters besides its router row); each token picks its top-``top_k`` (k') entries. Selected
+    true experts get ``w_i = s_i / sum_{j selected, true} s_j`` (all-null picks: all weights 0, MoE output 0).
+    Null picks are masked out (``mask`` False, placeholder id 0, weight 0), so they never reach the dispatcher
+    and cost no FLOPs. The router weight of the true experts is ``gate`` ``(E, D)``; the null rows are
+    ``null_gate`` ``(m, D)`` (the paper's Mixtral variant adds exactly this second linear).
+
+    ``logits``/``probs`` have width E + m (null columns last). ``aux``: ``"num_experts"`` = E, ``"num_null"``
+    = m, ``"all_indices"`` ``(N, k')`` the raw picks over E + m (ids >= E are null), used by
+    ``moe_core.losses.null_expert_balance_loss``.
+
+    Args:
+        dim: D.
+        num_experts: true experts E.
+        num_null: null experts m (>= 0; m = 0 with k' = K is the plain renormalised top-K router).
+        top_k: k' picks over the E + m experts.
+    """
+
+    def __init__(self, *, dim: int, num_experts: int, num_null: int, top_k: int) -> None:
+        super().__init__()
+        _check_sizes(dim, num_experts)
+        if num_null < 0:
+            raise ValueError(f"num_null must be >= 0, got {num_null}")
+        _check_top_k(top_k, num_experts + num_null)
+        self.dim, self.num_experts, self.num_null, self.top_k = dim, num_experts, num_null, top_k
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.null_gate = nn.Linear(dim, num_null, bias=False) if num_null > 0 else None
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route tokens; ``x (N, D)`` -> RouterOutput with ``(N, k')`` slots, null picks masked."""
+        _check_x(x, self.dim)
+        e = self.num_experts
+        logits = self._logits(x)  # (N, E)
+        if self.null_gate is not None:
+            null = nn.functional.linear(x.float(), self.null_gate.weight.float())  # (N, m)
+            logits = torch.cat([logits, null], dim=-1)  # (N, E + m)
+        probs = logits.softmax(dim=-1)  # (N, E + m)
+        top, picks = probs.topk(self.top_k, dim=-1)  # (N, k'), (N, k')
+        mask = picks < e  # (N, k') true experts
+        weights = _renorm(top * mask, eps=torch.finfo(top.dtype).tiny)  # (N, k') all-null rows stay 0
+        indices = picks.masked_fill(~mask, 0)  # (N, k') placeholder id for null picks
+        aux = {
+            "num_experts": torch.tensor(e, device=x.device),
+            "num_null": torch.tensor(self.num_null, device=x.device),
+            "all_indices": picks,
+        }
+        return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices, mask=mask, aux=aux)
+
+
+class GroupedRouter(_GateMixin):
+    """Mixture of Grouped Experts (MoGE, Pangu Pro MoE, arXiv 2505.21411; spec section 14).
+
+    ``S = softmax(x W_g^T)`` over all E experts; experts are split into ``num_groups`` contiguous equal groups
+    (one per device); each token picks the top ``K' = top_k / num_groups`` experts inside every group, so
+    every group (device) receives exactly ``N K'`` pairs for any batch. Weights are the selected
+    global-softmax scores (sum <= 1), renormalised when ``renormalize`` (a switch; our reading, no verified
+    public code).
+
+    Args:
+        dim: D.
+        num_experts: E (divisible by ``num_groups``).
+        top_k: K, total experts per token (divisible by ``num_groups``).
+        num_groups: M.
+        renormalize: renormalise the selected scores to sum to 1.
+    """
+
+    def __init__(
+        self, *, dim: int, num_experts: int, top_k: int, num_groups: int, renormalize: bool = False
+    ) -> None:
+        super().__init__()
+        _check_sizes(dim, num_experts)
+        if num_groups < 1 or num_experts % num_groups:
+            raise ValueError(f"num_groups must divide num_experts={num_experts}, got {num_groups}")
+        _check_top_k(top_k, num_experts)
+        if top_k % num_groups:
+            raise ValueError(f"top_k must be a multiple of num_groups={num_groups}, got {top_k}")
+        self.dim, self.num_experts, self.top_k, self.num_groups = dim, num_experts, top_k, num_groups
+        self.renormalize = renormalize
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route tokens; ``x (N, D)`` -> RouterOutput with ``(N, K)`` slots, K' per group in group order."""
+        _check_x(x, self.dim)
+        n, g = x.shape[0], self.num_groups
+        size = self.num_experts // g
+        logits = self._logits(x)  # (N, E)
+        probs = logits.softmax(dim=-1)  # (N, E)
+        top, local = probs.view(n, g, size).topk(self.top_k // g, dim=-1)  # (N, G, K'), (N, G, K')
+        offset = torch.arange(g, device=x.device).view(1, g, 1) * size  # (1, G, 1)
+        indices = (local + offset).reshape(n, self.top_k)  # (N, K)
+        weights = top.reshape(n, self.top_k)  # (N, K)
         if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = _renorm(weights)
         return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+
+
+class SigmoidTopKRouter(_GateMixin):
+    """DeepSeek-V3 gate: sigmoid scores, group-limited selection, auxiliary-loss-free bias (spec sections 7,
+    8).
+
+    Paper/code (arXiv 2412.19437, ``deepseek-ai/DeepSeek-V3: inference/model.py`` ``Gate``):
+
+    * ``s = sigmoid(x W_g^T)`` (``score_func="sigmoid"``) or ``softmax`` (DeepSeek-V2, 2405.04434).
+    * Selection uses ``s + b`` (b is ``bias``, zeros at start; only with ``use_bias``). With ``n_groups > 1``
+      the E experts form ``n_groups`` contiguous groups scored by ``max_i s_i`` (no bias; V2 and V3 without
+      bias) or by the sum of the top-2 ``s_i + b_i`` (V3 with bias); experts outside the best ``topk_groups``
+      groups are set to ``-inf`` (the official fill, not HF's 0.0) before the top-K.
+    * Weights are the original scores ``s`` of the selected experts (no bias), renormalised to sum to 1 when
+      ``renormalize`` (V3 sigmoid; V2 softmax uses ``renormalize=False``), times ``route_scale``.
+
+    Auxiliary-loss-free balancing (arXiv 2408.15664): ``bias`` is a buffer (never a parameter, never gets a
+    gradient); a training callback calls :meth:`update_bias` with the step's per-expert counts (all-reduced
+    across ranks by the caller), which applies ``b_i += gamma * sign(mean_j load_j - load_i)``. Unlike the
+    official code the bias does not depend on the model width.
+
+    Args:
+        dim: D.
+        num_experts: E.
+        top_k: K.
+        n_groups: expert groups G (divides E; 1 = ungrouped).
+        topk_groups: groups each token may use (None: all ``n_groups``).
+        score_func: ``"sigmoid"`` (V3) or ``"softmax"`` (V2).
+        route_scale: constant multiplying the weights (V3 2.5, V2-236B 16.0).
+        renormalize: renormalise the selected scores before ``route_scale``.
+        use_bias: keep the balancing bias buffer.
+        bias_update_speed: gamma of :meth:`update_bias` (paper 1e-3 [U]).
+    """
+
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        n_groups: int = 1,
+        topk_groups: int | None = None,
+        score_func: ScoreFunc = "sigmoid",
+        route_scale: float = 1.0,
+        renormalize: bool = True,
+        use_bias: bool = True,
+        bias_update_speed: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        _check_sizes(dim, num_experts)
+        if n_groups < 1 or num_experts % n_groups:
+            raise ValueError(f"n_groups must be >= 1 and divide num_experts={num_experts}, got {n_groups}")
+        topk_groups = n_groups if topk_groups is None else topk_groups
+        if not 1 <= topk_groups <= n_groups:
+            raise ValueError(f"topk_groups must be in [1, n_groups={n_groups}], got {topk_groups}")
+        _check_top_k(top_k, topk_groups * (num_experts // n_groups))
+        if use_bias and n_groups > 1 and num_experts // n_groups < 2:
+            raise ValueError("n_groups: with use_bias each group needs >= 2 experts (top-2 group score)")
+        if bias_update_speed < 0:
+            raise ValueError(f"bias_update_speed must be >= 0, got {bias_update_speed}")
+        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.score_func = _choice("score_func", score_func, _SCORE_FUNCS)
+        self.route_scale, self.renormalize = route_scale, renormalize
+        self.use_bias, self.bias_update_speed = use_bias, bias_update_speed
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.register_buffer("bias", torch.zeros(num_experts) if use_bias else None)
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> torch.Tensor:
+        """One aux-loss-free balancing step: ``b_i += gamma * sign(mean_j counts_j - counts_i)``.
+
+        Args:
+            counts: ``(E,)`` tokens (or pairs) routed to each expert in the step (e.g. ``routing.counts()``,
+                summed over micro-batches and ranks by the caller).
+
+        Returns:
+            ``(E,)`` the applied change (each entry ``-gamma``, 0 or ``+gamma``).
+        """
+        if self.bias is None:
+            raise ValueError("update_bias needs use_bias=True")
+        if counts.shape != (self.num_experts,):
+            raise ValueError(f"counts must have shape ({self.num_experts},), got {tuple(counts.shape)}")
+        c = counts.to(device=self.bias.device, dtype=torch.float32)
+        delta = self.bias_update_speed * torch.sign(c.mean() - c)  # (E,)
+        self.bias.add_(delta.to(self.bias.dtype))
+        return delta
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route tokens; ``x (N, D)`` -> RouterOutput with ``(N, K)`` slots."""
+        _check_x(x, self.dim)
+        n, g = x.shape[0], self.n_groups
+        logits = self._logits(x)  # (N, E)
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
+        choice = scores.detach()
+        if self.bias is not None:
+            choice = choice + self.bias.float()  # (N, E) selection only; b never reaches the weights
+        if g > 1:
+            grouped = choice.view(n, g, -1)  # (N, G, E/G)
+            if self.bias is None:
+                group_scores = grouped.amax(dim=-1)  # (N, G)
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+            allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
+            choice = grouped.masked_fill(~allowed[..., None], float("-inf")).view(n, -1)  # (N, E)
+        indices = choice.topk(self.top_k, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, indices)  # (N, K) original scores, no bias
+        if self.renormalize:
+            weights = _renorm(weights)
+        weights = weights * self.route_scale
+        return RouterOutput(logits=logits, probs=scores, weights=weights, indices=indices)
+
+
+def dts_gate(
+    logits: torch.Tensor,
+    gumbel: torch.Tensor,
+    *,
+    temperature: float,
+    threshold: float = 1e-3,
+    hard: bool = False,
+    top_k: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EvoMoE dense-to-sparse activation for given Gumbel noise (spec section 10).
+
+    ``gg = softmax((z + g) / temperature)``; soft phase: ``active = gg > threshold``; hard phase: the
+    top-``top_k`` of ``gg`` (one-hot for ``top_k=1``, the repo's ``onehot(argmax gg)``).
+
+    Args:
+        logits: ``(N, E)`` router logits z.
+        gumbel: ``(N, E)`` Gumbel(0, 1) sample g.
+        temperature: tau > 0.
+        threshold: activation threshold (repo ``GUMBEL_THRESHOLD`` 1e-3).
+        hard: hard phase.
+        top_k: experts per token in the hard phase.
+
+    Returns:
+        ``(active (N, E) bool, gg (N, E) float)``.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    gg = ((logits + gumbel) / temperature).softmax(dim=-1)  # (N, E)
+    if hard:
+        active = torch.zeros_like(gg, dtype=torch.bool).scatter_(1, gg.topk(top_k, dim=-1).indices, True)
+    else:
+        active = gg > threshold
+    return active, gg
+
+
+def sample_gumbel(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel sample ``-log(-log U)`` shaped like ``like`` (float32)."""
+    u = torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
+
+
+class DenseToSparseRouter(_GateMixin):
+    """EvoMoE Dense-To-Sparse (DTS) gate (arXiv 2112.14397; ``codecaution/EvoMoE`` ``topkgating``; spec 10).
+
+    Training: ``gg = softmax((z + Gumbel) / temperature)``; soft phase (``hard=False``) activates every expert
+    with ``gg > threshold``; hard phase activates the top-``top_k`` of ``gg``. Weights ``= active *
+    softmax(z)`` (default) or ``active * gg`` (``use_gumbel_gates``). No capacity limit. Eval: plain
+    top-``top_k`` of ``softmax(z)`` with raw (unrenormalised) weights, the repo's non-``dense_validate`` path.
+
+    Output in training: ``indices (N, E)`` (slot j holds expert j) with ``mask = active``; in eval ``(N, K)``
+    with ``mask=None``. ``temperature`` and ``hard`` are plain attributes that a schedule/callback sets
+    (see :class:`TemperatureSchedule`). ``aux["temperature"]`` records the value used.
+
+    Args:
+        dim: D.
+        num_experts: E.
+        top_k: experts per token in the hard phase and in eval.
+        temperature: initial tau.
+        threshold: soft-phase activation threshold.
+        hard: start in the hard phase.
+        use_gumbel_gates: combine with ``gg`` instead of ``softmax(z)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        temperature: float = 1.0,
+        threshold: float = 1e-3,
+        hard: bool = False,
+        use_gumbel_gates: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_sizes(dim, num_experts)
+        _check_top_k(top_k, num_experts)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        self.temperature, self.threshold, self.hard = temperature, threshold, hard
+        self.use_gumbel_gates = use_gumbel_gates
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route tokens; ``x (N, D)`` -> RouterOutput (``(N, E)`` masked slots in training)."""
+        _check_x(x, self.dim)
+        n, e = x.shape[0], self.num_experts
+        logits = self._logits(x)  # (N, E)
+        probs = logits.softmax(dim=-1)  # (N, E)
+        if not self.training:
+            weights, indices = probs.topk(self.top_k, dim=-1)  # (N, K)
+            return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+        active, gg = dts_gate(
+            logits, sample_gumbel(logits), temperature=self.temperature, threshold=self.threshold,
+            hard=self.hard, top_k=self.top_k,
+        )
+        weights = (gg if self.use_gumbel_gates else probs) * active  # (N, E)
+        return RouterOutput(
+            logits=logits, probs=probs, weights=weights, indices=_all_slots(n, e, x.device), mask=active,
+            aux={"temperature": torch.tensor(float(self.temperature), device=x.device)},
+        )
+
+
+class TemperatureSchedule:
+    """EvoMoE temperature schedule ``step -> tau`` (``codecaution/EvoMoE: fairseq_cli/train.py``; spec 10).
+
+    ``linear``: ``tau(u) = max(tau_max - u (tau_max - tau_min) / decay_steps, tau_min)``;
+    ``exp``: ``tau(u) = max(tau_max * exp(u ln(tau_min / tau_max) / decay_steps), tau_min)``.
+    Defaults follow the repo's CLI (``max_temperature=1.0, min_temperature=0.5``); ``decay_steps`` is the
+    repo's ``gumbel_decay_factor``-derived horizon and has no verified default. :meth:`is_hard` says whether
+    the hard phase has started (``hard_from_step``; None = never, the repo's -1 = from step 0).
+
+    Args:
+        tau_max: tau at step 0.
+        tau_min: floor.
+        decay_steps: steps to reach ``tau_min``.
+        kind: ``"linear"`` or ``"exp"``.
+        hard_from_step: first step of the hard phase, or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau_max: float = 1.0,
+        tau_min: float = 0.5,
+        decay_steps: int,
+        kind: ScheduleKind = "linear",
+        hard_from_step: int | None = None,
+    ) -> None:
+        if not 0 < tau_min <= tau_max:
+            raise ValueError(f"need 0 < tau_min <= tau_max, got tau_min={tau_min}, tau_max={tau_max}")
+        if decay_steps < 1:
+            raise ValueError(f"decay_steps must be >= 1, got {decay_steps}")
+        self.tau_max, self.tau_min, self.decay_steps = tau_max, tau_min, decay_steps
+        self.kind = _choice("kind", kind, _SCHEDULES)
+        self.hard_from_step = hard_from_step
+
+    def __call__(self, step: int) -> float:
+        """Temperature at optimizer step ``step`` (>= 0)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self.kind == "linear":
+            tau = self.tau_max - step * (self.tau_max - self.tau_min) / self.decay_steps
+        else:
+            tau = self.tau_max * math.exp(step * math.log(self.tau_min / self.tau_max) / self.decay_steps)
+        return max(tau, self.tau_min)
+
+    def is_hard(self, step: int) -> bool:
+        """Whether ``step`` is in the hard phase."""
+        return self.hard_from_step is not None and step >= self.hard_from_step
+
+    def apply(self, router: DenseToSparseRouter, step: int) -> None:
+        """Set ``router.temperature`` and ``router.hard`` for ``step`` (what a training callback calls)."""
+        router.temperature = self(step)
+        router.hard = self.is_hard(step)

@@ -1,0 +1,237 @@
+"""Auxiliary router losses as pure functions of :class:`~moe_core.types.RouterOutput`.
+
+Papers (arXiv ids): Switch 2101.03961 (balance), ST-MoE 2202.08906 (z-loss), DeepSeekMoE 2401.06066 and
+DeepSeek-V2/V3 2405.04434 / 2412.19437 (expert/device-level and sequence-wise balance), AdaMoE 2406.13233
+(null experts), dynamic top-p 2403.07652 (entropy loss), Shazeer 2017 1701.06538 (importance/load CV^2).
+Formulas and the table of normalisations: ``../shared/spec/moe_core.md`` sections 2, 5, 6, 12, 13.
+
+Every function returns an unweighted scalar (the caller, e.g. an app's ``task.py``, multiplies it by its
+coefficient), computes in float32, and nothing is stored anywhere. Hard assignment counts ``f`` carry no
+gradient; soft probabilities ``P`` do. Functions taking ``token_mask`` ``(N,)`` bool (True = real token)
+ignore padded tokens in both ``f`` and ``P`` (HF passes ``attention_mask`` the same way).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from moe_core.types import RouterOutput
+
+BalanceLevel = Literal["expert", "device"]
+_LEVELS: tuple[str, ...] = ("expert", "device")
+
+
+def _token_weights(routing: RouterOutput, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """``(N,)`` float32 weights: 1 for real tokens, 0 for padding."""
+    n = routing.indices.shape[0]
+    if token_mask is None:
+        return torch.ones(n, device=routing.indices.device)
+    if token_mask.shape != (n,):
+        raise ValueError(f"token_mask must have shape (N={n},), got {tuple(token_mask.shape)}")
+    return token_mask.to(device=routing.indices.device, dtype=torch.float32)
+
+
+def assignment_matrix(routing: RouterOutput) -> torch.Tensor:
+    """``(N, E)`` float32 number of used slots of each token on each expert (hard counts, no gradient)."""
+    n, e = routing.indices.shape[0], routing.num_experts
+    used = routing.slot_mask().float()  # (N, K)
+    return torch.zeros(n, e, device=used.device).scatter_add_(1, routing.indices, used)  # (N, E)
+
+
+def _masked_mean(values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 of ``values (N, ...)`` weighted by ``w (N,)`` (0 when no token is real)."""
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    return (values * w.view(shape)).sum(0) / w.sum().clamp_min(1.0)
+
+
+def switch_balance_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, top-k form ``E * sum_i f_i P_i``.
+
+    Normalisation (our choice, spec section 5): ``f_i`` = share of all used (token, slot) pairs that went to
+    expert i (so ``sum_i f_i = 1`` for any k; hard, no gradient); ``P_i`` = mean over tokens of ``probs[:,
+    i]`` (soft). This equals Switch's top-1 loss for k = 1, DeepSpeed's ``topkgating`` loss ``E^2/k * mean(me
+    * ce)`` and the DeepSeekMoE expert-level loss ``sum_i f'_i P_i`` with ``f'_i = E/(kT) count_i``. **Value
+    at perfect balance (uniform P and every expert receiving ``T k / E`` pairs) is 1 for every k**; complete
+    collapse onto one expert with probability 1 gives E. (HF Mixtral's ``load_balancing_loss_func`` is k times
+    this.) Only the first E columns of ``probs`` are used (null experts have their own loss).
+
+    Args:
+        routing: a RouterOutput.
+        token_mask: optional ``(N,)`` bool, False for padding tokens.
+
+    Returns:
+        scalar float32 loss (multiply by the coefficient, e.g. 1e-2 as in Switch).
+    """
+    e = routing.num_experts
+    w = _token_weights(routing, token_mask)  # (N,)
+    counts = (assignment_matrix(routing) * w[:, None]).sum(0)  # (E,)
+    f = counts / counts.sum().clamp_min(1.0)  # (E,)
+    p = _masked_mean(routing.probs[:, :e].float(), w)  # (E,)
+    return e * (f * p).sum()
+
+
+def router_z_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss ``(1/T) sum_t (logsumexp_j z_{t,j})^2`` (spec section 6).
+
+    Uses ``routing.logits`` (including null-expert columns when present). Gradient
+    ``dL/dz_{t,j} = (2/T) logsumexp(z_t) softmax(z_t)_j``; zero logits give ``(log E)^2``.
+
+    Args:
+        routing: a RouterOutput.
+        token_mask: optional ``(N,)`` bool, False for padding tokens.
+
+    Returns:
+        scalar float32 loss (ST-MoE coefficient 1e-3).
+    """
+    w = _token_weights(routing, token_mask)  # (N,)
+    lse = torch.logsumexp(routing.logits.float(), dim=-1)  # (N,)
+    return _masked_mean(lse.square(), w)
+
+
+def deepseek_balance_loss(
+    routing: RouterOutput,
+    *,
+    level: BalanceLevel = "expert",
+    num_devices: int | None = None,
+    batch_size: int | None = None,
+    normalize_scores: bool = False,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DeepSeekMoE balance losses (arXiv 2401.06066 section 3.3; DeepSeek-V2/V3; spec sections 5, 7, 9).
+
+    Expert level: ``sum_i f_i P_i`` with ``f_i = E / (K T) * count_i`` (K = mean used slots per token, so
+    ``f_i = E * count_i / pairs``) and ``P_i = mean_t s_{t,i}``; equals :func:`switch_balance_loss`; 1 at
+    perfect balance. Device level (``level="device"``, experts split into ``num_devices`` contiguous equal
+    groups): ``sum_d f'_d P'_d`` with ``f'_d = mean_{j in d} f_j`` and ``P'_d = sum_{j in d} P_j``; also 1 at
+    balance, and equal to the expert level with one expert per device.
+
+    Sequence-wise (``batch_size=B``, DeepSeek ``seq_aux=True``; V3's complementary loss): the N tokens are
+    ``B`` sequences of ``N / B`` consecutive tokens; the loss is computed per sequence and averaged over B.
+    ``normalize_scores`` uses ``s' = s / sum_j s_j`` per token (V3 with sigmoid scores) instead of ``probs``.
+
+    Args:
+        routing: a RouterOutput.
+        level: ``"expert"`` or ``"device"``.
+        num_devices: D (needed for ``level="device"``; divides E).
+        batch_size: None (whole batch) or the number of sequences B (divides N).
+        normalize_scores: renormalise the scores per token before averaging.
+        token_mask: optional ``(N,)`` bool, False for padding tokens.
+
+    Returns:
+        scalar float32 loss (multiply by alpha_1 / alpha_2).
+    """
+    if level not in _LEVELS:
+        raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+    n, e = routing.indices.shape[0], routing.num_experts
+    if level == "device" and (num_devices is None or num_devices < 1 or e % num_devices):
+        raise ValueError(f"num_devices must divide num_experts={e} for level='device', got {num_devices}")
+    b = 1 if batch_size is None else batch_size
+    if b < 1 or n % b:
+        raise ValueError(f"batch_size must be >= 1 and divide the {n} tokens, got {batch_size}")
+    w = _token_weights(routing, token_mask).view(b, n // b, 1)  # (B, T, 1)
+    s = routing.probs[:, :e].float()  # (N, E)
+    if normalize_scores:
+        s = s / s.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    hits = assignment_matrix(routing).view(b, n // b, e) * w  # (B, T, E)
+    counts = hits.sum(1)  # (B, E)
+    f = e * counts / counts.sum(-1, keepdim=True).clamp_min(1.0)  # (B, E)
+    p = (s.view(b, n // b, e) * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, E)
+    if level == "device":
+        f = f.view(b, num_devices, -1).mean(-1)  # (B, D)
+        p = p.view(b, num_devices, -1).sum(-1)  # (B, D)
+    return (f * p).sum(-1).mean()
+
+
+def null_expert_balance_loss(
+    routing: RouterOutput, *, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """AdaMoE null-expert-aware balance loss (arXiv 2406.13233, ``CengZihao/AdaMoE: exp_1``; spec section 13).
+
+    Switch form over all ``E + m`` buckets, ``(E + m) * sum_i f_i P_i`` with ``f_i`` = share of the k' picks
+    per token that went to bucket i and ``P_i`` = mean of ``probs[:, i]``, except that every null expert's
+    ``f`` is replaced by the mean null ``f``: the loss balances the true experts and controls total null usage
+    only, without caring which null expert was picked. Normalised like :func:`switch_balance_loss` (1 at
+    perfect balance; with m = 0 the two agree). Needs a RouterOutput from ``NullExpertRouter``
+    (``aux["all_indices"]``, ``aux["num_null"]``).
+
+    Args:
+        routing: output of ``moe_core.routers.NullExpertRouter``.
+        token_mask: optional ``(N,)`` bool, False for padding tokens.
+
+    Returns:
+        scalar float32 loss.
+    """
+    if "all_indices" not in routing.aux or "num_null" not in routing.aux:
+        raise ValueError("routing must come from NullExpertRouter (aux needs 'all_indices' and 'num_null')")
+    e, m = routing.num_experts, int(routing.aux["num_null"])
+    picks = routing.aux["all_indices"]  # (N, k')
+    w = _token_weights(routing, token_mask)  # (N,)
+    hits = torch.zeros(picks.shape[0], e + m, device=picks.device)  # (N, E + m)
+    hits.scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float32))
+    counts = (hits * w[:, None]).sum(0)  # (E + m,)
+    if m > 0:
+        counts = torch.cat([counts[:e], counts[e:].mean().expand(m)])  # (E + m,) nulls share their mean
+    f = counts / counts.sum().clamp_min(1.0)  # (E + m,)
+    p = _masked_mean(routing.probs.float(), w)  # (E + m,)
+    return (e + m) * (f * p).sum()
+
+
+def top_p_entropy_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic-routing loss ``L_dyn`` of arXiv 2403.07652: mean over tokens of ``-sum_i P_i log P_i``.
+
+    Minimising it sharpens the router so that top-p routing activates fewer experts. Range
+    ``[0, log E]``; 0 for one-hot probabilities (spec section 12).
+
+    Args:
+        routing: a RouterOutput (any router with ``probs``).
+        token_mask: optional ``(N,)`` bool, False for padding tokens.
+
+    Returns:
+        scalar float32 loss (paper beta 1e-4 [U]).
+    """
+    w = _token_weights(routing, token_mask)  # (N,)
+    p = routing.probs.float()  # (N, E)
+    ent = -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)  # (N,)
+    return _masked_mean(ent, w)
+
+
+def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation ``var(v) / mean(v)^2`` (unbiased variance as in the reference PyTorch
+    port of Shazeer's code); 0 for a constant vector or a single element."""
+    v = v.float()
+    if v.numel() <= 1:
+        return v.new_zeros(())
+    return v.var() / (v.mean().square() + eps)
+
+
+def noisy_load_importance_loss(
+    routing: RouterOutput,
+    *,
+    w_importance: float = 1.0,
+    w_load: float = 1.0,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Shazeer et al. 2017 importance and load losses, ``w_imp CV(Importance)^2 + w_load CV(Load)^2`` (spec
+    2).
+
+    ``Importance_i = sum_t G(x_t)_i`` (the combine weights), ``Load_i = sum_t P(x_t, i)`` with the smooth
+    load probabilities ``aux["load_probs"]`` from ``NoisyTopKRouter``. Both terms are 0 when importance and
+    load are uniform. The paper uses ``w_imp = w_load = 0.1`` [U].
+
+    Args:
+        routing: output of ``moe_core.routers.NoisyTopKRouter``.
+        w_importance: weight of the importance term.
+        w_load: weight of the load term.
+        token_mask: optional ``(N,)`` bool, False for padding tokens.
+
+    Returns:
+        scalar float32 loss.
+    """
+    if "load_probs" not in routing.aux:
+        raise ValueError("routing must come from NoisyTopKRouter (aux needs 'load_probs')")
+    w = _token_weights(routing, token_mask)[:, None]  # (N, 1)
+    importance = (routing.dense_weights().float() * w).sum(0)  # (E,)
+    load = (routing.aux["load_probs"].float() * w).sum(0)  # (E,)
+    return w_importance * cv_squared(importance) + w_load * cv_squared(load)
