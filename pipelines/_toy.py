@@ -84,7 +84,9 @@ class ToyDataModule(L.LightningDataModule):
         parts = {"train": df[:n_tr], "val": df[n_tr : n_tr + n_va], "test": df[n_tr + n_va :]}
         self.preprocessing = ToyStandardizer.fit(parts["train"])
         self.datasets = {
-            k: TensorDataset(self.preprocessing.transform(v), torch.tensor(v["y"].to_numpy(), dtype=torch.float32))
+            k: TensorDataset(
+                self.preprocessing.transform(v), torch.tensor(v["y"].to_numpy(), dtype=torch.float32)
+            )
             for k, v in parts.items()
         }
         self.raw = parts

@@ -31,7 +31,9 @@ def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 def _require_columns(df: pd.DataFrame, columns: list[str] | tuple[str, ...], what: str = "input") -> None:
     if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"{what}: expected a table (DataFrame / dataframe_split / inputs records), got {type(df)}")
+        raise ValueError(
+            f"{what}: expected a table (DataFrame / dataframe_split / inputs records), got {type(df)}"
+        )
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{what}: missing column(s) {missing}; expected {list(columns)}")
@@ -119,7 +121,9 @@ class ToyPredictor:
 
 class ToyAdapter(AppAdapter):
     def build_predictor(self, model, datamodule) -> ToyPredictor:
-        return ToyPredictor(net=_frozen_copy(model.net), preprocessing=copy.deepcopy(datamodule.preprocessing))
+        return ToyPredictor(
+            net=_frozen_copy(model.net), preprocessing=copy.deepcopy(datamodule.preprocessing)
+        )
 
     def input_example(self, datamodule) -> pd.DataFrame:
         return datamodule.raw["test"][list(FEATURES_TOY)].head(5).reset_index(drop=True)

@@ -1,11 +1,171 @@
-"""Adapters of the real apps (recsys, finance, lm): see :mod:`pipelines.adapters`."""
+"""Adapters of the real apps (recsys, finance, lm): see :mod:`pipelines.adapters`.
+
+Each app is imported lazily inside the methods, so importing this module stays cheap.
+"""
 
 from __future__ import annotations
 
-from pipelines.adapters import AppAdapter
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines.adapters import AppAdapter, _frozen_copy
+
+
+# -- recsys --------------------------------------------------------------------------------------------------
+@dataclass
+class RecsysPredictor:
+    """Raw feature columns -> one probability column per task (e.g. ``income``, ``never_married``).
+
+    Attributes:
+        net: the trained ``MultiTaskNet`` (eval mode, CPU).
+        preprocessor: the fitted ``TabularPreprocessor`` used at training time.
+        task_names: task order of the network's logits.
+    """
+
+    net: torch.nn.Module
+    preprocessor: Any
+    task_names: list[str]
+
+    @property
+    def feature_columns(self) -> list[str]:
+        s = self.preprocessor.schema
+        return [*s.categorical, *s.numeric]
+
+    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
+        if not isinstance(df, pd.DataFrame):
+            raise ValueError(f"expected a table of raw feature columns, got {type(df).__name__}")
+        tensors = self.preprocessor.transform(df, source="request", with_labels=False)
+        with torch.no_grad():
+            probs = torch.sigmoid(self.net(tensors["cat"], tensors["num"]).logits.float())  # (N, M)
+        return pd.DataFrame(
+            {t: probs[:, k].numpy().astype(np.float64) for k, t in enumerate(self.task_names)}
+        )
+
+
+class RecsysAdapter(AppAdapter):
+    def preprocessing(self, datamodule: L.LightningDataModule) -> Any:
+        return getattr(datamodule, "preprocessor", None)
+
+    def build_predictor(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> RecsysPredictor:
+        if datamodule.preprocessor is None:
+            raise RuntimeError("recsys: the datamodule has no fitted preprocessor (call setup() first)")
+        return RecsysPredictor(
+            net=_frozen_copy(model.net),
+            preprocessor=copy.deepcopy(datamodule.preprocessor),
+            task_names=list(model.task_names),
+        )
+
+    def raw_frame(self, datamodule: L.LightningDataModule, split: str = "test") -> pd.DataFrame:
+        frames = datamodule.load_frames()
+        return frames[split if split in frames else "val"][0]
+
+    def input_example(self, datamodule: L.LightningDataModule) -> pd.DataFrame:
+        s = datamodule.preprocessor.schema
+        df = self.raw_frame(datamodule).head(5).reset_index(drop=True)
+        out = pd.DataFrame({c: df[c].astype(str) for c in s.categorical})
+        for c in s.numeric:  # doubles in the signature, so JSON ints and floats are both accepted
+            out[c] = pd.to_numeric(df[c]).astype(np.float64)
+        return out
+
+
+# -- finance -------------------------------------------------------------------------------------------------
+@dataclass
+class FinancePredictor:
+    """A long OHLCV panel window -> one score per ticker for the window's last date.
+
+    Input rows: ``date, ticker, open, high, low, close, volume`` (one row per ticker and day; at least
+    ``min_days`` trading days, since Alpha158 looks back up to 60 days). The features are computed as in
+    training (Alpha158/Alpha360), normalised with the RobustZScoreNorm fitted on the training window, NaN ->
+    0, and the last ``step_len`` days go through the network. Output: ``ticker, score, rank`` (rank 1 = the
+    highest score, the first buy of a TopK strategy), for the tickers that have a close on the last date.
+    """
+
+    net: torch.nn.Module
+    norm: Any
+    kind: str
+    step_len: int
+    min_days: int = 61
+
+    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
+        from apps.finance.data import COLS, load_panel
+        from apps.finance.features import FIELDS, alpha158, alpha360, stack_features
+        from apps.finance.processors import fillna
+
+        if not isinstance(df, pd.DataFrame):
+            raise ValueError(
+                f"expected a long panel table with columns {list(COLS)}, got {type(df).__name__}"
+            )
+        missing = [c for c in COLS if c not in df.columns]
+        if missing:
+            raise ValueError(f"panel window: missing column(s) {missing}; expected {list(COLS)}")
+        for c in FIELDS:
+            bad = pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()
+            if bad.any():
+                raise ValueError(f"panel window: column {c!r} has non-numeric value {df[c][bad].iloc[0]!r}")
+        try:
+            panel = load_panel(df)
+        except (TypeError, pd.errors.ParserError) as e:
+            raise ValueError(f"panel window: {e}") from e
+        dup = panel.duplicated(["date", "ticker"])
+        if dup.any():
+            raise ValueError(f"panel window: {int(dup.sum())} duplicated (date, ticker) rows")
+        wide = {f: panel.pivot(index="date", columns="ticker", values=f).sort_index() for f in FIELDS}
+        n_days = len(wide["close"])
+        if n_days < self.min_days:
+            raise ValueError(f"panel window: {n_days} trading day(s); need at least {self.min_days}")
+        feats = alpha158(wide) if self.kind == "alpha158" else alpha360(wide)
+        x = stack_features(feats)  # (days, tickers, F)
+        present = wide["close"].iloc[-1].notna().to_numpy()  # (tickers,)
+        x = fillna(self.norm.transform(x))[-self.step_len :, present]  # (T, N, F)
+        tickers = np.asarray(wide["close"].columns)[present]
+        with torch.no_grad():
+            score = self.net(
+                torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2)))
+            ).score.float()  # (N,)
+        out = pd.DataFrame({"ticker": tickers.astype(str), "score": score.numpy().astype(np.float64)})
+        out["rank"] = out["score"].rank(ascending=False, method="first").astype(np.int64)
+        return out
+
+
+class FinanceAdapter(AppAdapter):
+    def preprocessing(self, datamodule: L.LightningDataModule) -> Any:
+        return getattr(datamodule, "norm", None)
+
+    def build_predictor(
+        self, model: L.LightningModule, datamodule: L.LightningDataModule
+    ) -> FinancePredictor:
+        return FinancePredictor(
+            net=_frozen_copy(model.model),
+            norm=copy.deepcopy(datamodule.norm),
+            kind=datamodule.kind,
+            step_len=datamodule.step_len,
+        )
+
+    def input_example(
+        self, datamodule: L.LightningDataModule, n_days: int = 70, n_tickers: int = 5
+    ) -> pd.DataFrame:
+        wide = datamodule.panel.wide
+        close = wide["close"]
+        tickers = [t for t in close.columns if close[t].iloc[-n_days:].notna().all()][:n_tickers]
+        frames = []
+        for t in tickers:
+            f = pd.DataFrame(
+                {k: wide[k][t].iloc[-n_days:] for k in ("open", "high", "low", "close", "volume")}
+            )
+            f.insert(0, "ticker", t)
+            f.insert(0, "date", f.index.strftime("%Y-%m-%d"))
+            frames.append(f.reset_index(drop=True))
+        return pd.concat(frames, ignore_index=True)
+
 
 ADAPTERS: dict[str, AppAdapter] = {
-    "recsys": AppAdapter(app="recsys", monitor="val/auc_mean", direction="maximize"),
-    "finance": AppAdapter(app="finance", monitor="val/rank_ic", direction="maximize"),
+    "recsys": RecsysAdapter(app="recsys", monitor="val/auc_mean", direction="maximize"),
+    "finance": FinanceAdapter(app="finance", monitor="val/RankIC", direction="maximize"),
     "lm": AppAdapter(app="lm", monitor="val/loss", direction="minimize"),
 }

@@ -2,7 +2,7 @@
 
 ::
 
-    moekit <app> {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]   app = recsys | finance | lm
+    moekit <app> {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
     moekit lm generate ...          (apps.lm.generate)
     moekit finance backtest ...     (apps.finance.backtest)
     moekit tune <app> --config CONFIG.yaml --n-trials N [--storage URL] [--study NAME] [--timeout S]
@@ -14,8 +14,8 @@ Each app's YAML names its LightningModule and LightningDataModule by ``class_pat
 mode) is the registry, so any such YAML runs and ``--model.help CLASS`` prints a class's documented arguments.
 :class:`MoekitCLI` adds: an MLflow logger by default (see :mod:`pipelines.tracking`), the resolved config,
 params and git commit logged to the run, plots/tables/preprocessing artifacts, a checkpoint folder that does
-not depend on the run id (so ``--ckpt_path last`` resumes exactly), progress bars when stderr is a terminal, and
-``--tracking.register_as NAME`` to register the model at the end of ``fit``.
+not depend on the run id (so ``--ckpt_path last`` resumes exactly), progress bars when stderr is a
+terminal, and ``--tracking.register_as NAME`` to register the model at the end of ``fit``.
 """
 
 from __future__ import annotations
@@ -42,15 +42,21 @@ _HIDDEN_APPS = ("toy",)  # pipelines._toy, used by the pipelines tests
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 APP_COMMANDS = {"lm": {"generate": "apps.lm.generate"}, "finance": {"backtest": "apps.finance.backtest"}}
 TOOLS = {
-    "tune": ("pipelines.tune", "Optuna sweep of an app config (TPE, median pruning, RDB storage, MLflow nested runs)"),
-    "register": ("pipelines.registry", "put a trained model (with preprocessing) in the MLflow Model Registry"),
+    "tune": (
+        "pipelines.tune",
+        "Optuna sweep of an app config (TPE, median pruning, RDB storage, MLflow nested runs)",
+    ),
+    "register": (
+        "pipelines.registry",
+        "put a trained model (with preprocessing) in the MLflow Model Registry",
+    ),
     "serve": ("pipelines.serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
     "ui": ("pipelines.serve", "start the MLflow UI on the moekit tracking store"),
 }
 
 
 def _fix_checkpointing(trainer: L.Trainer, run_dir: Path) -> None:
-    """Give every ModelCheckpoint without a folder a fixed one, and make sure one of them saves ``last.ckpt``."""
+    """Give every ModelCheckpoint without a folder a fixed one; make sure one of them saves ``last.ckpt``."""
     cbs = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
     for cb in cbs:
         if cb.dirpath is None:
@@ -122,7 +128,7 @@ class MoekitCLI(LightningCLI):
         app: app name (``recsys``, ``finance``, ``lm``); names the MLflow experiment ``moekit-<app>``.
         args: command-line arguments (None: ``sys.argv``).
         run: run the subcommand (False: only instantiate ``model``, ``datamodule`` and ``trainer``).
-        logger: a ready logger to use instead of the default MLflow logger (the tuner passes nested-run loggers).
+        logger: a ready logger instead of the default MLflow logger (the tuner passes nested-run loggers).
         extra_callbacks: callbacks appended to the trainer's (the tuner passes the pruning callback).
     """
 
@@ -147,20 +153,38 @@ class MoekitCLI(LightningCLI):
             save_config_callback=MlflowSaveConfigCallback,
             args=list(args) if args is not None else None,
             run=run,
-            parser_kwargs={"prog": f"moekit {app}"} if run else {"prog": f"moekit {app}", "exit_on_error": False},
+            parser_kwargs={"prog": f"moekit {app}"}
+            if run
+            else {"prog": f"moekit {app}", "exit_on_error": False},
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--tracking.uri", type=str | None, default=None,
-                            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite <repo>/mlflow/mlflow.db)")
-        parser.add_argument("--tracking.experiment", type=str | None, default=None,
-                            help="MLflow experiment name (default: moekit-<app>)")
+        parser.add_argument(
+            "--tracking.uri",
+            type=str | None,
+            default=None,
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite <repo>/mlflow/mlflow.db)",
+        )
+        parser.add_argument(
+            "--tracking.experiment",
+            type=str | None,
+            default=None,
+            help="MLflow experiment name (default: moekit-<app>)",
+        )
         parser.add_argument("--tracking.run_name", type=str | None, default=None, help="MLflow run name")
-        parser.add_argument("--tracking.register_as", type=str | None, default=None,
-                            help="register the trained model under this name in the MLflow Model Registry after fit")
-        parser.add_argument("--run_dir", type=str | None, default=None,
-                            help="checkpoint folder (default: <trainer.default_root_dir>/runs/<app>/<config stem>); "
-                            "`--ckpt_path last` resumes from its last.ckpt")
+        parser.add_argument(
+            "--tracking.register_as",
+            type=str | None,
+            default=None,
+            help="register the trained model under this name in the MLflow Model Registry after fit",
+        )
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="checkpoint folder (default: <trainer.default_root_dir>/runs/<app>/<config stem>); "
+            "`--ckpt_path last` resumes from its last.ckpt",
+        )
         parser.set_defaults({"trainer.enable_progress_bar": sys.stderr.isatty()})
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -168,7 +192,7 @@ class MoekitCLI(LightningCLI):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def run_dir(self) -> Path:
-        """Where checkpoints go: ``--run_dir`` or ``<default_root_dir>/runs/<app>/<stem of the first config>``."""
+        """Checkpoint folder: ``--run_dir``, else ``<default_root_dir>/runs/<app>/<first config's stem>``."""
         cfg = self._cfg()
         if cfg.get("run_dir"):
             return Path(cfg["run_dir"])
@@ -188,8 +212,13 @@ class MoekitCLI(LightningCLI):
                 tags={"moekit.command": self.subcommand or "python"},
             )
         run_dir = self.run_dir()
-        callbacks = [*callbacks, MlflowArtifactsCallback(app=self.app), _CheckpointFolder(run_dir), ResumableRng(),
-                     *self._extra_callbacks]
+        callbacks = [
+            *callbacks,
+            MlflowArtifactsCallback(app=self.app),
+            _CheckpointFolder(run_dir),
+            ResumableRng(),
+            *self._extra_callbacks,
+        ]
         trainer = super()._instantiate_trainer(config, callbacks)
         _fix_checkpointing(trainer, run_dir)
         return trainer
@@ -199,8 +228,9 @@ class MoekitCLI(LightningCLI):
         if name:
             from pipelines.registry import register_trained
 
-            version = register_trained(app=self.app, model=self.model, datamodule=self.datamodule,
-                                       trainer=self.trainer, name=name)
+            version = register_trained(
+                app=self.app, model=self.model, datamodule=self.datamodule, trainer=self.trainer, name=name
+            )
             log.info("registered %s as models:/%s/%s", self.app, name, version)
             print(f"registered models:/{name}/{version}")
 
@@ -220,7 +250,8 @@ def _usage() -> str:
     lines += [f"  {k:<9} {v[1]}" for k, v in TOOLS.items()]
     lines += [
         "",
-        "Help: `moekit <app> fit --help`; a class's documented arguments: `moekit <app> fit --model.help CLASS`.",
+        "Help: `moekit <app> fit --help`; documented arguments of a class: "
+        "`moekit <app> fit --model.help CLASS`.",
         "Tracking: MLflow, $MLFLOW_TRACKING_URI or sqlite <repo>/mlflow/mlflow.db; `moekit ui` opens it.",
     ]
     return "\n".join(lines)

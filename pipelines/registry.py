@@ -5,8 +5,8 @@ preprocessing (raw inputs in, predictions out), with a signature and an input ex
 * finance: a panel window -> a score per ticker;
 * lm: a prompt -> generated text.
 
-The pyfunc is :mod:`pipelines.pyfunc_model` logged as "model from code"; its ``predictor`` artifact is built by
-the app adapter (:mod:`pipelines.adapters`). From the command line a model is rebuilt from its config and a
+The pyfunc is :mod:`pipelines.pyfunc_model` logged as "model from code"; its ``predictor`` artifact is built
+by the app adapter (:mod:`pipelines.adapters`). From the command line a model is rebuilt from its config and a
 checkpoint (``trainer.validate`` restores it, so the registration also logs validation metrics); during
 ``moekit <app> fit --tracking.register_as NAME`` the trained model is registered directly into the fit's run.
 """
@@ -42,7 +42,13 @@ def _requirements() -> list[str]:
 
 
 def log_predictor(
-    *, app: str, predictor, example, name: str | None, run_id: str | None, tracking_uri: str,
+    *,
+    app: str,
+    predictor,
+    example,
+    name: str | None,
+    run_id: str | None,
+    tracking_uri: str,
     experiment: str | None = None,
 ) -> tuple[str, str | None]:
     """Log a predictor as a pyfunc model (optionally registered as ``name``).
@@ -50,16 +56,18 @@ def log_predictor(
     Returns:
         (model URI ``runs:/...``, registered version or None).
     """
-    import mlflow
     from mlflow.models import infer_signature
+
+    import mlflow
 
     output = predictor.predict(example.copy())
     signature = infer_signature(example, output)
     mlflow.set_tracking_uri(tracking_uri)
     if run_id is None:
         exp_id = ensure_experiment(experiment or f"moekit-{app}", tracking_uri)
-        run = mlflow.MlflowClient(tracking_uri).create_run(exp_id, run_name=f"register-{name or app}",
-                                                          tags={"moekit.app": app, "moekit.command": "register"})
+        run = mlflow.MlflowClient(tracking_uri).create_run(
+            exp_id, run_name=f"register-{name or app}", tags={"moekit.app": app, "moekit.command": "register"}
+        )
         run_id = run.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "predictor.pt"
@@ -79,8 +87,13 @@ def log_predictor(
 
 
 def register_trained(
-    *, app: str, model: L.LightningModule, datamodule: L.LightningDataModule, trainer: L.Trainer | None,
-    name: str, tracking_uri: str | None = None,
+    *,
+    app: str,
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    trainer: L.Trainer | None,
+    name: str,
+    tracking_uri: str | None = None,
 ) -> str:
     """Register an in-memory trained model (and its datamodule's fitted preprocessing); return the version.
 
@@ -95,13 +108,24 @@ def register_trained(
     loggers = mlflow_loggers(trainer) if trainer is not None else []
     if loggers:
         run_id, uri = loggers[0].run_id, uri or loggers[0]._tracking_uri
-    _, version = log_predictor(app=app, predictor=predictor, example=example, name=name, run_id=run_id,
-                               tracking_uri=uri or default_tracking_uri())
+    _, version = log_predictor(
+        app=app,
+        predictor=predictor,
+        example=example,
+        name=name,
+        run_id=run_id,
+        tracking_uri=uri or default_tracking_uri(),
+    )
     return version
 
 
 def register_checkpoint(
-    *, app: str, configs: Sequence[str], ckpt: str, name: str, tracking_uri: str | None = None,
+    *,
+    app: str,
+    configs: Sequence[str],
+    ckpt: str,
+    name: str,
+    tracking_uri: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> str:
     """Rebuild a model from its config(s) and checkpoint, validate it, and register it; return the version."""
@@ -113,8 +137,14 @@ def register_checkpoint(
         args.append(f"--tracking.uri={tracking_uri}")
     cli = MoekitCLI(app=app, args=args, run=False)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    return register_trained(app=app, model=cli.model, datamodule=cli.datamodule, trainer=cli.trainer, name=name,
-                            tracking_uri=tracking_uri)
+    return register_trained(
+        app=app,
+        model=cli.model,
+        datamodule=cli.datamodule,
+        trainer=cli.trainer,
+        name=name,
+        tracking_uri=tracking_uri,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -123,9 +153,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--config", action="append", required=True, help="the training config YAML (repeatable)")
     p.add_argument("--ckpt", required=True, help="checkpoint file (e.g. runs/<app>/<config>/last.ckpt)")
     p.add_argument("--name", required=True, help="registered model name")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow/mlflow.db")
+    p.add_argument(
+        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow/mlflow.db"
+    )
     a, extra = p.parse_known_args(argv)
-    version = register_checkpoint(app=a.app, configs=a.config, ckpt=a.ckpt, name=a.name,
-                                  tracking_uri=a.tracking_uri, extra_args=extra)
+    version = register_checkpoint(
+        app=a.app, configs=a.config, ckpt=a.ckpt, name=a.name, tracking_uri=a.tracking_uri, extra_args=extra
+    )
     print(f"registered models:/{a.name}/{version}")
     print(f"serve it:  moekit serve models:/{a.name}/{version} --port 5001")

@@ -2,8 +2,9 @@
 --env-manager local``, bound to 127.0.0.1 by default), and ``moekit ui``: the MLflow UI on the moekit store.
 
 Requests: ``POST /invocations`` with ``{"dataframe_split": {"columns": [...], "data": [[...]]}}`` or
-``{"dataframe_records": [{...}]}``; ``GET /ping`` answers once the model is loaded. Malformed requests (bad JSON,
-a missing column, a wrong type) get HTTP 400 with a message naming the problem, and the server keeps serving.
+``{"dataframe_records": [{...}]}``; ``GET /ping`` answers once the model is loaded. Malformed requests
+(bad JSON, a missing column, a wrong type) get HTTP 400 with a message naming the problem, and the server
+keeps serving.
 """
 
 from __future__ import annotations
@@ -36,21 +37,48 @@ def _env(tracking_uri: str | None) -> dict[str, str]:
     return env
 
 
-def serve_command(model_uri: str, *, host: str = "127.0.0.1", port: int = 5001, workers: int = 1) -> list[str]:
+def serve_command(
+    model_uri: str, *, host: str = "127.0.0.1", port: int = 5001, workers: int = 1
+) -> list[str]:
     mlflow_bin = Path(sys.executable).parent / "mlflow"
-    return [str(mlflow_bin), "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "-h", host, "-p", str(port), "-w", str(workers)]
+    return [
+        str(mlflow_bin),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "-w",
+        str(workers),
+    ]
 
 
 def start_server(
-    model_uri: str, *, host: str = "127.0.0.1", port: int | None = None, tracking_uri: str | None = None,
+    model_uri: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    tracking_uri: str | None = None,
     log_file: str | os.PathLike | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """Start ``mlflow models serve`` in the background; return (process, base URL). Stop it with :func:`stop_server`."""
+    """Start ``mlflow models serve`` in the background; return (process, base URL).
+
+    Stop it with :func:`stop_server`.
+    """
     port = port or free_port(host)
     out = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(serve_command(model_uri, host=host, port=port), env=_env(tracking_uri),
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        serve_command(model_uri, host=host, port=port),
+        env=_env(tracking_uri),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, f"http://{host}:{port}"
 
 
@@ -93,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow/mlflow.db")
+    p.add_argument(
+        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow/mlflow.db"
+    )
     a = p.parse_args(argv)
     cmd = serve_command(a.model_uri, host=a.host, port=a.port, workers=a.workers)
     print(f"serving {a.model_uri} on http://{a.host}:{a.port}  (POST /invocations, GET /ping)", flush=True)
@@ -103,11 +133,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 def ui_main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="moekit ui", description="MLflow UI on the moekit tracking store")
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow/mlflow.db")
+    p.add_argument(
+        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow/mlflow.db"
+    )
     a = p.parse_args(argv)
     uri = a.tracking_uri or default_tracking_uri()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(a.port)]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(a.port),
+    ]
     if uri == f"sqlite:///{DEFAULT_STORE_DIR / 'mlflow.db'}":
         cmd += ["--default-artifact-root", (DEFAULT_STORE_DIR / "artifacts").as_uri()]
     print(f"MLflow UI on http://127.0.0.1:{a.port}  ({uri})", flush=True)

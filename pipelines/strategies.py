@@ -56,7 +56,10 @@ class ExpertParallelStrategy(DDPStrategy):
     strategy_name = "expert_parallel"
 
     def __init__(
-        self, *, mode: Literal["expert_parallel", "sparse"] = "expert_parallel", rematerialize: bool = False,
+        self,
+        *,
+        mode: Literal["expert_parallel", "sparse"] = "expert_parallel",
+        rematerialize: bool = False,
         **kwargs: Any,
     ) -> None:
         if mode not in ("expert_parallel", "sparse"):

@@ -3,7 +3,8 @@ resolved config, params, git commit, fitted preprocessing, plots and metric tabl
 
 Where runs go (first that applies): an explicit ``tracking.uri`` in the config, ``$MLFLOW_TRACKING_URI``,
 else the embedded sqlite store ``<repo>/mlflow/mlflow.db`` with artifacts beside it in
-``<repo>/mlflow/artifacts`` (both git-ignored). MLflow 3.17 refuses the old file store, so a URI is always given.
+``<repo>/mlflow/artifacts`` (both git-ignored). MLflow 3.17 refuses the old file store, so a URI is
+always given.
 """
 
 from __future__ import annotations
@@ -62,11 +63,19 @@ def git_commit() -> str | None:
     """The repository's HEAD commit (with ``-dirty`` when the tree has changes), or None outside git."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -142,7 +151,7 @@ class MlflowSaveConfigCallback(SaveConfigCallback):
     """Log the resolved LightningCLI config to every MLflow logger: ``config/config.yaml`` artifact, the
     flattened config as params (prefixed ``cfg.``) and a ``moekit.command`` tag.
 
-    Lightning's own ``SaveConfigCallback`` asserts on ``trainer.log_dir`` which is None for an MLflow logger on
+    Lightning's own ``SaveConfigCallback`` asserts on ``trainer.log_dir``, None for an MLflow logger on
     a database store; this subclass writes to the run instead (and to the log dir when there is one).
     """
 
@@ -192,7 +201,9 @@ class MlflowArtifactsCallback(Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
         for lg in mlflow_loggers(trainer):
-            lg.experiment.log_text(lg.run_id, json.dumps(metrics, indent=2, sort_keys=True), "tables/test_metrics.json")
+            lg.experiment.log_text(
+                lg.run_id, json.dumps(metrics, indent=2, sort_keys=True), "tables/test_metrics.json"
+            )
             lg.experiment.log_text(lg.run_id, metrics_markdown(metrics), "tables/test_metrics.md")
             auc = {k: v for k, v in metrics.items() if "auc" in k.lower()}
             if auc:
@@ -229,8 +240,11 @@ class MlflowArtifactsCallback(Callback):
         groups = {
             "plots/loss_curves.png": [k for k in keys if "loss" in k and not k.startswith("test")],
             "plots/routing_stats.png": [
-                k for k in keys
-                if any(s in k for s in ("load", "entropy", "active", "dropped", "zero_frac", "gate", "expert"))
+                k
+                for k in keys
+                if any(
+                    s in k for s in ("load", "entropy", "active", "dropped", "zero_frac", "gate", "expert")
+                )
             ][:24],
             "plots/val_metrics.png": [k for k in keys if k.startswith("val") and "loss" not in k][:24],
         }
@@ -243,7 +257,12 @@ class MlflowArtifactsCallback(Callback):
                 if len(hist) < 1:
                     continue
                 hist = sorted(hist, key=lambda m: m.step)
-                ax.plot([m.step for m in hist], [m.value for m in hist], label=k, marker="." if len(hist) < 30 else None)
+                ax.plot(
+                    [m.step for m in hist],
+                    [m.value for m in hist],
+                    label=k,
+                    marker="." if len(hist) < 30 else None,
+                )
             ax.set_xlabel("step")
             ax.legend(fontsize=6, ncol=2)
             ax.set_title(Path(path).stem.replace("_", " "))

@@ -6,9 +6,10 @@
 * Sampling: TPE (seeded). Pruning: Optuna's MedianPruner, fed once per validation by
   ``optuna_integration.PyTorchLightningPruningCallback`` on the monitored metric.
 * Storage: an RDB URL (default ``sqlite:///<repo>/runs/optuna/optuna.db``, git-ignored; PostgreSQL for many
-  machines). ``--n-trials N`` is the study's *target* number of finished (complete or pruned) trials, so running
-  the same command again after an interruption continues the count and stops at N; several workers can run it
-  at once on one storage. Trials left RUNNING by a killed worker are failed by the heartbeat and retried once.
+  machines). ``--n-trials N`` is the study's *target* number of finished (complete or pruned) trials, so
+  running the same command again after an interruption continues the count and stops at N; several workers
+  can run it at once on one storage. Trials left RUNNING by a killed worker are failed by the heartbeat
+  and retried once.
 * Tracking: one MLflow parent run per study and one nested run per trial (Lightning logs into it).
 * Output: ``<out>/best.yaml``, the base config with the best trial's overrides merged in, runnable with
   ``moekit <app> fit --config <out>/best.yaml``.
@@ -167,7 +168,7 @@ def run_study(
         timeout: stop starting new trials after this many seconds.
         overrides: fixed dotted overrides applied to every trial (e.g. a shorter ``trainer.max_epochs``).
         out_dir: where trial checkpoints and ``best.yaml`` go (default ``<repo>/runs/tune/<study>``).
-        tracking_uri, experiment: MLflow store and experiment (default: moekit's store, ``moekit-<app>-tune``).
+        tracking_uri, experiment: MLflow store and experiment (default: moekit's, ``moekit-<app>-tune``).
         seed: TPE sampler seed.
         search_space: replaces the app's ``suggest`` (tests).
         monitor, direction: replace the search space's / adapter's objective metric.
@@ -214,15 +215,20 @@ def run_study(
         load_if_exists=True,
         direction=direction,
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=sampler_startup_trials),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=pruner_warmup_steps),
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=pruner_startup_trials, n_warmup_steps=pruner_warmup_steps
+        ),
     )
     if study.direction.name.lower() != direction:
-        raise ValueError(f"study {study_name!r} exists with direction {study.direction.name.lower()}, not {direction}")
+        raise ValueError(
+            f"study {study_name!r} exists with direction {study.direction.name.lower()}, not {direction}"
+        )
     study.set_user_attr("app", app)
     study.set_user_attr("configs", configs)
     study.set_user_attr("monitor", monitor)
-    tracker = _MlflowStudy(study=study, app=app, tracking_uri=tracking_uri,
-                           experiment=experiment or f"moekit-{app}-tune")
+    tracker = _MlflowStudy(
+        study=study, app=app, tracking_uri=tracking_uri, experiment=experiment or f"moekit-{app}-tune"
+    )
 
     def objective(trial: optuna.Trial) -> float:
         params = dict(suggest(trial))
@@ -248,8 +254,10 @@ def run_study(
             else:
                 metric = cli.trainer.callback_metrics.get(monitor)
                 if metric is None:
-                    raise RuntimeError(f"monitored metric {monitor!r} was never logged; logged: "
-                                       f"{sorted(cli.trainer.callback_metrics)}")
+                    raise RuntimeError(
+                        f"monitored metric {monitor!r} was never logged; logged: "
+                        f"{sorted(cli.trainer.callback_metrics)}"
+                    )
                 value = float(metric)
             state = "COMPLETE"
             return value
@@ -260,15 +268,22 @@ def run_study(
     remaining = max(0, n_trials - done)
     log.info("study %s: %d finished trial(s), running up to %d more", study_name, done, remaining)
     if remaining:
-        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(RuntimeError, ValueError),
-                       gc_after_trial=True)
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=timeout,
+            catch=(RuntimeError, ValueError),
+            gc_after_trial=True,
+        )
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         best = study.best_trial
         best_overrides = {**fixed, **json.loads(best.user_attrs["overrides"])}
         cfg = merged_config(configs, best_overrides)
-        header = (f"# best trial {best.number} of study {study_name!r}: {monitor} = {best.value:.6g}\n"
-                  f"# run it: moekit {app} fit --config {out / 'best.yaml'}\n")
+        header = (
+            f"# best trial {best.number} of study {study_name!r}: {monitor} = {best.value:.6g}\n"
+            f"# run it: moekit {app} fit --config {out / 'best.yaml'}\n"
+        )
         path = out / "best.yaml"
         path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
         tracker.client.log_artifact(tracker.parent_run_id, str(path), "best")
@@ -288,17 +303,29 @@ def summary_table(study: optuna.Study) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="moekit tune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="moekit tune",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("app", help="recsys | finance | lm")
     p.add_argument("--config", action="append", required=True, help="base config YAML (repeatable)")
-    p.add_argument("--n-trials", type=int, required=True, help="target number of finished trials in the study")
-    p.add_argument("--storage", default=None, help="Optuna RDB URL (default sqlite:///<repo>/runs/optuna/optuna.db)")
+    p.add_argument(
+        "--n-trials", type=int, required=True, help="target number of finished trials in the study"
+    )
+    p.add_argument(
+        "--storage", default=None, help="Optuna RDB URL (default sqlite:///<repo>/runs/optuna/optuna.db)"
+    )
     p.add_argument("--study", default=None, help="study name (default <app>-<config stem>)")
     p.add_argument("--timeout", type=float, default=None, help="stop starting trials after S seconds")
     p.add_argument("--out", default=None, help="folder for trial checkpoints and best.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="fixed override for every trial, e.g. --set trainer.max_epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fixed override for every trial, e.g. --set trainer.max_epochs=3 (repeatable)",
+    )
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default=None, help="MLflow experiment (default moekit-<app>-tune)")
     p.add_argument("--seed", type=int, default=0)
@@ -308,10 +335,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.INFO)
     study = run_study(
-        app=a.app, configs=a.config, n_trials=a.n_trials, storage=a.storage, study_name=a.study,
-        timeout=a.timeout, overrides=_parse_kv(a.set), out_dir=a.out, tracking_uri=a.tracking_uri,
-        experiment=a.experiment, seed=a.seed, pruner_startup_trials=a.pruner_startup_trials,
-        pruner_warmup_steps=a.pruner_warmup_steps, sampler_startup_trials=a.sampler_startup_trials,
+        app=a.app,
+        configs=a.config,
+        n_trials=a.n_trials,
+        storage=a.storage,
+        study_name=a.study,
+        timeout=a.timeout,
+        overrides=_parse_kv(a.set),
+        out_dir=a.out,
+        tracking_uri=a.tracking_uri,
+        experiment=a.experiment,
+        seed=a.seed,
+        pruner_startup_trials=a.pruner_startup_trials,
+        pruner_warmup_steps=a.pruner_warmup_steps,
+        sampler_startup_trials=a.sampler_startup_trials,
     )
     print(summary_table(study))
 

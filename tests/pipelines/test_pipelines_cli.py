@@ -16,7 +16,18 @@ from pipelines.cli import APPS, MoekitCLI, main
 def test_help_lists_apps_and_commands(capsys: pytest.CaptureFixture) -> None:
     main(["--help"])
     out = capsys.readouterr().out
-    for word in (*APPS, "fit", "validate", "test", "predict", "tune", "register", "serve", "generate", "backtest"):
+    for word in (
+        *APPS,
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "tune",
+        "register",
+        "serve",
+        "generate",
+        "backtest",
+    ):
         assert word in out
     with pytest.raises(SystemExit, match="unknown app"):
         main(["nope", "fit"])
@@ -28,7 +39,9 @@ def _runs(uri: str, experiment: str):
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_fit_logs_config_params_commit_and_artifacts(tmp_path: Path, toy_config: Path, tracking_uri: str) -> None:
+def test_fit_logs_config_params_commit_and_artifacts(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
     main(["toy", "fit", "--config", str(toy_config), "--trainer.max_epochs=1"])
     client, runs = _runs(tracking_uri, "moekit-toy")
     assert len(runs) == 1
@@ -53,13 +66,24 @@ def test_resume_from_last_checkpoint_is_exact(tmp_path: Path, toy_config: Path, 
     main(["toy", "fit", "--config", str(toy_config), "--trainer.max_epochs=4", f"--run_dir={tmp_path / 'a'}"])
     # interrupted after 2 epochs, then `--ckpt_path last` with the full budget
     main(["toy", "fit", "--config", str(toy_config), "--trainer.max_epochs=2", f"--run_dir={tmp_path / 'b'}"])
-    main(["toy", "fit", "--config", str(toy_config), "--trainer.max_epochs=4", f"--run_dir={tmp_path / 'b'}",
-          "--ckpt_path", "last"])
+    main(
+        [
+            "toy",
+            "fit",
+            "--config",
+            str(toy_config),
+            "--trainer.max_epochs=4",
+            f"--run_dir={tmp_path / 'b'}",
+            "--ckpt_path",
+            "last",
+        ]
+    )
     _, runs = _runs(tracking_uri, "moekit-toy")
     full, first, resumed = runs
     full_auc = _metric_history(tracking_uri, full.info.run_id, "val/auc")
-    split_auc = (_metric_history(tracking_uri, first.info.run_id, "val/auc")
-                 + _metric_history(tracking_uri, resumed.info.run_id, "val/auc"))
+    split_auc = _metric_history(tracking_uri, first.info.run_id, "val/auc") + _metric_history(
+        tracking_uri, resumed.info.run_id, "val/auc"
+    )
     assert len(full_auc) == 4
     assert split_auc == full_auc  # bit-identical
     full_loss = _metric_history(tracking_uri, full.info.run_id, "train/loss_epoch")

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
 
+import mlflow
 from pipelines.cli import MoekitCLI
 from pipelines.registry import register_checkpoint, register_trained
 
 
 def _fit(toy_config: Path, tmp_path: Path) -> MoekitCLI:
-    cli = MoekitCLI(app="toy", args=["--config", str(toy_config), f"--run_dir={tmp_path / 'ckpt'}"], run=False)
+    cli = MoekitCLI(
+        app="toy", args=["--config", str(toy_config), f"--run_dir={tmp_path / 'ckpt'}"], run=False
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
 
@@ -26,13 +28,16 @@ def _in_process(cli: MoekitCLI) -> np.ndarray:
     return torch.cat(preds).numpy()
 
 
-def test_registry_round_trip_matches_in_process_model(tmp_path: Path, toy_config: Path, tracking_uri: str) -> None:
+def test_registry_round_trip_matches_in_process_model(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
     cli = _fit(toy_config, tmp_path)
     expected = _in_process(cli)  # (N,) from the LightningModule on preprocessed test tensors
     raw = cli.datamodule.raw["test"].drop(columns=["y"])  # raw, unstandardised columns
 
-    version = register_trained(app="toy", model=cli.model, datamodule=cli.datamodule, trainer=cli.trainer,
-                               name="toy-model")
+    version = register_trained(
+        app="toy", model=cli.model, datamodule=cli.datamodule, trainer=cli.trainer, name="toy-model"
+    )
     assert version == "1"
     loaded = mlflow.pyfunc.load_model("models:/toy-model/1")
     got = loaded.predict(raw)["p"].to_numpy()

@@ -1,6 +1,6 @@
 """Serving: a registered toy model behind ``mlflow models serve`` on 127.0.0.1 answers valid requests with
-the in-process predictions, answers malformed ones (bad JSON, a missing column, a wrong type) with HTTP 400 and
-a message naming the problem, and keeps serving afterwards. All waits are bounded."""
+the in-process predictions, answers malformed ones (bad JSON, a missing column, a wrong type) with HTTP 400
+and a message naming the problem, and keeps serving afterwards. All waits are bounded."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from pipelines.serve import start_server, stop_server, wait_until_up
 
 def _post(url: str, body: bytes | str) -> tuple[int, str]:
     data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(url + "/invocations", data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/invocations", data=data, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, r.read().decode()
@@ -31,15 +33,17 @@ def _post(url: str, body: bytes | str) -> tuple[int, str]:
 def test_serve_valid_and_malformed_requests(tmp_path: Path, toy_config: Path, tracking_uri: str) -> None:
     cli = MoekitCLI(app="toy", args=["--config", str(toy_config), "--trainer.max_epochs=1"], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    version = register_trained(app="toy", model=cli.model, datamodule=cli.datamodule, trainer=cli.trainer,
-                               name="toy-served")
+    version = register_trained(
+        app="toy", model=cli.model, datamodule=cli.datamodule, trainer=cli.trainer, name="toy-served"
+    )
     raw = cli.datamodule.raw["test"].drop(columns=["y"]).head(8)
     from pipelines.adapters import get_adapter
 
     expected = get_adapter("toy").build_predictor(cli.model, cli.datamodule).predict(raw)["p"].to_numpy()
 
-    proc, url = start_server(f"models:/toy-served/{version}", tracking_uri=tracking_uri,
-                             log_file=tmp_path / "server.log")
+    proc, url = start_server(
+        f"models:/toy-served/{version}", tracking_uri=tracking_uri, log_file=tmp_path / "server.log"
+    )
     try:
         wait_until_up(proc, url, timeout=180)
         valid = json.dumps({"dataframe_split": {"columns": list(raw.columns), "data": raw.values.tolist()}})

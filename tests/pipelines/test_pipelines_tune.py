@@ -21,10 +21,21 @@ def _space(trial: optuna.Trial) -> dict:
     }
 
 
-def test_tune_sweep_prunes_resumes_and_writes_best(tmp_path: Path, toy_config: Path, tracking_uri: str) -> None:
+def test_tune_sweep_prunes_resumes_and_writes_best(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    kw = dict(app="toy", configs=[toy_config], storage=storage, study_name="toy-study", out_dir=tmp_path / "tune",
-              tracking_uri=tracking_uri, search_space=_space, pruner_startup_trials=2, pruner_warmup_steps=0)
+    kw = dict(
+        app="toy",
+        configs=[toy_config],
+        storage=storage,
+        study_name="toy-study",
+        out_dir=tmp_path / "tune",
+        tracking_uri=tracking_uri,
+        search_space=_space,
+        pruner_startup_trials=2,
+        pruner_warmup_steps=0,
+    )
     study = run_study(n_trials=2, **kw)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
 
@@ -67,5 +78,8 @@ def test_merged_config_sets_dotted_keys(tmp_path: Path) -> None:
     b = tmp_path / "b.yaml"
     b.write_text("trainer: {max_epochs: 7}\n")
     cfg = merged_config([a, b], {"model.init_args.b": 3, "data.init_args.c": [1, 2]})
-    assert cfg == {"model": {"class_path": "X", "init_args": {"a": 1, "b": 3}}, "trainer": {"max_epochs": 7},
-                   "data": {"init_args": {"c": [1, 2]}}}
+    assert cfg == {
+        "model": {"class_path": "X", "init_args": {"a": 1, "b": 3}},
+        "trainer": {"max_epochs": 7},
+        "data": {"init_args": {"c": [1, 2]}},
+    }
