@@ -1,62 +1,396 @@
-"""Expert banks with stacked weights ``(E, D, H)`` and their dispatch backends."""
+"""Expert banks with stacked weights ``(E, D, H)`` and their dispatch backends.
+
+Fine-grained/gated expert FFNs as in Mixtral (arXiv 2401.04088) and DeepSeekMoE (arXiv 2401.06066); the dispatch
+layout (sort pairs by expert, grouped GEMM, scatter-add) follows MegaBlocks (arXiv 2211.15841) and the
+DeepSeek-V2 ``moe_infer`` loop. Backend choice, masking and the contiguous-gradient wrapper are our design
+(spec §25).
+
+Every bank computes, for ``x (N, D)``, ``indices (N, K)``, ``weights (N, K)`` and an optional ``mask (N, K)``::
+
+    out[t] = sum over used slots k of weights[t, k] * expert_{indices[t, k]}(x[t])
+
+Combine weights multiply expert **outputs** (Mixtral semantics). Masked slots (mask False) cost no FLOPs.
+Duplicate expert ids within one token are summed.
+
+Backends (``backend`` argument):
+
+* ``grouped_mm``: one stable sort of the ``N*K`` (token, slot) pairs by expert id, one gather, one
+  ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) per projection with device-side int32 group
+  offsets, one ``index_add_``. No host synchronisation. Masked slots get the sentinel id ``E`` so that the sort
+  moves them behind the last group; the kernel skips those rows (their outputs are uninitialised and are zeroed
+  with ``masked_fill`` before and after). The kernel needs float32/bfloat16/float16 and row strides that are
+  multiples of 16 bytes; its backward fails on an expanded (stride-0) upstream gradient, so every grouped
+  GEMM output passes through :class:`_ContiguousGrad`.
+* ``loop``: the same sort and gather, one ``bincount(...).tolist()`` (a single host sync), the stacked weights
+  ``unbind(0)`` once, and one dense GEMM per non-empty expert on its contiguous slice. Works for any dtype.
+* ``padded``: the same sort, one host sync for the group sizes, every expert's rows gathered into a zero-padded
+  ``(E, C, D)`` buffer with ``C`` the largest group (dropless: nothing is cut), one ``bmm`` per projection,
+  one ``index_add_``. Padding rows are zero and stay zero, so they change no output and no gradient; they do
+  cost FLOPs, ``E*C/P - 1`` of the useful work. Works for any dtype.
+* ``auto``: on accelerators ``grouped_mm`` where it can run (no host sync). On CPU it reads the group sizes once
+  and picks ``padded`` when padding wastes at most 25 % of the rows (balanced routing), else ``grouped_mm``
+  where it can run, else ``loop``. "Can run": kernel present and working on that device and dtype (checked
+  once by a tiny forward+backward probe), weights of the input's dtype, strides aligned.
+
+Requesting ``grouped_mm`` explicitly for tensors it cannot handle raises ``RuntimeError`` (so a test that asks
+for it really runs it).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
 
-class SwiGLUExperts(nn.Module):
-    """E SwiGLU experts ``down(silu(x @ gate) * (x @ up))`` with stacked weights.
+Backend = Literal["auto", "grouped_mm", "loop", "padded"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+_BACKENDS: tuple[str, ...] = ("auto", "grouped_mm", "loop", "padded")
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+_GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# ``auto`` on CPU pads to the largest group when that wastes at most 25 % of the rows: one batched GEMM per
+# projection is a single parallel region, whereas per-expert GEMMs pay a thread barrier each (measured [M]:
+# with a loaded 2-core box 64 experts x 384 rows took ~5x the time of one (64, 420, 512) bmm).
+_PAD_WASTE = 1.25
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _resolve_activation(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
+    return _ACTIVATIONS[activation]
+
+
+def _grouped_mm_op() -> Callable[..., torch.Tensor] | None:
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+_GMM = _grouped_mm_op()
+_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm rejects stride-0 grads)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad.contiguous()
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``(P, I) x (E, I, O) -> (P, O)``: rows ``[offs[e-1], offs[e])`` use ``b[e]``; rows past ``offs[-1]`` undefined."""
+    return _ContiguousGrad.apply(_GMM(a, b, offs=offs))  # type: ignore[misc]
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the grouped GEMM kernel runs forward and backward on ``device``/``dtype`` (probed once, cached)."""
+    if _GMM is None or dtype not in _GMM_DTYPES:
+        return False
+    key = (str(device), dtype)
+    if key not in _PROBED:
+        try:
+            with torch.enable_grad():
+                a = torch.ones(6, 8, device=device, dtype=dtype, requires_grad=True)
+                b = torch.ones(3, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([2, 2, 5], device=device, dtype=torch.int32)
+                y = _gmm(a, b, offs)
+                y[:5].sum().backward()
+                ok = bool(torch.allclose(y[:5].float(), torch.full_like(y[:5].float(), 8.0)))
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            log.info("grouped_mm unavailable on %s/%s: %s", device, dtype, err)
+            ok = False
+        _PROBED[key] = ok
+    return _PROBED[key]
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Every non-unit stride a multiple of 16 bytes (grouped_mm requirement)."""
+    size = t.element_size()
+    return all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
+
+
+def _dims_aligned(dtype: torch.dtype, *dims: int) -> bool:
+    size = torch.empty((), dtype=dtype).element_size()
+    return all((d * size) % 16 == 0 for d in dims)
+
+
+def _scaled_down(h: torch.Tensor, down: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """``wb * (h @ down)`` for ``h (E, C, H)``, ``down (E, H, D)``, ``wb (E, C, 1)``.
+
+    The down projection is linear without bias, so scaling its input rows equals scaling its output rows; we
+    scale whichever is narrower (fewer multiplications, same result up to rounding).
+    """
+    if h.shape[-1] < down.shape[-1]:
+        return torch.bmm(h * wb, down)
+    return torch.bmm(h, down) * wb
+
+
+class _ExpertBank(nn.Module):
+    """Sort/gather/scatter shared by the banks; subclasses provide the per-expert FFN on sorted rows."""
+
+    num_experts: int
+    dim: int
+    hidden_dim: int
+    backend: str
+
+    def _weights3d(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _ffn_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _ffn_batched(self, xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+        """``(E, C, D)`` rows and ``(E, C, 1)`` combine weights -> weighted expert outputs ``(E, C, D)``."""
+        raise NotImplementedError
+
+    def _grouped_mm_ok(self, x: torch.Tensor) -> bool:
+        ws = self._weights3d()
+        return (
+            x.dtype in _GMM_DTYPES
+            and all(w.dtype == x.dtype for w in ws)
+            and all(_aligned(w) for w in ws)
+            and _dims_aligned(x.dtype, ws[0].shape[-2], ws[0].shape[-1])
+            and grouped_mm_works(x.device, x.dtype)
+        )
+
+    def _check_grouped_mm(self, x: torch.Tensor) -> None:
+        if not self._grouped_mm_ok(x):
+            raise RuntimeError(
+                f"backend='grouped_mm' cannot run here: needs torch grouped_mm on {x.device} for dtype {x.dtype} "
+                f"(float32/bfloat16/float16), weights of the input's dtype, and D, H whose rows are multiples of "
+                f"16 bytes (got D, H = {tuple(self._weights3d()[0].shape[1:])}); use backend='auto' or 'loop'"
+            )
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mix the selected experts' outputs.
+
+        Args:
+            x: ``(N, D)`` tokens.
+            indices: ``(N, K)`` int64 expert ids in ``[0, E)``.
+            weights: ``(N, K)`` combine weights (cast to ``x.dtype``); they scale expert outputs.
+            mask: optional ``(N, K)`` bool; False slots are skipped (no FLOPs, no gradient).
+
+        Returns:
+            ``(N, D)`` mixture ``sum_k weights[t, k] * expert_{indices[t, k]}(x[t])`` over used slots.
+        """
+        e, d = self._weights3d()[0].shape[:2]  # from the weights: banks may be resharded or functionally called
+        if x.dim() != 2 or x.shape[1] != d:
+            raise ValueError(f"x must have shape (N, dim={d}), got {tuple(x.shape)}")
+        n = x.shape[0]
+        if indices.dim() != 2 or indices.shape[0] != n:
+            raise ValueError(f"indices must have shape (N={n}, K), got {tuple(indices.shape)}")
+        if weights.shape != indices.shape:
+            raise ValueError(f"weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}")
+        if mask is not None and mask.shape != indices.shape:
+            raise ValueError(f"mask must have the shape of indices {tuple(indices.shape)}, got {tuple(mask.shape)}")
+        k = indices.shape[1]
+        if n == 0 or k == 0:
+            # keep the graph connected so that every parameter gets a (zero) gradient
+            return x.new_zeros(n, d) + 0.0 * sum(w.sum() for w in self._weights3d()) + 0.0 * weights.sum()
+        w = weights.to(x.dtype).reshape(-1)  # (N*K,)
+        flat = indices.reshape(-1)  # (N*K,)
+        if mask is not None:
+            flat = flat.masked_fill(~mask.reshape(-1), e)  # sentinel id E sorts behind every real group
+        order = flat.argsort(stable=True)  # (N*K,)
+        tok = order // k  # (N*K,) source token of each sorted pair
+        counts = torch.bincount(flat, minlength=e + 1)[:e]  # (E,) pairs per expert, on device
+
+        backend = self.backend
+        if backend == "grouped_mm":
+            self._check_grouped_mm(x)
+        elif backend == "auto" and x.device.type != "cpu" and self._grouped_mm_ok(x):
+            backend = "grouped_mm"  # accelerators: no host sync
+        if backend == "grouped_mm":
+            offs = counts.cumsum(0).to(torch.int32)  # (E,) group end rows
+            xs = x.index_select(0, tok)  # (N*K, D)
+            if mask is not None:
+                dead = (flat.index_select(0, order) == e)[:, None]  # (N*K, 1) masked pairs, sorted last
+                xs = xs.masked_fill(dead, 0.0)  # zeroes the kernel's undefined input-gradient rows
+            ys = self._ffn_grouped(xs, offs)  # (N*K, D)
+            if mask is not None:
+                ys = ys.masked_fill(dead, 0.0)  # the kernel leaves rows past offs[-1] undefined
+            ys = ys * w.index_select(0, order)[:, None]  # (N*K, D) weights scale the expert outputs
+            return x.new_zeros(n, d).index_add_(0, tok, ys.to(x.dtype))  # (N, D)
+
+        counts_host = counts.tolist()  # the single host sync of the CPU paths
+        used, cap = sum(counts_host), max(counts_host)
+        order, tok = order[:used], tok[:used]  # (P,) drop masked pairs
+        if backend == "auto":
+            if used and e * cap <= _PAD_WASTE * used:
+                backend = "padded"
+            else:
+                backend = "grouped_mm" if self._grouped_mm_ok(x) else "loop"
+            if backend == "grouped_mm":
+                offs = counts.cumsum(0).to(torch.int32)  # (E,)
+                ys = self._ffn_grouped(x.index_select(0, tok), offs)  # (P, D)
+                ys = ys * w.index_select(0, order)[:, None]  # (P, D)
+                return x.new_zeros(n, d).index_add_(0, tok, ys.to(x.dtype))  # (N, D)
+        if backend == "padded":
+            if used == 0:
+                return x.new_zeros(n, d) + 0.0 * sum(p.sum() for p in self._weights3d()) + 0.0 * w.sum()
+            # buffer row of sorted pair j: expert * cap + (j - start of its expert group)
+            starts = counts.cumsum(0) - counts  # (E,)
+            expert_sorted = flat.index_select(0, order)  # (P,)
+            slot = expert_sorted * cap + torch.arange(used, device=x.device) - starts.index_select(0, expert_sorted)
+            row_tok = torch.full((e * cap,), n, dtype=torch.long, device=x.device).index_copy_(0, slot, tok)
+            w_pad = w.new_zeros(e * cap).index_copy(0, slot, w.index_select(0, order))  # (E*C,) 0 on padding
+            xb = F.pad(x, (0, 0, 0, 1)).index_select(0, row_tok).view(e, cap, d)  # (E, C, D) zero padding rows
+            yb = self._ffn_batched(xb, w_pad.view(e, cap, 1)).reshape(e * cap, d)  # (E*C, D) weighted
+            return x.new_zeros(n + 1, d).index_add_(0, row_tok, yb.to(x.dtype))[:n]  # (N, D)
+        xs = x.index_select(0, tok)  # (P, D)
+        ys = self._ffn_loop(xs, counts_host)  # (P, D)
+        ys = ys * w.index_select(0, order)[:, None]  # (P, D) weights scale the expert outputs
+        return x.new_zeros(n, d).index_add_(0, tok, ys.to(x.dtype))  # (N, D)
+
+
+class SwiGLUExperts(_ExpertBank):
+    """E SwiGLU experts ``down(act(x @ gate) * (x @ up))`` with stacked weights (Mixtral, DeepSeekMoE).
 
     Args:
         num_experts: E.
         dim: D.
         hidden_dim: H (per expert).
-        backend: dispatch backend; ``auto`` picks the fastest available.
+        backend: dispatch backend (see module docstring).
+        activation: gating activation (``silu`` for SwiGLU).
 
-    Weights: ``gate_proj``/``up_proj`` ``(E, D, H)``, ``down_proj`` ``(E, H, D)``.
+    Weights: ``gate_proj``/``up_proj`` ``(E, D, H)``, ``down_proj`` ``(E, H, D)`` in ``x @ W`` layout; expert ``e``
+    equals :class:`moe_core.layer.SwiGLU` with weights ``gate_proj[e]``, ``up_proj[e]``, ``down_proj[e]``.
     """
 
     def __init__(
-        self, *, num_experts: int, dim: int, hidden_dim: int, backend: Literal["auto", "loop"] = "auto"
+        self, *, num_experts: int, dim: int, hidden_dim: int, backend: Backend = "auto", activation: Activation = "silu"
     ) -> None:
         super().__init__()
-        self.num_experts, self.dim, self.hidden_dim, self.backend = num_experts, dim, hidden_dim, backend
+        if num_experts < 1 or dim < 1 or hidden_dim < 1:
+            raise ValueError(f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}")
+        self.backend = _resolve_backend(backend)
+        self.act = _resolve_activation(activation)
+        self.activation = activation
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.gate_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.up_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` per projection (the ``nn.Linear`` default bound)."""
         for w, fan_in in ((self.gate_proj, self.dim), (self.up_proj, self.dim), (self.down_proj, self.hidden_dim)):
             nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
-    def forward(
-        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``out[t] = sum_k weights[t,k] * expert_{indices[t,k]}(x[t])`` over used slots; x ``(N, D)``."""
-        n, k = indices.shape
-        flat = indices.reshape(-1)  # (N*K,)
-        w = weights.reshape(-1).to(x.dtype)  # (N*K,)
-        tok = torch.arange(n, device=x.device).repeat_interleave(k)  # (N*K,)
-        if mask is not None:
-            keep = mask.reshape(-1)
-            flat, w, tok = flat[keep], w[keep], tok[keep]
-        order = flat.argsort(stable=True)
-        flat, w, tok = flat[order], w[order], tok[order]
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x[tok]  # (P, D) pairs sorted by expert
-        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+            f"backend={self.backend!r}, activation={self.activation!r}"
+        )
+
+    def _weights3d(self) -> tuple[torch.Tensor, ...]:
+        return self.gate_proj, self.up_proj, self.down_proj
+
+    def _gate_up(self) -> torch.Tensor:
+        # one GEMM of width 2H instead of two of width H: fewer kernel calls (each a parallel region) per expert
+        return torch.cat([self.gate_proj, self.up_proj], dim=2)  # (E, D, 2H)
+
+    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        g, u = _gmm(xs, self._gate_up(), offs).chunk(2, dim=1)  # (P, H), (P, H)
+        return _gmm(self.act(g) * u, self.down_proj, offs)  # (P, D)
+
+    def _ffn_batched(self, xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+        h = self.act(torch.bmm(xb, self.gate_proj)) * torch.bmm(xb, self.up_proj)  # (E, C, H)
+        return _scaled_down(h, self.down_proj, wb)  # (E, C, D)
+
+    def _ffn_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        gate_ups, downs = self._gate_up().unbind(0), self.down_proj.unbind(0)  # unbind once, never W[e]
         outs, start = [], 0
         for e, c in enumerate(counts):
             if c:
-                xe = xs[start : start + c]
-                outs.append((F.silu(xe @ gates[e]) * (xe @ ups[e])) @ downs[e])
+                g, u = (xs[start : start + c] @ gate_ups[e]).chunk(2, dim=1)  # (c, H), (c, H)
+                outs.append((self.act(g) * u) @ downs[e])  # (c, D)
             start += c
-        ys = torch.cat(outs) if outs else xs.new_zeros(0, self.dim)
-        return x.new_zeros(n, self.dim).index_add_(0, tok, ys * w[:, None])
+        if not outs:
+            return xs.new_zeros(0, xs.shape[1])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)  # (P, D)
+
+
+class MLPExperts(_ExpertBank):
+    """E plain two-layer experts ``act(x @ up) @ down`` with stacked weights.
+
+    Args:
+        num_experts: E.
+        dim: D.
+        hidden_dim: H (per expert).
+        backend: dispatch backend (see module docstring).
+        activation: hidden activation.
+
+    Weights: ``up_proj`` ``(E, D, H)``, ``down_proj`` ``(E, H, D)``.
+    """
+
+    def __init__(
+        self, *, num_experts: int, dim: int, hidden_dim: int, backend: Backend = "auto", activation: Activation = "gelu"
+    ) -> None:
+        super().__init__()
+        if num_experts < 1 or dim < 1 or hidden_dim < 1:
+            raise ValueError(f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}")
+        self.backend = _resolve_backend(backend)
+        self.act = _resolve_activation(activation)
+        self.activation = activation
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.up_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` per projection."""
+        for w, fan_in in ((self.up_proj, self.dim), (self.down_proj, self.hidden_dim)):
+            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+            f"backend={self.backend!r}, activation={self.activation!r}"
+        )
+
+    def _weights3d(self) -> tuple[torch.Tensor, ...]:
+        return self.up_proj, self.down_proj
+
+    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return _gmm(self.act(_gmm(xs, self.up_proj, offs)), self.down_proj, offs)  # (P, D)
+
+    def _ffn_batched(self, xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+        return _scaled_down(self.act(torch.bmm(xb, self.up_proj)), self.down_proj, wb)  # (E, C, D)
+
+    def _ffn_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                xe = xs[start : start + c]  # (c, D)
+                outs.append(self.act(xe @ ups[e]) @ downs[e])  # (c, D)
+            start += c
+        if not outs:
+            return xs.new_zeros(0, xs.shape[1])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)  # (P, D)
