@@ -164,8 +164,82 @@ class FinanceAdapter(AppAdapter):
         return pd.concat(frames, ignore_index=True)
 
 
+# -- lm ------------------------------------------------------------------------------------------------------
+LM_PARAMS = {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "greedy": False, "seed": 0}
+
+
+@dataclass
+class LMPredictor:
+    """A ``prompt`` column -> a ``text`` column: the prompt plus its continuation (``apps.lm.generate``).
+
+    Generation options come as MLflow ``params`` (defaults in :data:`LM_PARAMS`; ``top_k=0`` and
+    ``top_p=1.0`` mean off). The tokenizer is stored as its JSON and rebuilt on first use.
+    """
+
+    model: torch.nn.Module
+    tokenizer_json: str
+    max_prompt_chars: int = 10_000
+    max_new_tokens_limit: int = 2048
+
+    def predict(self, df: pd.DataFrame, **params: Any) -> pd.DataFrame:
+        from apps.lm.generate import generate
+        from apps.lm.tokenizers import tokenizer_from_json
+
+        if not isinstance(df, pd.DataFrame) or "prompt" not in df.columns:
+            raise ValueError("expected a table with a 'prompt' column (one prompt per row)")
+        unknown = set(params) - set(LM_PARAMS)
+        if unknown:
+            raise ValueError(f"unknown generation params {sorted(unknown)}; known: {sorted(LM_PARAMS)}")
+        p = {**LM_PARAMS, **{k: v for k, v in params.items() if v is not None}}
+        n = int(p["max_new_tokens"])
+        if not 0 < n <= self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens must be in 1..{self.max_new_tokens_limit}, got {n}")
+        if not hasattr(self, "_tok"):
+            self._tok = tokenizer_from_json(self.tokenizer_json)
+        texts = []
+        for i, prompt in enumerate(df["prompt"].tolist()):
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"row {i}: prompt must be a non-empty string, got {prompt!r}")
+            if len(prompt) > self.max_prompt_chars:
+                raise ValueError(f"row {i}: prompt longer than {self.max_prompt_chars} characters")
+            texts.append(generate(
+                self.model, self._tok, prompt, max_new_tokens=n, temperature=float(p["temperature"]),
+                top_k=int(p["top_k"]) or None, top_p=float(p["top_p"]) if p["top_p"] < 1.0 else None,
+                greedy=bool(p["greedy"]), seed=int(p["seed"]),
+            ))  # fmt: skip
+        return pd.DataFrame({"text": texts})
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_tok"}
+
+
+class LMAdapter(AppAdapter):
+    params = LM_PARAMS
+
+    def preprocessing(self, datamodule: L.LightningDataModule) -> Any:
+        return getattr(datamodule, "tokenizer", None)
+
+    def save_preprocessing(self, datamodule: L.LightningDataModule, out_dir) -> list:
+        tok = self.preprocessing(datamodule)
+        if tok is None:
+            return []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "lm_tokenizer.json"
+        path.write_text(tok.to_json())
+        return [path]
+
+    def build_predictor(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> LMPredictor:
+        tok = model.tokenizer or getattr(datamodule, "tokenizer", None)
+        if tok is None or model.model is None:
+            raise RuntimeError("lm: the task has no built model/tokenizer (train or restore it first)")
+        return LMPredictor(model=_frozen_copy(model.model), tokenizer_json=tok.to_json())
+
+    def input_example(self, datamodule: L.LightningDataModule) -> pd.DataFrame:
+        return pd.DataFrame({"prompt": ["ROMEO:", "First Citizen:\n"]})
+
+
 ADAPTERS: dict[str, AppAdapter] = {
     "recsys": RecsysAdapter(app="recsys", monitor="val/auc_mean", direction="maximize"),
     "finance": FinanceAdapter(app="finance", monitor="val/RankIC", direction="maximize"),
-    "lm": AppAdapter(app="lm", monitor="val/loss", direction="minimize"),
+    "lm": LMAdapter(app="lm", monitor="val/loss", direction="minimize"),
 }

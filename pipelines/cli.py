@@ -186,6 +186,12 @@ class MoekitCLI(LightningCLI):
             "`--ckpt_path last` resumes from its last.ckpt",
         )
         parser.set_defaults({"trainer.enable_progress_bar": sys.stderr.isatty()})
+        # the apps keep small python objects (configs, tokenizer JSON, preprocessor state) in their own
+        # checkpoints, which torch>=2.6's weights_only loading refuses (--weights_only true: untrusted files)
+        try:
+            parser.set_defaults({"weights_only": False})
+        except KeyError:  # run=False: no subcommand arguments
+            pass
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _cfg(self) -> Any:

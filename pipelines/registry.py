@@ -50,8 +50,11 @@ def log_predictor(
     run_id: str | None,
     tracking_uri: str,
     experiment: str | None = None,
+    params: dict | None = None,
 ) -> tuple[str, str | None]:
     """Log a predictor as a pyfunc model (optionally registered as ``name``).
+
+    ``params`` (name -> default) become the signature's inference params (lm generation options).
 
     Returns:
         (model URI ``runs:/...``, registered version or None).
@@ -61,7 +64,7 @@ def log_predictor(
     import mlflow
 
     output = predictor.predict(example.copy())
-    signature = infer_signature(example, output)
+    signature = infer_signature(example, output, params=params)
     mlflow.set_tracking_uri(tracking_uri)
     if run_id is None:
         exp_id = ensure_experiment(experiment or f"moekit-{app}", tracking_uri)
@@ -109,6 +112,7 @@ def register_trained(
     if loggers:
         run_id, uri = loggers[0].run_id, uri or loggers[0]._tracking_uri
     _, version = log_predictor(
+        params=getattr(adapter, "params", None),
         app=app,
         predictor=predictor,
         example=example,
@@ -136,7 +140,7 @@ def register_checkpoint(
     if tracking_uri:
         args.append(f"--tracking.uri={tracking_uri}")
     cli = MoekitCLI(app=app, args=args, run=False)
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=False)
     return register_trained(
         app=app,
         model=cli.model,
