@@ -36,12 +36,19 @@ sys.path.insert(0, str(ROOT))
 
 from apps.datadir import data_dir, require_file  # noqa: E402
 from moe_core.experts import SwiGLUExperts  # noqa: E402
+from moe_core.inference.c3po import (  # noqa: E402
+    collect_pathways,
+    critical_blocks,
+    kernel_regression,
+    mean_embedding,
+    remixed_logits,
+)
 from moe_core.inference.offload import OffloadStats, offload_model  # noqa: E402
 from moe_core.inference.scmoe import scmoe_logits  # noqa: E402
 from moe_core.layer import MoELayer  # noqa: E402
 from moe_core.routers import TopKRouter  # noqa: E402
 from moe_core.surgery.bank import count_parameters  # noqa: E402
-from moe_core.surgery.mcsmoe import collect_routing_stats, compress_model, merge_model  # noqa: E402
+from moe_core.surgery.mcsmoe import collect_routing_stats, compress_model, kd_loss, merge_model  # noqa: E402
 from moe_core.surgery.quant import choose_bits, quantize_model_experts  # noqa: E402
 
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -170,6 +177,25 @@ def train(model, train_ids, *, seconds, ctx, bs, lr, seed):
     return step, loss
 
 
+def kd_finetune(student, teacher, train_ids, *, seconds, ctx, seed, bs=32, lr=1e-3) -> int:
+    """Fine-tune ``student`` with MC-SMoE's KD loss against ``teacher`` for a wall-clock budget."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
+    student.train()
+    t0, step = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        x, y = windows(train_ids, bs, ctx, gen)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss = kd_loss(student(x), t_logits, y, temperature=2.0, kd_lambda=0.2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+    student.eval()
+    return step
+
+
 # ------------------------------------------------------------------------------------------ decode
 @torch.no_grad()
 def decode_time(model, prompt, n_new, repeats=3) -> list[float]:
@@ -216,6 +242,7 @@ def main(argv=None) -> None:
     p.add_argument("--ctx", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--kd-seconds", type=float, default=45.0)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--val-windows", type=int, default=128)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_tools.json"))
@@ -268,8 +295,30 @@ def main(argv=None) -> None:
                 "params": count_parameters(comp),
             }
         )
-    for r in rows[-5:]:
-        print(f"  {r['variant']:45s} val {r['val_loss']:.4f}  params {r['params']:,}", flush=True)
+    if a.kd_seconds > 0:  # MC-SMoE fine-tunes the merged model with KD from the original
+        ft = copy.deepcopy(aligned)
+        kd_steps = kd_finetune(ft, model, train_ids, seconds=a.kd_seconds, ctx=a.ctx, seed=a.seed + 1)
+        rows.append(
+            {
+                "section": "mcsmoe",
+                "variant": f"merged + KD fine-tune ({kd_steps} steps)",
+                "val_loss": val_loss(ft, vx, vy),
+                "params": count_parameters(ft),
+            }
+        )
+        comp = copy.deepcopy(ft)
+        compress_model(comp, rank=16, keep_ratio=0.1)
+        rows.append(
+            {
+                "section": "mcsmoe",
+                "variant": "merged + KD + LoSparse rank 16, S keep 0.1",
+                "val_loss": val_loss(comp, vx, vy),
+                "params": count_parameters(comp),
+            }
+        )
+    for r in rows:
+        if r["section"] == "mcsmoe":
+            print(f"  {r['variant']:45s} val {r['val_loss']:.4f}  params {r['params']:,}", flush=True)
 
     # ---- bit-nested quantisation
     qm = copy.deepcopy(model)
@@ -288,22 +337,34 @@ def main(argv=None) -> None:
                 "expert_bytes": sum(q.storage_bytes() for q in banks),
             }
         )
-    budget = 8 * expert_numel * 4 / 8  # average 4 bits per weight per layer
-    planned = [
-        choose_bits(s.freq, expert_numel=expert_numel, budget_bytes=budget, candidates=(2, 3, 4, 6, 8))
-        for s in stats
+    cands = (2, 3, 4, 6, 8)
+    budget = 8 * expert_numel * 3 / 8  # average 3 bits per weight per layer
+    originals = [
+        (b.moe.experts.gate_proj.detach(), b.moe.experts.up_proj.detach(), b.moe.experts.down_proj.detach())
+        for b in model.blocks
     ]
-    for q, b in zip(banks, planned):
-        q.set_bits(b)
-    rows.append(
-        {
-            "section": "quant",
-            "variant": "usage-planned widths, 4-bit average budget",
-            "bits": [b.tolist() for b in planned],
-            "val_loss": val_loss(qm, vx, vy),
-            "expert_bytes": sum(q.storage_bytes() for q in banks),
-        }
-    )
+    for label, use_errors in (("hottest-first", False), ("usage x error per byte", True)):
+        planned = [
+            choose_bits(
+                s.freq,
+                expert_numel=expert_numel,
+                budget_bytes=budget,
+                candidates=cands,
+                errors=q.expert_errors(cands, reference=ref) if use_errors else None,
+            )
+            for s, q, ref in zip(stats, banks, originals)
+        ]
+        for q, b in zip(banks, planned):
+            q.set_bits(b)
+        rows.append(
+            {
+                "section": "quant",
+                "variant": f"planned widths ({label}), 3-bit budget",
+                "bits": [b.tolist() for b in planned],
+                "val_loss": val_loss(qm, vx, vy),
+                "expert_bytes": sum(q.storage_bytes() for q in banks),
+            }
+        )
     rows.append(
         {
             "section": "quant",
@@ -313,7 +374,7 @@ def main(argv=None) -> None:
             "expert_bytes": 4 * expert_numel * 8 * len(model.blocks),
         }
     )
-    for r in rows[-7:]:
+    for r in rows[-8:]:
         print(f"  {r['variant']:45s} val {r['val_loss']:.4f}  bytes {r['expert_bytes']:,}", flush=True)
 
     # ---- SCMoE vs greedy (teacher forced next-token accuracy on held-out windows)
@@ -338,6 +399,39 @@ def main(argv=None) -> None:
             )
     for r in rows[-5:]:
         print(f"  {r['variant']:45s} acc {r['accuracy']:.4f}", flush=True)
+
+    # ---- C3PO: last-token accuracy with kernel-regression re-mixing of the last 2 MoE layers
+    blocks = critical_blocks(len(model.blocks), 2)
+    embed = mean_embedding(model.tok)
+    rx, ry = windows(train_ids, 512, a.ctx, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        r_ok = torch.cat([model(rx[i : i + 64])[:, -1].argmax(-1) for i in range(0, 512, 64)]) == ry[:, -1]
+    ref_x = rx[r_ok]  # references the model gets right (C3PO's reference set)
+    ref_paths = torch.cat(
+        [collect_pathways(model, ref_x[i : i + 64], blocks=blocks) for i in range(0, len(ref_x), 64)]
+    )
+    ref_emb = embed(ref_x)
+    with torch.no_grad():
+        base_last = torch.cat([model(vx[i : i + 64])[:, -1] for i in range(0, len(vx), 64)])
+        hat = kernel_regression(embed(vx), ref_emb, ref_paths, k=3)
+        c3_last = torch.cat(
+            [
+                remixed_logits(model, vx[i : i + 64], hat[i : i + 64], blocks=blocks)[:, -1]
+                for i in range(0, len(vx), 64)
+            ]
+        )
+    acc0 = float((base_last.argmax(-1) == vy[:, -1]).float().mean())
+    acc1 = float((c3_last.argmax(-1) == vy[:, -1]).float().mean())
+    rows.append({"section": "c3po", "variant": "own routing (last token)", "accuracy": acc0})
+    rows.append(
+        {
+            "section": "c3po",
+            "variant": f"kernel regression k=3, last 2 layers, {len(ref_x)} refs",
+            "accuracy": acc1,
+            "ratio_vs_own": acc1 / max(acc0, 1e-9),
+        }
+    )
+    print(f"  C3PO last-token accuracy {acc0:.4f} -> {acc1:.4f}", flush=True)
 
     # ---- offloading: decode time per token and hit rate
     prompt = val_ids[:16].unsqueeze(0)

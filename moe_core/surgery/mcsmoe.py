@@ -217,6 +217,34 @@ def merge_model(
     return [merge_block(r, s, num_groups=g, align=align) for r, s, g in zip(refs, stats, groups)]
 
 
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    kd_lambda: float = 0.2,
+) -> torch.Tensor:
+    """Distillation loss for fine-tuning a merged model against the original.
+
+    ``(1 - lam) * CE(student, targets) + lam * T^2 * KL(softmax(teacher / T) || softmax(student / T))``;
+    the defaults ``T = 2, lambda = 0.2`` are MC-SMoE's [C]; the exact mixing formula is our reading [U].
+
+    Args:
+        student_logits, teacher_logits: ``(..., V)``; targets: ``(...)`` class ids.
+    """
+    v = student_logits.shape[-1]
+    s, t = student_logits.reshape(-1, v).float(), teacher_logits.reshape(-1, v).float().detach()
+    ce = torch.nn.functional.cross_entropy(s, targets.reshape(-1))
+    kl = torch.nn.functional.kl_div(
+        (s / temperature).log_softmax(-1),
+        (t / temperature).log_softmax(-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return (1 - kd_lambda) * ce + kd_lambda * temperature**2 * kl
+
+
 # --------------------------------------------------------------------------------------- compression
 def low_rank_plus_sparse(
     w: torch.Tensor, *, rank: int, keep_ratio: float = 1.0, importance: torch.Tensor | None = None

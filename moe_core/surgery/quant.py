@@ -31,6 +31,7 @@ from moe_core.surgery.bank import (
 )
 
 log = logging.getLogger(__name__)
+ExpertWeightsT = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -149,6 +150,26 @@ class NestedQuantExperts(ComputedWeightExperts):
             out.append(w.to(self.dtype))
         return tuple(out)
 
+    def expert_errors(
+        self, candidates: tuple[int, ...], reference: ExpertWeightsT | None = None
+    ) -> torch.Tensor:
+        """``(E, C)`` mean squared weight error of each expert at each candidate width.
+
+        Args:
+            candidates: widths.
+            reference: float ``(gate, up, down)`` to compare with (default: the 8-bit reconstruction).
+        """
+        ref = reference if reference is not None else self._dequant_all(8)
+        out = torch.zeros(self.num_experts, len(candidates))
+        for c, b in enumerate(candidates):
+            deq = self._dequant_all(b)
+            for w, r in zip(deq, ref):
+                out[:, c] += ((w.float() - r.float()) ** 2).flatten(1).mean(1).cpu()
+        return out
+
+    def _dequant_all(self, bits: int):
+        return tuple(self._code(n).dequantize(bits) for n in ("gate", "up", "down"))
+
     def storage_bytes(self) -> int:
         """Bytes needed at the current per-expert widths (codes + scales)."""
         total = 0
@@ -184,40 +205,58 @@ def quantize_model_experts(
 
 
 def choose_bits(
-    usage: torch.Tensor, *, expert_numel: int, budget_bytes: float, candidates: tuple[int, ...] = (2, 4, 6, 8)
+    usage: torch.Tensor,
+    *,
+    expert_numel: int,
+    budget_bytes: float,
+    candidates: tuple[int, ...] = (2, 4, 6, 8),
+    errors: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-expert bit widths from usage under a memory budget (greedy, hottest expert first) [D].
+    """Per-expert bit widths from usage under a memory budget (greedy) [D].
 
-    Every expert starts at the smallest candidate; upgrades go one candidate step at a time to the expert
-    with the highest usage that can still be upgraded within the budget.
+    Every expert starts at the smallest candidate and is upgraded one candidate step at a time while the
+    budget allows. Without ``errors`` the hottest upgradable expert goes first; with ``errors`` the upgrade
+    with the largest usage-weighted error reduction per extra byte goes first.
 
     Args:
         usage: ``(E,)`` usage frequencies (or router-score mass).
         expert_numel: weights per expert.
         budget_bytes: bytes available for all experts' codes of this set.
         candidates: allowed widths, ascending.
+        errors: optional ``(E, C)`` quantisation error of each expert at each candidate width (e.g. from
+            :meth:`NestedQuantExperts.expert_errors`).
 
     Returns:
         ``(E,)`` long widths.
     """
     cands = sorted(candidates)
     e = usage.numel()
+    if errors is not None and errors.shape != (e, len(cands)):
+        raise ValueError(f"errors must have shape ({e}, {len(cands)}), got {tuple(errors.shape)}")
     level = [0] * e
     cost = sum((expert_numel * cands[0] + 7) // 8 for _ in range(e))
     if cost > budget_bytes:
         raise ValueError(f"budget {budget_bytes} B is below the minimum {cost} B at {cands[0]} bits")
+
+    def extra(i: int) -> int:
+        return (expert_numel * (cands[level[i] + 1] - cands[level[i]]) + 7) // 8
+
     order = torch.argsort(usage, descending=True, stable=True).tolist()
-    upgraded = True
-    while upgraded:
-        upgraded = False
-        for i in order:  # hottest first
-            if level[i] + 1 < len(cands):
-                extra = (expert_numel * (cands[level[i] + 1] - cands[level[i]]) + 7) // 8
-                if cost + extra <= budget_bytes:
-                    level[i] += 1
-                    cost += extra
-                    upgraded = True
-                    break
+    while True:
+        options = [i for i in order if level[i] + 1 < len(cands) and cost + extra(i) <= budget_bytes]
+        if not options:
+            break
+        if errors is None:
+            i = options[0]  # hottest first
+        else:
+            i = max(
+                options,
+                key=lambda j: (
+                    float(usage[j]) * float(errors[j, level[j]] - errors[j, level[j] + 1]) / extra(j)
+                ),
+            )
+        cost += extra(i)
+        level[i] += 1
     return torch.tensor([cands[lv] for lv in level], dtype=torch.long)
 
 

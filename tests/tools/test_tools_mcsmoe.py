@@ -179,3 +179,14 @@ def test_routing_stats_freq_and_errors(tiny_lm):
     assert st.freq.tolist() == [0.75, 0.25, 0.0, 0.0]
     with pytest.raises(ValueError, match="empty"):
         collect_routing_stats(tiny_lm(), [])
+
+
+def test_kd_loss_reduces_to_cross_entropy_and_kl_vanishes_for_identical_logits():
+    from moe_core.surgery.mcsmoe import kd_loss
+
+    torch.manual_seed(0)
+    s, t, y = torch.randn(4, 5, 7), torch.randn(4, 5, 7), torch.randint(0, 7, (4, 5))
+    ce = torch.nn.functional.cross_entropy(s.reshape(-1, 7), y.reshape(-1))
+    torch.testing.assert_close(kd_loss(s, t, y, kd_lambda=0.0), ce)
+    torch.testing.assert_close(kd_loss(s, s, y, kd_lambda=0.5), 0.5 * ce)
+    assert kd_loss(s, t, y, kd_lambda=1.0) > 0

@@ -110,3 +110,26 @@ def test_choose_bits_gives_hot_experts_more_bits_within_budget():
 def test_hebf_order_loads_high_planes_of_hot_experts_first():
     order = hebf_load_order([torch.tensor([2, 1])], [torch.tensor([0.2, 0.8])])
     assert order == [(0, 1, 0), (0, 0, 0), (0, 0, 1)]
+
+
+def test_error_aware_planner_spends_bits_where_usage_weighted_error_falls_most():
+    usage = torch.tensor([0.6, 0.4])
+    # expert 0 (hot) is already accurate at 4 bits; expert 1 gains a lot from 8 bits
+    errors = torch.tensor([[1.0, 0.010, 0.009], [1.0, 0.5, 0.01]])
+    budget = 2 * 1000 * 4 // 8 + 1000 * 4 // 8  # all at 4 bits plus one 4 -> 8 upgrade
+    plain = choose_bits(usage, expert_numel=1000, budget_bytes=budget, candidates=(2, 4, 8))
+    aware = choose_bits(usage, expert_numel=1000, budget_bytes=budget, candidates=(2, 4, 8), errors=errors)
+    assert plain.tolist() == [8, 4] and aware.tolist() == [4, 8]
+    cost = (usage * errors[torch.arange(2), torch.tensor([1, 2])]).sum()
+    assert cost < (usage * errors[torch.arange(2), torch.tensor([2, 1])]).sum()
+    with pytest.raises(ValueError, match="errors"):
+        choose_bits(usage, expert_numel=1000, budget_bytes=budget, candidates=(2, 4, 8), errors=errors[:, :2])
+
+
+def test_expert_errors_fall_with_bits():
+    torch.manual_seed(0)
+    bank = SwiGLUExperts(num_experts=3, dim=8, hidden_dim=16)
+    ref = (bank.gate_proj.detach(), bank.up_proj.detach(), bank.down_proj.detach())
+    q = NestedQuantExperts(gate=ref[0], up=ref[1], down=ref[2])
+    err = q.expert_errors((2, 4, 8), reference=ref)
+    assert err.shape == (3, 3) and (err[:, :-1] > err[:, 1:]).all()
