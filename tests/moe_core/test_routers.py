@@ -235,6 +235,14 @@ def test_top_p_minimal_prefix_matches_loop(thr):
         assert (out.mask.sum(-1) == 1).all()
 
 
+def test_top_p_strict_crossing_on_exact_ties():
+    sorted_probs = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.25, 0.25, 0.25, 0.25]])  # exact in binary
+    mask = R.top_p_mask(sorted_probs, 0.5)
+    # mass 0.5 is not > 0.5: the second expert is needed (strict >, crossing expert included)
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, False]]
+    assert R.top_p_mask(sorted_probs, 1.0).all()  # no crossing -> all experts
+
+
 def test_top_p_monotone_in_p():
     r = _init(R.TopPRouter(dim=D, num_experts=6))
     x = _x(30)
@@ -430,6 +438,7 @@ def test_dts_gets_sparser_as_temperature_falls():
     for tau in taus:
         active, gg = R.dts_gate(logits, gumbel, temperature=tau)
         torch.testing.assert_close(gg, torch.softmax((logits + gumbel) / tau, -1))
+        assert torch.equal(active, gg > 1e-3)  # the repo's GUMBEL_THRESHOLD rule
         if prev is None:
             assert active.all()  # 1/E > threshold at large tau
         else:
