@@ -496,7 +496,8 @@ class SigmoidTopKRouter(_GateMixin):
       ``renormalize`` (V3 sigmoid; V2 softmax uses ``renormalize=False``), times ``route_scale``.
 
     Auxiliary-loss-free balancing (arXiv 2408.15664): ``bias`` is a buffer (never a parameter, never gets a
-    gradient); a training callback calls :meth:`update_bias` with the step's per-expert counts (all-reduced
+    gradient; kept in float32 when the module is cast to a 16-bit dtype); a training callback calls
+    :meth:`update_bias` with the step's per-expert counts (all-reduced
     across ranks by the caller), which applies ``b_i += gamma * sign(mean_j load_j - load_i)``. Unlike the
     official code the bias does not depend on the model width.
 
@@ -548,6 +549,13 @@ class SigmoidTopKRouter(_GateMixin):
         self.use_bias, self.bias_update_speed = use_bias, bias_update_speed
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("bias", torch.zeros(num_experts) if use_bias else None)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        # keep the balancing bias in float32 under .to(bfloat16)/.half(): gamma-sized steps vanish in 16 bits
+        super()._apply(fn, recurse)
+        if self.bias is not None and self.bias.dtype != torch.float32:
+            self.bias = self.bias.float()
+        return self
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,7 @@ def test_noisy_topk_load_probs_match_loop():
             kth = others[2 - 1]
             z = (float(clean[t, i]) - kth) / float(std[t, i])
             p = 0.5 * (1 + math.erf(z / math.sqrt(2)))
-            assert abs(float(out.aux["load_probs"][t, i]) - p) < 1e-5
+            assert abs(float(out.aux["load_probs"][t, i].detach()) - p) < 1e-5
     lp = out.aux["load_probs"]
     assert ((lp >= 0) & (lp <= 1)).all() and ((lp > 0) & (lp < 1)).float().mean() > 0.5  # (0, 1) up to fp32
 
@@ -399,6 +399,16 @@ def test_update_bias_moves_exactly_gamma():
     delta = r.update_bias(torch.tensor([5.0, 1.0, 3.0, 3.0]))  # mean 3
     torch.testing.assert_close(r.bias - before, torch.tensor([-0.01, 0.01, 0.0, 0.0]))
     torch.testing.assert_close(delta, r.bias - before)
+
+
+def test_bias_stays_float32_under_half_precision():
+    r = R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=1, bias_update_speed=1e-3).to(torch.bfloat16)
+    assert r.gate.weight.dtype == torch.bfloat16 and r.bias.dtype == torch.float32
+    r.bias.fill_(0.3)
+    r.update_bias(torch.tensor([4.0, 0.0, 2.0, 2.0]))
+    torch.testing.assert_close(r.bias, torch.tensor([0.299, 0.301, 0.3, 0.3]), atol=1e-7, rtol=0)
+    out = r(torch.randn(5, D, dtype=torch.bfloat16))
+    assert out.weights.dtype == torch.float32
 
 
 def test_bias_balancing_moves_load_toward_uniform():
