@@ -25,15 +25,14 @@ import torch
 from torch import nn
 
 from moe_core.surgery.bank import (
-    ExpertWeights,
-    bank_activation,
-    dispatch_swiglu,
+    RemappedExperts,
     find_moe_blocks,
-    get_expert_weights,
     router_probs,
     router_top_k,
     unwrap_bank,
 )
+
+Weights = dict[str, torch.Tensor]  # one expert's slices of its bank's stacked parameters
 
 
 # --------------------------------------------------------------------------------------------- store
@@ -54,22 +53,22 @@ class ExpertStore:
         self.directory = directory or (
             tempfile.mkdtemp(prefix="moekit_experts_") if location == "disk" else None
         )
-        self._mem: dict[tuple[int, int], ExpertWeights] = {}
+        self._mem: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._bytes: dict[tuple[int, int], int] = {}
 
-    def put(self, layer: int, expert: int, weights: ExpertWeights) -> None:
-        """Store one expert's ``(gate (D, H), up (D, H), down (H, D))``."""
-        w = tuple(t.detach().cpu().clone().contiguous() for t in weights)
-        self._bytes[(layer, expert)] = sum(t.numel() * t.element_size() for t in w)
+    def put(self, layer: int, expert: int, weights: dict[str, torch.Tensor]) -> None:
+        """Store one expert's slices of its bank's stacked parameters (``name -> tensor``)."""
+        w = {k: t.detach().cpu().clone().contiguous() for k, t in weights.items()}
+        self._bytes[(layer, expert)] = sum(t.numel() * t.element_size() for t in w.values())
         if self.location == "memory":
-            self._mem[(layer, expert)] = w  # type: ignore[assignment]
+            self._mem[(layer, expert)] = w
         else:
             torch.save(w, os.path.join(self.directory, f"l{layer}_e{expert}.pt"))
 
-    def get(self, layer: int, expert: int) -> ExpertWeights:
+    def get(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Load one expert (CPU tensors; a fresh copy, as a transfer would make)."""
         if self.location == "memory":
-            return tuple(t.clone() for t in self._mem[(layer, expert)])  # type: ignore[return-value]
+            return {k: t.clone() for k, t in self._mem[(layer, expert)].items()}
         return torch.load(os.path.join(self.directory, f"l{layer}_e{expert}.pt"))
 
     def nbytes(self, layer: int, expert: int) -> int:
@@ -205,15 +204,15 @@ class OffloadEngine:
     ) -> None:
         self.store, self.caches, self.top_ks = store, list(caches), list(top_ks)
         self.prefetch_size = prefetch_size
-        self.resident: list[dict[int, ExpertWeights]] = [{} for _ in caches]
+        self.resident: list[dict[int, Weights]] = [{} for _ in caches]
         self.prefetched_unused: list[set[int]] = [set() for _ in caches]
         self.stats = OffloadStats()
 
-    def _load(self, layer: int, e: int, device: torch.device) -> ExpertWeights:
+    def _load(self, layer: int, e: int, device: torch.device) -> dict[str, torch.Tensor]:
         self.stats.bytes_moved += self.store.nbytes(layer, e)
-        return tuple(t.to(device) for t in self.store.get(layer, e))  # type: ignore[return-value]
+        return {k: t.to(device) for k, t in self.store.get(layer, e).items()}
 
-    def _insert(self, layer: int, e: int, w: ExpertWeights, protected: set[int]) -> bool:
+    def _insert(self, layer: int, e: int, w: Weights, protected: set[int]) -> bool:
         ok, evicted = self.caches[layer].admit(e, protected)
         if evicted is not None:
             self.resident[layer].pop(evicted, None)
@@ -233,7 +232,7 @@ class OffloadEngine:
                     self.stats.prefetched += 1
                     self.prefetched_unused[nxt].add(e)
 
-    def fetch(self, layer: int, needed: list[int], device: torch.device) -> dict[int, ExpertWeights]:
+    def fetch(self, layer: int, needed: list[int], device: torch.device) -> dict[int, Weights]:
         """Weights of the experts a step needs; misses load from the store (and are cached if possible)."""
         cache, out, protected = self.caches[layer], {}, set(needed)
         for e in needed:
@@ -256,12 +255,17 @@ class OffloadEngine:
 class OffloadedExperts(nn.Module):
     """Drop-in expert bank whose weights live in an :class:`ExpertStore` behind a cache.
 
-    Same call convention as moekit banks and HF banks: ``forward(x, indices, weights, mask=None)``.
+    The dispatch is the source bank's own code (``torch.func.functional_call`` on a weight-less shell of
+    it) on stacked weights in which only the experts the step needs are filled, so outputs are
+    bit-identical to the all-in-memory model. Same call convention as moekit and HF banks.
     """
 
-    def __init__(self, *, engine: OffloadEngine, layer: int, num_experts: int, act) -> None:
+    def __init__(self, *, engine: OffloadEngine, layer: int, shell: nn.Module, specs: dict) -> None:
         super().__init__()
-        self.engine, self.layer, self.num_experts, self.act_fn = engine, layer, num_experts, act
+        self.engine, self.layer = engine, layer
+        self._shell = [shell]  # a list: not a submodule (its parameters live on the meta device)
+        self.specs = specs  # name -> (shape (E, ...), dtype)
+        self.num_experts = next(iter(specs.values()))[0][0]
 
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None
@@ -269,15 +273,29 @@ class OffloadedExperts(nn.Module):
         used = indices if mask is None else indices[mask]
         needed = torch.unique(used).tolist()
         loaded = self.engine.fetch(self.layer, needed, x.device)
-        return dispatch_swiglu(
-            x,
-            indices,
-            weights,
-            mask,
-            num_experts=self.num_experts,
-            expert=lambda e: loaded[e],
-            act=self.act_fn,
+        rows = torch.tensor(needed, dtype=torch.long, device=x.device)
+        params = {}
+        for name, (shape, dtype) in self.specs.items():
+            full = torch.zeros(shape, dtype=dtype, device=x.device)  # (E, ...) zeros for experts not needed
+            if needed:
+                full.index_copy_(0, rows, torch.stack([loaded[e][name] for e in needed]))
+            params[name] = full
+        args = (x, indices, weights) if mask is None else (x, indices, weights, mask)
+        return torch.func.functional_call(self._shell[0], params, args)
+
+
+def _stacked_specs(bank: nn.Module) -> dict:
+    params = dict(bank.named_parameters(recurse=False))
+    if (
+        not params
+        or any(p.dim() < 2 for p in params.values())
+        or len({p.shape[0] for p in params.values()}) != 1
+    ):
+        raise TypeError(
+            f"{type(bank).__name__} cannot be offloaded: it needs stacked (E, ...) parameters only "
+            "(offload before compressing or quantising)"
         )
+    return {k: (tuple(p.shape), p.dtype) for k, p in params.items()}
 
 
 def offload_model(
@@ -307,27 +325,37 @@ def offload_model(
     if not refs:
         raise ValueError("model has no MoE blocks")
     store = ExpertStore(location=location, directory=directory)
-    caches, top_ks = [], []
+    caches, top_ks, specs, maps = [], [], [], []
     for layer, ref in enumerate(refs):
         bank = unwrap_bank(ref.experts)
-        g, u, d = get_expert_weights(bank)
-        e = g.shape[0]
+        spec = _stacked_specs(bank)
+        e = next(iter(spec.values()))[0][0]
+        params = dict(bank.named_parameters(recurse=False))
         for i in range(e):
-            store.put(layer, i, (g[i], u[i], d[i]))
+            store.put(layer, i, {k: p[i] for k, p in params.items()})
         cap = int(round(capacity * e)) if isinstance(capacity, float) else int(capacity)
         cls = ScoreAwareExpertCache if policy == "score" else LRUExpertCache
         caches.append(cls(capacity=cap, num_experts=e, **({"alpha": alpha} if policy == "score" else {})))
         top_ks.append(router_top_k(ref.router))
+        specs.append(spec)
+        maps.append(ref.experts.index_map if isinstance(ref.experts, RemappedExperts) else None)
     engine = OffloadEngine(store=store, caches=caches, top_ks=top_ks, prefetch_size=prefetch_size)
     handles = []
     for layer, ref in enumerate(refs):
+        holder = ref.experts if isinstance(ref.experts, RemappedExperts) else ref.block
         bank = unwrap_bank(ref.experts)
-        ref.experts = OffloadedExperts(
-            engine=engine, layer=layer, num_experts=caches[layer].num_experts, act=bank_activation(bank)
-        )
+        for name, (shape, dtype) in specs[layer].items():  # free the weights: the store holds them now
+            setattr(
+                bank, name, nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
+            )
+        holder.experts = OffloadedExperts(engine=engine, layer=layer, shell=bank, specs=specs[layer])
 
-        def hook(_m, _inp, out, layer=layer, router=ref.router):
-            p = router_probs(router, out)
+        def hook(_m, _inp, out, layer=layer, router=ref.router, index_map=maps[layer]):
+            p = router_probs(router, out)  # (N, E_router)
+            if index_map is not None:  # merged experts: a stored expert's score is its slots' total
+                p = p.new_zeros(p.shape[0], caches[layer].num_experts).index_add_(
+                    1, index_map.to(p.device), p
+                )
             engine.observe(layer, p, p.device)
 
         handles.append(ref.router.register_forward_hook(hook))

@@ -25,7 +25,9 @@ class DenseSwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, *, dim, heads, hidden_dim, num_experts, top_k, renormalize, dense) -> None:
+    def __init__(
+        self, *, dim, heads, hidden_dim, num_experts, top_k, renormalize, dense, backend="loop"
+    ) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim=dim, num_heads=heads)
@@ -34,7 +36,7 @@ class Block(nn.Module):
         else:
             router = TopKRouter(dim=dim, num_experts=num_experts, top_k=top_k, renormalize=renormalize)
             nn.init.normal_(router.gate.weight, 0, 0.5)
-            experts = SwiGLUExperts(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim, backend="loop")
+            experts = SwiGLUExperts(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim, backend=backend)
             self.ffn = MoELayer(router=router, experts=experts)
 
     def forward(self, x):
@@ -58,6 +60,7 @@ class TinyLM(nn.Module):
         top_k=2,
         renormalize=True,
         dense=False,
+        backend="loop",
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
@@ -70,6 +73,7 @@ class TinyLM(nn.Module):
                 top_k=top_k,
                 renormalize=renormalize,
                 dense=dense,
+                backend=backend,
             )
             for _ in range(layers)
         )

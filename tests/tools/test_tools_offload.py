@@ -53,8 +53,34 @@ def test_offloaded_hf_model_gives_identical_outputs(hf_moe):
     with torch.no_grad():
         want = model(ids).logits
         engine, _ = offload_model(model, capacity=0.5, prefetch_size=1)
-        torch.testing.assert_close(model(ids).logits, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(model(ids).logits, want)
     assert engine.stats.misses > 0
+    assert not any(p.is_meta for p in model.parameters())  # expert weights left the model
+
+
+@pytest.mark.parametrize("backend", ["auto", "padded"])
+def test_offloaded_merged_model_with_other_backends_is_identical(tiny_lm, backend):
+    pytest.importorskip("scipy")
+    from moe_core.surgery.mcsmoe import collect_routing_stats, merge_model
+
+    model = tiny_lm(num_experts=8, backend=backend)
+    merge_model(model, collect_routing_stats(model, [torch.randint(0, 31, (2, 8))]), num_groups=4)
+    ids = torch.randint(0, 31, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+        engine, _ = offload_model(model, capacity=2, policy="score", prefetch_size=1)
+        assert torch.equal(model(ids), want)
+        assert torch.equal(model(ids), want)
+    assert engine.caches[0].scores.shape == (4,) and engine.stats.hits > 0
+
+
+def test_offloading_a_quantised_bank_is_refused(tiny_lm):
+    from moe_core.surgery.quant import quantize_model_experts
+
+    model = tiny_lm()
+    quantize_model_experts(model, bits=8)
+    with pytest.raises(TypeError, match="cannot be offloaded"):
+        offload_model(model, capacity=0.5)
 
 
 def _skewed_trace(steps=600, e=16, seed=0):
