@@ -46,7 +46,9 @@ def _masked_mean(values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (values * w.view(shape)).sum(0) / w.sum().clamp_min(1.0)
 
 
-def switch_balance_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def switch_balance_loss(
+    routing: RouterOutput, *, token_mask: torch.Tensor | None = None, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch-Transformer load-balancing loss, top-k form ``E * sum_i f_i P_i``.
 
     Normalisation (our choice, spec section 5): ``f_i`` = share of all used (token, slot) pairs that went to
@@ -57,16 +59,25 @@ def switch_balance_loss(routing: RouterOutput, *, token_mask: torch.Tensor | Non
     collapse onto one expert with probability 1 gives E. (HF Mixtral's ``load_balancing_loss_func`` is k times
     this.) Only the first E columns of ``probs`` are used (null experts have their own loss).
 
+    Global-batch balancing (arXiv 2501.11873): pass ``counts`` ``(E,)`` summed over micro-batches and
+    data-parallel ranks (the caller all-reduces, e.g. ``routing.counts()``); ``f`` then comes from those
+    counts while ``P`` stays local.
+
     Args:
         routing: a RouterOutput.
         token_mask: optional ``(N,)`` bool, False for padding tokens.
+        counts: optional ``(E,)`` externally accumulated assignment counts (no gradient).
 
     Returns:
         scalar float32 loss (multiply by the coefficient, e.g. 1e-2 as in Switch).
     """
     e = routing.num_experts
     w = _token_weights(routing, token_mask)  # (N,)
-    counts = (assignment_matrix(routing) * w[:, None]).sum(0)  # (E,)
+    if counts is None:
+        counts = (assignment_matrix(routing) * w[:, None]).sum(0)  # (E,)
+    elif counts.shape != (e,):
+        raise ValueError(f"counts must have shape ({e},), got {tuple(counts.shape)}")
+    counts = counts.detach().float().to(w.device)
     f = counts / counts.sum().clamp_min(1.0)  # (E,)
     p = _masked_mean(routing.probs[:, :e].float(), w)  # (E,)
     return e * (f * p).sum()

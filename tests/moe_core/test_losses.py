@@ -215,6 +215,15 @@ def test_noisy_load_importance_loss():
     assert float(expected) > 0
 
 
+def test_switch_global_counts():
+    out = _routed(R.TopKRouter(dim=D, num_experts=4, top_k=2))
+    torch.testing.assert_close(L.switch_balance_loss(out, counts=out.counts()), L.switch_balance_loss(out))
+    # uniform global counts: E * sum_i (1/E) P_i = sum_i P_i = 1 for softmax probabilities
+    torch.testing.assert_close(L.switch_balance_loss(out, counts=torch.full((4,), 7)), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="counts"):
+        L.switch_balance_loss(out, counts=torch.ones(3))
+
+
 def test_loss_errors():
     out = _routed(R.TopKRouter(dim=D, num_experts=4, top_k=2))
     with pytest.raises(ValueError, match="token_mask"):
