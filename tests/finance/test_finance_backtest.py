@@ -1,0 +1,123 @@
+"""TopK-Dropout backtest on a hand-made 4-stock, 6-day example; metrics against closed forms and scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from apps.finance.backtest import format_summary, topk_dropout_backtest
+from apps.finance.metrics import daily_ic, ic_summary, risk_analysis
+
+DAYS = pd.bdate_range("2021-01-04", periods=6)
+TK = ["A", "B", "C", "D"]
+
+
+def example():
+    # scores of signal day s are traded on day s+1
+    scores = pd.DataFrame(
+        [[4, 3, 2, 1], [1, 4, 3, 2], [1, 4, 3, 2], [0, 4, 1, 5], [0, 4, 1, 5]], index=DAYS[:5], columns=TK, dtype=float
+    )
+    rets = pd.DataFrame(
+        [[0, 0, 0, 0], [0, 0, 0, 0], [0.10, -0.05, 0.0, 0.0], [0.0, 0.02, -0.01, 0.0], [0.0, 0.0, 0.03, 0.0],
+         [0.0, 0.01, -0.02, 0.04]], index=DAYS, columns=TK, dtype=float,
+    )  # fmt: skip
+    bench = pd.Series([0.0, 0.001, 0.002, -0.001, 0.0, 0.003], index=DAYS)
+    return scores, rets, bench
+
+
+def test_hand_computed_example():
+    scores, rets, bench = example()
+    res = topk_dropout_backtest(scores, rets, bench, topk=2, n_drop=1, buy_cost=0.0005, sell_cost=0.0015,
+                                min_cost=0.0, risk_degree=0.95, account=1000.0)  # fmt: skip
+    rep = res.report
+    assert list(rep.index) == list(DAYS[1:])  # first trade on the day after the first signal day
+    # day 1: buy the top-2 of day 0 (A, B) with 0.95 * 1000 / 2 each, 5 bp cost
+    per = 475.0
+    a = b = per - per * 0.0005
+    cash = 1000.0 - 2 * per
+    v1 = cash + a + b
+    # day 2: A +10 %, B -5 %; day-1 ranking B > C > A(held, bottom) -> sell A (15 bp), buy C
+    a, b = a * 1.10, b * 0.95
+    v1_pre = v1
+    cash += a - a * 0.0015
+    sell_cost2 = a * 0.0015
+    per = cash * 0.95
+    c = per - per * 0.0005
+    cost2 = sell_cost2 + per * 0.0005
+    cash -= per
+    v2 = cash + b + c
+    # day 3: B +2 %, C -1 %; same ranking, holdings are the top 2 -> no trade
+    b, c = b * 1.02, c * 0.99
+    v3 = cash + b + c
+    # day 4: C +3 %; day-3 ranking D > B > C -> sell C, buy D
+    c = c * 1.03
+    sell = c
+    cash += sell - sell * 0.0015
+    per = cash * 0.95
+    d = per - per * 0.0005
+    cost4 = sell * 0.0015 + per * 0.0005
+    cash -= per
+    v4 = cash + b + d
+    # day 5: B +1 %, D +4 %; same ranking as day 4 -> no trade
+    b, d = b * 1.01, d * 1.04
+    v5 = cash + b + d
+    values = [v1, v2, v3, v4, v5]
+    np.testing.assert_allclose(rep["value"].to_numpy(), values, rtol=1e-12)
+    rets_exp = np.array(values) / np.array([1000.0, v1, v2, v3, v4]) - 1
+    np.testing.assert_allclose(rep["return"].to_numpy(), rets_exp, rtol=1e-10)
+    np.testing.assert_allclose(rep["cost"].to_numpy(), [475 * 0.0005 * 2 / 1000, cost2 / v1_pre, 0.0, cost4 / v3, 0.0])
+    np.testing.assert_allclose(rep["excess"].to_numpy(), rets_exp - bench.to_numpy()[1:])
+    assert rep["n_held"].tolist() == [2, 2, 2, 2, 2]
+    assert rep["turnover"].iloc[2] == 0.0 and rep["turnover"].iloc[4] == 0.0
+    s = format_summary(res.summary)
+    assert "mode=sum" in s and "N=252" in s
+
+
+def test_min_cost_and_invariants():
+    scores, rets, bench = example()
+    res = topk_dropout_backtest(scores, rets, bench, topk=2, n_drop=1, min_cost=1.0, account=1000.0)
+    np.testing.assert_allclose(res.report["cost"].iloc[0], 2.0 / 1000)  # two buys of 475 -> 0.24 each -> min 1
+    # n_drop = topk: holdings after trading are exactly the top-k of the signal
+    res = topk_dropout_backtest(scores, rets, bench, topk=2, n_drop=2, account=1000.0)
+    assert (res.report["n_held"] <= 2).all()
+    with pytest.raises(ValueError, match="n_drop"):
+        topk_dropout_backtest(scores, rets, bench, topk=2, n_drop=3)
+
+
+def test_ic_matches_scipy():
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in range(5):
+        n = 30 + d
+        s = rng.normal(size=n)
+        y = 0.3 * s + rng.normal(size=n)
+        y[rng.random(n) < 0.1] = np.nan
+        rows.append(pd.DataFrame({"date": d, "score": s, "label": y}))
+    f = pd.concat(rows)
+    ic = daily_ic(f)
+    for d, g in f.dropna().groupby("date"):
+        assert ic.loc[d, "ic"] == pytest.approx(stats.pearsonr(g["score"], g["label"])[0], abs=1e-12)
+        assert ic.loc[d, "rank_ic"] == pytest.approx(stats.spearmanr(g["score"], g["label"])[0], abs=1e-12)
+    s = ic_summary(ic)
+    assert s["ICIR"] == pytest.approx(ic["ic"].mean() / ic["ic"].std(ddof=1))
+    # invariance: positive affine per day (IC) / monotone (RankIC)
+    g = f.assign(score=np.exp(3 * f["score"]) + 5)
+    np.testing.assert_allclose(daily_ic(g)["rank_ic"], ic["rank_ic"], atol=1e-12)
+
+
+def test_risk_analysis_closed_forms():
+    r = np.array([0.01, -0.02, 0.005, 0.0, 0.01])
+    s = risk_analysis(r, mode="sum", days_per_year=252)
+    assert s["AR"] == pytest.approx(252 * r.mean())
+    assert s["IR"] == pytest.approx(r.mean() / r.std(ddof=1) * np.sqrt(252))
+    assert s["MDD"] == pytest.approx(-0.02)
+    assert risk_analysis(r, mode="sum", days_per_year=238)["AR"] == pytest.approx(238 * r.mean())
+    c = risk_analysis(r, mode="compound", days_per_year=252)
+    assert c["AR"] == pytest.approx(np.prod(1 + r) ** (252 / 5) - 1)
+    assert c["MDD"] == pytest.approx(1.01 * 0.98 / 1.01 - 1)
+    z = risk_analysis(np.zeros(10))
+    assert z["AR"] == 0 and z["MDD"] == 0 and np.isnan(z["IR"])
+    with pytest.raises(ValueError, match="mode"):
+        risk_analysis(r, mode="product")
