@@ -1,1 +1,1 @@
-"""Stock prediction app: Alpha158/Alpha360 features, MIGA and baselines, IC metrics and a TopK-Dropout backtest."""
+"""Stock prediction app: Alpha158/Alpha360 features, MIGA + baselines, IC metrics, TopK-Dropout backtest."""

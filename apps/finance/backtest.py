@@ -1,7 +1,7 @@
 """TopK-Dropout backtest (qlib ``contrib/strategy/signal_strategy.py``, qlib: arXiv 2009.11189).
 
-Timing (qlib, spec/finance.md §3, §6): on trading day t the strategy uses the scores predicted for the previous
-trading day, trades at the close of t, and the position earns ``close[t+1]/close[t] - 1`` — exactly the label of
+Timing (qlib, spec/finance.md §3, §6): on trading day t the strategy uses the scores predicted for the
+previous trading day, trades at the close of t, and the position earns ``close[t+1]/close[t] - 1``, the label of
 the signal day. Costs per order ``max(value * rate, min_cost)``: buys ``buy_cost``, sells ``sell_cost``.
 Our simplifications (documented): fractional shares (US trade unit 1 approximated), no price limits, no
 suspensions beyond "no close that day = not tradable", no market impact.
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BacktestResult:
-    """Daily report (``return``, ``bench``, ``cost``, ``excess``, ``turnover``, ``value``) and summary metrics."""
+    """Daily report (``return, bench, cost, excess, turnover, value``) and summary metrics."""
 
     report: pd.DataFrame
     summary: dict
@@ -117,27 +117,46 @@ def topk_dropout_backtest(
             held_days[k] = held_days.get(k, 0) + 1
         value = cash + sum(hold.values())
         ret = value / value_prev - 1
-        rows.append({"date": t, "return": ret, "bench": float(bench.get(t, 0.0)), "cost": cost / value_prev,
-                     "turnover": traded / (2 * value_prev), "value": value, "n_held": len(hold)})  # fmt: skip
+        rows.append(
+            {
+                "date": t,
+                "return": ret,
+                "bench": float(bench.get(t, 0.0)),
+                "cost": cost / value_prev,
+                "turnover": traded / (2 * value_prev),
+                "value": value,
+                "n_held": len(hold),
+            }
+        )
     rep = pd.DataFrame(rows).set_index("date")
     rep["excess"] = rep["return"] - rep["bench"]
-    summary = {"excess_return_with_cost": risk_analysis(rep["excess"], mode=mode, days_per_year=days_per_year),
-               "excess_return_without_cost": risk_analysis(rep["excess"] + rep["cost"], mode=mode,
-                                                           days_per_year=days_per_year),
-               "return": risk_analysis(rep["return"], mode=mode, days_per_year=days_per_year),
-               "mean_turnover": float(rep["turnover"].mean()), "topk": topk, "n_drop": n_drop,
-               "buy_cost": buy_cost, "sell_cost": sell_cost, "min_cost": min_cost, "mode": mode,
-               "days_per_year": days_per_year}  # fmt: skip
+    summary = {
+        "excess_return_with_cost": risk_analysis(rep["excess"], mode=mode, days_per_year=days_per_year),
+        "excess_return_without_cost": risk_analysis(
+            rep["excess"] + rep["cost"], mode=mode, days_per_year=days_per_year
+        ),
+        "return": risk_analysis(rep["return"], mode=mode, days_per_year=days_per_year),
+        "mean_turnover": float(rep["turnover"].mean()),
+        "topk": topk,
+        "n_drop": n_drop,
+        "buy_cost": buy_cost,
+        "sell_cost": sell_cost,
+        "min_cost": min_cost,
+        "mode": mode,
+        "days_per_year": days_per_year,
+    }
     return BacktestResult(report=rep, summary=summary)
 
 
 def format_summary(s: dict) -> str:
     """One-line summary that always names the accumulation and the days per year."""
     e = s["excess_return_with_cost"]
-    return (f"excess w/ cost: AR {e['AR']:.4f}  IR {e['IR']:.3f}  MDD {e['MDD']:.4f}  turnover "
-            f"{s['mean_turnover']:.3f}  [mode={s['mode']}, N={s['days_per_year']}, topk={s['topk']}, "
-            f"n_drop={s['n_drop']}, buy {s['buy_cost']*1e4:.0f}bp, sell {s['sell_cost']*1e4:.0f}bp, "
-            f"min_cost {s['min_cost']}]")  # fmt: skip
+    return (
+        f"excess w/ cost: AR {e['AR']:.4f}  IR {e['IR']:.3f}  MDD {e['MDD']:.4f}  turnover "
+        f"{s['mean_turnover']:.3f}  [mode={s['mode']}, N={s['days_per_year']}, topk={s['topk']}, "
+        f"n_drop={s['n_drop']}, buy {s['buy_cost'] * 1e4:.0f}bp, sell {s['sell_cost'] * 1e4:.0f}bp, "
+        f"min_cost {s['min_cost']}]"
+    )
 
 
 def backtest_predictions(
@@ -178,9 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="folder for report.csv, summary.json and PNG plots")
     a = p.parse_args(argv)
     preds = pd.read_parquet(a.predictions)
-    res = backtest_predictions(preds, data_dir=a.data_dir, segment=a.segment, topk=a.topk, n_drop=a.n_drop,
-                               buy_cost=a.buy_cost, sell_cost=a.sell_cost, min_cost=a.min_cost, mode=a.mode,
-                               days_per_year=a.days_per_year)  # fmt: skip
+    res = backtest_predictions(
+        preds,
+        data_dir=a.data_dir,
+        segment=a.segment,
+        topk=a.topk,
+        n_drop=a.n_drop,
+        buy_cost=a.buy_cost,
+        sell_cost=a.sell_cost,
+        min_cost=a.min_cost,
+        mode=a.mode,
+        days_per_year=a.days_per_year,
+    )
     from apps.finance.metrics import daily_ic, ic_summary
 
     seg = preds[preds["segment"] == a.segment] if "segment" in preds.columns else preds

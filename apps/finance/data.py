@@ -1,7 +1,8 @@
 """S&P 500 panel loading, validation, labels, purged splits and the daily-batch DataModule.
 
 Recipe after qlib (arXiv 2009.11189) as restated in ``spec/finance.md`` §3-5 and ``spec/data.md`` §2-3:
-label ``close[t+2] / close[t+1] - 1``; processors fitted on the train window only; one trading day = one batch.
+label ``close[t+2] / close[t+1] - 1``; processors fitted on the train window only; one trading day =
+one batch.
 """
 
 from __future__ import annotations
@@ -30,14 +31,25 @@ log = logging.getLogger(__name__)
 PANEL_URL = "https://github.com/CNuge/kaggle-code/tree/f1109438d6cfb3ffdaa7d4480437cfbaaedd3236/stock_data/individual_stocks_5yr"
 INDEX_URL = "https://github.com/fja05680/stock_market_calendar/blob/7041e86bf1f3a18c7b0a24a2fbb27031dc1388c5/%5EGSPC.csv"
 PANEL_ROWS, PANEL_TICKERS = 619_040, 505
-PANEL_SHA256 = "a96979217198d040e81f0af39180cd27efccd8391be73c68c552fecc29237316"  # files concatenated in name order
+PANEL_SHA256 = (
+    "a96979217198d040e81f0af39180cd27efccd8391be73c68c552fecc29237316"  # files concatenated in name order
+)
 INDEX_SHA256 = "baf4e47ab3d5f1328ab22772a836f3579af810d861a95742fd472f33ba180a7c"
 # |r| > 30 % moves that are real market moves (spec/data.md §2.2); every other such move is masked.
 MARKET_MOVES = (
-    ("STZ", "2013-02-14"), ("VRTX", "2013-04-19"), ("INCY", "2013-08-21"), ("VRTX", "2014-06-24"),
-    ("MNST", "2014-08-15"), ("WMB", "2016-01-14"), ("WMB", "2016-02-08"), ("CHK", "2016-02-08"),
-    ("CHK", "2016-04-12"), ("AMD", "2016-04-22"), ("EVHC", "2017-11-01"), ("SIG", "2017-11-21"),
-)  # fmt: skip
+    ("STZ", "2013-02-14"),
+    ("VRTX", "2013-04-19"),
+    ("INCY", "2013-08-21"),
+    ("VRTX", "2014-06-24"),
+    ("MNST", "2014-08-15"),
+    ("WMB", "2016-01-14"),
+    ("WMB", "2016-02-08"),
+    ("CHK", "2016-02-08"),
+    ("CHK", "2016-04-12"),
+    ("AMD", "2016-04-22"),
+    ("EVHC", "2017-11-01"),
+    ("SIG", "2017-11-21"),
+)
 COLS = ("date", "ticker", *FIELDS)
 
 
@@ -83,27 +95,37 @@ def load_sp500_panel(data_dir: str | os.PathLike | None = None, *, verify: bool 
     """The shipped ``sp500_5yr`` panel (505 per-ticker CSVs), checked by sha256 and row count."""
     folder = resolve_data_dir(data_dir) / "sp500_5yr" / "individual_stocks_5yr"
     if not folder.is_dir():
-        raise FileNotFoundError(f"sp500_5yr: folder {folder} not found; set MOEKIT_DATA or download {PANEL_URL}")
+        raise FileNotFoundError(
+            f"sp500_5yr: folder {folder} not found; set MOEKIT_DATA or download {PANEL_URL}"
+        )
     files = sorted(folder.glob("*.csv"))
     if verify:
         h = hashlib.sha256()
         for f in files:
             h.update(f.read_bytes())
         if h.hexdigest() != PANEL_SHA256:
-            raise ValueError(f"sp500_5yr: sha256 mismatch for {folder} ({len(files)} files); re-download {PANEL_URL}")
+            raise ValueError(
+                f"sp500_5yr: sha256 mismatch for {folder} ({len(files)} files); re-download {PANEL_URL}"
+            )
     df = load_panel(folder)
     if verify and (len(df) != PANEL_ROWS or df["ticker"].nunique() != PANEL_TICKERS):
-        raise ValueError(f"sp500_5yr: expected {PANEL_ROWS} rows / {PANEL_TICKERS} tickers, got {len(df)} / "
-                         f"{df['ticker'].nunique()}")  # fmt: skip
+        raise ValueError(
+            f"sp500_5yr: expected {PANEL_ROWS} rows / {PANEL_TICKERS} tickers, got {len(df)} / "
+            f"{df['ticker'].nunique()}"
+        )
     return df
 
 
 def load_index(
     data_dir: str | os.PathLike | None = None, *, start: str = "2013-02-08", end: str = "2018-02-07"
 ) -> pd.Series:
-    """^GSPC close (``sp500_index/GSPC.csv``, sha256-checked) between ``start`` and ``end``, indexed by date."""
-    path = require_file(resolve_data_dir(data_dir) / "sp500_index" / "GSPC.csv", sha256=INDEX_SHA256,
-                        url=INDEX_URL, what="sp500_index")  # fmt: skip
+    """^GSPC close (``sp500_index/GSPC.csv``, sha256-checked) from ``start`` to ``end``, indexed by date."""
+    path = require_file(
+        resolve_data_dir(data_dir) / "sp500_index" / "GSPC.csv",
+        sha256=INDEX_SHA256,
+        url=INDEX_URL,
+        what="sp500_index",
+    )
     df = pd.read_csv(path, parse_dates=["Date"])
     s = df.set_index("Date")["Close"].astype(np.float64).loc[start:end]
     s.index.name = "date"
@@ -147,8 +169,9 @@ def validate_panel(
     """Validate and clean a long panel; warn with counts of everything touched.
 
     Rules: duplicated (ticker, date) -> keep the last; non-positive prices -> NaN; high < low or OHLC
-    inconsistent -> clamp ``high >= max(o, c)``, ``low <= min(o, c)``; NaN fields counted (kept; features go NaN
-    and are filled later); zero volume counted (kept); one-day ``|close/close_prev - 1| > max_move`` not on
+    inconsistent -> clamp ``high >= max(o, c)``, ``low <= min(o, c)``; NaN fields counted (kept;
+    features go NaN and are filled later); zero volume counted (kept); one-day
+    ``|close/close_prev - 1| > max_move`` not on
     ``allow_moves`` -> flagged in ``move_mask`` (labels masked). Rows are reindexed to ``calendar`` (default:
     the union of dates).
     """
@@ -236,7 +259,7 @@ def purged_split(
     purge_days: int | None = None,
     warmup_days: int = 60,
 ) -> Split:
-    """Time-ordered split with a purge of ``max(H, 5)`` days at the end of train and valid (spec/data.md §2.3).
+    """Time-ordered split, purging ``max(H, 5)`` days at the end of train and valid (spec/data.md §2.3).
 
     The first ``warmup_days`` trading days of the calendar are feature history only.
     """
@@ -264,12 +287,21 @@ class DayDataset(Dataset):
     """One item = one trading day (the cross-section).
 
     Item: ``x (N, T, F)`` features over the last ``step_len`` days, ``y (N,)`` learn label, ``y_raw (N,)`` raw
-    label, ``tickers (N,)`` ticker ids, ``day ()`` day index. Stocks are those with a close that day (and, with
-    ``drop_nan_label``, a non-NaN learn label — qlib's DropnaLabel).
+    label, ``tickers (N,)`` ticker ids, ``day ()`` day index. Stocks are those with a close that day (and,
+    with ``drop_nan_label``, a non-NaN learn label — qlib's DropnaLabel).
     """
 
-    def __init__(self, *, x: np.ndarray, y: np.ndarray, y_raw: np.ndarray, present: np.ndarray,
-                 days: np.ndarray, step_len: int = 1, drop_nan_label: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        x: np.ndarray,
+        y: np.ndarray,
+        y_raw: np.ndarray,
+        present: np.ndarray,
+        days: np.ndarray,
+        step_len: int = 1,
+        drop_nan_label: bool = False,
+    ) -> None:
         self.x, self.y, self.y_raw, self.present = x, y, y_raw, present
         self.days, self.step_len, self.drop_nan_label = np.asarray(days), step_len, drop_nan_label
         keep = [d for d in self.days if self._stocks(d).size >= 2]
@@ -345,7 +377,12 @@ class SP500DataModule(L.LightningDataModule):
             raise ValueError(f"step_len must be >= 1, got {step_len}")
         self.save_hyperparameters()
         self.data_dir, self.source, self.kind, self.step_len = data_dir, source, features, step_len
-        self.label_norm, self.horizon, self.max_tickers, self.max_move = label_norm, horizon, max_tickers, max_move
+        self.label_norm, self.horizon, self.max_tickers, self.max_move = (
+            label_norm,
+            horizon,
+            max_tickers,
+            max_move,
+        )
         self.ranges, self.warmup_days, self.cache = (train, valid, test), warmup_days, cache
         self._ready = False
 
@@ -368,8 +405,14 @@ class SP500DataModule(L.LightningDataModule):
         x, self.feature_names = cached_features(panel.wide, kind=self.kind, cache=self.cache)
         if x.shape[-1] != self.num_features:
             raise ValueError(f"expected {self.num_features} features, got {x.shape[-1]}")
-        self.split = purged_split(panel.dates, train=self.ranges[0], valid=self.ranges[1], test=self.ranges[2],
-                                  horizon=self.horizon, warmup_days=self.warmup_days)  # fmt: skip
+        self.split = purged_split(
+            panel.dates,
+            train=self.ranges[0],
+            valid=self.ranges[1],
+            test=self.ranges[2],
+            horizon=self.horizon,
+            warmup_days=self.warmup_days,
+        )
         fit_days = np.zeros(len(panel.dates), bool)
         fit_days[self.split.train] = True
         present = panel.wide["close"].notna().to_numpy()
@@ -382,8 +425,15 @@ class SP500DataModule(L.LightningDataModule):
         self._ready = True
 
     def _ds(self, days: np.ndarray, train: bool) -> DayDataset:
-        return DayDataset(x=self.x, y=self.y, y_raw=self.y_raw, present=self.present, days=days,
-                          step_len=self.step_len, drop_nan_label=train)  # fmt: skip
+        return DayDataset(
+            x=self.x,
+            y=self.y,
+            y_raw=self.y_raw,
+            present=self.present,
+            days=days,
+            step_len=self.step_len,
+            drop_nan_label=train,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self._ds(self.split.train, True), batch_size=None, shuffle=True)

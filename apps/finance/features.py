@@ -37,10 +37,36 @@ WINDOWS = (5, 10, 20, 30, 60)
 KBAR = ("KMID", "KLEN", "KMID2", "KUP", "KUP2", "KLOW", "KLOW2", "KSFT", "KSFT2")
 PRICE = ("OPEN0", "HIGH0", "LOW0", "VWAP0")
 ROLLING_OPS = (
-    "ROC", "MA", "STD", "BETA", "RSQR", "RESI", "MAX", "MIN", "QTLU", "QTLD", "RANK", "RSV", "IMAX", "IMIN",
-    "IMXD", "CORR", "CORD", "CNTP", "CNTN", "CNTD", "SUMP", "SUMN", "SUMD", "VMA", "VSTD", "WVMA", "VSUMP",
-    "VSUMN", "VSUMD",
-)  # fmt: skip
+    "ROC",
+    "MA",
+    "STD",
+    "BETA",
+    "RSQR",
+    "RESI",
+    "MAX",
+    "MIN",
+    "QTLU",
+    "QTLD",
+    "RANK",
+    "RSV",
+    "IMAX",
+    "IMIN",
+    "IMXD",
+    "CORR",
+    "CORD",
+    "CNTP",
+    "CNTN",
+    "CNTD",
+    "SUMP",
+    "SUMN",
+    "SUMD",
+    "VMA",
+    "VSTD",
+    "WVMA",
+    "VSUMP",
+    "VSUMN",
+    "VSUMD",
+)
 ALPHA158_NAMES: tuple[str, ...] = KBAR + PRICE + tuple(f"{op}{d}" for op in ROLLING_OPS for d in WINDOWS)
 assert len(ALPHA158_NAMES) == 158
 FIELDS = ("open", "high", "low", "close", "volume")
@@ -171,16 +197,25 @@ def alpha158(wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True) -> dic
             out[f"IMAX{d}"], out[f"IMIN{d}"], out[f"IMXD{d}"] = imax / d, imin / d, (imax - imin) / d
             out[f"CORR{d}"] = _corr(C, logv, d)
             out[f"CORD{d}"] = _corr(cret, lvret, d)
-            cp, cn = gt.rolling(d, min_periods=1).mean().to_numpy(), lt.rolling(d, min_periods=1).mean().to_numpy()
+            cp, cn = (
+                gt.rolling(d, min_periods=1).mean().to_numpy(),
+                lt.rolling(d, min_periods=1).mean().to_numpy(),
+            )
             out[f"CNTP{d}"], out[f"CNTN{d}"], out[f"CNTD{d}"] = cp, cn, cp - cn
-            sp, sn = up.rolling(d, min_periods=1).sum().to_numpy(), dn.rolling(d, min_periods=1).sum().to_numpy()
+            sp, sn = (
+                up.rolling(d, min_periods=1).sum().to_numpy(),
+                dn.rolling(d, min_periods=1).sum().to_numpy(),
+            )
             sa = ab.rolling(d, min_periods=1).sum().to_numpy() + EPS
             out[f"SUMP{d}"], out[f"SUMN{d}"], out[f"SUMD{d}"] = sp / sa, sn / sa, (sp - sn) / sa
             out[f"VMA{d}"] = rv.mean().to_numpy() / vden
             out[f"VSTD{d}"] = rv.std().to_numpy() / vden
             rw = wv.rolling(d, min_periods=1)
             out[f"WVMA{d}"] = rw.std().to_numpy() / (rw.mean().to_numpy() + EPS)
-            vp, vn = vup.rolling(d, min_periods=1).sum().to_numpy(), vdn.rolling(d, min_periods=1).sum().to_numpy()
+            vp, vn = (
+                vup.rolling(d, min_periods=1).sum().to_numpy(),
+                vdn.rolling(d, min_periods=1).sum().to_numpy(),
+            )
             va = vab.rolling(d, min_periods=1).sum().to_numpy() + EPS
             out[f"VSUMP{d}"], out[f"VSUMN{d}"], out[f"VSUMD{d}"] = vp / va, vn / va, (vp - vn) / va
     names = [n for n in ALPHA158_NAMES if not (drop_vwap and n == "VWAP0" and "vwap" not in wide)]
@@ -188,7 +223,7 @@ def alpha158(wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True) -> dic
 
 
 def _corr(a: pd.DataFrame, b: pd.DataFrame, d: int) -> np.ndarray:
-    """qlib ``Corr``: rolling Pearson, NaN where either rolling std is ~0 (``np.isclose(std, 0, atol=2e-5)``)."""
+    """qlib ``Corr``: rolling Pearson, NaN where either rolling std is ~0 (``isclose(std, 0, atol=2e-5)``)."""
     ra, rb = a.rolling(d, min_periods=1), b.rolling(d, min_periods=1)
     res = ra.corr(b).to_numpy().copy()
     sa, sb = ra.std().to_numpy(), rb.std().to_numpy()
@@ -238,7 +273,7 @@ def config_hash(wide: Mapping[str, pd.DataFrame], config: Mapping) -> str:
 def cached_features(
     wide: Mapping[str, pd.DataFrame], *, kind: str = "alpha158", drop_vwap: bool = True, cache: bool = True
 ) -> tuple[np.ndarray, list[str]]:
-    """Features as ``(days, tickers, F)`` float32 plus names, cached to Parquet under ``cache_dir('finance')``.
+    """Features ``(days, tickers, F)`` float32 plus names, cached as Parquet under ``cache_dir('finance')``.
 
     The cache key hashes every input value and the config, so any change of data or settings recomputes.
     """
@@ -380,19 +415,29 @@ def alpha158_reference_one(o, h, lo, c, v) -> dict[str, np.ndarray]:  # noqa: AN
                 cn = float(np.mean(w0 < w1))
                 r[f"CNTP{d}"][t], r[f"CNTN{d}"][t], r[f"CNTD{d}"][t] = cp, cn, cp - cn
                 dif = w0 - w1
-                sp, sn, sa = _ref_sum(np.maximum(dif, 0)), _ref_sum(np.maximum(-dif, 0)), _ref_sum(np.abs(dif)) + EPS
+                sp, sn, sa = (
+                    _ref_sum(np.maximum(dif, 0)),
+                    _ref_sum(np.maximum(-dif, 0)),
+                    _ref_sum(np.abs(dif)) + EPS,
+                )
                 r[f"SUMP{d}"][t], r[f"SUMN{d}"][t], r[f"SUMD{d}"][t] = sp / sa, sn / sa, (sp - sn) / sa
                 r[f"VMA{d}"][t] = _ref_mean(wvv) / (v[t] + EPS)
                 r[f"VSTD{d}"][t] = _ref_std(wvv) / (v[t] + EPS)
                 ww = _win(wv, t, d)
                 r[f"WVMA{d}"][t] = _ref_std(ww) / (_ref_mean(ww) + EPS)
                 vd = wvv - _win(v1, t, d)
-                vp, vn, va = _ref_sum(np.maximum(vd, 0)), _ref_sum(np.maximum(-vd, 0)), _ref_sum(np.abs(vd)) + EPS
+                vp, vn, va = (
+                    _ref_sum(np.maximum(vd, 0)),
+                    _ref_sum(np.maximum(-vd, 0)),
+                    _ref_sum(np.abs(vd)) + EPS,
+                )
                 r[f"VSUMP{d}"][t], r[f"VSUMN{d}"][t], r[f"VSUMD{d}"][t] = vp / va, vn / va, (vp - vn) / va
     return res
 
 
-def alpha158_reference(wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True) -> dict[str, pd.DataFrame]:
+def alpha158_reference(
+    wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True
+) -> dict[str, pd.DataFrame]:
     """Slow per-ticker Alpha158 (same output layout as :func:`alpha158`)."""
     _check_fields(wide)
     idx, cols = wide["close"].index, wide["close"].columns

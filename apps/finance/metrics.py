@@ -21,7 +21,8 @@ def daily_ic(frame: pd.DataFrame, *, score: str = "score", label: str = "label")
         frame: long table with columns ``date``, ``score``, ``label``.
 
     Returns:
-        DataFrame indexed by date with columns ``ic``, ``rank_ic`` (days with < 2 stocks or zero variance: NaN).
+        DataFrame indexed by date with columns ``ic``, ``rank_ic`` (NaN on days with < 2 stocks or no
+        variance).
     """
     for c in ("date", score, label):
         if c not in frame.columns:
@@ -33,7 +34,11 @@ def daily_ic(frame: pd.DataFrame, *, score: str = "score", label: str = "label")
         g = pd.DataFrame({"a": a, "b": b, "date": f["date"]}).groupby("date")
         ma, mb = g["a"].transform("mean"), g["b"].transform("mean")
         da, db = a - ma, b - mb
-        tmp = pd.DataFrame({"ab": da * db, "aa": da * da, "bb": db * db, "date": f["date"]}).groupby("date").sum()
+        tmp = (
+            pd.DataFrame({"ab": da * db, "aa": da * da, "bb": db * db, "date": f["date"]})
+            .groupby("date")
+            .sum()
+        )
         with np.errstate(invalid="ignore", divide="ignore"):
             r = tmp["ab"] / np.sqrt(tmp["aa"] * tmp["bb"])
         return r.replace([np.inf, -np.inf], np.nan)

@@ -1,4 +1,4 @@
-"""MIGA (Mixture of Expert with Group Aggregation, arXiv 2410.02241) and the MLP/GRU/ALSTM/Transformer baselines.
+"""MIGA (Mixture of Expert with Group Aggregation, arXiv 2410.02241) and MLP/GRU/ALSTM/Transformer baselines.
 
 No official MIGA code exists. From the paper [P]: style experts selected dynamically by a router, experts
 organised in groups, **inner group attention** lets the experts of a group share information, "MIGA-Conv"
@@ -44,12 +44,21 @@ class Encoder(nn.Module):
     """Per-stock encoder ``(N, T, F) -> (N, H)``.
 
     ``linear``: flatten the T x F window -> Linear. ``conv1d``: two temporal convolutions (kernel 3, causal
-    padding) + last step — our guess at "MIGA-Conv". ``gru``: last hidden state. ``transformer``: Linear + learned
-    positions + encoder layers, last token.
+    padding) + last step — our guess at "MIGA-Conv". ``gru``: last hidden state. ``transformer``: Linear +
+    learned positions + encoder layers, last token.
     """
 
-    def __init__(self, *, kind: EncoderKind, num_features: int, step_len: int, hidden_dim: int,
-                 num_layers: int = 1, num_heads: int = 4, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        kind: EncoderKind,
+        num_features: int,
+        step_len: int,
+        hidden_dim: int,
+        num_layers: int = 1,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if kind not in ("linear", "conv1d", "gru", "transformer"):
             raise ValueError(f"encoder must be one of linear, conv1d, gru, transformer; got {kind!r}")
@@ -60,12 +69,19 @@ class Encoder(nn.Module):
             self.conv1 = nn.Conv1d(num_features, hidden_dim, 3, padding=2)
             self.conv2 = nn.Conv1d(hidden_dim, hidden_dim, 3, padding=2)
         elif kind == "gru":
-            self.net = nn.GRU(num_features, hidden_dim, num_layers=num_layers, batch_first=True,
-                              dropout=dropout if num_layers > 1 else 0.0)  # fmt: skip
+            self.net = nn.GRU(
+                num_features,
+                hidden_dim,
+                num_layers=num_layers,
+                batch_first=True,
+                dropout=dropout if num_layers > 1 else 0.0,
+            )
         else:
             self.inp = nn.Linear(num_features, hidden_dim)
             self.pos = nn.Parameter(torch.zeros(step_len, hidden_dim))
-            layer = nn.TransformerEncoderLayer(hidden_dim, num_heads, 2 * hidden_dim, dropout, batch_first=True)
+            layer = nn.TransformerEncoderLayer(
+                hidden_dim, num_heads, 2 * hidden_dim, dropout, batch_first=True
+            )
             self.net = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +138,9 @@ class MIGA(nn.Module):
     ) -> None:
         super().__init__()
         if num_groups < 1 or experts_per_group < 1:
-            raise ValueError(f"num_groups and experts_per_group must be >= 1, got {num_groups}, {experts_per_group}")
+            raise ValueError(
+                f"num_groups and experts_per_group must be >= 1, got {num_groups}, {experts_per_group}"
+            )
         if expert_type not in ("linear", "mlp"):
             raise ValueError(f"expert_type must be 'linear' or 'mlp', got {expert_type!r}")
         if attention_scope not in ("all", "selected"):
@@ -134,37 +152,52 @@ class MIGA(nn.Module):
         self.num_experts = num_groups * experts_per_group
         self.expert_dim, self.expert_type = expert_dim, expert_type
         self.inner_attention, self.attention_scope = inner_attention, attention_scope
-        self.encoder = Encoder(kind=encoder, num_features=num_features, step_len=step_len, hidden_dim=hidden_dim,
-                               num_layers=encoder_layers, num_heads=attention_heads, dropout=dropout)  # fmt: skip
-        self.router = TopKRouter(dim=hidden_dim, num_experts=self.num_experts, top_k=top_k, jitter=router_jitter)
+        self.encoder = Encoder(
+            kind=encoder,
+            num_features=num_features,
+            step_len=step_len,
+            hidden_dim=hidden_dim,
+            num_layers=encoder_layers,
+            num_heads=attention_heads,
+            dropout=dropout,
+        )
+        self.router = TopKRouter(
+            dim=hidden_dim, num_experts=self.num_experts, top_k=top_k, jitter=router_jitter
+        )
         E, H, De = self.num_experts, hidden_dim, expert_dim
         bound = 1 / math.sqrt(H)
         if expert_type == "mlp":
             self.w1 = nn.Parameter(torch.empty(E, H, H).uniform_(-bound, bound))
             self.b1 = nn.Parameter(torch.zeros(E, H))
-        self.w = nn.Parameter(torch.empty(E, H, De).uniform_(-bound, bound))  # stacked expert heads (E, H, De)
+        self.w = nn.Parameter(
+            torch.empty(E, H, De).uniform_(-bound, bound)
+        )  # stacked expert heads (E, H, De)
         self.b = nn.Parameter(torch.zeros(E, De))
         self.attn = nn.MultiheadAttention(De, attention_heads, batch_first=True) if inner_attention else None
         self.readout = nn.Parameter(torch.empty(E, De).uniform_(-1 / math.sqrt(De), 1 / math.sqrt(De)))  # v_e
         self.readout_bias = nn.Parameter(torch.zeros(E))
 
     def experts(self, h: torch.Tensor) -> torch.Tensor:
-        """All expert outputs ``z (N, E, De)`` from encodings ``h (N, H)`` (dense: experts are small heads)."""
+        """All expert outputs ``z (N, E, De)`` from ``h (N, H)`` (dense: the experts are small heads)."""
         if self.expert_type == "mlp":
             h = torch.relu(torch.einsum("nh,ehk->nek", h, self.w1) + self.b1)  # (N, E, H)
             return torch.einsum("neh,ehd->ned", h, self.w) + self.b  # (N, E, De)
         return torch.einsum("nh,ehd->ned", h, self.w) + self.b  # (N, E, De)
 
     def group_attention(self, z: torch.Tensor, dense_w: torch.Tensor) -> torch.Tensor:
-        """``Z'_g = Z_g + MHA(Z_g)`` within each group g. z: ``(N, E, De)``; dense_w: ``(N, E)`` combine weights."""
+        """``Z'_g = Z_g + MHA(Z_g)`` in each group g. z ``(N, E, De)``; dense_w ``(N, E)`` combine weights."""
         if self.attn is None:
             return z
         n = z.shape[0]
-        zg = z.reshape(n * self.G, self.M, self.expert_dim)  # (N*G, M, De): the M experts of a group are tokens
+        zg = z.reshape(
+            n * self.G, self.M, self.expert_dim
+        )  # (N*G, M, De): the M experts of a group are tokens
         key_mask = None
         if self.attention_scope == "selected":
             key_mask = (dense_w <= 0).reshape(n * self.G, self.M)  # True = ignore this expert as a key
-            key_mask = key_mask & ~key_mask.all(dim=1, keepdim=True)  # a group with nothing selected: keep all
+            key_mask = key_mask & ~key_mask.all(
+                dim=1, keepdim=True
+            )  # a group with nothing selected: keep all
         a, _ = self.attn(zg, zg, zg, key_padding_mask=key_mask, need_weights=False)
         return (zg + a).reshape(n, self.num_experts, self.expert_dim)  # (N, E, De)
 
@@ -182,8 +215,15 @@ class MIGA(nn.Module):
 class MLP(nn.Module):
     """qlib-style MLP baseline on the last day's features (``x[:, -1]``)."""
 
-    def __init__(self, *, num_features: int = 157, step_len: int = 1, hidden_dim: int = 64,
-                 num_layers: int = 2, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        num_features: int = 157,
+        step_len: int = 1,
+        hidden_dim: int = 64,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_features, layers, d = num_features, [], num_features
         for _ in range(num_layers):
@@ -199,12 +239,24 @@ class MLP(nn.Module):
 class GRU(nn.Module):
     """GRU baseline (qlib ``pytorch_gru.py``): last hidden state -> Linear."""
 
-    def __init__(self, *, num_features: int = 157, step_len: int = 1, hidden_dim: int = 64,
-                 num_layers: int = 1, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        num_features: int = 157,
+        step_len: int = 1,
+        hidden_dim: int = 64,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_features = num_features
-        self.rnn = nn.GRU(num_features, hidden_dim, num_layers=num_layers, batch_first=True,
-                          dropout=dropout if num_layers > 1 else 0.0)  # fmt: skip
+        self.rnn = nn.GRU(
+            num_features,
+            hidden_dim,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
         self.fc = nn.Linear(hidden_dim, 1)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
@@ -217,14 +269,28 @@ class ALSTM(nn.Module):
     """ALSTM baseline (qlib ``pytorch_alstm.py``, arXiv 1704.02971 attention): input net -> GRU -> attention
     pooling over time, concatenated with the last hidden state -> Linear."""
 
-    def __init__(self, *, num_features: int = 157, step_len: int = 1, hidden_dim: int = 64,
-                 num_layers: int = 1, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        num_features: int = 157,
+        step_len: int = 1,
+        hidden_dim: int = 64,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_features = num_features
         self.inp = nn.Sequential(nn.Linear(num_features, hidden_dim), nn.Tanh())
-        self.rnn = nn.GRU(hidden_dim, hidden_dim, num_layers=num_layers, batch_first=True,
-                          dropout=dropout if num_layers > 1 else 0.0)  # fmt: skip
-        self.att = nn.Sequential(nn.Linear(hidden_dim, hidden_dim // 2), nn.Tanh(), nn.Linear(hidden_dim // 2, 1))
+        self.rnn = nn.GRU(
+            hidden_dim,
+            hidden_dim,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.att = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim // 2), nn.Tanh(), nn.Linear(hidden_dim // 2, 1)
+        )
         self.fc = nn.Linear(2 * hidden_dim, 1)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
@@ -236,14 +302,29 @@ class ALSTM(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Transformer baseline (qlib ``pytorch_transformer.py``): Linear -> encoder over time -> last token -> Linear."""
+    """Transformer baseline (qlib ``pytorch_transformer.py``): Linear -> encoder over time -> last token."""
 
-    def __init__(self, *, num_features: int = 157, step_len: int = 1, hidden_dim: int = 64,
-                 num_layers: int = 1, num_heads: int = 4, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        num_features: int = 157,
+        step_len: int = 1,
+        hidden_dim: int = 64,
+        num_layers: int = 1,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_features = num_features
-        self.enc = Encoder(kind="transformer", num_features=num_features, step_len=step_len, hidden_dim=hidden_dim,
-                           num_layers=num_layers, num_heads=num_heads, dropout=dropout)  # fmt: skip
+        self.enc = Encoder(
+            kind="transformer",
+            num_features=num_features,
+            step_len=step_len,
+            hidden_dim=hidden_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            dropout=dropout,
+        )
         self.fc = nn.Linear(hidden_dim, 1)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:

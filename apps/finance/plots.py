@@ -35,7 +35,11 @@ def plot_daily_ic(ic: pd.DataFrame | dict[str, pd.DataFrame], path: str | Path) 
     for name, d in ics.items():
         if len(ics) == 1:
             ax.bar(range(len(d)), d["rank_ic"].to_numpy(), color="0.7", label="daily RankIC")
-        ax.plot(range(len(d)), d["rank_ic"].rolling(20, min_periods=1).mean().to_numpy(), label=f"{name} (20d mean)")
+        ax.plot(
+            range(len(d)),
+            d["rank_ic"].rolling(20, min_periods=1).mean().to_numpy(),
+            label=f"{name} (20d mean)",
+        )
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("trading day")
     ax.set_ylabel("RankIC")

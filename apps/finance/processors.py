@@ -1,4 +1,4 @@
-"""qlib-style processors on ``(days, tickers, F)`` arrays (qlib: arXiv 2009.11189, ``qlib/data/dataset/processor.py``).
+"""qlib-style processors on ``(days, tickers, F)`` arrays (qlib: arXiv 2009.11189, ``dataset/processor.py``).
 
 Math as in the project spec (``spec/finance.md`` §4). Fitted processors take their statistics only from the
 days flagged in ``fit_days`` (the train window); cross-sectional processors work one day at a time and never
@@ -11,7 +11,7 @@ import numpy as np
 
 
 class RobustZScoreNorm:
-    """Per column over all stock-days of the fit window: ``clip((x - med) / (1.4826 * (mad + 1e-12)), -3, 3)``.
+    """Per column over the fit window's stock-days: ``clip((x - med) / (1.4826 * (mad + 1e-12)), -3, 3)``.
 
     Args:
         clip_outlier: clip the result to ``[-3, 3]`` (qlib's ``clip_outlier=True``).
@@ -47,7 +47,7 @@ def fillna(x: np.ndarray, value: float = 0.0) -> np.ndarray:
 
 
 def cs_rank_norm(y: np.ndarray) -> np.ndarray:
-    """qlib ``CSRankNorm`` per day (row): ``(rank_pct(y) - 0.5) * 3.46``; NaN stays NaN. y: ``(days, tickers)``."""
+    """qlib ``CSRankNorm`` per day: ``(rank_pct(y) - 0.5) * 3.46``; NaN stays; y ``(days, tickers)``."""
     import pandas as pd
 
     r = pd.DataFrame(y).rank(axis=1, pct=True).to_numpy()

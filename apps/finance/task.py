@@ -32,9 +32,14 @@ def switch_balance(routing: RouterOutput) -> torch.Tensor:
         return switch_balance_loss(routing)
     except ImportError:
         E = routing.num_experts
-        f = torch.zeros(E, device=routing.probs.device).scatter_add(
-            0, routing.indices.reshape(-1), torch.ones(routing.indices.numel(), device=routing.probs.device)
-        ) / routing.indices.numel()  # (E,) fraction of slots per expert
+        f = (
+            torch.zeros(E, device=routing.probs.device).scatter_add(
+                0,
+                routing.indices.reshape(-1),
+                torch.ones(routing.indices.numel(), device=routing.probs.device),
+            )
+            / routing.indices.numel()
+        )  # (E,) fraction of slots per expert
         return E * (f * routing.probs[:, :E].mean(0)).sum()
 
 
@@ -45,7 +50,7 @@ def sq_balance(routing: RouterOutput) -> torch.Tensor:
 
 
 def pairwise_rank_loss(pred: torch.Tensor, y: torch.Tensor, max_pairs: int = 20000) -> torch.Tensor:
-    """Mean ``softplus(-(p_i - p_j))`` over pairs with ``y_i > y_j`` (RankNet-style; a random subset if large)."""
+    """Mean ``softplus(-(p_i - p_j))`` over pairs with ``y_i > y_j`` (RankNet-style; random pair subset)."""
     n = pred.numel()
     i = torch.randint(0, n, (max_pairs,), device=pred.device)
     j = torch.randint(0, n, (max_pairs,), device=pred.device)
@@ -95,8 +100,10 @@ class FinanceTask(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         nf = getattr(self.model, "num_features", None)
         if dm is not None and hasattr(dm, "num_features") and nf is not None and nf != dm.num_features:
-            raise ValueError(f"model.num_features={nf} but the data has {dm.num_features} features "
-                             f"({dm.kind}); set model.init_args.num_features accordingly")  # fmt: skip
+            raise ValueError(
+                f"model.num_features={nf} but the data has {dm.num_features} features "
+                f"({dm.kind}); set model.init_args.num_features accordingly"
+            )
         sl = getattr(self.model, "step_len", None)
         if dm is not None and sl is not None and hasattr(self.model, "router") and sl != dm.step_len:
             raise ValueError(f"model.step_len={sl} but data.step_len={dm.step_len}")

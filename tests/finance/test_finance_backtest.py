@@ -17,20 +17,42 @@ TK = ["A", "B", "C", "D"]
 def example():
     # scores of signal day s are traded on day s+1
     scores = pd.DataFrame(
-        [[4, 3, 2, 1], [1, 4, 3, 2], [1, 4, 3, 2], [0, 4, 1, 5], [0, 4, 1, 5]], index=DAYS[:5], columns=TK, dtype=float
+        [[4, 3, 2, 1], [1, 4, 3, 2], [1, 4, 3, 2], [0, 4, 1, 5], [0, 4, 1, 5]],
+        index=DAYS[:5],
+        columns=TK,
+        dtype=float,
     )
     rets = pd.DataFrame(
-        [[0, 0, 0, 0], [0, 0, 0, 0], [0.10, -0.05, 0.0, 0.0], [0.0, 0.02, -0.01, 0.0], [0.0, 0.0, 0.03, 0.0],
-         [0.0, 0.01, -0.02, 0.04]], index=DAYS, columns=TK, dtype=float,
-    )  # fmt: skip
+        [
+            [0, 0, 0, 0],
+            [0, 0, 0, 0],
+            [0.10, -0.05, 0.0, 0.0],
+            [0.0, 0.02, -0.01, 0.0],
+            [0.0, 0.0, 0.03, 0.0],
+            [0.0, 0.01, -0.02, 0.04],
+        ],
+        index=DAYS,
+        columns=TK,
+        dtype=float,
+    )
     bench = pd.Series([0.0, 0.001, 0.002, -0.001, 0.0, 0.003], index=DAYS)
     return scores, rets, bench
 
 
 def test_hand_computed_example():
     scores, rets, bench = example()
-    res = topk_dropout_backtest(scores, rets, bench, topk=2, n_drop=1, buy_cost=0.0005, sell_cost=0.0015,
-                                min_cost=0.0, risk_degree=0.95, account=1000.0)  # fmt: skip
+    res = topk_dropout_backtest(
+        scores,
+        rets,
+        bench,
+        topk=2,
+        n_drop=1,
+        buy_cost=0.0005,
+        sell_cost=0.0015,
+        min_cost=0.0,
+        risk_degree=0.95,
+        account=1000.0,
+    )
     rep = res.report
     assert list(rep.index) == list(DAYS[1:])  # first trade on the day after the first signal day
     # day 1: buy the top-2 of day 0 (A, B) with 0.95 * 1000 / 2 each, 5 bp cost
@@ -67,7 +89,9 @@ def test_hand_computed_example():
     np.testing.assert_allclose(rep["value"].to_numpy(), values, rtol=1e-12)
     rets_exp = np.array(values) / np.array([1000.0, v1, v2, v3, v4]) - 1
     np.testing.assert_allclose(rep["return"].to_numpy(), rets_exp, rtol=1e-10)
-    np.testing.assert_allclose(rep["cost"].to_numpy(), [475 * 0.0005 * 2 / 1000, cost2 / v1_pre, 0.0, cost4 / v3, 0.0])
+    np.testing.assert_allclose(
+        rep["cost"].to_numpy(), [475 * 0.0005 * 2 / 1000, cost2 / v1_pre, 0.0, cost4 / v3, 0.0]
+    )
     np.testing.assert_allclose(rep["excess"].to_numpy(), rets_exp - bench.to_numpy()[1:])
     assert rep["n_held"].tolist() == [2, 2, 2, 2, 2]
     assert rep["turnover"].iloc[2] == 0.0 and rep["turnover"].iloc[4] == 0.0
@@ -78,7 +102,9 @@ def test_hand_computed_example():
 def test_min_cost_and_invariants():
     scores, rets, bench = example()
     res = topk_dropout_backtest(scores, rets, bench, topk=2, n_drop=1, min_cost=1.0, account=1000.0)
-    np.testing.assert_allclose(res.report["cost"].iloc[0], 2.0 / 1000)  # two buys of 475 -> 0.24 each -> min 1
+    np.testing.assert_allclose(
+        res.report["cost"].iloc[0], 2.0 / 1000
+    )  # two buys of 475 -> 0.24 each -> min 1
     # n_drop = topk: holdings after trading are exactly the top-k of the signal
     res = topk_dropout_backtest(scores, rets, bench, topk=2, n_drop=2, account=1000.0)
     assert (res.report["n_held"] <= 2).all()

@@ -21,8 +21,14 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_yaml_instantiates(path):
-    cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       run=False, args=["--config", str(path), "--trainer.logger=false"])  # fmt: skip
+    cli = LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(path), "--trainer.logger=false"],
+    )
     assert isinstance(cli.model, FinanceTask) and isinstance(cli.datamodule, SP500DataModule)
     nf = getattr(cli.model.model, "num_features", None)
     assert nf == cli.datamodule.num_features

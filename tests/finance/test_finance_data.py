@@ -25,8 +25,17 @@ def long_panel(T: int = 12, tickers=("AAA", "BBB", "CCC"), seed: int = 0) -> pd.
     for tk in tickers:
         c = 50 * np.exp(np.cumsum(rng.normal(0, 0.01, T)))
         for d, cc in zip(dates, c, strict=True):
-            rows.append({"date": d, "open": cc, "high": cc * 1.01, "low": cc * 0.99, "close": cc,
-                         "volume": 1000.0, "Name": tk})  # fmt: skip
+            rows.append(
+                {
+                    "date": d,
+                    "open": cc,
+                    "high": cc * 1.01,
+                    "low": cc * 0.99,
+                    "close": cc,
+                    "volume": 1000.0,
+                    "Name": tk,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -66,7 +75,9 @@ def test_load_panel_sources(tmp_path):
     for o in outs:
         assert list(o.columns) == ["date", "ticker", "open", "high", "low", "close", "volume"]
         assert len(o) == 15
-        np.testing.assert_allclose(o.sort_values(["ticker", "date"])["close"], outs[0].sort_values(["ticker", "date"])["close"])
+        np.testing.assert_allclose(
+            o.sort_values(["ticker", "date"])["close"], outs[0].sort_values(["ticker", "date"])["close"]
+        )
     with pytest.raises(FileNotFoundError):
         load_panel(tmp_path / "nope.csv")
 
@@ -96,12 +107,18 @@ def test_training_labels_and_fit_stats_ignore_future_prices():
     df = long_panel(T=T, tickers=("A", "B", "C", "D"))
     p = validate_panel(df)
     dates = p.dates
-    sp = purged_split(dates, train=(str(dates[0].date()), str(dates[59].date())),
-                      valid=(str(dates[60].date()), str(dates[89].date())),
-                      test=(str(dates[90].date()), str(dates[-1].date())), warmup_days=10)  # fmt: skip
+    sp = purged_split(
+        dates,
+        train=(str(dates[0].date()), str(dates[59].date())),
+        valid=(str(dates[60].date()), str(dates[89].date())),
+        test=(str(dates[90].date()), str(dates[-1].date())),
+        warmup_days=10,
+    )
     lab1 = make_label(p.wide["close"], p.move_mask)
     close2 = p.wide["close"].copy()
-    close2.iloc[sp.train.max() + 6 :] *= 1.5 + np.random.default_rng(0).random(close2.iloc[sp.train.max() + 6 :].shape)
+    close2.iloc[sp.train.max() + 6 :] *= 1.5 + np.random.default_rng(0).random(
+        close2.iloc[sp.train.max() + 6 :].shape
+    )
     lab2 = make_label(close2, p.move_mask)
     np.testing.assert_array_equal(lab1[sp.train], lab2[sp.train])  # no training label uses a later price
     x = np.random.default_rng(1).normal(size=(T, 4, 3)).astype(np.float32)
@@ -166,4 +183,10 @@ def test_real_split_indices():
     assert len(cal) == 1259
     sp = purged_split(cal)
     assert (sp.train.min(), sp.train.max(), sp.valid.min(), sp.valid.max(), sp.test.min(), sp.test.max()) == (
-        60, 724, 730, 976, 982, 1258)  # fmt: skip
+        60,
+        724,
+        730,
+        976,
+        982,
+        1258,
+    )

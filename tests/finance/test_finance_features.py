@@ -74,7 +74,9 @@ def test_price_scale_invariance():
     w2 = {k: (v * 7.0 if k != "volume" else v) for k, v in w.items()}
     f, g = alpha158(w), alpha158(w2)
     for n in f:  # the 1e-12 guards make KMID2-type features differ at ~1e-12 relative
-        np.testing.assert_allclose(f[n].to_numpy(), g[n].to_numpy(), rtol=1e-6, atol=1e-9, equal_nan=True, err_msg=n)
+        np.testing.assert_allclose(
+            f[n].to_numpy(), g[n].to_numpy(), rtol=1e-6, atol=1e-9, equal_nan=True, err_msg=n
+        )
 
 
 def test_no_look_ahead():

@@ -18,8 +18,17 @@ def x_(n: int = 9, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("enc", ["linear", "conv1d", "gru", "transformer"])
 def test_miga_shapes_and_routing(enc):
     torch.manual_seed(0)
-    m = MIGA(num_features=F, step_len=T, encoder=enc, hidden_dim=8, num_groups=2, experts_per_group=3, top_k=2,
-             expert_dim=4, attention_heads=2)  # fmt: skip
+    m = MIGA(
+        num_features=F,
+        step_len=T,
+        encoder=enc,
+        hidden_dim=8,
+        num_groups=2,
+        experts_per_group=3,
+        top_k=2,
+        expert_dim=4,
+        attention_heads=2,
+    )
     out = m(x_())
     assert out.score.shape == (9,)
     torch.testing.assert_close(out.routing.weights.sum(-1), torch.ones(9))
@@ -30,8 +39,16 @@ def test_miga_shapes_and_routing(enc):
 
 def test_miga_single_expert_is_encoder_plus_linear_head():
     torch.manual_seed(0)
-    m = MIGA(num_features=F, step_len=T, hidden_dim=8, num_groups=1, experts_per_group=1, top_k=1, expert_dim=3,
-             inner_attention=False)  # fmt: skip
+    m = MIGA(
+        num_features=F,
+        step_len=T,
+        hidden_dim=8,
+        num_groups=1,
+        experts_per_group=1,
+        top_k=1,
+        expert_dim=3,
+        inner_attention=False,
+    )
     x = x_()
     h = m.encoder(x)
     w_eff = m.w[0] @ m.readout[0]  # (H,)
@@ -41,8 +58,16 @@ def test_miga_single_expert_is_encoder_plus_linear_head():
 
 def test_dense_mixture_of_identical_experts_is_one_head():
     torch.manual_seed(0)
-    m = MIGA(num_features=F, step_len=T, hidden_dim=8, num_groups=2, experts_per_group=2, top_k=4, expert_dim=3,
-             inner_attention=False)  # fmt: skip
+    m = MIGA(
+        num_features=F,
+        step_len=T,
+        hidden_dim=8,
+        num_groups=2,
+        experts_per_group=2,
+        top_k=4,
+        expert_dim=3,
+        inner_attention=False,
+    )
     with torch.no_grad():
         m.w[:] = m.w[0]
         m.b[:] = m.b[0]
@@ -50,7 +75,9 @@ def test_dense_mixture_of_identical_experts_is_one_head():
         m.readout_bias[:] = m.readout_bias[0]
     x = x_()
     h = m.encoder(x)
-    torch.testing.assert_close(m(x).score, h @ (m.w[0] @ m.readout[0]) + m.b[0] @ m.readout[0] + m.readout_bias[0])
+    torch.testing.assert_close(
+        m(x).score, h @ (m.w[0] @ m.readout[0]) + m.b[0] @ m.readout[0] + m.readout_bias[0]
+    )
 
 
 def test_permutation_equivariance_over_stocks():
@@ -63,7 +90,9 @@ def test_permutation_equivariance_over_stocks():
 
 def test_group_attention_is_local_to_a_group():
     torch.manual_seed(0)
-    m = MIGA(num_features=F, step_len=T, hidden_dim=8, num_groups=3, experts_per_group=2, top_k=2, expert_dim=4)
+    m = MIGA(
+        num_features=F, step_len=T, hidden_dim=8, num_groups=3, experts_per_group=2, top_k=2, expert_dim=4
+    )
     z = torch.randn(5, 6, 4)
     w = torch.rand(5, 6)
     z2 = z.clone()
@@ -71,8 +100,16 @@ def test_group_attention_is_local_to_a_group():
     a, b = m.group_attention(z, w), m.group_attention(z2, w)
     torch.testing.assert_close(a[:, [0, 1, 4, 5]], b[:, [0, 1, 4, 5]])
     assert not torch.allclose(a[:, 2:4], b[:, 2:4])
-    ms = MIGA(num_features=F, step_len=T, hidden_dim=8, num_groups=2, experts_per_group=2, top_k=1, expert_dim=4,
-              attention_scope="selected")  # fmt: skip
+    ms = MIGA(
+        num_features=F,
+        step_len=T,
+        hidden_dim=8,
+        num_groups=2,
+        experts_per_group=2,
+        top_k=1,
+        expert_dim=4,
+        attention_scope="selected",
+    )
     assert torch.isfinite(ms(x_()).score).all()  # groups with nothing selected do not produce NaN
 
 
@@ -105,7 +142,9 @@ def test_losses():
     torch.testing.assert_close(t.task_loss(3 * pred + 2, y), l1)  # invariant to positive affine maps
     assert t.task_loss(torch.ones(5), torch.randn(5)).item() == 0.0  # degenerate day: skipped, not NaN
     assert pairwise_rank_loss(y, y).item() < pairwise_rank_loss(-y, y).item()
-    m = MIGA(num_features=F, step_len=T, hidden_dim=8, num_groups=2, experts_per_group=2, top_k=1, expert_dim=4)
+    m = MIGA(
+        num_features=F, step_len=T, hidden_dim=8, num_groups=2, experts_per_group=2, top_k=1, expert_dim=4
+    )
     r = m(x_(40)).routing
     assert switch_balance(r).item() > 0
     r.probs = torch.full_like(r.probs, 0.25)
