@@ -2,7 +2,8 @@
 
 Timing (qlib, spec/finance.md §3, §6): on trading day t the strategy uses the scores predicted for the
 previous trading day, trades at the close of t, and the position earns ``close[t+1]/close[t] - 1``,
-the label of the signal day. Costs per order ``max(value * rate, min_cost)``: buys ``buy_cost``, sells ``sell_cost``.
+the label of the signal day. Costs per order ``max(value * rate, min_cost)``: buys ``buy_cost``, sells
+``sell_cost``.
 Our simplifications (documented): fractional shares (US trade unit 1 approximated), no price limits, no
 suspensions beyond "no close that day = not tradable", no market impact.
 
