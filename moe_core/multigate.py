@@ -165,7 +165,9 @@ class SoftmaxGate(nn.Module):
         if mask is not None:
             m = torch.as_tensor(list(mask), dtype=torch.bool)
             if m.shape != (num_experts,) or not m.any():
-                raise ValueError(f"gate mask must be ({num_experts},) with at least one True, got {m.tolist()}")
+                raise ValueError(
+                    f"gate mask must be ({num_experts},) with at least one True, got {m.tolist()}"
+                )
             self.register_buffer("mask", m, persistent=False)
         else:
             self.mask = None
@@ -239,7 +241,12 @@ class SharedBottom(nn.Module):
         super().__init__()
         self.num_tasks = num_tasks
         self.bottom = DenseMLPExperts(
-            num_experts=1, dim=dim, hidden_dims=expert_hidden, norm=norm, activation=activation, dropout=dropout
+            num_experts=1,
+            dim=dim,
+            hidden_dims=expert_hidden,
+            norm=norm,
+            activation=activation,
+            dropout=dropout,
         )
         self.out_dim = self.bottom.out_dim
 
@@ -308,7 +315,9 @@ class CGCLevel(nn.Module):
             ex_sp = ex_sp.view(b, m, self.num_specific, -1)  # (B, M, S, H)
         gates, outs = {}, []
         for k, g in enumerate(self.task_gates):
-            cand = ex_sh if self.specific is None else torch.cat([ex_sp[:, k], ex_sh], dim=1)  # (B, S+S_sh, H)
+            cand = (
+                ex_sh if self.specific is None else torch.cat([ex_sp[:, k], ex_sh], dim=1)
+            )  # (B, S+S_sh, H)
             gates[f"task{k}"] = g(streams[:, k])
             outs.append(mix(gates[f"task{k}"], cand))
         if self.shared_gate is not None:
@@ -353,9 +362,15 @@ class PLE(nn.Module):
         for j in range(num_levels):
             levels.append(
                 CGCLevel(
-                    dim=d, num_tasks=num_tasks, num_shared=num_shared, num_specific=num_specific,
-                    expert_hidden=expert_hidden, shared_gate=j < num_levels - 1, norm=norm,
-                    activation=activation, dropout=dropout,
+                    dim=d,
+                    num_tasks=num_tasks,
+                    num_shared=num_shared,
+                    num_specific=num_specific,
+                    expert_hidden=expert_hidden,
+                    shared_gate=j < num_levels - 1,
+                    norm=norm,
+                    activation=activation,
+                    dropout=dropout,
                 )  # fmt: skip
             )
             d = levels[-1].out_dim
@@ -487,7 +502,9 @@ class HoME(nn.Module):
             self.meta_num_shared, self.meta_num_per_category = meta_num_shared, meta_num_per_category
             self.meta_experts = DenseMLPExperts(num_experts=n_meta, dim=dim, **kw)
             self.meta_feature_gate = (
-                FeatureGate(dim=dim, num_experts=n_meta, rank=feature_gate_rank) if feature_gate_rank else None
+                FeatureGate(dim=dim, num_experts=n_meta, rank=feature_gate_rank)
+                if feature_gate_rank
+                else None
             )
             self.meta_cat_gates = nn.ModuleList(
                 SoftmaxGate(dim=dim, num_experts=n_meta, mask=self._meta_mask(ci) if hierarchy_mask else None)
@@ -511,7 +528,9 @@ class HoME(nn.Module):
             else None
         )
         self.task_gates = nn.ModuleList(
-            SoftmaxGate(dim=gate_in, num_experts=n_task_level, mask=self._task_mask(t) if hierarchy_mask else None)
+            SoftmaxGate(
+                dim=gate_in, num_experts=n_task_level, mask=self._task_mask(t) if hierarchy_mask else None
+            )
             for t in range(m)
         )
         if self_gate:
@@ -542,7 +561,7 @@ class HoME(nn.Module):
 
     def forward(self, v: torch.Tensor) -> MultiGateOutput:
         """``v (B, D)`` -> task outputs ``(B, M, H)``."""
-        b, m, c = v.shape[0], self.num_tasks, self.num_cats
+        m = self.num_tasks
         gates: dict[str, torch.Tensor] = {}
         experts: dict[str, torch.Tensor] = {}
         if self.levels == 2:

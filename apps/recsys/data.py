@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 CENSUS_FOLDER = "census_income_kdd"
 CENSUS_FILE = "census-income.test.gz"
 CENSUS_SHA256 = "5ac4cacd3ca9f1ecb10de1a0a41e4ac68fdc419e3fec190f5c0c6cc03b2ea659"
-CENSUS_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/census-income-mld/census-income.test.gz"
+CENSUS_URL = (
+    "https://archive.ics.uci.edu/ml/machine-learning-databases/census-income-mld/census-income.test.gz"
+)
 CENSUS_TRAIN_URL = (
     "https://archive.ics.uci.edu/ml/machine-learning-databases/census-income-mld/census-income.data.gz"
 )
@@ -53,10 +55,20 @@ CENSUS_TASKS = ("income", "never_married")
 CENSUS_SPLIT_SIZES = (69_835, 14_965, 14_962)
 
 
-def census_schema() -> FeatureSchema:
-    """The census feature schema: 33 categorical + 7 numeric inputs, two binary tasks."""
+def census_schema(*, numeric_as_categorical: bool = True, min_count: int = 1) -> FeatureSchema:
+    """The census feature schema: 31 categorical + 7 numeric inputs, two binary tasks.
+
+    Args:
+        numeric_as_categorical: also embed every numeric column's raw value as a category [D].
+        min_count: rarer category values map to the out-of-vocabulary bucket.
+    """
     return FeatureSchema(
-        categorical=CENSUS_CATEGORICAL, numeric=CENSUS_NUMERIC, log1p=CENSUS_LOG1P, labels=CENSUS_TASKS
+        categorical=CENSUS_CATEGORICAL,
+        numeric=CENSUS_NUMERIC,
+        log1p=CENSUS_LOG1P,
+        labels=CENSUS_TASKS,
+        numeric_as_categorical=CENSUS_NUMERIC if numeric_as_categorical else (),
+        min_count=min_count,
     )
 
 
@@ -178,7 +190,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         train_path: train file (CSV, CSV.gz or Parquet).
         val_path: validation file.
         test_path: test file (optional).
-        categorical, numeric, labels, log1p, group, min_count: the :class:`FeatureSchema` fields.
+        categorical, numeric, labels, log1p, group, numeric_as_categorical, min_count: the
+            :class:`FeatureSchema` fields.
         preprocessor_path: load this fitted preprocessor instead of fitting one on train.
         batch_size: train batch size.
         eval_batch_size: validation/test/predict batch size.
@@ -196,6 +209,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         labels: list[str] | None = None,
         log1p: list[str] | None = None,
         group: str | None = None,
+        numeric_as_categorical: list[str] | None = None,
         min_count: int = 1,
         preprocessor_path: str | None = None,
         batch_size: int = 2048,
@@ -210,6 +224,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._schema_args = dict(
             categorical=tuple(categorical or ()), numeric=tuple(numeric or ()), labels=tuple(labels or ()),
             log1p=tuple(log1p or ()), group=group, min_count=min_count,
+            numeric_as_categorical=tuple(numeric_as_categorical or ()),
         )  # fmt: skip
 
     # subclasses override these two
@@ -298,6 +313,8 @@ class CensusDataModule(MultiTaskDataModule):
             MMoE paper.
         seed: split seed (42 is the pinned project split).
         max_train_rows: keep only the first N train rows (after shuffling with ``seed``): fast tests.
+        numeric_as_categorical: also embed each numeric column's raw value as a category.
+        min_count: category values seen fewer times on train map to the OOV bucket.
         batch_size, eval_batch_size: batch sizes.
     """
 
@@ -308,6 +325,8 @@ class CensusDataModule(MultiTaskDataModule):
         train_file: str | None = None,
         seed: int = 42,
         max_train_rows: int | None = None,
+        numeric_as_categorical: bool = True,
+        min_count: int = 5,
         batch_size: int = 2048,
         eval_batch_size: int = 16384,
     ) -> None:
@@ -315,7 +334,9 @@ class CensusDataModule(MultiTaskDataModule):
         self.save_hyperparameters()
 
     def schema(self) -> FeatureSchema:
-        return census_schema()
+        return census_schema(
+            numeric_as_categorical=self.hparams.numeric_as_categorical, min_count=self.hparams.min_count
+        )
 
     def load_frames(self) -> dict[str, tuple[pd.DataFrame, str]]:
         hp = self.hparams

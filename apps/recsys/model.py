@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from moe_core.multigate import HoME, MMoE, MultiGateOutput, PLE, SharedBottom
+from moe_core.multigate import PLE, HoME, MMoE, MultiGateOutput, SharedBottom
 
 Backbone = Literal["shared_bottom", "mmoe", "ple", "home"]
 
@@ -93,7 +93,8 @@ class MultiTaskNet(nn.Module):
         num_levels, num_shared, num_specific: PLE options.
         categories: HoME task groups (default: one category per task).
         home_levels, num_per_category, num_per_task, meta_num_shared, meta_num_per_category, expert_norm,
-            activation, hierarchy_mask, feature_gate_rank, self_gate: HoME options (see ``moe_core.multigate.HoME``).
+            activation, hierarchy_mask, feature_gate_rank, self_gate: HoME options
+            (see ``moe_core.multigate.HoME``).
         norm: expert normalisation for the non-HoME backbones.
     """
 
@@ -128,7 +129,9 @@ class MultiTaskNet(nn.Module):
     ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self.embedding = FeatureEmbedding(cardinalities=cardinalities, num_numeric=num_numeric, embed_dim=embed_dim)
+        self.embedding = FeatureEmbedding(
+            cardinalities=cardinalities, num_numeric=num_numeric, embed_dim=embed_dim
+        )
         d = self.embedding.out_dim
         common = dict(dim=d, expert_hidden=tuple(expert_hidden), dropout=expert_dropout)
         if backbone == "shared_bottom":

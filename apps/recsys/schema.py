@@ -35,6 +35,8 @@ class FeatureSchema:
         log1p: subset of ``numeric`` transformed with ``sign(x) * log1p(|x|)`` before standardising
             (heavy-tailed counts such as capital gains).
         group: optional group column (user id) used for GAUC; kept as a string key.
+        numeric_as_categorical: numeric columns that are ALSO embedded as categories of their raw value
+            (e.g. age, weeks worked, capital gains), so the network sees both the scale and each level.
         min_count: categories seen fewer times than this on train map to the OOV bucket.
     """
 
@@ -43,6 +45,7 @@ class FeatureSchema:
     labels: tuple[str, ...] = ()
     log1p: tuple[str, ...] = ()
     group: str | None = None
+    numeric_as_categorical: tuple[str, ...] = ()
     min_count: int = 1
 
     def __post_init__(self) -> None:
@@ -50,17 +53,24 @@ class FeatureSchema:
         object.__setattr__(self, "numeric", tuple(self.numeric))
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "log1p", tuple(self.log1p))
+        object.__setattr__(self, "numeric_as_categorical", tuple(self.numeric_as_categorical))
         if not self.labels:
             raise ValueError("FeatureSchema: labels must name at least one label column")
         if not self.categorical and not self.numeric:
             raise ValueError("FeatureSchema: no feature columns (categorical and numeric are both empty)")
-        bad = set(self.log1p) - set(self.numeric)
-        if bad:
-            raise ValueError(f"FeatureSchema: log1p columns {sorted(bad)} are not in numeric")
+        for name in ("log1p", "numeric_as_categorical"):
+            bad = set(getattr(self, name)) - set(self.numeric)
+            if bad:
+                raise ValueError(f"FeatureSchema: {name} columns {sorted(bad)} are not in numeric")
         cols = [*self.categorical, *self.numeric, *self.labels]
         dup = sorted({c for c in cols if cols.count(c) > 1})
         if dup:
             raise ValueError(f"FeatureSchema: columns listed twice: {dup}")
+
+    @property
+    def embedded(self) -> tuple[str, ...]:
+        """Embedded inputs in ``cat`` tensor order (``<col>#cat`` for numeric-as-categorical columns)."""
+        return (*self.categorical, *(f"{c}#cat" for c in self.numeric_as_categorical))
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -126,7 +136,9 @@ def validate_frame(df: pd.DataFrame, schema: FeatureSchema, *, source: str, need
                 f"(row {int(np.flatnonzero(bad.to_numpy())[0])})"
             )
         if col.isna().any():
-            raise ValueError(f"{source}: numeric column {c!r} has {int(col.isna().sum())} missing values (NaN)")
+            raise ValueError(
+                f"{source}: numeric column {c!r} has {int(col.isna().sum())} missing values (NaN)"
+            )
     if need_labels:
         for c in schema.labels:
             _labels_as_float(df[c], column=c, source=source)
@@ -165,12 +177,14 @@ class TabularPreprocessor:
     _lookup: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def fit(cls, df: pd.DataFrame, schema: FeatureSchema, *, source: str = "train data") -> TabularPreprocessor:
+    def fit(
+        cls, df: pd.DataFrame, schema: FeatureSchema, *, source: str = "train data"
+    ) -> TabularPreprocessor:
         """Fit vocabularies and numeric statistics on ``df`` (the train split)."""
         validate_frame(df, schema, source=source)
         vocabs: dict[str, list[str]] = {}
-        for c in schema.categorical:
-            counts = df[c].astype(str).value_counts()
+        for c in schema.embedded:
+            counts = cls._cat_strings(df, c).value_counts()
             kept = counts[counts >= schema.min_count].index.tolist()
             vocabs[c] = sorted(kept)
         means, stds = {}, {}
@@ -182,6 +196,12 @@ class TabularPreprocessor:
         return cls(schema=schema, vocabularies=vocabs, means=means, stds=stds)
 
     @staticmethod
+    def _cat_strings(df: pd.DataFrame, name: str) -> pd.Series:
+        if name.endswith("#cat"):
+            return pd.to_numeric(df[name[:-4]]).map(lambda x: f"{x:g}")
+        return df[name].astype(str)
+
+    @staticmethod
     def _numeric_raw(s: pd.Series, *, log: bool) -> np.ndarray:
         x = pd.to_numeric(s).to_numpy(dtype=np.float64)
         return np.sign(x) * np.log1p(np.abs(x)) if log else x
@@ -189,7 +209,7 @@ class TabularPreprocessor:
     @property
     def cardinalities(self) -> list[int]:
         """Embedding-table size per categorical column (vocabulary + OOV bucket)."""
-        return [len(self.vocabularies[c]) + 1 for c in self.schema.categorical]
+        return [len(self.vocabularies[c]) + 1 for c in self.schema.embedded]
 
     @property
     def num_numeric(self) -> int:
@@ -224,9 +244,11 @@ class TabularPreprocessor:
             with_labels = all(c in df.columns for c in s.labels)
         validate_frame(df, s, source=source, need_labels=with_labels)
         n = len(df)
-        cat = np.zeros((n, len(s.categorical)), dtype=np.int64)
-        for j, c in enumerate(s.categorical):
-            cat[:, j] = df[c].astype(str).map(self._index(c)).fillna(OOV_INDEX).to_numpy(dtype=np.int64)
+        cat = np.zeros((n, len(s.embedded)), dtype=np.int64)
+        for j, c in enumerate(s.embedded):
+            cat[:, j] = (
+                self._cat_strings(df, c).map(self._index(c)).fillna(OOV_INDEX).to_numpy(dtype=np.int64)
+            )
         num = np.zeros((n, len(s.numeric)), dtype=np.float32)
         for j, c in enumerate(s.numeric):
             num[:, j] = (self._numeric_raw(df[c], log=c in s.log1p) - self.means[c]) / self.stds[c]

@@ -29,8 +29,9 @@ from apps.recsys.model import Backbone, MultiTaskNet, MultiTaskOutput
 log = logging.getLogger(__name__)
 
 NET_ARGS = (
-    "backbone", "embed_dim", "expert_hidden", "tower_hidden", "tower_dropout", "expert_dropout", "num_experts",
-    "num_levels", "num_shared", "num_specific", "categories", "home_levels", "num_per_category", "num_per_task",
+    "backbone", "embed_dim", "expert_hidden", "tower_hidden", "tower_dropout", "expert_dropout",
+    "num_experts", "num_levels", "num_shared", "num_specific", "categories", "home_levels",
+    "num_per_category", "num_per_task",
     "meta_num_shared", "meta_num_per_category", "expert_norm", "activation", "hierarchy_mask",
     "feature_gate_rank", "self_gate", "norm",
 )  # fmt: skip
@@ -165,11 +166,16 @@ class MultiTaskRecTask(L.LightningModule):
         if dm is None or getattr(dm, "preprocessor", None) is None:
             if self.net is None:
                 raise RuntimeError(
-                    "MultiTaskRecTask: give cardinalities/num_numeric/task_names or train with a datamodule that "
+                    "MultiTaskRecTask: give cardinalities/num_numeric/task_names or train with a datamodule "
+                    "that "
                     "has a fitted preprocessor"
                 )
             return
-        facts = {"cardinalities": dm.cardinalities, "num_numeric": dm.num_numeric, "task_names": dm.task_names}
+        facts = {
+            "cardinalities": dm.cardinalities,
+            "num_numeric": dm.num_numeric,
+            "task_names": dm.task_names,
+        }
         if self.net is None:
             self.hparams.update(facts)
             self._build()
@@ -230,7 +236,9 @@ class MultiTaskRecTask(L.LightningModule):
         for k, t in enumerate(self.task_names):
             self.metrics[f"{stage}_auc_{t}"].update(probs[:, k], y[:, k].long())
             p = probs[:, k].double().clamp(LOGLOSS_EPS, 1 - LOGLOSS_EPS)
-            self.metrics[f"{stage}_logloss_{t}"].update(F.binary_cross_entropy(p, y[:, k].double(), reduction="none"))
+            self.metrics[f"{stage}_logloss_{t}"].update(
+                F.binary_cross_entropy(p, y[:, k].double(), reduction="none")
+            )
         if "group" in batch:
             self.metrics[f"{stage}_preds"].update(probs)
             self.metrics[f"{stage}_labels"].update(y)
@@ -297,7 +305,8 @@ class MultiTaskRecTask(L.LightningModule):
         """Mean gate weight per (task, candidate expert) and zero-activation fraction per expert."""
         stats: dict[str, float] = {}
         names = self.task_names
-        groups = self.net.backbone.expert_groups() if hasattr(self.net.backbone, "expert_groups") else None
+        backbone = getattr(self.net, "backbone", None)
+        groups = backbone.expert_groups() if hasattr(backbone, "expert_groups") else None
         for key, s in self._gate_sums.items():
             mean = (s / self._gate_rows).tolist()
             kind, name = key.split(":", 1)
