@@ -10,7 +10,6 @@ import torch
 
 from moe_core import routers as R
 from moe_core.reference import reference_moe, swiglu_expert_fn
-from moe_core.types import RouterOutput
 
 D = 8
 
@@ -192,7 +191,7 @@ def test_expert_choice_exact_capacity(n, c):
     torch.testing.assert_close(out.weights, out.probs * out.mask)
     # oracle: expert j's tokens are its ke highest-scoring ones
     for j in range(e):
-        best = sorted(range(n), key=lambda t: -float(out.probs[t, j]))[:ke]
+        best = sorted(range(n), key=lambda t: -float(out.probs[t, j].detach()))[:ke]
         assert set(out.mask[:, j].nonzero().flatten().tolist()) == set(best)
 
 
@@ -413,28 +412,29 @@ def test_bias_stays_float32_under_half_precision():
 
 def test_bias_balancing_moves_load_toward_uniform():
     e = 8
-    r = R.SigmoidTopKRouter(dim=D, num_experts=e, top_k=2, bias_update_speed=0.02)
+    r = R.SigmoidTopKRouter(dim=D, num_experts=e, top_k=2, bias_update_speed=0.01)
     with torch.no_grad():
         r.gate.weight.copy_(torch.randn(e, D, generator=torch.Generator().manual_seed(0)) * 0.3)
-        r.gate.weight[0, 0] += 2.0  # x[:, 0] > 0 on the stream -> expert 0 favoured
+        r.gate.weight[0, 0] += 2.0  # x[:, 0] > 0 on the stream -> experts 0 and 1 favoured
         r.gate.weight[1, 0] += 1.0
     g = torch.Generator().manual_seed(1)
 
-    def batch():
-        x = torch.randn(64, D, generator=g)
+    def batch(n: int = 64) -> torch.Tensor:
+        x = torch.randn(n, D, generator=g)
         x[:, 0] = x[:, 0].abs() + 1.0
         return x
 
-    def imbalance(out: RouterOutput) -> float:
-        c = out.counts().float()
+    def imbalance() -> float:  # max / mean load on a large held-out batch (little sampling noise)
+        c = r(batch(1024)).counts().float()
         return float(c.max() / c.mean())
 
-    start = sum(imbalance(r(batch())) for _ in range(5)) / 5
-    for _ in range(200):
-        r.update_bias(r(batch()).counts())
-    end = sum(imbalance(r(batch())) for _ in range(5)) / 5
-    assert start > 2.5
-    assert end < 1.6 and end < start / 2
+    with torch.no_grad():
+        start = imbalance()
+        for _ in range(100):
+            r.update_bias(r(batch()).counts())
+        end = imbalance()
+    assert start > 3.0  # the stream is skewed
+    assert end < 1.4 and end < start / 2.5
 
 
 # ---------------------------------------------------------------- DTS gate
