@@ -89,6 +89,12 @@ class AppAdapter:
             pickle.dump(obj, f)
         return [path]
 
+    def test_artifacts(
+        self, trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, out_dir: Path
+    ) -> list[Path]:
+        """App-specific files (plots, tables) to log at the end of ``test``; none by default."""
+        return []
+
     def build_predictor(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> Any:
         """A picklable object with ``predict(DataFrame) -> DataFrame`` on raw inputs (see module doc)."""
         raise NotImplementedError(f"no predictor for app {self.app!r} yet")

@@ -147,6 +147,37 @@ class FinanceAdapter(AppAdapter):
             step_len=datamodule.step_len,
         )
 
+    def test_artifacts(self, trainer, model, datamodule, out_dir) -> list:
+        """Backtest the test-period predictions (TopK-Dropout, costs, excess over ^GSPC): curve, daily IC,
+        expert usage (PNG), daily report (CSV) and summary (JSON). topk 50 / n_drop 5 (qlib's defaults),
+        scaled down for small universes (tiny configs)."""
+        import json
+
+        from apps.finance.backtest import backtest_predictions, format_summary
+        from apps.finance.metrics import daily_ic
+        from apps.finance.plots import plot_daily_ic, plot_excess, plot_expert_usage
+        from apps.finance.task import write_predictions
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        preds = write_predictions(model, datamodule, str(out_dir / "predictions.parquet"))
+        test = preds[preds["segment"] == "test"]
+        n = test["ticker"].nunique()
+        topk = 50 if n >= 250 else max(1, n // 5)
+        n_drop = max(1, topk // 10)
+        res = backtest_predictions(
+            preds, data_dir=datamodule.data_dir, segment="test", topk=topk, n_drop=n_drop
+        )
+        ic = daily_ic(test)
+        res.report.to_csv(out_dir / "backtest_report.csv")
+        (out_dir / "backtest_summary.json").write_text(json.dumps(res.summary, indent=1, default=str))
+        plot_excess(res.report, out_dir / "backtest_excess.png", title=format_summary(res.summary))
+        plot_daily_ic(ic, out_dir / "daily_ic.png")
+        names = ["backtest_report.csv", "backtest_summary.json", "backtest_excess.png", "daily_ic.png"]
+        if any(c.startswith("w_e") for c in test.columns):
+            plot_expert_usage(test, out_dir / "expert_usage.png")
+            names.append("expert_usage.png")
+        return [out_dir / f for f in names]
+
     def input_example(
         self, datamodule: L.LightningDataModule, n_days: int = 70, n_tickers: int = 5
     ) -> pd.DataFrame:

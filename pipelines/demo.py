@@ -34,10 +34,10 @@ def run_demo(
     extra_args: Sequence[str] = (),
 ) -> dict:
     """Run the demo; returns the metrics, the registered version and the wall time."""
-    import mlflow
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
+    import mlflow
     from pipelines.adapters import get_adapter
     from pipelines.cli import MoekitCLI
     from pipelines.registry import register_trained
@@ -55,7 +55,9 @@ def run_demo(
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     (test,) = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False, weights_only=False)
     # validation metrics of the *best* checkpoint (the last epoch's may be worse)
-    (val_best,) = trainer.validate(model, datamodule=dm, verbose=False, ckpt_path=best or None, weights_only=False)
+    (val_best,) = trainer.validate(
+        model, datamodule=dm, verbose=False, ckpt_path=best or None, weights_only=False
+    )
     val.update({k: float(v) for k, v in val_best.items()})
 
     print("[demo] registering the best model", flush=True)
@@ -68,7 +70,9 @@ def run_demo(
     pyfunc = mlflow.pyfunc.load_model(uri)
     feats = adapter.input_example(dm).columns.tolist()
     probs = pyfunc.predict(raw_test[feats])
-    served_auc = {t: float(roc_auc_score(raw_test[t].to_numpy(), probs[t].to_numpy())) for t in model.task_names}
+    served_auc = {
+        t: float(roc_auc_score(raw_test[t].to_numpy(), probs[t].to_numpy())) for t in model.task_names
+    }
 
     rows = [("task", "val AUC", "test AUC", "test logloss", "registered model AUC")]
     for t in model.task_names:

@@ -205,12 +205,30 @@ class MlflowArtifactsCallback(Callback):
                 lg.run_id, json.dumps(metrics, indent=2, sort_keys=True), "tables/test_metrics.json"
             )
             lg.experiment.log_text(lg.run_id, metrics_markdown(metrics), "tables/test_metrics.md")
+            self._log_app_test_artifacts(trainer, pl_module, lg)
             auc = {k: v for k, v in metrics.items() if "auc" in k.lower()}
             if auc:
                 try:
                     self._log_bar(lg, auc, "plots/test_auc.png", "test AUC")
                 except Exception as e:  # noqa: BLE001
                     log.warning("could not plot AUC table: %s", e)
+
+    def _log_app_test_artifacts(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, lg: MLFlowLogger
+    ) -> None:
+        from pipelines.adapters import get_adapter
+
+        if trainer.datamodule is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                adapter = get_adapter(self.app)
+                files = adapter.test_artifacts(trainer, pl_module, trainer.datamodule, Path(tmp))
+            except Exception as e:  # noqa: BLE001 - reporting must never fail a test run
+                log.warning("could not make the %s test artifacts: %s", self.app, e)
+                return
+            for f in files:
+                lg.experiment.log_artifact(lg.run_id, str(f), f"{self.app}_test")
 
     def _log_preprocessing(self, trainer: L.Trainer, lg: MLFlowLogger) -> None:
         from pipelines.adapters import get_adapter
