@@ -261,6 +261,8 @@ def router_weight(router: nn.Module) -> torch.Tensor:
 
 def router_top_k(router: nn.Module) -> int:
     """K of a top-k router."""
+    if not hasattr(router, "top_k"):
+        raise TypeError(f"{type(router).__name__} is not a top-k router (no top_k attribute)")
     return int(router.top_k)
 
 
