@@ -204,10 +204,12 @@ def test_noisy_load_importance_loss():
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])
     assert float(L.cv_squared(x)) == pytest.approx(float(x.var() / x.mean() ** 2), rel=1e-6)
     assert float(L.cv_squared(torch.full((4,), 3.0))) == 0.0
-    r = R.NoisyTopKRouter(dim=D, num_experts=4, top_k=2)  # zero-initialised: uniform importance and load
+    r = R.NoisyTopKRouter(dim=D, num_experts=4, top_k=2)  # zero-initialised: all logits tie
     out = r.eval()(torch.randn(8, D))
+    torch.testing.assert_close(out.aux["load_probs"], torch.full((8, 4), 0.5))  # Phi(0): uniform load
     imp = out.dense_weights().sum(0)
-    assert float(L.noisy_load_importance_loss(out)) == pytest.approx(float(L.cv_squared(imp)), abs=1e-6)
+    loss = L.noisy_load_importance_loss(out).detach()
+    assert float(loss) == pytest.approx(float(L.cv_squared(imp)), abs=1e-6)  # only the importance term
     skew = _routed(R.NoisyTopKRouter(dim=D, num_experts=4, top_k=1))
     expected = 0.1 * L.cv_squared(skew.dense_weights().sum(0)) + 0.2 * L.cv_squared(
         skew.aux["load_probs"].sum(0))
