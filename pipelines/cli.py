@@ -193,6 +193,22 @@ class MoekitCLI(LightningCLI):
         except KeyError:  # run=False: no subcommand arguments
             pass
 
+    def _add_instantiators(self) -> None:
+        """Register LightningCLI's hyper-parameter instantiator for the model only.
+
+        LightningCLI normally makes ``save_hyperparameters()`` record the *config's* init args of the class it
+        instantiates; a DataModule subclass that calls ``save_hyperparameters()`` in its own and its parent's
+        ``__init__`` (e.g. ``CensusDataModule(MultiTaskDataModule)``) then loses the parent's hparams under the CLI
+        but not in plain Python. Data modules are instantiated normally here, so they behave the same both ways.
+        """
+        from lightning.pytorch.cli import _get_module_type, _InstantiatorFn
+
+        self.parser.add_instantiator(
+            _InstantiatorFn(cli=self, key="model"),
+            _get_module_type(self._model_class),
+            subclasses=self.subclass_mode_model,
+        )
+
     # -- helpers ---------------------------------------------------------------------------------------------
     def _cfg(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
