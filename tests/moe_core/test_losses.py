@@ -207,7 +207,7 @@ def test_noisy_load_importance_loss():
     r = R.NoisyTopKRouter(dim=D, num_experts=4, top_k=2)  # zero-initialised: all logits tie
     out = r.eval()(torch.randn(8, D))
     torch.testing.assert_close(out.aux["load_probs"], torch.full((8, 4), 0.5))  # Phi(0): uniform load
-    imp = out.dense_weights().sum(0)
+    imp = out.dense_weights().sum(0).detach()
     loss = L.noisy_load_importance_loss(out).detach()
     assert float(loss) == pytest.approx(float(L.cv_squared(imp)), abs=1e-6)  # only the importance term
     skew = _routed(R.NoisyTopKRouter(dim=D, num_experts=4, top_k=1))
