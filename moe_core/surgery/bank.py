@@ -121,7 +121,7 @@ def dispatch_swiglu(
     expert: Callable[[int], ExpertWeights],
     act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
 ) -> torch.Tensor:
-    """Sorted-loop SwiGLU dispatch with weights fetched per expert (same arithmetic as moekit's loop).
+    """Sorted-loop SwiGLU dispatch with weights fetched per expert (used by computed-weight banks).
 
     Args:
         x: ``(N, D)`` tokens.
