@@ -28,7 +28,7 @@ Backends (``backend`` argument):
   one ``index_add_``. Padding rows are zero and stay zero, so they change no output and no gradient; they do
   cost FLOPs, ``E*C/P - 1`` of the useful work. Works for any dtype.
 * ``auto``: on accelerators ``grouped_mm`` where it can run (no host sync). On CPU it reads the group sizes once
-  and picks ``padded`` when padding wastes at most 25 % of the rows (balanced routing), else ``grouped_mm``
+  and picks ``padded`` when the buffer holds at most 2x the useful rows (balanced routing), else ``grouped_mm``
   where it can run, else ``loop``. "Can run": kernel present and working on that device and dtype (checked
   once by a tiny forward+backward probe), weights of the input's dtype, strides aligned.
 
@@ -59,10 +59,11 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
 }
 _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# ``auto`` on CPU pads to the largest group when that wastes at most 25 % of the rows: one batched GEMM per
-# projection is a single parallel region, whereas per-expert GEMMs pay a thread barrier each (measured [M]:
-# with a loaded 2-core box 64 experts x 384 rows took ~5x the time of one (64, 420, 512) bmm).
-_PAD_WASTE = 1.25
+# ``auto`` on CPU pads to the largest group when the buffer holds at most twice the useful rows: one batched
+# GEMM per projection is a single parallel region, whereas per-expert GEMMs pay a thread barrier each
+# (measured [M] on a loaded 2-core box: 64 GEMMs of 384 rows took ~5x the time of one (64, 420, 512) bmm;
+# at T=512, E=64, k=6 the padded layer (1.46x rows) was 2-5x faster than grouped_mm).
+_PAD_WASTE = 2.0
 
 
 def _resolve_backend(backend: str) -> str:
@@ -95,6 +96,35 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         return grad.contiguous()
+
+
+class _GatherSum(torch.autograd.Function):
+    """``out[i] = sum_j src[fwd[i*kf + j]]`` whose backward is again a gather: ``g_src[r] = sum_j g[bwd[r*kb + j]]``.
+
+    Valid when ``bwd`` lists, for every source row, the ``kb`` output rows that read it (index ``len(out)``:
+    an implicit zero row, used when ``zero_b``; likewise ``len(src)`` in ``fwd`` when ``zero_f``). Dispatch and
+    combine are both such row maps, so neither direction needs a scatter-add (``index_add_`` on CPU walks
+    rows one by one; ``index_select`` is parallel).
+    """
+
+    @staticmethod
+    def forward(ctx, src, fwd, kf, zero_f, bwd, kb, zero_b):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(bwd)
+        ctx.kb, ctx.zero_b = kb, zero_b
+        return _gather_sum(src, fwd, kf, zero_f)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (bwd,) = ctx.saved_tensors
+        return _gather_sum(grad.contiguous(), bwd, ctx.kb, ctx.zero_b), None, None, None, None, None, None
+
+
+def _gather_sum(src: torch.Tensor, idx: torch.Tensor, k: int, zero_row: bool) -> torch.Tensor:
+    """Rows ``src[idx]`` summed in consecutive groups of ``k``; with ``zero_row``, ``idx == len(src)`` reads 0."""
+    if zero_row:
+        src = torch.cat([src, src.new_zeros(1, src.shape[1])])  # (R+1, D)
+    rows = src.index_select(0, idx)  # (len(idx), D)
+    return rows if k == 1 else rows.view(-1, k, src.shape[1]).sum(1)  # (len(idx)/k, D)
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -220,14 +250,23 @@ class _ExpertBank(nn.Module):
         tok = order // k  # (N*K,) source token of each sorted pair
         counts = torch.bincount(flat, minlength=e + 1)[:e]  # (E,) pairs per expert, on device
 
-        backend = self.backend
+        backend, counts_host = self.backend, None
         if backend == "grouped_mm":
             self._check_grouped_mm(x)
-        elif backend == "auto" and x.device.type != "cpu" and self._grouped_mm_ok(x):
-            backend = "grouped_mm"  # accelerators: no host sync
+        elif backend == "auto":
+            if x.device.type != "cpu" and self._grouped_mm_ok(x):
+                backend = "grouped_mm"  # accelerators: no host sync
+            else:
+                counts_host = counts.tolist()  # the single host sync of the CPU paths
+                used, cap = sum(counts_host), max(counts_host)
+                if used and e * cap <= _PAD_WASTE * used:
+                    backend = "padded"
+                else:
+                    backend = "grouped_mm" if self._grouped_mm_ok(x) else "loop"
         if backend == "grouped_mm":
             offs = counts.cumsum(0).to(torch.int32)  # (E,) group end rows
-            xs = x.index_select(0, tok)  # (N*K, D)
+            inv = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))  # (N*K,)
+            xs = _GatherSum.apply(x, tok, 1, False, inv, k, False)  # (N*K, D) sorted pairs
             if mask is not None:
                 dead = (flat.index_select(0, order) == e)[:, None]  # (N*K, 1) masked pairs, sorted last
                 xs = xs.masked_fill(dead, 0.0)  # zeroes the kernel's undefined input-gradient rows
@@ -235,21 +274,12 @@ class _ExpertBank(nn.Module):
             if mask is not None:
                 ys = ys.masked_fill(dead, 0.0)  # the kernel leaves rows past offs[-1] undefined
             ys = ys * w.index_select(0, order)[:, None]  # (N*K, D) weights scale the expert outputs
-            return x.new_zeros(n, d).index_add_(0, tok, ys.to(x.dtype))  # (N, D)
+            return _GatherSum.apply(ys, inv, k, False, tok, 1, False).to(x.dtype)  # (N, D)
 
-        counts_host = counts.tolist()  # the single host sync of the CPU paths
+        if counts_host is None:
+            counts_host = counts.tolist()  # the single host sync of the CPU paths
         used, cap = sum(counts_host), max(counts_host)
         order, tok = order[:used], tok[:used]  # (P,) drop masked pairs
-        if backend == "auto":
-            if used and e * cap <= _PAD_WASTE * used:
-                backend = "padded"
-            else:
-                backend = "grouped_mm" if self._grouped_mm_ok(x) else "loop"
-            if backend == "grouped_mm":
-                offs = counts.cumsum(0).to(torch.int32)  # (E,)
-                ys = self._ffn_grouped(x.index_select(0, tok), offs)  # (P, D)
-                ys = ys * w.index_select(0, order)[:, None]  # (P, D)
-                return x.new_zeros(n, d).index_add_(0, tok, ys.to(x.dtype))  # (N, D)
         if backend == "padded":
             if used == 0:
                 return x.new_zeros(n, d) + 0.0 * sum(p.sum() for p in self._weights3d()) + 0.0 * w.sum()
@@ -257,11 +287,17 @@ class _ExpertBank(nn.Module):
             starts = counts.cumsum(0) - counts  # (E,)
             expert_sorted = flat.index_select(0, order)  # (P,)
             slot = expert_sorted * cap + torch.arange(used, device=x.device) - starts.index_select(0, expert_sorted)
-            row_tok = torch.full((e * cap,), n, dtype=torch.long, device=x.device).index_copy_(0, slot, tok)
-            w_pad = w.new_zeros(e * cap).index_copy(0, slot, w.index_select(0, order))  # (E*C,) 0 on padding
-            xb = F.pad(x, (0, 0, 0, 1)).index_select(0, row_tok).view(e, cap, d)  # (E, C, D) zero padding rows
-            yb = self._ffn_batched(xb, w_pad.view(e, cap, 1)).reshape(e * cap, d)  # (E*C, D) weighted
-            return x.new_zeros(n + 1, d).index_add_(0, row_tok, yb.to(x.dtype))[:n]  # (N, D)
+            rows = e * cap
+            row_tok = torch.full((rows,), n, dtype=torch.long, device=x.device).index_copy_(0, slot, tok)  # (E*C,)
+            pair_slot = torch.full((n * k,), rows, dtype=torch.long, device=x.device)  # (N*K,) masked: zero row
+            pair_slot.index_copy_(0, order, slot)
+            w_pad = w.new_zeros(rows).index_copy(0, slot, w.index_select(0, order))  # (E*C,) 0 on padding
+            masked = used < n * k
+            # dispatch: padding rows read the zero row N; backward sums each token's K buffer rows
+            xb = _GatherSum.apply(x, row_tok, 1, True, pair_slot, k, masked)  # (E*C, D)
+            yb = self._ffn_batched(xb.view(e, cap, d), w_pad.view(e, cap, 1)).reshape(rows, d)  # (E*C, D)
+            # combine: each token sums its K buffer rows; backward hands every buffer row its token's gradient
+            return _GatherSum.apply(yb, pair_slot, k, masked, row_tok, 1, True).to(x.dtype)  # (N, D)
         xs = x.index_select(0, tok)  # (P, D)
         ys = self._ffn_loop(xs, counts_host)  # (P, D)
         ys = ys * w.index_select(0, order)[:, None]  # (P, D) weights scale the expert outputs

@@ -1,0 +1,228 @@
+"""Forward+backward time of moekit's MoE layer against a dense SwiGLU and HF transformers' Mixtral block.
+
+Shapes (float32, T tokens): coarse E=8, k=2, D=512, H=1024 and fine-grained E=64, k=6, D=512, H=256. Every
+implementation is timed in the same run, interleaved round by round:
+
+* ``dense``: SwiGLU with hidden width k*H (the same active FLOPs as the MoE, no router) — the baseline;
+* ``moekit``: ``MoELayer`` (TopKRouter + SwiGLUExperts, ``backend="auto"``), plus the explicit ``grouped_mm``
+  (and with ``--all-backends`` ``loop`` and ``padded``) backends;
+* ``hf_eager`` / ``hf_grouped_mm``: ``MixtralSparseMoeBlock`` with ``config._experts_implementation`` set to
+  ``eager`` / ``grouped_mm`` (transformers 5.x reads it at call time), weights copied from the moekit layer
+  so that both route identically.
+
+Each round runs forward, then backward with a fixed random upstream gradient. We report the median and
+mean ± std of the times and the median over rounds of the per-round ratio to ``dense`` (robust to load drift
+on a shared machine). Writes ``benchmarks/results/moe_layer.json``.
+
+Usage: ``python benchmarks/moe_layer.py [--quick] [--repeats 7] [--tokens 4096] [--all-backends]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_core.layer import MoELayer, SwiGLU
+from moe_core.experts import SwiGLUExperts
+from moe_core.routers import TopKRouter
+
+SHAPES = {"coarse": dict(E=8, k=2, D=512, H=1024), "fine": dict(E=64, k=6, D=512, H=256)}
+TARGETS = {"coarse": 1.15, "fine": 1.4}
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+class _Dense(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.ffn = SwiGLU(dim=d, hidden_dim=h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x)
+
+
+class _Moekit(nn.Module):
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x).output
+
+
+def _build(shape: dict[str, int], backends: list[str], seed: int = 0) -> dict[str, nn.Module]:
+    e, k, d, h = shape["E"], shape["k"], shape["D"], shape["H"]
+    torch.manual_seed(seed)
+    impls: dict[str, nn.Module] = {"dense": _Dense(d, k * h)}
+    router = TopKRouter(dim=d, num_experts=e, top_k=k, renormalize=True)
+    base = SwiGLUExperts(num_experts=e, dim=d, hidden_dim=h)
+    for b in backends:
+        bank = SwiGLUExperts(num_experts=e, dim=d, hidden_dim=h, backend=b)
+        bank.load_state_dict(base.state_dict())
+        r = TopKRouter(dim=d, num_experts=e, top_k=k, renormalize=True)
+        r.load_state_dict(router.state_dict())
+        impls["moekit" if b == "auto" else f"moekit_{b}"] = _Moekit(MoELayer(router=r, experts=bank))
+    try:
+        import transformers
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        print("transformers not installed: HF rows skipped")
+        return impls
+    for impl in ("eager", "grouped_mm"):
+        cfg = transformers.MixtralConfig(
+            hidden_size=d, intermediate_size=h, num_local_experts=e, num_experts_per_tok=k, router_jitter_noise=0.0
+        )
+        cfg._experts_implementation = impl
+        hf = MixtralSparseMoeBlock(cfg)
+        with torch.no_grad():
+            hf.gate.weight.copy_(router.gate.weight)
+            gate_up = torch.cat([base.gate_proj, base.up_proj], dim=2).transpose(1, 2)  # (E, 2H, D)
+            hf.experts.gate_up_proj.copy_(gate_up)
+            hf.experts.down_proj.copy_(base.down_proj.transpose(1, 2))  # (E, D, H)
+        impls[f"hf_{impl}"] = hf
+    return impls
+
+
+def _time_once(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    t0 = time.perf_counter()
+    y = module(x)
+    y.backward(grad)
+    return time.perf_counter() - t0
+
+
+def run(tokens: int, repeats: int, backends: list[str], shapes: list[str]) -> list[dict]:
+    rows = []
+    for name in shapes:
+        shape = SHAPES[name]
+        impls = _build(shape, backends)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(1, tokens, shape["D"], generator=gen).requires_grad_()
+        grad = torch.randn(1, tokens, shape["D"], generator=gen)
+        # identical routing in moekit and HF: same weights, same input
+        with torch.no_grad():
+            out = {k: m(x) for k, m in impls.items() if k != "dense"}
+        ref = out.get("moekit")
+        for k, o in out.items():
+            err = float((o - ref).abs().max())
+            if err > 1e-3:
+                raise RuntimeError(f"{name}/{k} disagrees with moekit by {err}")
+        for m in impls.values():
+            _time_once(m, x, grad)  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in impls}
+        for r in range(repeats):
+            for k, m in impls.items():
+                times[k].append(_time_once(m, x, grad))
+            print(f"  {name} round {r + 1}/{repeats}: " + ", ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items()))
+        for k, ts in times.items():
+            ratios = [t / d for t, d in zip(ts, times["dense"], strict=True)]
+            rows.append(
+                {
+                    "shape": name,
+                    **shape,
+                    "tokens": tokens,
+                    "impl": k,
+                    "median_s": statistics.median(ts),
+                    "mean_s": statistics.mean(ts),
+                    "std_s": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                    "min_s": min(ts),
+                    "ratio_vs_dense": statistics.median(ratios),
+                    "ratio_of_medians": statistics.median(ts) / statistics.median(times["dense"]),
+                    "ratio_of_mins": min(ts) / min(times["dense"]),
+                    "times_s": ts,
+                }
+            )
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'shape':7} {'impl':18} {'median s':>9} {'mean±std s':>14} {'min s':>7} {'x dense':>8} {'x (min)':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['shape']:7} {r['impl']:18} {r['median_s']:9.3f} {r['mean_s']:7.3f}±{r['std_s']:<6.3f} "
+            f"{r['min_s']:7.3f} {r['ratio_vs_dense']:8.2f} {r['ratio_of_mins']:8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 512 tokens, 2 rounds, no JSON unless --out")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--all-backends", action="store_true", help="also time moekit's loop and padded backends")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/moe_layer.json)")
+    a = p.parse_args()
+    tokens, repeats = (512, 2) if a.quick else (a.tokens, a.repeats)
+    backends = ["auto", "grouped_mm"] + (["loop", "padded"] if a.all_backends else [])
+    load_before = _load()
+    rows = run(tokens, repeats, backends, a.shapes)
+    meta = {
+        "machine": _machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "tokens": tokens,
+        "repeats": repeats,
+        "dtype": "float32",
+        "load_avg_before": load_before,
+        "load_avg_after": _load(),
+        "targets_vs_dense": TARGETS,
+        "note": "forward+backward of the whole layer (router included except for dense); "
+        "x dense = median over rounds of the per-round ratio to dense",
+    }
+    print(_table(rows))
+    print(f"load average before/after: {load_before} / {meta['load_avg_after']}")
+    for name in a.shapes:
+        get = {r["impl"]: r for r in rows if r["shape"] == name}
+        if "moekit" in get:
+            ok = get["moekit"]["ratio_vs_dense"] <= TARGETS[name]
+            faster = "hf_grouped_mm" in get and get["moekit"]["median_s"] < get["hf_grouped_mm"]["median_s"]
+            print(f"{name}: moekit {get['moekit']['ratio_vs_dense']:.2f}x dense (target <= {TARGETS[name]}: "
+                  f"{'met' if ok else 'NOT met'}); faster than HF grouped_mm: {faster}")
+    out = a.out or (None if a.quick else Path(__file__).parent / "results" / "moe_layer.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
