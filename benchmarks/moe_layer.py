@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_core.layer import MoELayer, SwiGLU
 from moe_core.experts import SwiGLUExperts
+from moe_core.layer import MoELayer, SwiGLU
 from moe_core.routers import TopKRouter
 
 SHAPES = {"coarse": dict(E=8, k=2, D=512, H=1024), "fine": dict(E=64, k=6, D=512, H=256)}
@@ -54,7 +54,9 @@ def _machine() -> str:
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -105,7 +107,11 @@ def _build(shape: dict[str, int], backends: list[str], seed: int = 0) -> dict[st
         return impls
     for impl in ("eager", "grouped_mm"):
         cfg = transformers.MixtralConfig(
-            hidden_size=d, intermediate_size=h, num_local_experts=e, num_experts_per_tok=k, router_jitter_noise=0.0
+            hidden_size=d,
+            intermediate_size=h,
+            num_local_experts=e,
+            num_experts_per_tok=k,
+            router_jitter_noise=0.0,
         )
         cfg._experts_implementation = impl
         hf = MixtralSparseMoeBlock(cfg)
@@ -149,7 +155,10 @@ def run(tokens: int, repeats: int, backends: list[str], shapes: list[str]) -> li
         for r in range(repeats):
             for k, m in impls.items():
                 times[k].append(_time_once(m, x, grad))
-            print(f"  {name} round {r + 1}/{repeats}: " + ", ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items()))
+            print(
+                f"  {name} round {r + 1}/{repeats}: "
+                + ", ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items())
+            )
         for k, ts in times.items():
             ratios = [t / d for t, d in zip(ts, times["dense"], strict=True)]
             rows.append(
@@ -172,7 +181,10 @@ def run(tokens: int, repeats: int, backends: list[str], shapes: list[str]) -> li
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'shape':7} {'impl':18} {'median s':>9} {'mean±std s':>14} {'min s':>7} {'x dense':>8} {'x (min)':>8}"
+    head = (
+        f"{'shape':7} {'impl':18} {'median s':>9} {'mean±std s':>14} {'min s':>7} {'x dense':>8} "
+        f"{'x (min)':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -184,12 +196,16 @@ def _table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 512 tokens, 2 rounds, no JSON unless --out")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 512 tokens, 2 rounds, no JSON unless --out"
+    )
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--all-backends", action="store_true", help="also time moekit's loop and padded backends")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/moe_layer.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/moe_layer.json)"
+    )
     a = p.parse_args()
     tokens, repeats = (512, 2) if a.quick else (a.tokens, a.repeats)
     backends = ["auto", "grouped_mm"] + (["loop", "padded"] if a.all_backends else [])
@@ -215,8 +231,10 @@ def main() -> None:
         if "moekit" in get:
             ok = get["moekit"]["ratio_vs_dense"] <= TARGETS[name]
             faster = "hf_grouped_mm" in get and get["moekit"]["median_s"] < get["hf_grouped_mm"]["median_s"]
-            print(f"{name}: moekit {get['moekit']['ratio_vs_dense']:.2f}x dense (target <= {TARGETS[name]}: "
-                  f"{'met' if ok else 'NOT met'}); faster than HF grouped_mm: {faster}")
+            print(
+                f"{name}: moekit {get['moekit']['ratio_vs_dense']:.2f}x dense (target <= {TARGETS[name]}: "
+                f"{'met' if ok else 'NOT met'}); faster than HF grouped_mm: {faster}"
+            )
     out = a.out or (None if a.quick else Path(__file__).parent / "results" / "moe_layer.json")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

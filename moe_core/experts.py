@@ -1,11 +1,10 @@
 """Expert banks with stacked weights ``(E, D, H)`` and their dispatch backends.
 
-Fine-grained/gated expert FFNs as in Mixtral (arXiv 2401.04088) and DeepSeekMoE (arXiv 2401.06066); the dispatch
-layout (sort pairs by expert, grouped GEMM, scatter-add) follows MegaBlocks (arXiv 2211.15841) and the
-DeepSeek-V2 ``moe_infer`` loop. Backend choice, masking and the contiguous-gradient wrapper are our design
-(spec §25).
+Gated expert FFNs as in Mixtral (arXiv 2401.04088) and DeepSeekMoE (arXiv 2401.06066); the dispatch layout
+(sort pairs by expert, grouped GEMM, combine) follows MegaBlocks (arXiv 2211.15841) and the DeepSeek-V2
+``moe_infer`` loop. Backend choice, masking, padding and the gather-only autograd are our design (spec §25).
 
-Every bank computes, for ``x (N, D)``, ``indices (N, K)``, ``weights (N, K)`` and an optional ``mask (N, K)``::
+Every bank computes, for ``x (N, D)``, ``indices (N, K)``, ``weights (N, K)`` and optional ``mask (N, K)``::
 
     out[t] = sum over used slots k of weights[t, k] * expert_{indices[t, k]}(x[t])
 
@@ -15,22 +14,23 @@ Duplicate expert ids within one token are summed.
 Backends (``backend`` argument):
 
 * ``grouped_mm``: one stable sort of the ``N*K`` (token, slot) pairs by expert id, one gather, one
-  ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) per projection with device-side int32 group
-  offsets, one ``index_add_``. No host synchronisation. Masked slots get the sentinel id ``E`` so that the sort
-  moves them behind the last group; the kernel skips those rows (their outputs are uninitialised and are zeroed
-  with ``masked_fill`` before and after). The kernel needs float32/bfloat16/float16 and row strides that are
-  multiples of 16 bytes; its backward fails on an expanded (stride-0) upstream gradient, so every grouped
-  GEMM output passes through :class:`_ContiguousGrad`.
-* ``loop``: the same sort and gather, one ``bincount(...).tolist()`` (a single host sync), the stacked weights
-  ``unbind(0)`` once, and one dense GEMM per non-empty expert on its contiguous slice. Works for any dtype.
-* ``padded``: the same sort, one host sync for the group sizes, every expert's rows gathered into a zero-padded
-  ``(E, C, D)`` buffer with ``C`` the largest group (dropless: nothing is cut), one ``bmm`` per projection,
-  one ``index_add_``. Padding rows are zero and stay zero, so they change no output and no gradient; they do
-  cost FLOPs, ``E*C/P - 1`` of the useful work. Works for any dtype.
-* ``auto``: on accelerators ``grouped_mm`` where it can run (no host sync). On CPU it reads the group sizes once
-  and picks ``padded`` when the buffer holds at most 2x the useful rows (balanced routing), else ``grouped_mm``
-  where it can run, else ``loop``. "Can run": kernel present and working on that device and dtype (checked
-  once by a tiny forward+backward probe), weights of the input's dtype, strides aligned.
+  ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) per projection with device-side int32
+  group offsets, one gather-sum back to tokens. No host synchronisation. Masked slots get the sentinel id
+  ``E`` so that the sort moves them behind the last group; the kernel skips those rows (their outputs are
+  uninitialised and are zeroed with ``masked_fill`` before and after). The kernel needs float32/bfloat16/
+  float16 and row strides that are multiples of 16 bytes; its backward fails on an expanded (stride-0)
+  upstream gradient, so every grouped GEMM output passes through :class:`_ContiguousGrad`.
+* ``loop``: the same sort, one ``bincount(...).tolist()`` (a single host sync), the stacked weights
+  ``unbind(0)`` once, one dense GEMM per non-empty expert on its contiguous slice, ``index_add_`` back.
+  Works for any dtype.
+* ``padded``: the same sort, one host sync for the group sizes, every expert's rows gathered into a
+  zero-padded ``(E, C, D)`` buffer with ``C`` the largest group (dropless: nothing is cut), one ``bmm`` per
+  projection, one gather-sum back. Padding rows are zero and stay zero, so they change no output and no
+  gradient; they do cost FLOPs (``E*C/P - 1`` of the useful work). Works for any dtype.
+* ``auto``: on accelerators ``grouped_mm`` where it can run (no host sync). On CPU it reads the group sizes
+  once and picks ``padded`` when the buffer holds at most 2x the useful rows (balanced routing), else
+  ``grouped_mm`` where it can run, else ``loop``. "Can run": kernel present and working on that device and
+  dtype (checked once by a tiny forward+backward probe), weights of the input's dtype, strides aligned.
 
 Requesting ``grouped_mm`` explicitly for tensors it cannot handle raises ``RuntimeError`` (so a test that asks
 for it really runs it).
@@ -99,11 +99,11 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class _GatherSum(torch.autograd.Function):
-    """``out[i] = sum_j src[fwd[i*kf + j]]`` whose backward is again a gather: ``g_src[r] = sum_j g[bwd[r*kb + j]]``.
+    """``out[i] = sum_j src[fwd[i*kf + j]]``; the backward is again a gather, ``sum_j g[bwd[r*kb + j]]``.
 
     Valid when ``bwd`` lists, for every source row, the ``kb`` output rows that read it (index ``len(out)``:
-    an implicit zero row, used when ``zero_b``; likewise ``len(src)`` in ``fwd`` when ``zero_f``). Dispatch and
-    combine are both such row maps, so neither direction needs a scatter-add (``index_add_`` on CPU walks
+    an implicit zero row, used when ``zero_b``; likewise ``len(src)`` in ``fwd`` when ``zero_f``). Dispatch
+    and combine are both such row maps, so neither direction needs a scatter-add (``index_add_`` on CPU walks
     rows one by one; ``index_select`` is parallel).
     """
 
@@ -120,7 +120,7 @@ class _GatherSum(torch.autograd.Function):
 
 
 def _gather_sum(src: torch.Tensor, idx: torch.Tensor, k: int, zero_row: bool) -> torch.Tensor:
-    """Rows ``src[idx]`` summed in consecutive groups of ``k``; with ``zero_row``, ``idx == len(src)`` reads 0."""
+    """Rows ``src[idx]`` summed in groups of ``k``; with ``zero_row``, ``idx == len(src)`` reads zeros."""
     if zero_row:
         src = torch.cat([src, src.new_zeros(1, src.shape[1])])  # (R+1, D)
     rows = src.index_select(0, idx)  # (len(idx), D)
@@ -128,12 +128,12 @@ def _gather_sum(src: torch.Tensor, idx: torch.Tensor, k: int, zero_row: bool) ->
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``(P, I) x (E, I, O) -> (P, O)``: rows ``[offs[e-1], offs[e])`` use ``b[e]``; rows past ``offs[-1]`` undefined."""
+    """``(P, I) x (E, I, O) -> (P, O)``: rows ``[offs[e-1], offs[e])`` use ``b[e]``; later rows undefined."""
     return _ContiguousGrad.apply(_GMM(a, b, offs=offs))  # type: ignore[misc]
 
 
 def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the grouped GEMM kernel runs forward and backward on ``device``/``dtype`` (probed once, cached)."""
+    """Whether the grouped GEMM kernel runs forward and backward on ``device``/``dtype`` (probed once)."""
     if _GMM is None or dtype not in _GMM_DTYPES:
         return False
     key = (str(device), dtype)
@@ -209,9 +209,10 @@ class _ExpertBank(nn.Module):
     def _check_grouped_mm(self, x: torch.Tensor) -> None:
         if not self._grouped_mm_ok(x):
             raise RuntimeError(
-                f"backend='grouped_mm' cannot run here: needs torch grouped_mm on {x.device} for dtype {x.dtype} "
-                f"(float32/bfloat16/float16), weights of the input's dtype, and D, H whose rows are multiples of "
-                f"16 bytes (got D, H = {tuple(self._weights3d()[0].shape[1:])}); use backend='auto' or 'loop'"
+                f"backend='grouped_mm' cannot run here: needs torch grouped_mm on {x.device} for dtype "
+                f"{x.dtype} (float32/bfloat16/float16), weights of the input's dtype, and D, H whose rows "
+                f"are multiples of 16 bytes (got D, H = {tuple(self._weights3d()[0].shape[1:])}); "
+                "use backend='auto' or 'loop'"
             )
 
     def forward(
@@ -228,16 +229,22 @@ class _ExpertBank(nn.Module):
         Returns:
             ``(N, D)`` mixture ``sum_k weights[t, k] * expert_{indices[t, k]}(x[t])`` over used slots.
         """
-        e, d = self._weights3d()[0].shape[:2]  # from the weights: banks may be resharded or functionally called
+        e, d = self._weights3d()[0].shape[
+            :2
+        ]  # from the weights: banks may be resharded or functionally called
         if x.dim() != 2 or x.shape[1] != d:
             raise ValueError(f"x must have shape (N, dim={d}), got {tuple(x.shape)}")
         n = x.shape[0]
         if indices.dim() != 2 or indices.shape[0] != n:
             raise ValueError(f"indices must have shape (N={n}, K), got {tuple(indices.shape)}")
         if weights.shape != indices.shape:
-            raise ValueError(f"weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}")
+            raise ValueError(
+                f"weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}"
+            )
         if mask is not None and mask.shape != indices.shape:
-            raise ValueError(f"mask must have the shape of indices {tuple(indices.shape)}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have the shape of indices {tuple(indices.shape)}, got {tuple(mask.shape)}"
+            )
         k = indices.shape[1]
         if n == 0 or k == 0:
             # keep the graph connected so that every parameter gets a (zero) gradient
@@ -286,10 +293,18 @@ class _ExpertBank(nn.Module):
             # buffer row of sorted pair j: expert * cap + (j - start of its expert group)
             starts = counts.cumsum(0) - counts  # (E,)
             expert_sorted = flat.index_select(0, order)  # (P,)
-            slot = expert_sorted * cap + torch.arange(used, device=x.device) - starts.index_select(0, expert_sorted)
+            slot = (
+                expert_sorted * cap
+                + torch.arange(used, device=x.device)
+                - starts.index_select(0, expert_sorted)
+            )
             rows = e * cap
-            row_tok = torch.full((rows,), n, dtype=torch.long, device=x.device).index_copy_(0, slot, tok)  # (E*C,)
-            pair_slot = torch.full((n * k,), rows, dtype=torch.long, device=x.device)  # (N*K,) masked: zero row
+            row_tok = torch.full((rows,), n, dtype=torch.long, device=x.device).index_copy_(
+                0, slot, tok
+            )  # (E*C,)
+            pair_slot = torch.full(
+                (n * k,), rows, dtype=torch.long, device=x.device
+            )  # (N*K,) masked: zero row
             pair_slot.index_copy_(0, order, slot)
             w_pad = w.new_zeros(rows).index_copy(0, slot, w.index_select(0, order))  # (E*C,) 0 on padding
             masked = used < n * k
@@ -314,16 +329,25 @@ class SwiGLUExperts(_ExpertBank):
         backend: dispatch backend (see module docstring).
         activation: gating activation (``silu`` for SwiGLU).
 
-    Weights: ``gate_proj``/``up_proj`` ``(E, D, H)``, ``down_proj`` ``(E, H, D)`` in ``x @ W`` layout; expert ``e``
-    equals :class:`moe_core.layer.SwiGLU` with weights ``gate_proj[e]``, ``up_proj[e]``, ``down_proj[e]``.
+    Weights: ``gate_proj``/``up_proj`` ``(E, D, H)``, ``down_proj`` ``(E, H, D)`` in ``x @ W`` layout; expert
+    ``e`` equals :class:`moe_core.layer.SwiGLU` with weights ``gate_proj[e]``, ``up_proj[e]``,
+    ``down_proj[e]``.
     """
 
     def __init__(
-        self, *, num_experts: int, dim: int, hidden_dim: int, backend: Backend = "auto", activation: Activation = "silu"
+        self,
+        *,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        backend: Backend = "auto",
+        activation: Activation = "silu",
     ) -> None:
         super().__init__()
         if num_experts < 1 or dim < 1 or hidden_dim < 1:
-            raise ValueError(f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}")
+            raise ValueError(
+                f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}"
+            )
         self.backend = _resolve_backend(backend)
         self.act = _resolve_activation(activation)
         self.activation = activation
@@ -335,7 +359,11 @@ class SwiGLUExperts(_ExpertBank):
 
     def reset_parameters(self) -> None:
         """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` per projection (the ``nn.Linear`` default bound)."""
-        for w, fan_in in ((self.gate_proj, self.dim), (self.up_proj, self.dim), (self.down_proj, self.hidden_dim)):
+        for w, fan_in in (
+            (self.gate_proj, self.dim),
+            (self.up_proj, self.dim),
+            (self.down_proj, self.hidden_dim),
+        ):
             nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def extra_repr(self) -> str:
@@ -348,7 +376,7 @@ class SwiGLUExperts(_ExpertBank):
         return self.gate_proj, self.up_proj, self.down_proj
 
     def _gate_up(self) -> torch.Tensor:
-        # one GEMM of width 2H instead of two of width H: fewer kernel calls (each a parallel region) per expert
+        # one GEMM of width 2H instead of two of width H: fewer kernel calls (parallel regions) per expert
         return torch.cat([self.gate_proj, self.up_proj], dim=2)  # (E, D, 2H)
 
     def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -386,11 +414,19 @@ class MLPExperts(_ExpertBank):
     """
 
     def __init__(
-        self, *, num_experts: int, dim: int, hidden_dim: int, backend: Backend = "auto", activation: Activation = "gelu"
+        self,
+        *,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        backend: Backend = "auto",
+        activation: Activation = "gelu",
     ) -> None:
         super().__init__()
         if num_experts < 1 or dim < 1 or hidden_dim < 1:
-            raise ValueError(f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}")
+            raise ValueError(
+                f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}"
+            )
         self.backend = _resolve_backend(backend)
         self.act = _resolve_activation(activation)
         self.activation = activation

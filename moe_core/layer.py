@@ -1,8 +1,8 @@
 """MoE layers: router + routed experts (+ always-on shared experts). DeepSeekMoE: arXiv 2401.06066.
 
 Also: the dense :class:`SwiGLU` FFN, :func:`segment_ffn` (DeepSeekMoE fine-grained expert segmentation),
-:class:`ChainOfExpertsLayer` (Chain-of-Experts, arXiv 2506.18945) and builders. The optional sigmoid gate on the
-shared path follows Qwen2-MoE (HF ``Qwen2MoeSparseMoeBlock``).
+:class:`ChainOfExpertsLayer` (Chain-of-Experts, arXiv 2506.18945) and builders. The optional sigmoid gate on
+the shared path follows Qwen2-MoE (HF ``Qwen2MoeSparseMoeBlock``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,11 @@ class SwiGLU(nn.Module):
 
     def reset_parameters(self) -> None:
         """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` per projection (the ``nn.Linear`` default bound)."""
-        for w, fan_in in ((self.gate_proj, self.dim), (self.up_proj, self.dim), (self.down_proj, self.hidden_dim)):
+        for w, fan_in in (
+            (self.gate_proj, self.dim),
+            (self.up_proj, self.dim),
+            (self.down_proj, self.hidden_dim),
+        ):
             nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def extra_repr(self) -> str:
@@ -66,8 +70,8 @@ class SwiGLU(nn.Module):
 def segment_ffn(ffn: SwiGLU, m: int, *, backend: Backend = "auto") -> SwiGLUExperts:
     """Split a dense FFN's hidden dimension into ``m`` fine-grained experts (DeepSeekMoE segmentation [P]).
 
-    Expert ``i`` holds hidden units ``[i*H/m, (i+1)*H/m)``. Because the activation acts element-wise on the hidden
-    units and the down projection sums over them, ``sum_i expert_i(x) == ffn(x)`` exactly (up to rounding).
+    Expert ``i`` holds hidden units ``[i*H/m, (i+1)*H/m)``. Because the activation acts element-wise on the
+    hidden units and the down projection sums over them, ``sum_i expert_i(x) == ffn(x)`` (up to rounding).
 
     Args:
         ffn: the dense :class:`SwiGLU`.
@@ -132,7 +136,7 @@ class MoELayer(nn.Module):
             x: ``(B, T, D)`` or ``(N, D)``.
 
         Returns:
-            MoEOutput with ``output`` of the input's shape and the router's ``RouterOutput`` for the flat tokens.
+            MoEOutput with ``output`` of the input's shape and the router's decision for the flat tokens.
         """
         flat = _check_tokens(x, self.dim)  # (N, D)
         routing = self.router(flat)
@@ -154,8 +158,8 @@ class ChainOfExpertsLayer(nn.Module):
         z_t = z_{t-1} + MoE_t(z_{t-1})        (inner_residual; else z_t = MoE_t(z_{t-1})),  t = 1..C
         out = h + z_C                          (outer_residual; else out = z_C)
 
-    ``MoE_t`` uses router ``t`` (independent gates) or the single router every round, the same routed experts and
-    shared experts (which run every round). The CoE defaults are ``inner_residual=True, outer_residual=False``.
+    ``MoE_t`` uses router ``t`` (independent gates) or the single router every round, the same routed experts
+    and shared experts (which run every round). CoE defaults: ``inner_residual=True, outer_residual=False``.
 
     Args:
         routers: C routers (independent gates) or one router reused in every round.
@@ -183,12 +187,17 @@ class ChainOfExpertsLayer(nn.Module):
             raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
         if len(routers) not in (1, num_iterations):
             raise ValueError(
-                f"routers must hold 1 (shared gate) or num_iterations={num_iterations} routers, got {len(routers)}"
+                f"routers must hold 1 (shared gate) or num_iterations={num_iterations} routers, "
+                f"got {len(routers)}"
             )
         self.routers = nn.ModuleList(routers)
         self.experts, self.shared_experts = experts, shared_experts
         self.norm = norm if norm is not None else nn.Identity()
-        self.num_iterations, self.inner_residual, self.outer_residual = num_iterations, inner_residual, outer_residual
+        self.num_iterations, self.inner_residual, self.outer_residual = (
+            num_iterations,
+            inner_residual,
+            outer_residual,
+        )
         self.dim = int(getattr(routers[0], "dim", getattr(experts, "dim", 0)))
 
     @property

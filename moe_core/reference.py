@@ -60,9 +60,12 @@ def dense_mixture(x: torch.Tensor, probs: torch.Tensor, expert_fn: ExpertFn) -> 
 
 
 def swiglu_expert_fn(
-    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor] | None = None
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ExpertFn:
-    """Expert function of stacked SwiGLU weights ``gate/up (E, D, H)``, ``down (E, H, D)`` (indexed per call)."""
+    """Expert function of stacked SwiGLU weights ``gate/up (E, D, H)``, ``down (E, H, D)``."""
     act = act or torch.nn.functional.silu
     return lambda e, xr: (act(xr @ gate[e]) * (xr @ up[e])) @ down[e]
 

@@ -18,7 +18,9 @@ BACKENDS = [
     ("auto", torch.float64),
     ("auto", torch.float32),
     pytest.param(
-        "grouped_mm", torch.float32, marks=pytest.mark.skipif(not HAS_GMM, reason="torch grouped_mm not available")
+        "grouped_mm",
+        torch.float32,
+        marks=pytest.mark.skipif(not HAS_GMM, reason="torch grouped_mm not available"),
     ),
 ]
 
@@ -37,7 +39,9 @@ def _routing(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, tor
     idx = torch.randint(0, E, (n, K), generator=gen)
     mask = None
     if kind == "skewed":  # most pairs on expert 0; experts 3 and 4 get nothing
-        idx = torch.where(torch.rand(n, K, generator=gen) < 0.8, 0, torch.randint(0, 3, (n, K), generator=gen))
+        idx = torch.where(
+            torch.rand(n, K, generator=gen) < 0.8, 0, torch.randint(0, 3, (n, K), generator=gen)
+        )
     elif kind == "duplicates":  # the same expert twice in one token: contributions add up
         idx[:, 1] = idx[:, 0]
     elif kind == "masked":
@@ -128,7 +132,9 @@ def test_backends_agree_with_each_other_at_scale():
     """All backends on one float32 problem large enough for real groups (E=16, T=300, k=4, skew)."""
     torch.manual_seed(0)
     e, d, h, n, k = 16, 32, 48, 300, 4
-    banks = {b: SwiGLUExperts(num_experts=e, dim=d, hidden_dim=h, backend=b) for b in ("loop", "padded", "auto")}
+    banks = {
+        b: SwiGLUExperts(num_experts=e, dim=d, hidden_dim=h, backend=b) for b in ("loop", "padded", "auto")
+    }
     if HAS_GMM:
         banks["grouped_mm"] = SwiGLUExperts(num_experts=e, dim=d, hidden_dim=h, backend="grouped_mm")
     for b in banks.values():
@@ -154,7 +160,8 @@ class _Recording(SwiGLUExperts):
 
 
 @pytest.mark.parametrize(
-    "backend", ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(not HAS_GMM, reason="no grouped_mm"))]
+    "backend",
+    ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(not HAS_GMM, reason="no grouped_mm"))],
 )
 def test_masked_slots_cost_no_flops(backend):
     bank = _Recording(num_experts=E, dim=D, hidden_dim=H, backend=backend)

@@ -30,7 +30,7 @@ def _init_random(module: torch.nn.Module, seed: int) -> None:
 
 
 def _copy_hf_experts(hf_experts: torch.nn.Module, backend: str) -> SwiGLUExperts:
-    """HF 5.x stores ``gate_up_proj (E, 2H, D)`` (gate rows first) and ``down_proj (E, D, H)``, ``x @ W.T``."""
+    """HF 5.x stores ``gate_up_proj (E, 2H, D)`` (gate rows first), ``down_proj (E, D, H)``; ``x @ W.T``."""
     e, two_h, d = hf_experts.gate_up_proj.shape
     h = two_h // 2
     bank = SwiGLUExperts(num_experts=e, dim=d, hidden_dim=h, backend=backend)
@@ -58,7 +58,11 @@ def _compare(hf_block, layer, x) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixtral_sparse_moe_block(hf_impl, backend):
     cfg = transformers.MixtralConfig(
-        hidden_size=D, intermediate_size=H, num_local_experts=E, num_experts_per_tok=K, router_jitter_noise=0.0
+        hidden_size=D,
+        intermediate_size=H,
+        num_local_experts=E,
+        num_experts_per_tok=K,
+        router_jitter_noise=0.0,
     )
     cfg._experts_implementation = hf_impl
     hf = MixtralSparseMoeBlock(cfg).eval()

@@ -95,7 +95,9 @@ def test_deepseek_builder_defaults():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_token_permutation_equivariance_and_shapes(backend):
     torch.manual_seed(4)
-    layer = build_moe_layer(dim=D, hidden_dim=H, num_experts=6, top_k=2, num_shared_experts=1, backend=backend)
+    layer = build_moe_layer(
+        dim=D, hidden_dim=H, num_experts=6, top_k=2, num_shared_experts=1, backend=backend
+    )
     x = torch.randn(3, 7, D)
     res = layer(x)
     assert res.output.shape == x.shape and res.routing.indices.shape == (21, 2)
@@ -131,7 +133,9 @@ def test_layer_handles_empty_and_single_token():
 
 def test_bfloat16_layer():
     torch.manual_seed(5)
-    layer = build_moe_layer(dim=16, hidden_dim=32, num_experts=4, top_k=2, num_shared_experts=1, shared_gate=True)
+    layer = build_moe_layer(
+        dim=16, hidden_dim=32, num_experts=4, top_k=2, num_shared_experts=1, shared_gate=True
+    )
     x = torch.randn(2, 6, 16)
     ref = layer(x).output
     layer = layer.to(torch.bfloat16)
