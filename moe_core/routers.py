@@ -715,9 +715,10 @@ class TemperatureSchedule:
 
     ``linear``: ``tau(u) = max(tau_max - u (tau_max - tau_min) / decay_steps, tau_min)``;
     ``exp``: ``tau(u) = max(tau_max * exp(u ln(tau_min / tau_max) / decay_steps), tau_min)``.
-    Defaults follow the repo's CLI (``max_temperature=1.0, min_temperature=0.5``); ``decay_steps`` is the
-    repo's ``gumbel_decay_factor``-derived horizon and has no verified default. :meth:`is_hard` says whether
-    the hard phase has started (``hard_from_step``; None = never, the repo's -1 = from step 0).
+    Defaults follow the repo's CLI (``max_temperature=1.0, min_temperature=0.5``); ``decay_steps`` (D in the
+    formulas above) has no verified default and must be given. :meth:`is_hard` says whether the hard phase
+    has started (``hard_from_step``, the repo's ``switch_to_hard_gumbel_softmax``; None = never, 0 = the
+    repo's -1).
 
     Args:
         tau_max: tau at step 0.
