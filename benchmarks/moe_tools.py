@@ -47,7 +47,7 @@ from moe_core.inference.offload import OffloadStats, offload_model  # noqa: E402
 from moe_core.inference.scmoe import scmoe_logits  # noqa: E402
 from moe_core.layer import MoELayer  # noqa: E402
 from moe_core.routers import TopKRouter  # noqa: E402
-from moe_core.surgery.bank import count_parameters  # noqa: E402
+from moe_core.surgery.bank import count_parameters, find_moe_blocks  # noqa: E402
 from moe_core.surgery.mcsmoe import collect_routing_stats, compress_model, kd_loss, merge_model  # noqa: E402
 from moe_core.surgery.quant import choose_bits, quantize_model_experts  # noqa: E402
 
@@ -109,6 +109,45 @@ class MoELM(nn.Module):
 
     def forward(self, ids):
         return self.forward_with_routing(ids)[0]
+
+
+class AppLM(nn.Module):
+    """``apps.lm.model.TransformerLM`` (ffn=moe) behind this script's interface. Decoding recomputes the last
+    ``context_len`` tokens every step (the app model has no KV cache); the "cache" dict keeps the ids."""
+
+    def __init__(self, vocab, dim=64, heads=4, hidden=128, layers=4, experts=8, top_k=2, ctx=64) -> None:
+        super().__init__()
+        from apps.lm.model import LMConfig, TransformerLM
+
+        cfg = LMConfig(
+            vocab_size=vocab,
+            context_len=ctx,
+            dim=dim,
+            n_layers=layers,
+            n_heads=heads,
+            ffn_hidden=hidden * top_k,
+            ffn="moe",
+            num_experts=experts,
+            top_k=top_k,
+            expert_hidden=hidden,
+        )
+        self.lm, self.ctx = TransformerLM(config=cfg), ctx
+
+    @property
+    def blocks(self):
+        return self.lm.blocks
+
+    def forward_with_routing(self, ids, caches=None, start: int = 0):
+        if caches is None:
+            out = self.lm(ids)
+            return out.logits, [r for _, r in out.routings]
+        hist = torch.cat([caches[0]["ids"], ids], 1) if "ids" in caches[0] else ids
+        caches[0]["ids"] = hist
+        out = self.lm(hist[:, -self.ctx :])
+        return out.logits[:, -ids.shape[1] :], [r for _, r in out.routings]
+
+    def forward(self, ids):
+        return self.lm(ids).logits
 
 
 def balance_loss(routings) -> torch.Tensor:
@@ -245,14 +284,24 @@ def main(argv=None) -> None:
     p.add_argument("--kd-steps", type=int, default=80)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--val-windows", type=int, default=128)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_tools.json"))
+    p.add_argument(
+        "--model",
+        choices=("script", "app"),
+        default="script",
+        help="script: the MoE LM defined here (KV-cache decode); app: apps.lm.model.TransformerLM "
+        "(same size, trained by this script's loop; decode recomputes the window, no KV cache)",
+    )
+    p.add_argument("--out", default=None, help="default benchmarks/results/moe_tools[_app].json")
     a = p.parse_args(argv)
+    a.out = a.out or str(
+        ROOT / "benchmarks" / "results" / f"moe_tools{'_app' if a.model == 'app' else ''}.json"
+    )
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     train_ids, val_ids, vocab = load_data()
     gen = torch.Generator().manual_seed(123)
     vx, vy = windows(val_ids, a.val_windows, a.ctx, gen)
-    model = MoELM(vocab)
+    model = MoELM(vocab) if a.model == "script" else AppLM(vocab)
     print(f"training {count_parameters(model):,} params for {a.train_steps} steps ...", flush=True)
     t_train = time.perf_counter()
     steps, last = train(model, train_ids, steps=a.train_steps, ctx=a.ctx, bs=32, lr=3e-3, seed=a.seed)
@@ -335,7 +384,7 @@ def main(argv=None) -> None:
     # ---- bit-nested quantisation
     qm = copy.deepcopy(model)
     banks = quantize_model_experts(qm, bits=8, group_size=32)
-    blk = model.blocks[0].moe.experts
+    blk = find_moe_blocks(model)[0].experts
     expert_numel = 3 * blk.dim * blk.hidden_dim
     for b in (8, 6, 4, 3, 2):
         for q in banks:
@@ -352,8 +401,8 @@ def main(argv=None) -> None:
     cands = (2, 3, 4, 6, 8)
     budget = 8 * expert_numel * 3 / 8  # average 3 bits per weight per layer
     originals = [
-        (b.moe.experts.gate_proj.detach(), b.moe.experts.up_proj.detach(), b.moe.experts.down_proj.detach())
-        for b in model.blocks
+        (r.experts.gate_proj.detach(), r.experts.up_proj.detach(), r.experts.down_proj.detach())
+        for r in find_moe_blocks(model)
     ]
     for label, use_errors in (("hottest-first", False), ("usage x error per byte", True)):
         planned = [
@@ -383,7 +432,7 @@ def main(argv=None) -> None:
             "variant": "float32 experts (reference)",
             "bits": 32,
             "val_loss": base_loss,
-            "expert_bytes": 4 * expert_numel * 8 * len(model.blocks),
+            "expert_bytes": 4 * expert_numel * 8 * len(find_moe_blocks(model)),
         }
     )
     for r in rows[-8:]:
@@ -413,8 +462,8 @@ def main(argv=None) -> None:
         print(f"  {r['variant']:45s} acc {r['accuracy']:.4f}", flush=True)
 
     # ---- C3PO: last-token accuracy with kernel-regression re-mixing of the last 2 MoE layers
-    blocks = critical_blocks(len(model.blocks), 2)
-    embed = mean_embedding(model.tok)
+    blocks = critical_blocks(len(find_moe_blocks(model)), 2)
+    embed = mean_embedding(model.tok if isinstance(model, MoELM) else model.lm.embed)
     rx, ry = windows(train_ids, 512, a.ctx, torch.Generator().manual_seed(99))
     with torch.no_grad():
         r_ok = torch.cat([model(rx[i : i + 64])[:, -1].argmax(-1) for i in range(0, 512, 64)]) == ry[:, -1]
@@ -508,8 +557,13 @@ def main(argv=None) -> None:
         "train_steps": steps,
         "last_train_ce": last,
         "val_tokens": int(vy.numel()),
-        "model": f"MoELM dim {blk.dim}, {len(model.blocks)} layers, E=8, top-2, "
-        f"SwiGLU experts H={blk.hidden_dim}, char-level (defined here; apps/lm had no model yet)",
+        "model": f"{type(model).__name__} dim {blk.dim}, {len(model.blocks)} layers, E=8, top-2, "
+        f"SwiGLU experts H={blk.hidden_dim}, char-level; "
+        + (
+            "defined in this script"
+            if a.model == "script"
+            else "apps.lm TransformerLM trained by this script's loop"
+        ),
         "note": "val loss in nats/char on fixed random held-out windows; uniform-guess loss = "
         f"{math.log(vocab):.3f}",
     }
