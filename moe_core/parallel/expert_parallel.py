@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ExpertParallelMoELayer",
     "convert_to_expert_parallel",
+    "dedicated_group",
     "expert_parameter_names",
     "scale_expert_grads",
     "shard_expert_bank",
@@ -222,6 +223,10 @@ class ExpertParallelMoELayer(nn.Module):
         )  # (R, D)
         ones = recv_x.new_ones(recv_x.shape[0], 1)  # (R, 1): every received row is its own 1-slot token
         ys = self.experts(recv_x, local_ids[:, None], ones)  # (R, D)
+        if recv_x.requires_grad and recv_x.shape[0] == 0:
+            # no row arrived: keep the graph connected so that this rank joins the backward all-to-alls
+            # (a rank that skipped them would deadlock the others)
+            ys = ys + recv_x.sum() * 0
         back = dist_fn.all_to_all_single(
             ys.new_empty(xs.shape[0], x.shape[1]), ys, send_splits, recv_splits, group=self.group
         )  # (P, D) results in the order the pairs were sent
@@ -266,16 +271,32 @@ def _slice_expert_state(
             state_dict[key] = state_dict[key][lo:hi]
 
 
+def dedicated_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """``group``, or a new process group over all ranks when ``None`` (a collective call).
+
+    The all-to-alls of backward must not share a process group with DDP's gradient all-reduce: DDP launches
+    its bucketed all-reduces from autograd hooks, so the two kinds of collectives can be issued in different
+    orders on different ranks and deadlock (observed with gloo). A dedicated group keeps them apart.
+    """
+    return dist.new_group(ranks=list(range(dist.get_world_size()))) if group is None else group
+
+
 def convert_to_expert_parallel(module: nn.Module, *, group: dist.ProcessGroup | None = None) -> list[str]:
     """Replace every ``MoELayer`` inside ``module`` (in place) by an :class:`ExpertParallelMoELayer`.
 
     All ranks must hold identical weights before the call (same seed or a loaded checkpoint).
+
+    Args:
+        module: the model holding ``MoELayer`` children.
+        group: the EP process group; ``None`` creates a new group over all ranks (see
+            :func:`dedicated_group`; every rank must make the call).
 
     Returns:
         The qualified names of the converted layers.
     """
     from moe_core.layer import MoELayer
 
+    group = dedicated_group(group)
     converted = []
     for name, child in list(module.named_modules()):
         if isinstance(child, MoELayer):

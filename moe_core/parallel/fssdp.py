@@ -34,7 +34,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from moe_core.parallel.expert_parallel import _group_info, expert_param_names
+from moe_core.parallel.expert_parallel import _group_info, dedicated_group, expert_param_names
 from moe_core.types import MoEOutput
 
 __all__ = [
@@ -281,7 +281,8 @@ def sparse_all_gather(shard: torch.Tensor, need_all: torch.Tensor, group: dist.P
     s = int(ids[rank].numel())
     recv = shard.new_empty(world * s, shard.shape[1])  # (W*S, C)
     dist.all_to_all_single(recv, send, [s] * world, [int(i.numel()) for i in ids], group=group)
-    return recv.reshape(world, s, -1).transpose(0, 1).reshape(s, -1)  # (S, W*C)
+    c = shard.shape[1]
+    return recv.reshape(world, s, c).transpose(0, 1).reshape(s, world * c)  # (S, W*C)
 
 
 def sparse_reduce_scatter(
@@ -362,6 +363,7 @@ class FSSDPMoELayer(nn.Module):
             setattr(mod, attr, nn.Parameter(torch.empty(0), requires_grad=False))
         self._template = (template,)  # a tuple keeps it out of the module tree (no parameters, no state)
         self.last_stats: dict[str, float] = {}
+        self._warmed: set[tuple[str, torch.dtype]] = set()
         self.register_state_dict_post_hook(_fssdp_full_state)
         self.register_load_state_dict_pre_hook(_fssdp_load_full_state)
 
@@ -381,8 +383,29 @@ class FSSDPMoELayer(nn.Module):
         rows = _SparseAllGatherFn.apply(shard, need_all, self.group)  # (S, W*C)
         params = unflatten_experts(rows, self.layout)  # {name: (S, ...)}
         template = self._template[0]
+        if rows.shape[0] == 0:
+            # nothing materialised here: stay in the graph so this rank joins the backward reduce-scatter
+            # (square saves ``rows`` so that activation checkpointing recomputes, and re-gathers, here too)
+            return x.new_zeros(x.shape) + rows.square().sum().to(x.dtype) * 0  # (N, D)
         template.num_experts = rows.shape[0]
         return functional_call(template, params, (x, local_idx, weights, mask))
+
+    def _warm_up(self, x: torch.Tensor) -> None:
+        """Run the bank once on one token outside the checkpointed region.
+
+        Banks may probe kernels or cache decisions on their first call; inside the checkpoint that would
+        make the recomputation save a different set of tensors than the original forward.
+        """
+        key = (x.device.type, x.dtype)
+        if key in self._warmed or x.shape[0] == 0:
+            return
+        rows = torch.zeros(1, self.world_size * self.chunk, dtype=x.dtype, device=x.device)
+        template = self._template[0]
+        template.num_experts = 1
+        idx = torch.zeros(1, 1, dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            functional_call(template, unflatten_experts(rows, self.layout), (x[:1], idx, x.new_ones(1, 1)))
+        self._warmed.add(key)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         """x ``(B, T, D)`` or ``(N, D)`` (this rank's tokens) -> MoEOutput of the same shape (collective)."""
@@ -398,6 +421,7 @@ class FSSDPMoELayer(nn.Module):
         weights = routing.weights.to(x.dtype)
         args = (self.expert_shard, flat, local_idx, weights, routing.mask, need_all)
         if self.rematerialize and torch.is_grad_enabled():
+            self._warm_up(flat)
             out = checkpoint(self._compute, *args, use_reentrant=False)
         else:
             out = self._compute(*args)
@@ -450,10 +474,12 @@ def scale_fssdp_grads(module: nn.Module, factor: float) -> list[torch.utils.hook
 def convert_to_fssdp(module: nn.Module, *, group=None, rematerialize: bool = False) -> list[str]:
     """Replace every ``MoELayer`` inside ``module`` (in place) by an :class:`FSSDPMoELayer`.
 
-    All ranks must hold identical weights before the call. Returns the converted layers' names.
+    All ranks must hold identical weights before the call. ``group=None`` creates a dedicated group over all
+    ranks (a collective). Returns the converted layers' names.
     """
     from moe_core.layer import MoELayer
 
+    group = dedicated_group(group)  # not DDP's group: see dedicated_group
     converted = []
     for name, child in list(module.named_modules()):
         if isinstance(child, MoELayer):

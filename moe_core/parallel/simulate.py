@@ -32,7 +32,14 @@ from moe_core.parallel.fssdp import plan_placement
 Strategy = Literal["ep", "fsdp", "sparse", "hecate"]
 STRATEGIES: tuple[Strategy, ...] = ("ep", "fsdp", "sparse", "hecate")
 
-__all__ = ["CostModel", "STRATEGIES", "bootstrap_trace", "record_router_trace", "simulate_step", "simulate_trace"]
+__all__ = [
+    "CostModel",
+    "STRATEGIES",
+    "bootstrap_trace",
+    "record_router_trace",
+    "simulate_step",
+    "simulate_trace",
+]
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,9 @@ class CostModel:
         return 3 if self.rematerialize else 2
 
 
-def simulate_step(counts: torch.Tensor, strategy: Strategy, model: CostModel, *, slots: int | None = None) -> dict:
+def simulate_step(
+    counts: torch.Tensor, strategy: Strategy, model: CostModel, *, slots: int | None = None
+) -> dict:
     """Cost of one step.
 
     Args:
@@ -151,7 +160,9 @@ def simulate_step(counts: torch.Tensor, strategy: Strategy, model: CostModel, *,
     }
 
 
-def simulate_trace(trace: torch.Tensor, strategy: Strategy, model: CostModel, *, slots: int | None = None) -> dict:
+def simulate_trace(
+    trace: torch.Tensor, strategy: Strategy, model: CostModel, *, slots: int | None = None
+) -> dict:
     """Average :func:`simulate_step` over a trace ``(steps, n, E)``; adds ``imbalance = load_max / load_mean``."""
     rows = [simulate_step(step, strategy, model, slots=slots) for step in trace]
     out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
@@ -170,7 +181,13 @@ def record_router_trace(router: torch.nn.Module, tokens: torch.Tensor) -> torch.
 
 
 def bootstrap_trace(
-    recorded: torch.Tensor, *, num_experts: int, n_devices: int, tokens_per_device: int, steps: int, seed: int = 0
+    recorded: torch.Tensor,
+    *,
+    num_experts: int,
+    n_devices: int,
+    tokens_per_device: int,
+    steps: int,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Per-device expert counts by resampling recorded routing decisions.
 

@@ -34,17 +34,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class MaskingRouter(nn.Module):
-    """Top-k router that drops the second slot when its weight is below 0.35 (exercises ``mask``)."""
+COLD_EXPERTS = (6, 7)  # with router kind "cold": never chosen (at 4 ranks, rank 3 receives no token)
+DROPPED_ROWS = 4  # global tokens 0..3 have x[:, 1] = 5; router kind "cold" drops all their slots
 
-    def __init__(self, inner: TopKRouter) -> None:
+
+class MaskingRouter(nn.Module):
+    """Top-k router with a ``mask`` (exercises variable-k routing).
+
+    ``masked``: drops the second slot when its weight is below 0.35. ``cold``: drops every slot of tokens
+    with ``x[:, 1] > 4`` (at 4 ranks, rank 0 then needs no expert at all).
+    """
+
+    def __init__(self, inner: TopKRouter, kind: str) -> None:
         super().__init__()
-        self.inner, self.dim, self.num_experts = inner, inner.dim, inner.num_experts
+        self.inner, self.dim, self.num_experts, self.kind = inner, inner.dim, inner.num_experts, kind
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         r = self.inner(x)
         mask = torch.ones_like(r.indices, dtype=torch.bool)
-        mask[:, 1] = r.weights[:, 1] >= 0.35
+        if self.kind == "masked":
+            mask[:, 1] = r.weights[:, 1] >= 0.35
+        else:
+            mask &= (x[:, 1] <= 4.0)[:, None]
         return RouterOutput(
             logits=r.logits, probs=r.probs, weights=r.weights * mask, indices=r.indices, mask=mask
         )
@@ -56,8 +67,12 @@ def build_layer(router_kind: str = "topk", seed: int = 0) -> MoELayer:
     with torch.no_grad():
         router.gate.weight[EMPTY_EXPERT] = 0.0
         router.gate.weight[EMPTY_EXPERT, 0] = -50.0  # x[:, 0] == 1 for every token
-    if router_kind == "masked":
-        router = MaskingRouter(router)
+        if router_kind == "cold":
+            for e in COLD_EXPERTS:
+                router.gate.weight[e] = 0.0
+                router.gate.weight[e, 0] = -50.0
+    if router_kind in ("masked", "cold"):
+        router = MaskingRouter(router, router_kind)
     shared = nn.Sequential(nn.Linear(D, H), nn.SiLU(), nn.Linear(H, D))
     return MoELayer(
         router=router,
@@ -71,6 +86,7 @@ def tokens(n: int = N_TOKENS, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D, generator=g)
     x[:, 0] = 1.0
+    x[:DROPPED_ROWS, 1] = 5.0
     return x, torch.randn(n, D, generator=g)  # tokens and the upstream gradient of the output
 
 
@@ -98,8 +114,8 @@ def train_batches(world: int, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor
 
 def reference_training(world: int) -> list[float]:
     """One process training on the concatenated batches of all ranks (the oracle)."""
-    net = TinyNet().double()  # float64: Adam amplifies float32 summation-order noise on tiny gradients
-    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    net = TinyNet().double()  # float64; SGD, not Adam: Adam would hide a wrong gradient scale
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     xs, ys = (t.double() for t in train_batches(world))
     losses = []
     for x, y in zip(xs, ys):
@@ -168,7 +184,7 @@ def _distributed_training(kind: str, rank: int, world: int) -> dict:
         ignore = [n for n, _ in net.named_parameters() if n.endswith("expert_shard")]
     DDP._set_params_and_buffers_to_ignore_for_model(net, ignore)
     ddp = DDP(net)
-    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     xs, ys = (t.double() for t in train_batches(world))
     losses = []
     for x, y in zip(xs, ys):
@@ -191,12 +207,12 @@ def worker(rank: int, world: int, port: int, outdir: str, ckpt_in: str | None) -
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=120),
+        timeout=datetime.timedelta(seconds=60),
     )
     try:
         res: dict = {"layers": {}}
         for kind in ("ep", "fssdp", "fssdp_remat"):
-            for router_kind in ("topk", "masked"):
+            for router_kind in ("topk", "masked", "cold"):
                 res["layers"][(kind, router_kind)] = _distributed_layer_run(kind, router_kind, rank, world)
         probe, _ = tokens(10, seed=3)
         for kind in ("ep", "fssdp"):

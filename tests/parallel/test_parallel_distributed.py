@@ -64,7 +64,7 @@ def test_reference_has_an_expert_without_tokens():
     assert (routing.counts() > 0).sum() == W.E - 1
 
 
-@pytest.mark.parametrize("router_kind", ["topk", "masked"])
+@pytest.mark.parametrize("router_kind", ["topk", "masked", "cold"])
 def test_expert_parallel_equals_single_process(run, router_kind):
     world, ranks = run["world"], run["ranks"]
     layer, out, x_grad, grads = _reference(router_kind)
@@ -83,6 +83,8 @@ def test_expert_parallel_equals_single_process(run, router_kind):
     assert set(dense_sum) == {n for n in grads if not n.startswith("experts.")}
     for name, g in dense_sum.items():
         torch.testing.assert_close(g, grads[name], atol=ATOL, rtol=1e-5)
+    if router_kind == "cold" and world == 4:  # the scenario really has a rank that receives no token
+        assert ranks[3]["layers"][("ep", "cold")]["stats"]["rows_computed"] == 0
     # the empty expert's gradient is exactly zero on its owner
     owner = W.EMPTY_EXPERT // local
     e_local = W.EMPTY_EXPERT % local
@@ -90,7 +92,7 @@ def test_expert_parallel_equals_single_process(run, router_kind):
 
 
 @pytest.mark.parametrize("kind", ["fssdp", "fssdp_remat"])
-@pytest.mark.parametrize("router_kind", ["topk", "masked"])
+@pytest.mark.parametrize("router_kind", ["topk", "masked", "cold"])
 def test_sparse_materialisation_equals_single_process(run, kind, router_kind):
     world, ranks = run["world"], run["ranks"]
     layer, out, x_grad, grads = _reference(router_kind)
@@ -108,6 +110,8 @@ def test_sparse_materialisation_equals_single_process(run, kind, router_kind):
                 dense_sum[name] = dense_sum.get(name, 0) + g
         # only experts selected by this rank's tokens were materialised
         assert got["stats"]["experts_materialised"] <= W.E - 1
+    if router_kind == "cold" and world == 4:  # rank 0 materialises nothing (all its slots are dropped)
+        assert ranks[0]["layers"][(kind, "cold")]["stats"]["experts_materialised"] == 0
     full = torch.cat(shard_grads, dim=1)[:, : ref_flat_grad.shape[1]]  # (E, P)
     torch.testing.assert_close(full, ref_flat_grad, atol=ATOL, rtol=1e-5)
     for name, g in dense_sum.items():

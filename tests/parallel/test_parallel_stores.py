@@ -1,4 +1,4 @@
-"""Shared stores on a real PostgreSQL: Optuna workers sharing one study; MLflow server with a Postgres backend."""
+"""Shared stores on real PostgreSQL: Optuna workers sharing one study; MLflow server on a Postgres backend."""
 
 from __future__ import annotations
 
@@ -78,9 +78,10 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 150.0) -> None
 
 
 def test_mlflow_run_logged_through_postgres_backed_server_reads_back(fresh_db, tmp_path, pg_url):
-    import mlflow
     import psycopg
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     url, db = fresh_db
     port = _free_port()
