@@ -163,7 +163,7 @@ def simulate_step(
 def simulate_trace(
     trace: torch.Tensor, strategy: Strategy, model: CostModel, *, slots: int | None = None
 ) -> dict:
-    """Average :func:`simulate_step` over a trace ``(steps, n, E)``; adds ``imbalance = load_max / load_mean``."""
+    """Mean of :func:`simulate_step` over ``trace (steps, n, E)``; adds ``imbalance`` (max / mean load)."""
     rows = [simulate_step(step, strategy, model, slots=slots) for step in trace]
     out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     out["imbalance"] = out["load_max"] / out["load_mean"]

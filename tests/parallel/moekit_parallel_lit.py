@@ -18,7 +18,7 @@ def lightning_data(world: int) -> torch.utils.data.TensorDataset:
 
 
 class LitTiny(L.LightningModule):
-    """TinyNet (float64) trained with SGD (momentum) on a mean-squared error; records the all-rank mean loss."""
+    """TinyNet (float64) trained with SGD + momentum on an MSE; records the mean loss over all ranks."""
 
     def __init__(self, loss_file: str | None = None, world: int = 1) -> None:
         super().__init__()
