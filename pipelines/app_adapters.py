@@ -66,12 +66,11 @@ class RecsysAdapter(AppAdapter):
         return frames[split if split in frames else "val"][0]
 
     def input_example(self, datamodule: L.LightningDataModule) -> pd.DataFrame:
+        # raw dtypes of the training file (census codes and counts are integers): the preprocessor keys
+        # its vocabularies on str(raw value), so a served 35.0 must not silently become another category
         s = datamodule.preprocessor.schema
-        df = self.raw_frame(datamodule).head(5).reset_index(drop=True)
-        out = pd.DataFrame({c: df[c].astype(str) for c in s.categorical})
-        for c in s.numeric:  # doubles in the signature, so JSON ints and floats are both accepted
-            out[c] = pd.to_numeric(df[c]).astype(np.float64)
-        return out
+        cols = list(dict.fromkeys([*s.categorical, *s.numeric]))
+        return self.raw_frame(datamodule)[cols].head(5).reset_index(drop=True)
 
 
 # -- finance -------------------------------------------------------------------------------------------------

@@ -196,10 +196,11 @@ class MoekitCLI(LightningCLI):
     def _add_instantiators(self) -> None:
         """Register LightningCLI's hyper-parameter instantiator for the model only.
 
-        LightningCLI normally makes ``save_hyperparameters()`` record the *config's* init args of the class it
-        instantiates; a DataModule subclass that calls ``save_hyperparameters()`` in its own and its parent's
-        ``__init__`` (e.g. ``CensusDataModule(MultiTaskDataModule)``) then loses the parent's hparams under the CLI
-        but not in plain Python. Data modules are instantiated normally here, so they behave the same both ways.
+        LightningCLI normally makes ``save_hyperparameters()`` record the *config's* init args of the class
+        it instantiates; a DataModule subclass that calls ``save_hyperparameters()`` in its own and its
+        parent's ``__init__`` (e.g. ``CensusDataModule(MultiTaskDataModule)``) then loses the parent's hparams
+        under the CLI but not in plain Python. Data modules are instantiated normally here, so they behave the
+        same both ways.
         """
         from lightning.pytorch.cli import _get_module_type, _InstantiatorFn
 

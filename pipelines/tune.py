@@ -156,6 +156,7 @@ def run_study(
     pruner_startup_trials: int = 5,
     pruner_warmup_steps: int = 1,
     sampler_startup_trials: int = 10,
+    enqueue: Sequence[Mapping[str, Any]] = (),
 ) -> optuna.Study:
     """Run (or resume) a study until it holds ``n_trials`` finished trials (or ``timeout`` seconds pass).
 
@@ -174,6 +175,8 @@ def run_study(
         monitor, direction: replace the search space's / adapter's objective metric.
         pruner_startup_trials, pruner_warmup_steps: MedianPruner settings.
         sampler_startup_trials: random trials before TPE starts modelling.
+        enqueue: parameter sets (Optuna param names -> values) to run first, e.g. the base config's own values
+            as a same-budget baseline; only added when the study has no trials yet.
 
     Returns:
         The Optuna study.
@@ -223,6 +226,9 @@ def run_study(
         raise ValueError(
             f"study {study_name!r} exists with direction {study.direction.name.lower()}, not {direction}"
         )
+    if enqueue and not study.get_trials(deepcopy=False):
+        for params in enqueue:
+            study.enqueue_trial(dict(params))
     study.set_user_attr("app", app)
     study.set_user_attr("configs", configs)
     study.set_user_attr("monitor", monitor)
@@ -329,6 +335,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default=None, help="MLflow experiment (default moekit-<app>-tune)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--enqueue",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="run these Optuna params first (new study only), e.g. the base config's values: "
+        '\'{"lr": 0.003, "embed_dim": 8}\' (repeatable)',
+    )
     p.add_argument("--pruner-startup-trials", type=int, default=5)
     p.add_argument("--pruner-warmup-steps", type=int, default=1)
     p.add_argument("--sampler-startup-trials", type=int, default=10)
@@ -349,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pruner_startup_trials=a.pruner_startup_trials,
         pruner_warmup_steps=a.pruner_warmup_steps,
         sampler_startup_trials=a.sampler_startup_trials,
+        enqueue=[json.loads(e) for e in a.enqueue],
     )
     print(summary_table(study))
 
