@@ -226,8 +226,10 @@ class MoekitCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         tracking = self._cfg().get("tracking") or {}
-        if config.get("logger") in (None, True):
-            config["logger"] = self._logger_override or make_logger(
+        if self._logger_override is not None:  # the tuner's nested trial run, whatever the config says
+            config["logger"] = self._logger_override
+        elif config.get("logger") in (None, True):
+            config["logger"] = make_logger(
                 app=self.app,
                 tracking_uri=tracking.get("uri"),
                 experiment=tracking.get("experiment"),

@@ -30,7 +30,10 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def run_demo(
-    *, config: str | Path = DEFAULT_CONFIG, name: str = "moekit-census-home", max_epochs: int | None = None,
+    *,
+    config: str | Path = DEFAULT_CONFIG,
+    name: str = "moekit-census-home",
+    max_epochs: int | None = None,
     extra_args: Sequence[str] = (),
 ) -> dict:
     """Run the demo; returns the metrics, the registered version and the wall time."""
