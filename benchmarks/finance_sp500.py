@@ -109,6 +109,77 @@ def nn_models(nf: int, T: int) -> dict:
             lambda: Transformer(num_features=nf, step_len=T, hidden_dim=64, num_heads=4),
             {"loss": "mse", "lr": 5e-4},
         ),
+        # MIGA ablations (spec §12 switches), run with --tag ablation
+        "MIGA-mse": (
+            lambda: MIGA(
+                num_features=nf,
+                step_len=T,
+                encoder="linear",
+                hidden_dim=64,
+                num_groups=2,
+                experts_per_group=4,
+                top_k=2,
+                expert_dim=8,
+                attention_heads=2,
+            ),
+            {"loss": "mse", "balance_loss": "switch", "w_balance": 0.01, "lr": 5e-4},
+        ),
+        "MIGA-noattn": (
+            lambda: MIGA(
+                num_features=nf,
+                step_len=T,
+                encoder="linear",
+                hidden_dim=64,
+                num_groups=2,
+                experts_per_group=4,
+                top_k=2,
+                expert_dim=8,
+                inner_attention=False,
+            ),
+            {"loss": "ic", "balance_loss": "switch", "w_balance": 0.01, "lr": 5e-4},
+        ),
+        "MIGA-nobal": (
+            lambda: MIGA(
+                num_features=nf,
+                step_len=T,
+                encoder="linear",
+                hidden_dim=64,
+                num_groups=2,
+                experts_per_group=4,
+                top_k=2,
+                expert_dim=8,
+                attention_heads=2,
+            ),
+            {"loss": "ic", "balance_loss": "none", "lr": 5e-4},
+        ),
+        "MIGA-G1M1": (
+            lambda: MIGA(
+                num_features=nf,
+                step_len=T,
+                encoder="linear",
+                hidden_dim=64,
+                num_groups=1,
+                experts_per_group=1,
+                top_k=1,
+                expert_dim=8,
+                inner_attention=False,
+            ),
+            {"loss": "ic", "balance_loss": "none", "lr": 5e-4},
+        ),
+        "MIGA-conv-T5": (
+            lambda: MIGA(
+                num_features=nf,
+                step_len=T,
+                encoder="conv1d",
+                hidden_dim=32,
+                num_groups=2,
+                experts_per_group=4,
+                top_k=2,
+                expert_dim=8,
+                attention_heads=2,
+            ),
+            {"loss": "ic", "balance_loss": "switch", "w_balance": 0.01, "lr": 5e-4},
+        ),
     }
 
 
@@ -196,6 +267,7 @@ def main() -> None:
     ap.add_argument("--models", default="MIGA,MLP,GRU,ALSTM,Transformer,LightGBM")
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 epoch (smoke)")
     ap.add_argument("--skip_speed", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. ablation)")
     a = ap.parse_args()
     if a.quick:
         a.seeds, a.epochs = 1, 1
@@ -280,7 +352,7 @@ def main() -> None:
             "seeds": a.seeds,
             "caveat": "survivorship-biased universe (Feb-2018 constituents); absurd one-day moves masked",
         }
-        name = "finance_sp500_quick" if a.quick else "finance_sp500"
+        name = "finance_sp500_quick" if a.quick else "finance_sp500" + (f"_{a.tag}" if a.tag else "")
         (RES / f"{name}.json").write_text(
             json.dumps({"meta": meta, "rows": rows + summary}, indent=1, default=float)
         )
