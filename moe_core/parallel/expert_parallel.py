@@ -116,8 +116,9 @@ class ExpertParallelMoELayer(nn.Module):
         shared_gate: optional ``nn.Linear(D, 1)`` sigmoid gate of the shared path (Qwen2-MoE).
         group: the EP process group (``None``: the default world group).
 
-    After each forward, ``last_stats`` holds this rank's bytes sent/received by the token all-to-alls
-    (forward only; backward moves the same amounts in the opposite direction) and the rows it computed.
+    After each forward, ``last_stats`` holds this rank's bytes sent/received by the token all-to-alls in
+    forward, the bytes sent + received per training step (backward moves the same rows back) and the rows
+    it computed.
     """
 
     def __init__(
@@ -234,8 +235,10 @@ class ExpertParallelMoELayer(nn.Module):
         sent = sum(c for r, c in enumerate(send_splits) if r != self.rank)
         received = sum(c for r, c in enumerate(recv_splits) if r != self.rank)
         self.last_stats = {
-            "bytes_sent": float((sent + received) * elt),  # dispatch send + combine send (forward)
+            "bytes_sent": float((sent + received) * elt),  # forward: dispatch sends + combine sends
             "bytes_received": float((received + sent) * elt),
+            # per training step: backward moves the same rows in the opposite directions
+            "bytes_step": float(4 * (sent + received) * elt),
             "rows_computed": float(sum(recv_splits)),
         }
         return x.new_zeros(n, x.shape[1]).index_add_(0, tok, back * w[:, None])

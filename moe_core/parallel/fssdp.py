@@ -332,9 +332,9 @@ class FSSDPMoELayer(nn.Module):
         group: the sharding process group (``None``: world).
         rematerialize: re-gather experts in backward instead of keeping them (Hecate).
 
-    ``last_stats`` after each forward: experts materialised, bytes received by the gather (the reduce-scatter
-    in backward moves the same amount the other way), bytes of the resident shard and of the materialised
-    experts.
+    ``last_stats`` after each forward: experts materialised, bytes received and sent by one sparse all-gather,
+    bytes sent + received per training step (gathers and the reduce-scatter), bytes of the resident shard
+    (parameters; optimizer states scale with it) and of the materialised experts (peak, per layer).
     """
 
     def __init__(
@@ -432,10 +432,17 @@ class FSSDPMoELayer(nn.Module):
             out = out + shared
         elt = self.expert_shard.element_size()
         s = int(need.sum())
+        others = int(need_all.sum()) - s  # experts other ranks materialise: we send each our chunk
+        gathers = 2 if self.rematerialize else 1
+        recv_b = float(s * (self.world_size - 1) * self.chunk * elt)
+        sent_b = float(others * self.chunk * elt)
         self.last_stats = {
             "experts_materialised": float(s),
-            "bytes_gathered": float(s * (self.world_size - 1) * self.chunk * elt),
-            "bytes_reduce_scattered": float(s * (self.world_size - 1) * self.chunk * elt),
+            "bytes_gather_received": recv_b,  # one sparse all-gather
+            "bytes_gather_sent": sent_b,
+            # per training step: gathers (1, or 2 with re-materialisation) plus the reduce-scatter, which
+            # moves the gather's bytes in the opposite direction; sent + received
+            "bytes_step": (gathers + 1) * (recv_b + sent_b),
             "shard_bytes": float(self.expert_shard.numel() * elt),
             "materialised_bytes": float(s * self.world_size * self.chunk * elt),
         }

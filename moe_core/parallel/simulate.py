@@ -109,9 +109,10 @@ def simulate_step(
         home = torch.arange(e_total) // (e_total // n)  # (E,)
         per_home = torch.zeros(n, n, dtype=torch.float64).index_add_(1, home, counts)  # (src n, dst n)
         remote = per_home * (1 - torch.eye(n, dtype=torch.float64))
-        # dispatch + combine, forward and backward: 4 crossings of a token row; send and receive both count
+        # a remote pair crosses the network 4 times (dispatch and combine, forward and backward); a device
+        # counts the rows it sends and the rows it receives
         sent, received = remote.sum(1), remote.sum(0)
-        bytes_dev = 2 * (sent + received) * tok
+        bytes_dev = 4 * (sent + received) * tok
         load = per_home.sum(0)
         mem = torch.full((n,), e_total / n * exp_b, dtype=torch.float64)
     elif strategy == "fsdp":
@@ -143,7 +144,7 @@ def simulate_step(
         s = hosts.sum(1)
         received = s * exp_b * frac
         sent = (reps * exp_b / n).sum() - hosts.mul(exp_b / n).sum(1)
-        bytes_dev = 2 * (sent_tok + recv_tok) * tok + model.gathers_per_step * (received + sent)
+        bytes_dev = 4 * (sent_tok + recv_tok) * tok + model.gathers_per_step * (received + sent)
         load = plan.device_load
         mem = shard_b + s * exp_b
     else:

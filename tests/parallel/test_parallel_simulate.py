@@ -15,8 +15,9 @@ def test_expert_parallel_uniform_counts_closed_form():
     n, e, c = 4, 8, 10.0
     r = simulate_step(torch.full((n, e), c), "ep", M)
     pairs = e * c  # per device
-    # each device sends (n-1)/n of its pairs and receives as many, 4 crossings (dispatch/combine, fwd/bwd)
-    assert r["bytes_max"] == pytest.approx(2 * 2 * pairs * (n - 1) / n * M.token_bytes)
+    # each device sends (n-1)/n of its pairs and receives as many; each remote pair crosses 4 times
+    # (dispatch and combine, forward and backward)
+    assert r["bytes_max"] == pytest.approx(4 * 2 * pairs * (n - 1) / n * M.token_bytes)
     assert r["load_max"] == r["load_mean"] == pytest.approx(pairs)
 
 
