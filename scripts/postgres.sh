@@ -47,14 +47,23 @@ else
   as_pg() { "$@"; }
 fi
 
+mkdir -p "$dir"
+if [ "$(id -u)" -eq 0 ]; then
+  [ -f "$dir/data/PG_VERSION" ] || chown postgres: "$dir"
+  if ! as_pg test -w "$dir"; then
+    # the repository lies where the postgres user cannot reach it (e.g. under /root): use /tmp instead
+    dir="${TMPDIR:-/tmp}/moekit-postgres"
+    echo "postgres.sh: repository not reachable by the postgres user; cluster in $dir" >&2
+    mkdir -p "$dir" && chown postgres: "$dir"
+  fi
+fi
+
 if [ "$action" = stop ]; then
   [ -f "$dir/data/postmaster.pid" ] && as_pg "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null || true
   exit 0
 fi
 
 if [ ! -f "$dir/data/PG_VERSION" ]; then
-  mkdir -p "$dir"
-  [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
   as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth-local=trust --auth-host=trust \
     -E UTF8 --locale=C.UTF-8 >/dev/null 2>&1 || as_pg "$bin/initdb" -D "$dir/data" -U postgres \
     --auth-local=trust --auth-host=trust -E UTF8 >/dev/null
