@@ -127,6 +127,7 @@ def _worker(rank: int, world: int, port: int, mode: str, steps: int, out: str) -
             json.dump(
                 {"times": times, "bytes": nbytes, "materialised": mats, "expert_param_bytes": shard_bytes}, f
             )
+    dist.barrier()  # nobody leaves while a peer still talks to it (a gloo subgroup otherwise hung at exit)
     dist.destroy_process_group()
 
 

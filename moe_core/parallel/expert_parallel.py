@@ -25,7 +25,6 @@ import logging
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from moe_core.types import MoEOutput
@@ -103,6 +102,27 @@ class _AllToAllNoGrad:
         recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
         return recv
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Differentiable ``all_to_all_single`` over rows with uneven splits; backward swaps the splits.
+
+    (``torch.distributed.nn.functional.all_to_all_single`` does the same but is deprecated in torch 2.13.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        return _AllToAllNoGrad.rows(x.contiguous(), send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (
+            _AllToAllNoGrad.rows(grad.contiguous(), ctx.recv_splits, ctx.send_splits, ctx.group),
+            None,
+            None,
+            None,
+        )
 
 
 class ExpertParallelMoELayer(nn.Module):
@@ -219,18 +239,14 @@ class ExpertParallelMoELayer(nn.Module):
             flat - dest * self.local_experts, send_splits, recv_splits, self.group
         )
         xs = x[tok]  # (P, D) pairs grouped by destination rank
-        recv_x = dist_fn.all_to_all_single(
-            xs.new_empty(sum(recv_splits), x.shape[1]), xs, recv_splits, send_splits, group=self.group
-        )  # (R, D)
+        recv_x = _AllToAllRows.apply(xs, send_splits, recv_splits, self.group)  # (R, D)
         ones = recv_x.new_ones(recv_x.shape[0], 1)  # (R, 1): every received row is its own 1-slot token
         ys = self.experts(recv_x, local_ids[:, None], ones)  # (R, D)
         if recv_x.requires_grad and recv_x.shape[0] == 0:
             # no row arrived: keep the graph connected so that this rank joins the backward all-to-alls
             # (a rank that skipped them would deadlock the others)
             ys = ys + recv_x.sum() * 0
-        back = dist_fn.all_to_all_single(
-            ys.new_empty(xs.shape[0], x.shape[1]), ys, send_splits, recv_splits, group=self.group
-        )  # (P, D) results in the order the pairs were sent
+        back = _AllToAllRows.apply(ys, recv_splits, send_splits, self.group)  # (P, D) in the order sent
         elt = x.element_size() * x.shape[1]
         sent = sum(c for r, c in enumerate(send_splits) if r != self.rank)
         received = sum(c for r, c in enumerate(recv_splits) if r != self.rank)

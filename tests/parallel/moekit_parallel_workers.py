@@ -236,5 +236,6 @@ def worker(rank: int, world: int, port: int, outdir: str, ckpt_in: str | None) -
                 with torch.no_grad():
                     res[f"loaded_probe_{kind}"] = net(probe.double())
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
