@@ -178,3 +178,23 @@ def test_census_split_golden_hash(census):
     tr, va, te = stratified_unit_split(census)
     digest = hashlib.sha256(b"".join(a.astype("<i8").tobytes() for a in (tr, va, te))).hexdigest()
     assert digest == CENSUS_SPLIT_SHA256
+
+
+@needs_census
+def test_user_train_file_becomes_train_split(tmp_path):
+    """A user-supplied train file (census format) is the train split; the shipped file is split 50/50."""
+    import gzip
+
+    from apps.recsys.data import CensusDataModule
+
+    src = data_dir() / CENSUS_FOLDER / CENSUS_FILE
+    with gzip.open(src, "rt") as f:
+        head = [next(f) for _ in range(300)]
+    user = tmp_path / "census-income.data.gz"
+    with gzip.open(user, "wt") as f:
+        f.writelines(head)
+    dm = CensusDataModule(train_file=str(user), batch_size=64)
+    dm.setup("fit")
+    assert len(dm.splits["train"]["cat"]) == 300
+    n_val, n_test = len(dm.splits["val"]["cat"]), len(dm.splits["test"]["cat"])
+    assert n_val + n_test == 99_762 and abs(n_val - n_test) < 200

@@ -136,19 +136,19 @@ def test_all_shipped_configs_present():
 @needs_census
 @pytest.mark.slow
 def test_end_to_end_census_reaches_income_auc(tmp_path):
-    """Short real run (MMoE, 2 epochs on the full train split): test income AUC >= 0.90."""
+    """Short real run (MMoE, 3 epochs on the full train split): test income AUC >= 0.90."""
     from apps.recsys.data import CensusDataModule
 
     L.seed_everything(0)
     dm = CensusDataModule(batch_size=2048)
     task = MultiTaskRecTask(
-        backbone="mmoe", embed_dim=8, expert_hidden=[64], tower_hidden=[16], num_experts=4
+        backbone="mmoe", embed_dim=8, expert_hidden=[64], tower_hidden=[16], num_experts=4, lr=3e-3
     )
     trainer = L.Trainer(
-        max_epochs=2, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+        max_epochs=3, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
     trainer.fit(task, dm)
     res = trainer.test(task, dm, verbose=False)[0]
     assert res["test/auc_income"] >= 0.90, res
-    assert res["test/auc_never_married"] >= 0.95, res
+    assert res["test/auc_never_married"] >= 0.98, res
