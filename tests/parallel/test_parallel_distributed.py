@@ -143,3 +143,27 @@ def test_checkpoint_from_world2_loads_at_world1_and_world4(run2, run4):
     for res in run4["ranks"]:
         torch.testing.assert_close(res["loaded_probe_ep"], ck["probe_out"], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(res["loaded_probe_fssdp"], ck["probe_out"], atol=1e-6, rtol=1e-6)
+
+
+def test_reported_bytes_match_the_routing(run):
+    """EP ``bytes_step`` = 4 crossings x (pairs sent + received) x D x 4 bytes; FSSDP counts whole experts."""
+    world, ranks = run["world"], run["ranks"]
+    layer = W.build_layer("topk")
+    x, _ = W.tokens()
+    with torch.no_grad():
+        idx = layer.router(x).indices  # (N, K)
+    owner = idx // (W.E // world)  # (N, K)
+    src = torch.zeros_like(owner)
+    for r, (lo, hi) in enumerate(W.token_slices(world)):
+        src[lo:hi] = r
+    chunk = -(-flatten_experts(layer.experts)[0].shape[1] // world)
+    need = torch.zeros(world, W.E, dtype=torch.bool)
+    need[src.reshape(-1), idx.reshape(-1)] = True
+    for r, res in enumerate(ranks):
+        sent = int(((src == r) & (owner != r)).sum())
+        received = int(((src != r) & (owner == r)).sum())
+        assert res["layers"][("ep", "topk")]["stats"]["bytes_step"] == 4 * (sent + received) * W.D * 4
+        st = res["layers"][("fssdp", "topk")]["stats"]
+        assert st["experts_materialised"] == int(need[r].sum())
+        assert st["bytes_gather_received"] == need[r].sum() * (world - 1) * chunk * 4
+        assert st["bytes_gather_sent"] == (need.sum() - need[r].sum()) * chunk * 4
