@@ -79,7 +79,7 @@ class FinancePredictor:
     """A long OHLCV panel window -> one score per ticker for the window's last date.
 
     Input rows: ``date, ticker, open, high, low, close, volume`` (one row per ticker and day; at least
-    ``min_days`` trading days, since Alpha158 looks back up to 60 days). The features are computed as in
+    ``60 + step_len`` trading days: Alpha158 looks back up to 60 days from each of the last ``step_len`` days). The features are computed as in
     training (Alpha158/Alpha360), normalised with the RobustZScoreNorm fitted on the training window, NaN ->
     0, and the last ``step_len`` days go through the network. Output: ``ticker, score, rank`` (rank 1 = the
     highest score, the first buy of a TopK strategy), for the tickers that have a close on the last date.
@@ -89,7 +89,12 @@ class FinancePredictor:
     norm: Any
     kind: str
     step_len: int
-    min_days: int = 61
+    lookback: int = 60  # longest Alpha158/Alpha360 window
+
+    @property
+    def min_days(self) -> int:
+        """Days needed so the last ``step_len`` days' features equal those computed on the full history."""
+        return self.lookback + self.step_len
 
     def predict(self, df: pd.DataFrame) -> pd.DataFrame:
         from apps.finance.data import COLS, load_panel
@@ -177,9 +182,8 @@ class FinanceAdapter(AppAdapter):
             names.append("expert_usage.png")
         return [out_dir / f for f in names]
 
-    def input_example(
-        self, datamodule: L.LightningDataModule, n_days: int = 70, n_tickers: int = 5
-    ) -> pd.DataFrame:
+    def input_example(self, datamodule: L.LightningDataModule, n_tickers: int = 5) -> pd.DataFrame:
+        n_days = 60 + datamodule.step_len + 5
         wide = datamodule.panel.wide
         close = wide["close"]
         tickers = [t for t in close.columns if close[t].iloc[-n_days:].notna().all()][:n_tickers]
