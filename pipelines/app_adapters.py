@@ -79,9 +79,10 @@ class FinancePredictor:
     """A long OHLCV panel window -> one score per ticker for the window's last date.
 
     Input rows: ``date, ticker, open, high, low, close, volume`` (one row per ticker and day; at least
-    ``60 + step_len`` trading days: Alpha158 looks back up to 60 days from each of the last ``step_len`` days). The features are computed as in
-    training (Alpha158/Alpha360), normalised with the RobustZScoreNorm fitted on the training window, NaN ->
-    0, and the last ``step_len`` days go through the network. Output: ``ticker, score, rank`` (rank 1 = the
+    ``60 + step_len`` trading days: Alpha158 looks back up to 60 days from each of the last ``step_len``
+    days). The features are computed as in training (Alpha158/Alpha360), normalised with the
+    RobustZScoreNorm fitted on the training window, NaN -> 0, and the last ``step_len`` days go through the
+    network. Output: ``ticker, score, rank`` (rank 1 = the
     highest score, the first buy of a TopK strategy), for the tickers that have a close on the last date.
     """
 

@@ -1,6 +1,6 @@
-"""The finance serving predictor (panel window -> score per ticker): a minimal (60 + step_len)-day window gives
-the same scores as a long history (so serving a window reproduces the features computed on the full panel in training,
-Alpha158 looking back at most 60 days), and bad windows get errors naming the problem."""
+"""The finance serving predictor (panel window -> score per ticker): a minimal (60 + step_len)-day window
+gives the same scores as a long history (so serving a window reproduces the features computed on the full
+panel in training, Alpha158 looking back at most 60 days), and bad windows get errors naming the problem."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def _panel(n_days: int = 160, tickers: tuple[str, ...] = ("AAA", "BBB", "CCC", "
         high = np.maximum(open_, close) * (1 + rng.uniform(0, 0.01, n_days))
         low = np.minimum(open_, close) * (1 - rng.uniform(0, 0.01, n_days))
         vol = rng.integers(1e5, 1e6, n_days).astype(float)
-        rows.append(pd.DataFrame({"date": dates.strftime("%Y-%m-%d"), "ticker": t, "open": open_, "high": high,
-                                  "low": low, "close": close, "volume": vol}))  # fmt: skip
+        day = dates.strftime("%Y-%m-%d")
+        cols = {"open": open_, "high": high, "low": low, "close": close, "volume": vol}
+        rows.append(pd.DataFrame({"date": day, "ticker": t, **cols}))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -40,8 +41,10 @@ def predictor() -> FinancePredictor:
     }
     x = stack_features(alpha158(wide))  # (days, tickers, F)
     norm = RobustZScoreNorm().fit(x, np.arange(len(x)) >= 60)
-    net = MIGA(num_features=x.shape[-1], step_len=2, hidden_dim=16, num_groups=2, experts_per_group=2, top_k=2,
-               expert_dim=4, attention_heads=2).eval()  # fmt: skip
+    net = MIGA(
+        num_features=x.shape[-1], step_len=2, hidden_dim=16, num_groups=2, experts_per_group=2, top_k=2,
+        expert_dim=4, attention_heads=2,
+    ).eval()  # fmt: skip
     return FinancePredictor(net=net, norm=norm, kind="alpha158", step_len=2)
 
 
