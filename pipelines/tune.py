@@ -11,7 +11,8 @@
   can run it at once on one storage. Trials left RUNNING by a killed worker are failed by the heartbeat
   and retried once.
 * Tracking: one MLflow parent run per study and one nested run per trial (Lightning logs into it).
-* Output: ``<out>/best.yaml``, the base config with the best trial's overrides merged in, runnable with
+* Output: ``<out>/best.yaml``, the base config with the best trial's values merged in (the sweep's fixed
+  ``--set`` budget overrides are noted in its header, not applied), runnable with
   ``moekit <app> fit --config <out>/best.yaml``.
 """
 
@@ -284,10 +285,11 @@ def run_study(
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         best = study.best_trial
-        best_overrides = {**fixed, **json.loads(best.user_attrs["overrides"])}
-        cfg = merged_config(configs, best_overrides)
+        # the tuned values on the base config; the sweep-time budget overrides (--set) are only noted
+        cfg = merged_config(configs, json.loads(best.user_attrs["overrides"]))
         header = (
             f"# best trial {best.number} of study {study_name!r}: {monitor} = {best.value:.6g}\n"
+            f"# sweep-time fixed overrides (not applied here): {json.dumps(fixed)}\n"
             f"# run it: moekit {app} fit --config {out / 'best.yaml'}\n"
         )
         path = out / "best.yaml"
