@@ -126,20 +126,26 @@ class DenseMLPExperts(nn.Module):
         b = x.shape[0]
         if self.num_experts == 0:
             return x.new_zeros(b, 0, self.out_dim)
-        h = x
-        for i, (w, bias) in enumerate(zip(self.weights, self.biases)):
-            if h.dim() == 2:
-                h = torch.einsum("bd,edh->beh", h, w)  # (B, E, H_i)
-            else:
-                h = torch.einsum("bed,edh->beh", h, w)  # (B, E, H_i)
-            h = h + bias
+        e = self.num_experts
+        # expert-major layout (E, B, H_i) between layers, so each layer is one batched matmul
+        if x.dim() == 2:
+            w0 = self.weights[0]
+            w_flat = w0.permute(1, 0, 2).reshape(self.dim, -1)  # (D, E*H_0)
+            h = torch.addmm(self.biases[0].reshape(-1), x, w_flat)  # (B, E*H_0)
+            h = h.view(b, e, -1).transpose(0, 1)  # (E, B, H_0)
+        else:
+            h = torch.baddbmm(self.biases[0][:, None, :], x.transpose(0, 1), self.weights[0])  # (E, B, H_0)
+        for i in range(len(self.weights)):
+            if i > 0:
+                h = torch.baddbmm(self.biases[i][:, None, :], h, self.weights[i])  # (E, B, H_i)
             if self.norm == "bn":
-                h = self.norms[i](h.reshape(b, -1)).reshape(h.shape)  # BN over (E*H_i) units
+                hb = h.transpose(0, 1).reshape(b, -1)  # (B, E*H_i): BN over every expert unit
+                h = self.norms[i](hb).view(b, e, -1).transpose(0, 1)  # (E, B, H_i)
             elif self.norm == "ln":
                 h = self.norms[i](h)
             h = F.relu(h) if self.activation == "relu" else F.silu(h)
             h = self.dropout(h)
-        return h
+        return h.transpose(0, 1)  # (B, E, H)
 
 
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -302,15 +308,25 @@ class CGCLevel(nn.Module):
         )
         self.out_dim = self.shared.out_dim
 
-    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
-        """Args: streams ``(B, M+1, D)`` (tasks then shared). Returns ``(B, M+1, H)`` or ``(B, M, H)`` on the
-        last level, the gate weights and the expert outputs."""
+    def forward(self, streams: torch.Tensor, *, same_input: bool = False) -> tuple[torch.Tensor, dict, dict]:
+        """Run the level.
+
+        Args:
+            streams: ``(B, M+1, D)`` task streams then the shared stream.
+            same_input: every stream is equal (first level): all experts read one ``(B, D)`` input.
+
+        Returns:
+            ``(B, M+1, H)`` (``(B, M, H)`` on the last level), the gate weights and the expert outputs.
+        """
         b, m = streams.shape[0], self.num_tasks
         ex_sh = self.shared(streams[:, m])  # (B, S_sh, H)
         experts = {"shared": ex_sh}
         if self.specific is not None:
-            per_expert_in = streams[:, :m].repeat_interleave(self.num_specific, dim=1)  # (B, M*S, D)
-            ex_sp = self.specific(per_expert_in)  # (B, M*S, H)
+            if same_input:
+                ex_sp = self.specific(streams[:, m])  # (B, M*S, H)
+            else:
+                per_expert_in = streams[:, :m].repeat_interleave(self.num_specific, dim=1)  # (B, M*S, D)
+                ex_sp = self.specific(per_expert_in)  # (B, M*S, H)
             experts["specific"] = ex_sp
             ex_sp = ex_sp.view(b, m, self.num_specific, -1)  # (B, M, S, H)
         gates, outs = {}, []
@@ -381,7 +397,7 @@ class PLE(nn.Module):
         streams = v.unsqueeze(1).expand(-1, self.num_tasks + 1, -1)  # (B, M+1, D)
         gates_all, experts_all = {}, {}
         for j, level in enumerate(self.levels):
-            streams, gates, experts = level(streams)
+            streams, gates, experts = level(streams, same_input=j == 0)
             gates_all.update({(k if j == len(self.levels) - 1 else f"l{j}/{k}"): g for k, g in gates.items()})
             experts_all.update({f"l{j}/{k}": e for k, e in experts.items()})
         return MultiGateOutput(streams, gates_all, experts_all)  # streams: (B, M, H)
