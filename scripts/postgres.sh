@@ -63,13 +63,20 @@ if [ "$action" = stop ]; then
   exit 0
 fi
 
-if [ ! -f "$dir/data/PG_VERSION" ]; then
+# A server already answering on the port (another checkout's cluster, a system service) is reused as is.
+if "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" 2>/dev/null; then
+  reuse=1
+else
+  reuse=0
+fi
+
+if [ "$reuse" = 0 ] && [ ! -f "$dir/data/PG_VERSION" ]; then
   as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth-local=trust --auth-host=trust \
     -E UTF8 --locale=C.UTF-8 >/dev/null 2>&1 || as_pg "$bin/initdb" -D "$dir/data" -U postgres \
     --auth-local=trust --auth-host=trust -E UTF8 >/dev/null
 fi
 
-if ! as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+if [ "$reuse" = 0 ] && ! as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
   as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
     -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir -c max_connections=200 -c fsync=off" \
     start >/dev/null

@@ -138,6 +138,7 @@ def test_mlflow_run_logged_through_postgres_backed_server_reads_back(fresh_db, t
             cur.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss'", (rid,))
             assert cur.fetchone() == (3,)
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
         log.close()
