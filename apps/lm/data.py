@@ -293,14 +293,16 @@ class LMDataModule(L.LightningDataModule):
         self.setup()
         ds = RandomWindows(tokens=load_tokens(self.folder, "train"), context_len=self.context_len,
                            batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch, seed=self.seed)
+        # a private generator: creating the iterator must not consume the global RNG (exact resume)
         return ResumableLoader(ds, progress=self._progress, num_workers=self.num_workers,
-                               persistent_workers=False)
+                               generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
         ds = FixedWindows(tokens=load_tokens(self.folder, "val"), context_len=self.context_len,
                           max_windows=self.max_val_windows)
-        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def test_dataloader(self) -> DataLoader:
         # tiny shakespeare has no test split (data spec section 4): test reports the validation split

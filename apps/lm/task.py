@@ -181,6 +181,9 @@ class LMTask(L.LightningModule):
             checkpoint["lm_tokenizer"] = self.tokenizer.to_json()
         if self.model is not None:
             checkpoint["lm_params"] = count_parameters(self.model)
+        # stochastic routers (Gumbel DTS gate, noisy top-k, jitter) and dropout draw from the global RNG:
+        # store it so that a resumed run draws the same noise as an uninterrupted one
+        checkpoint["lm_rng"] = {"torch": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is None:
@@ -188,6 +191,8 @@ class LMTask(L.LightningModule):
             if cfg is not None and getattr(cfg, "vocab_size", None) is not None:
                 self.config = cfg
                 self.model = TransformerLM(config=cfg)
+        if "lm_rng" in checkpoint and self._trainer is not None:
+            torch.set_rng_state(checkpoint["lm_rng"]["torch"])
         if "lm_tokenizer" in checkpoint and self.tokenizer is None:
             from apps.lm.tokenizers import tokenizer_from_json
 
