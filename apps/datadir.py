@@ -59,5 +59,7 @@ def require_file(path: str | os.PathLike, *, sha256: str | None, url: str, what:
     if sha256 is not None:
         got = sha256_file(p)
         if got != sha256:
-            raise ValueError(f"{what}: sha256 mismatch for {p}: expected {sha256}, got {got}. Re-download from {url}")
+            raise ValueError(
+                f"{what}: sha256 mismatch for {p}: expected {sha256}, got {got}. Re-download from {url}"
+            )
     return p

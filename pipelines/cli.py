@@ -4,6 +4,8 @@
 
     moekit <app> {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
     moekit lm generate ...          (apps.lm.generate)
+    moekit lm merge ...             (moe_core.surgery.mcsmoe: MC-SMoE merge and compress)
+    moekit lm quantize ...          (moe_core.surgery.quant: bit-nested expert quantization)
     moekit finance backtest ...     (apps.finance.backtest)
     moekit tune <app> --config CONFIG.yaml --n-trials N [--storage URL] [--study NAME] [--timeout S]
     moekit register <app> --config CONFIG.yaml --ckpt PATH --name NAME
@@ -40,7 +42,14 @@ log = logging.getLogger(__name__)
 APPS = ("recsys", "finance", "lm")
 _HIDDEN_APPS = ("toy",)  # pipelines._toy, used by the pipelines tests
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-APP_COMMANDS = {"lm": {"generate": "apps.lm.generate"}, "finance": {"backtest": "apps.finance.backtest"}}
+APP_COMMANDS = {
+    "lm": {
+        "generate": "apps.lm.generate",
+        "merge": "moe_core.surgery.mcsmoe",
+        "quantize": "moe_core.surgery.quant",
+    },
+    "finance": {"backtest": "apps.finance.backtest"},
+}
 TOOLS = {
     "tune": (
         "pipelines.tune",

@@ -37,10 +37,10 @@ def run_demo(
     extra_args: Sequence[str] = (),
 ) -> dict:
     """Run the demo; returns the metrics, the registered version and the wall time."""
+    import mlflow
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    import mlflow
     from pipelines.adapters import get_adapter
     from pipelines.cli import MoekitCLI
     from pipelines.registry import register_trained

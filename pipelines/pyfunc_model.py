@@ -9,13 +9,12 @@ serving.
 
 from __future__ import annotations
 
+import mlflow
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
-
-import mlflow
 
 
 class MoekitPyfunc(PythonModel):

@@ -59,9 +59,8 @@ def log_predictor(
     Returns:
         (model URI ``runs:/...``, registered version or None).
     """
-    from mlflow.models import infer_signature
-
     import mlflow
+    from mlflow.models import infer_signature
 
     output = predictor.predict(example.copy())
     signature = infer_signature(example, output, params=params)

@@ -78,10 +78,9 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 150.0) -> None
 
 
 def test_mlflow_run_logged_through_postgres_backed_server_reads_back(fresh_db, tmp_path, pg_url):
+    import mlflow
     import psycopg
     from mlflow.tracking import MlflowClient
-
-    import mlflow
 
     url, db = fresh_db
     port = _free_port()

@@ -48,6 +48,7 @@ CENSUS = data_dir() / "census_income_kdd" / "census-income.test.gz"
 @pytest.mark.skipif(not CENSUS.is_file(), reason=f"census data not found at {CENSUS} (set MOEKIT_DATA)")
 def test_recsys_registry_round_trip_on_census(tmp_path: Path, tracking_uri: str) -> None:
     import mlflow
+
     from pipelines.adapters import get_adapter
     from pipelines.registry import register_trained
 

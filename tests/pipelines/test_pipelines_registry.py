@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 
-import mlflow
 from pipelines.cli import MoekitCLI
 from pipelines.registry import register_checkpoint, register_trained
 
