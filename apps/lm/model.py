@@ -116,6 +116,11 @@ class LMConfig:
         return self.ffn != "dense" and i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
 
 
+# checkpoints carry the config in their hyper-parameters: allow it under ``torch.load(weights_only=True)``, the
+# default of ``Trainer.fit(ckpt_path=...)``, so that resuming needs no ``weights_only=False``
+torch.serialization.add_safe_globals([LMConfig])
+
+
 @dataclass
 class LMOutput:
     """Network output.

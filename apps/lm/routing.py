@@ -95,7 +95,7 @@ def build_router(kind: RouterKind, *, dim: int, num_experts: int, top_k: int,
         cls = getattr(_routers, "DenseToSparseRouter", None)
         if cls is None:
             return LocalDenseToSparseRouter(dim=dim, num_experts=num_experts, top_k=top_k, **kw)
-        return cls(dim=dim, num_experts=num_experts, **kw)
+        return cls(dim=dim, num_experts=num_experts, top_k=top_k, **kw)
     names = {"noisy_topk": "NoisyTopKRouter", "expert_choice": "ExpertChoiceRouter",
              "null_expert": "NullExpertRouter", "grouped": "GroupedRouter", "sigmoid_topk": "SigmoidTopKRouter"}
     if kind not in names:

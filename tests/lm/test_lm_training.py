@@ -1,0 +1,163 @@
+"""Training-level invariants: the EvoMoE switch preserves the dense function and the DTS gate sparsifies as the
+temperature falls; exact resume from a checkpoint; seeded generation and the generate CLI on a saved checkpoint."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from apps.lm.data import LMDataModule
+from apps.lm.evomoe import EvoMoECallback, evomoe_layers
+from apps.lm.generate import generate, main
+from apps.lm.model import LMConfig, TransformerLM
+from apps.lm.task import LMTask
+from apps.lm.tokenizers import CharTokenizer
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
+TINY = dict(context_len=16, dim=16, n_layers=2, n_heads=2, ffn_hidden=32)
+
+
+def _evomoe_model(**kw) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(config=LMConfig(vocab_size=23, ffn="evomoe", num_experts=4, top_k=2, **{**TINY, **kw}))
+
+
+def test_dts_router_gets_top_k_from_config():
+    m = _evomoe_model()
+    assert all(layer.router.top_k == 2 for layer in evomoe_layers(m))
+
+
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.5])
+def test_evomoe_switch_preserves_dense_function_without_diversification(mask_ratio):
+    m = _evomoe_model().train()  # dropout 0; DTS soft phase in training mode
+    x = torch.randint(0, 23, (3, 16))
+    dense = m(x)
+    assert dense.routings == []  # phase 1: expert 0 as a dense FFN, no router
+    cb = EvoMoECallback(switch_step=5, mask_ratio=mask_ratio, max_temperature=2.0, min_temperature=0.1,
+                        decay_steps=10)
+    assert cb.apply(m, 4) is None and not any(layer.sparse for layer in evomoe_layers(m))
+    assert cb.apply(m, 5) == pytest.approx(2.0)
+    assert all(layer.sparse for layer in evomoe_layers(m))
+    torch.manual_seed(1)
+    sparse = m(x)
+    assert len(sparse.routings) == 2
+    # at the switch temperature every expert is active and the weights are the full softmax (sum 1), so identical
+    # experts reproduce the dense expert exactly; the diversification masks must change the function
+    for _, r in sparse.routings:
+        assert bool(r.mask.all())
+    if mask_ratio == 0.0:
+        torch.testing.assert_close(sparse.logits, dense.logits, rtol=1e-5, atol=1e-5)
+    else:
+        assert (sparse.logits - dense.logits).abs().max() > 1e-3
+
+
+def test_dts_active_experts_fall_as_temperature_anneals():
+    m = _evomoe_model().train()
+    cb = EvoMoECallback(switch_step=0, mask_ratio=0.0, max_temperature=4.0, min_temperature=0.02, decay_steps=40,
+                        schedule="exp", hard_step=50)
+    layer = evomoe_layers(m)[0]
+    x = torch.randn(2048, 16)
+    temps, active = [], []
+    for step in (0, 10, 20, 30, 40, 50):
+        temps.append(cb.apply(m, step))
+        torch.manual_seed(0)  # same Gumbel noise at every temperature
+        active.append(float(layer.router(x).mask.float().sum(-1).mean()))
+    assert all(a > b for a, b in zip(temps[:4], temps[1:5], strict=True)), temps
+    assert active[0] == pytest.approx(4.0)  # soft and hot: dense
+    assert all(a > b for a, b in zip(active[:4], active[1:5], strict=True)), active
+    assert active[4] < 1.5, active  # cold soft gate: close to one expert per token
+    assert layer.router.hard and active[5] == pytest.approx(2.0)  # hard phase: exactly top_k
+
+
+# -- Lightning: exact resume -------------------------------------------------------------------------------------
+class _LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"].detach())
+
+
+def _fit(tmp_path, *, ffn: str, max_steps: int, ckpt_path=None, save_every: int | None = None):
+    text = tmp_path / "corpus.txt"
+    if not text.exists():
+        text.write_text(TEXT, encoding="utf-8")
+    L.seed_everything(0)
+    extra = dict(num_experts=4, top_k=2) if ffn != "dense" else {}
+    task = LMTask(config=LMConfig(ffn=ffn, **TINY, **extra), lr=3e-3, warmup_steps=2, log_routing_every_n_steps=3)
+    dm = LMDataModule(text_path=str(text), tokenizer="char", context_len=16, batch_size=4, batches_per_epoch=5,
+                      max_val_windows=4, cache_path=str(tmp_path / "cache"))
+    rec = _LossRecorder()
+    callbacks: list[L.Callback] = [rec]
+    if ffn == "evomoe":
+        callbacks.append(EvoMoECallback(switch_step=3, mask_ratio=0.3, max_temperature=2.0, min_temperature=0.2,
+                                        decay_steps=6))
+    if save_every:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=save_every,
+                                                             save_top_k=-1, filename="{step}"))
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=bool(save_every),
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
+    trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+    return task, rec.losses, trainer
+
+
+@pytest.mark.parametrize("ffn", ["moe", "evomoe"])
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, ffn):
+    # 12 steps cross two epoch boundaries (5 batches each); the checkpoint at step 7 is mid-epoch and, for EvoMoE,
+    # after the switch (Gumbel noise draws from the global RNG, which the checkpoint carries)
+    full, full_losses, _ = _fit(tmp_path, ffn=ffn, max_steps=12, save_every=7)
+    ckpt = tmp_path / "ckpt" / "step=7.ckpt"
+    assert ckpt.is_file(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    resumed, res_losses, _ = _fit(tmp_path, ffn=ffn, max_steps=12, ckpt_path=str(ckpt))
+    assert sorted(res_losses) == list(range(8, 13))
+    for step in range(8, 13):
+        assert res_losses[step] == pytest.approx(full_losses[step], rel=1e-6, abs=1e-7), step
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+    # the run actually learns (otherwise equal losses would be a weak check)
+    assert full_losses[12] < full_losses[1]
+
+
+# -- generation ---------------------------------------------------------------------------------------------------
+def _random_lm():
+    tok = CharTokenizer.fit(TEXT)
+    torch.manual_seed(0)
+    return TransformerLM(config=LMConfig(vocab_size=tok.vocab_size, **TINY)), tok
+
+
+def test_generation_is_seeded_and_greedy_is_argmax():
+    model, tok = _random_lm()
+    kw = dict(max_new_tokens=40, temperature=1.0)
+    a = generate(model, tok, "First", seed=0, **kw)
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert generate(model, tok, "First", seed=0, **kw) == a
+    assert generate(model, tok, "First", seed=1, **kw) != a
+    assert a.startswith("First") and len(a) == len("First") + 40
+    greedy = generate(model, tok, "First", max_new_tokens=40, greedy=True, seed=None)
+    assert generate(model, tok, "First", max_new_tokens=40, greedy=True, seed=7) == greedy
+    # independent paths to the argmax: top-k 1 sampling and a nucleus smaller than any single token's mass
+    assert generate(model, tok, "First", top_k=1, seed=5, **kw) == greedy
+    assert generate(model, tok, "First", top_p=1e-6, seed=6, **kw) == greedy
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, tok, "First", temperature=0.0)
+    with pytest.raises(ValueError, match="prompt"):
+        generate(model, tok, "")
+
+
+def test_generate_cli_on_saved_checkpoint(tmp_path, capsys):
+    task, _, trainer = _fit(tmp_path, ffn="moe", max_steps=3)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    text = main(["--ckpt", str(ckpt), "--prompt", "First", "--max-new-tokens", "12", "--greedy"])
+    assert text == generate(task.model, task.tokenizer, "First", max_new_tokens=12, greedy=True)
+    assert text in capsys.readouterr().out
+    sampled = main(["--ckpt", str(ckpt), "--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9", "--seed", "3"])
+    assert sampled == main(["--ckpt", str(ckpt), "--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9",
+                            "--seed", "3"])
+    with pytest.raises(FileNotFoundError):
+        main(["--ckpt", str(tmp_path / "missing.ckpt")])
