@@ -1,17 +1,20 @@
-"""Language-model data: tokenised corpora as memory-mapped shards, seeded random training windows, fixed val split.
+"""Language-model data: tokenised corpora as memory-mapped shards, seeded random training windows, fixed val
+split.
 
-Corpus: tiny shakespeare by default (``tinyshakespeare/input.txt`` in the data directory, sha256-checked), or any
-UTF-8 text file / folder of ``.txt`` files given by ``text_path``. Split [D, nanoGPT convention]: first
-``1 - val_fraction`` of the characters train, the rest validation, by position. The char vocabulary is built on the
-whole text (``sorted(set(text))``, data spec section 4); BPE is fitted on the train part only.
+Corpus: tiny shakespeare by default (``tinyshakespeare/input.txt`` in the data directory, sha256-checked), or
+any UTF-8 text file / folder of ``.txt`` files given by ``text_path``. Split [D, nanoGPT convention]: first
+``1 - val_fraction`` of the characters train, the rest validation, by position. The char vocabulary is built
+on the whole text (``sorted(set(text))``, data spec section 4); BPE is fitted on the train part only.
 
-Cache: ``apps.datadir.cache_dir("lm", <key>)`` holds ``train.bin`` / ``val.bin`` (uint16 when the vocabulary fits,
-else uint32), ``tokenizer.json`` and ``meta.json``; the key hashes the text, tokenizer settings and split.
+Cache: ``apps.datadir.cache_dir("lm", <key>)`` holds ``train.bin`` / ``val.bin`` (uint16 when the vocabulary
+fits, else uint32), ``tokenizer.json`` and ``meta.json``; the key hashes the text, tokenizer settings and
+split.
 
-Exact resume [D]: training batch ``g`` of epoch ``e`` is a pure function of ``(seed, rank, e, g)`` (window starts
-drawn by ``numpy.random.default_rng``), and the train loader is *stateful* in Lightning's sense
-(``state_dict``/``load_state_dict``): it records how many batches of the current epoch the trainer has processed, so
-a run resumed from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would have seen.
+Exact resume [D]: training batch ``g`` of epoch ``e`` is a pure function of ``(seed, rank, e, g)`` (window
+starts drawn by ``numpy.random.default_rng``), and the train loader is *stateful* in Lightning's sense
+(``state_dict``/``load_state_dict``): it records how many batches of the current epoch the trainer has
+processed, so a run resumed from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would
+have seen.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ def read_corpus(path: str | Path) -> str:
     elif p.is_file():
         files = [p]
     else:
-        raise FileNotFoundError(f"text corpus {p} not found (expected a UTF-8 .txt file or a folder of .txt files)")
+        raise FileNotFoundError(
+            f"text corpus {p} not found (expected a UTF-8 .txt file or a folder of .txt files)"
+        )
     parts = []
     for f in files:
         try:
@@ -122,16 +127,19 @@ def load_tokens(folder: Path, split: Literal["train", "val"]) -> np.memmap:
 class RandomWindows(IterableDataset):
     """Seeded random ``(x, y)`` windows of a token array, served as whole batches.
 
-    Batch ``g`` of epoch ``e`` on rank ``r``: starts ``~ U{0..n-T-1}`` drawn by ``default_rng([seed, r, e, g])``;
-    ``x = tokens[s:s+T]``, ``y = tokens[s+1:s+T+1]``, both ``(B, T)`` int64. With DataLoader workers, worker ``w``
-    produces batches ``g ≡ w (mod workers)``, so the interleaved order is the same for any worker count.
+    Batch ``g`` of epoch ``e`` on rank ``r``: starts ``~ U{0..n-T-1}`` drawn by ``default_rng([seed, r, e,
+    g])``; ``x = tokens[s:s+T]``, ``y = tokens[s+1:s+T+1]``, both ``(B, T)`` int64. With DataLoader workers,
+    worker ``w`` produces batches ``g ≡ w (mod workers)``, so the interleaved order is the same for any worker
+    count.
     """
 
     def __init__(self, *, tokens: np.ndarray, context_len: int, batch_size: int, batches_per_epoch: int,
                  seed: int) -> None:
         super().__init__()
         if len(tokens) <= context_len + 1:
-            raise ValueError(f"corpus has {len(tokens)} tokens, need more than context_len + 1 = {context_len + 1}")
+            raise ValueError(
+                f"corpus has {len(tokens)} tokens, need more than context_len + 1 = {context_len + 1}"
+            )
         self.tokens, self.context_len, self.batch_size = tokens, context_len, batch_size
         self.batches_per_epoch, self.seed = batches_per_epoch, seed
         self.epoch, self.start = 0, 0
@@ -147,7 +155,11 @@ class RandomWindows(IterableDataset):
         return win[:, :-1], win[:, 1:]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        rank = (
+            torch.distributed.get_rank()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 0
+        )
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for g in range(self.start, self.batches_per_epoch):
@@ -161,7 +173,9 @@ class FixedWindows(Dataset):
     def __init__(self, *, tokens: np.ndarray, context_len: int, max_windows: int | None) -> None:
         n = (len(tokens) - 1) // context_len
         if n < 1:
-            raise ValueError(f"val split has {len(tokens)} tokens, need more than context_len + 1 = {context_len + 1}")
+            raise ValueError(
+                f"val split has {len(tokens)} tokens, need more than context_len + 1 = {context_len + 1}"
+            )
         self.tokens, self.context_len = tokens, context_len
         self.n = n if max_windows is None else min(n, max_windows)
 
@@ -170,7 +184,9 @@ class FixedWindows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = i * self.context_len
-        win = torch.from_numpy(np.asarray(self.tokens[s : s + self.context_len + 1], dtype=np.int64))  # (T+1,)
+        win = torch.from_numpy(
+            np.asarray(self.tokens[s : s + self.context_len + 1], dtype=np.int64)
+        )  # (T+1,)
         return win[:-1], win[1:]
 
 
@@ -215,7 +231,8 @@ class LMDataModule(L.LightningDataModule):
         bpe_vocab_size: BPE vocabulary size (256 bytes + merges).
         context_len: T, tokens per training window.
         batch_size: B.
-        batches_per_epoch: training batches per (virtual) epoch; windows are random, so an epoch is a logging unit.
+        batches_per_epoch: training batches per (virtual) epoch; windows are random, so an epoch is a logging
+            unit.
         val_fraction: tail fraction of the text used for validation.
         val_batch_size: batch size for validation.
         max_val_windows: cap on validation windows (None: the whole val split).
@@ -251,7 +268,11 @@ class LMDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.data_dir, self.text_path, self.tokenizer_kind = data_dir, text_path, tokenizer
         self.bpe_vocab_size, self.context_len, self.batch_size = bpe_vocab_size, context_len, batch_size
-        self.batches_per_epoch, self.val_fraction, self.val_batch_size = batches_per_epoch, val_fraction, val_batch_size
+        self.batches_per_epoch, self.val_fraction, self.val_batch_size = (
+            batches_per_epoch,
+            val_fraction,
+            val_batch_size,
+        )
         self.max_val_windows, self.seed, self.num_workers = max_val_windows, seed, num_workers
         self.cache_path = cache_path
         self.folder: Path | None = None
@@ -265,8 +286,12 @@ class LMDataModule(L.LightningDataModule):
         if self.text_path is not None:
             path, sha = Path(self.text_path), None
         else:
-            path = require_file(data_dir(self.data_dir) / "tinyshakespeare" / "input.txt",
-                                sha256=TINYSHAKESPEARE_SHA256, url=TINYSHAKESPEARE_URL, what="tiny shakespeare")
+            path = require_file(
+                data_dir(self.data_dir) / "tinyshakespeare" / "input.txt",
+                sha256=TINYSHAKESPEARE_SHA256,
+                url=TINYSHAKESPEARE_URL,
+                what="tiny shakespeare",
+            )
             sha = TINYSHAKESPEARE_SHA256
         return prepare_corpus(text_path=path, sha256=sha, tokenizer=self.tokenizer_kind,
                               bpe_vocab_size=self.bpe_vocab_size, val_fraction=self.val_fraction,
@@ -291,8 +316,13 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         self.setup()
-        ds = RandomWindows(tokens=load_tokens(self.folder, "train"), context_len=self.context_len,
-                           batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch, seed=self.seed)
+        ds = RandomWindows(
+            tokens=load_tokens(self.folder, "train"),
+            context_len=self.context_len,
+            batch_size=self.batch_size,
+            batches_per_epoch=self.batches_per_epoch,
+            seed=self.seed,
+        )
         # a private generator: creating the iterator must not consume the global RNG (exact resume)
         return ResumableLoader(ds, progress=self._progress, num_workers=self.num_workers,
                                generator=torch.Generator().manual_seed(self.seed))

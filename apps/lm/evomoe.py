@@ -1,14 +1,15 @@
 """EvoMoE schedule (arXiv 2112.14397, spec section 10): expert-diversify, then the dense-to-sparse (DTS) gate.
 
-Phase 1 trains one dense expert (expert 0 of each :class:`apps.lm.model.EvoMoEFFN`). At ``switch_step`` the callback
-spawns E experts from it with :func:`spawn_experts` and switches the layer to phase 2, where the DTS router's
-temperature follows ``TemperatureSchedule``-style annealing from ``max_temperature`` to ``min_temperature`` over
-``decay_steps``; from ``hard_step`` steps after the switch the gate is hard (top-k of the Gumbel scores).
+Phase 1 trains one dense expert (expert 0 of each :class:`apps.lm.model.EvoMoEFFN`). At ``switch_step`` the
+callback spawns E experts from it with :func:`spawn_experts` and switches the layer to phase 2, where the DTS
+router's temperature follows ``TemperatureSchedule``-style annealing from ``max_temperature`` to
+``min_temperature`` over ``decay_steps``; from ``hard_step`` steps after the switch the gate is hard (top-k of
+the Gumbel scores).
 
-From the paper/repo [C]: Gumbel-softmax gate, activation threshold, linear or exponential temperature decay, soft
-then hard phase. Our reading [U/D]: the diversification zeroes a random fraction ``mask_ratio`` of each spawned
-expert's weights (a different mask per expert, expert 0 kept intact is NOT assumed: every expert is masked); the
-spawning code is not public and the ratio has no claimed default.
+From the paper/repo [C]: Gumbel-softmax gate, activation threshold, linear or exponential temperature decay,
+soft then hard phase. Our reading [U/D]: the diversification zeroes a random fraction ``mask_ratio`` of each
+spawned expert's weights (a different mask per expert, expert 0 kept intact is NOT assumed: every expert is
+masked); the spawning code is not public and the ratio has no claimed default.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def spawn_experts(base: dict[str, torch.Tensor], num_experts: int, mask_ratio: f
         seed: seed of the masks (a ``torch.Generator`` on CPU, so results do not depend on the device).
 
     Returns:
-        ``{name: (E, *shape)}`` stacked weights; copy e equals ``base`` on its kept entries and is 0 elsewhere.
+        ``{name: (E, *shape)}`` stacked weights; copy e equals ``base`` on its kept entries and is 0
+        elsewhere.
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -57,10 +59,14 @@ def temperature_at(step: int, *, max_temperature: float, min_temperature: float,
     ``max(tmax * exp(u ln(tmin / tmax) / D), tmin)`` for ``u = step`` updates after the switch."""
     u = max(step, 0)
     if schedule == "linear":
-        return max(max_temperature - u * (max_temperature - min_temperature) / max(decay_steps, 1), min_temperature)
+        return max(
+            max_temperature - u * (max_temperature - min_temperature) / max(decay_steps, 1), min_temperature
+        )
     if schedule == "exp":
-        return max(max_temperature * math.exp(u * math.log(min_temperature / max_temperature) / max(decay_steps, 1)),
-                   min_temperature)
+        return max(
+            max_temperature * math.exp(u * math.log(min_temperature / max_temperature) / max(decay_steps, 1)),
+            min_temperature,
+        )
     raise ValueError(f"schedule must be 'linear' or 'exp', got {schedule!r}")
 
 
@@ -73,7 +79,9 @@ def switch_to_sparse(layer: EvoMoEFFN, *, mask_ratio: float, seed: int) -> None:
     """Spawn the layer's E experts from expert 0 and enter phase 2."""
     bank = layer.experts
     names = ("gate_proj", "up_proj", "down_proj")
-    spawned = spawn_experts({n: getattr(bank, n)[0].clone() for n in names}, bank.num_experts, mask_ratio, seed)
+    spawned = spawn_experts(
+        {n: getattr(bank, n)[0].clone() for n in names}, bank.num_experts, mask_ratio, seed
+    )
     for n in names:
         getattr(bank, n).copy_(spawned[n])
     layer.phase.fill_(2)
@@ -105,7 +113,8 @@ class EvoMoECallback(L.Callback):
         self.hard_step = decay_steps if hard_step is None else hard_step
 
     def apply(self, module: torch.nn.Module, global_step: int) -> float | None:
-        """Bring every EvoMoE layer to the state of ``global_step``; return the temperature (None in phase 1)."""
+        """Bring every EvoMoE layer to the state of ``global_step``; return the temperature (None in phase
+        1)."""
         layers = evomoe_layers(module)
         if not layers or global_step < self.switch_step:
             return None
@@ -121,7 +130,9 @@ class EvoMoECallback(L.Callback):
             layer.router.hard = u >= self.hard_step
         return tau
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         tau = self.apply(pl_module, trainer.global_step)
         if tau is not None:
             pl_module.log("evomoe/temperature", tau, on_step=True, on_epoch=False)

@@ -1,9 +1,10 @@
-"""Text generation from a trained LM checkpoint: greedy, temperature, top-k and top-p (nucleus) sampling, seeded.
+"""Text generation from a trained LM checkpoint: greedy, temperature, top-k and top-p (nucleus) sampling,
+seeded.
 
 CLI (also ``moekit lm generate ...``)::
 
-    python -m apps.lm.generate --ckpt runs/lm/shakespeare_moe/last.ckpt --prompt "ROMEO:" --max-new-tokens 200 \
-        --temperature 0.8 --top-k 40 --seed 0
+    python -m apps.lm.generate --ckpt runs/lm/shakespeare_moe/last.ckpt --prompt "ROMEO:" \
+        --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def load_checkpoint(path: str | Path):
         raise FileNotFoundError(f"checkpoint {p} not found")
     task = LMTask.load_from_checkpoint(p, map_location="cpu", weights_only=False)
     if task.model is None or task.tokenizer is None:
-        raise ValueError(f"checkpoint {p} carries no model config or tokenizer (was it written by apps.lm.task.LMTask?)")
+        raise ValueError(
+            f"checkpoint {p} carries no model config or tokenizer (was it written by apps.lm.task.LMTask?)"
+        )
     return task.model.eval(), task.tokenizer
 
 

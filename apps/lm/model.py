@@ -1,11 +1,11 @@
 """Decoder-only MoE transformer LM. DeepSeekMoE arXiv 2401.06066; Chain-of-Experts arXiv 2506.18945;
 EvoMoE arXiv 2112.14397; MoA arXiv 2210.05144; SMHA/UoE arXiv 2503.02495.
 
-Pre-norm blocks ``x + Attn(RMSNorm(x))`` then an FFN: dense SwiGLU, a ``moe_core`` :class:`MoELayer` (any router,
-optional always-on shared experts: DeepSeekMoE fine-grained + shared), a Chain-of-Experts layer, or an EvoMoE layer
-(one dense expert that is later spawned into E experts behind a dense-to-sparse gate; see ``apps.lm.evomoe``).
-Attention is standard causal multi-head attention with rotary positions (RoPE), or attention experts:
-mixture of attention heads (MoA) or selective multi-head attention (SMHA).
+Pre-norm blocks ``x + Attn(RMSNorm(x))`` then an FFN: dense SwiGLU, a ``moe_core`` :class:`MoELayer` (any
+router, optional always-on shared experts: DeepSeekMoE fine-grained + shared), a Chain-of-Experts layer, or an
+EvoMoE layer (one dense expert that is later spawned into E experts behind a dense-to-sparse gate; see
+``apps.lm.evomoe``). Attention is standard causal multi-head attention with rotary positions (RoPE), or
+attention experts: mixture of attention heads (MoA) or selective multi-head attention (SMHA).
 
 The network returns logits and routing decisions; losses live in ``apps.lm.task``.
 """
@@ -113,11 +113,15 @@ class LMConfig:
 
     def sparse_layer(self, i: int) -> bool:
         """Whether block ``i`` gets the sparse FFN kind."""
-        return self.ffn != "dense" and i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
+        return (
+            self.ffn != "dense"
+            and i >= self.first_dense_layers
+            and (i - self.first_dense_layers) % self.moe_every == 0
+        )
 
 
-# checkpoints carry the config in their hyper-parameters: allow it under ``torch.load(weights_only=True)``, the
-# default of ``Trainer.fit(ckpt_path=...)``, so that resuming needs no ``weights_only=False``
+# checkpoints carry the config in their hyper-parameters: allow it under ``torch.load(weights_only=True)``,
+# the default of ``Trainer.fit(ckpt_path=...)``, so that resuming needs no ``weights_only=False``
 torch.serialization.add_safe_globals([LMConfig])
 
 
@@ -150,7 +154,8 @@ class SwiGLU(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables (RoFormer, arXiv 2104.09864); non-persistent buffers move with the module."""
+    """Rotary position embedding tables (RoFormer, arXiv 2104.09864); non-persistent buffers move with the
+    module."""
 
     def __init__(self, *, head_dim: int, max_len: int, base: float) -> None:
         super().__init__()
@@ -181,7 +186,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput | None]:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B, h, T, hd)
+        q, k, v = (
+            self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # 3x (B, h, T, hd)
         q, k = self.rope(q), self.rope(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, h, T, hd)
@@ -191,9 +198,9 @@ class CausalSelfAttention(nn.Module):
 class MixtureOfAttentionHeads(nn.Module):
     """MoA (arXiv 2210.05144, spec section 16): E_a query/output heads, shared K/V, top-k heads per token.
 
-    ``y_t = sum_{i in TopK(G(x_t))} G_i(x_t) * softmax(q_t W_q^i K^T / sqrt(d_h)) V W_o^i``. K and V are one shared
-    head of width ``d_h = D / n_heads`` (our reading of "shared across experts"). All E_a heads are computed and the
-    unselected ones get weight 0 (exact, not compute-sparse: fine at this scale on CPU).
+    ``y_t = sum_{i in TopK(G(x_t))} G_i(x_t) * softmax(q_t W_q^i K^T / sqrt(d_h)) V W_o^i``. K and V are one
+    shared head of width ``d_h = D / n_heads`` (our reading of "shared across experts"). All E_a heads are
+    computed and the unselected ones get weight 0 (exact, not compute-sparse: fine at this scale on CPU).
     """
 
     def __init__(self, cfg: LMConfig) -> None:
@@ -221,11 +228,12 @@ class MixtureOfAttentionHeads(nn.Module):
 
 class SelectiveMultiHeadAttention(nn.Module):
     """SMHA (UoE, arXiv 2503.02495, spec section 15): each token selects ``attn_top_k`` of the heads; head h
-    attends only among the tokens routed to it (causal mask restricted to them), RoPE on original positions, and
-    adds nothing at positions not routed to it.
+    attends only among the tokens routed to it (causal mask restricted to them), RoPE on original positions,
+    and adds nothing at positions not routed to it.
 
-    Our reading [D]: the head output is multiplied by ``1 + w - stopgrad(w)`` (value 1, gradient of the routing
-    weight w), so that with every head selected the layer equals standard MHA while the router still learns.
+    Our reading [D]: the head output is multiplied by ``1 + w - stopgrad(w)`` (value 1, gradient of the
+    routing weight w), so that with every head selected the layer equals standard MHA while the router still
+    learns.
     """
 
     def __init__(self, cfg: LMConfig) -> None:
@@ -242,21 +250,27 @@ class SelectiveMultiHeadAttention(nn.Module):
         routing = self.router(x.reshape(b * t, d))
         w = routing.dense_weights().view(b, t, self.n_heads).transpose(1, 2)  # (B, h, T)
         sel = w > 0  # (B, h, T) token t routed to head h
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B, h, T, hd)
+        q, k, v = (
+            self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # 3x (B, h, T, hd)
         q, k = self.rope(q), self.rope(k)
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()  # (T, T)
         allowed = causal & sel[..., :, None] & sel[..., None, :]  # (B, h, T, T)
-        allowed = allowed | torch.eye(t, dtype=torch.bool, device=x.device)  # unrouted rows: self only, zeroed below
+        allowed = allowed | torch.eye(
+            t, dtype=torch.bool, device=x.device
+        )  # unrouted rows: self only, zeroed below
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, h, T, hd)
-        gate = (sel.to(w.dtype) * (1.0 + w - w.detach())).to(x.dtype)  # (B, h, T) value 1 on routed, 0 elsewhere
+        gate = (sel.to(w.dtype) * (1.0 + w - w.detach())).to(
+            x.dtype
+        )  # (B, h, T) value 1 on routed, 0 elsewhere
         y = y * gate[..., None]
         return self.proj(y.transpose(1, 2).reshape(b, t, d)), routing
 
 
 class ChainOfExpertsFFN(nn.Module):
-    """Chain-of-Experts FFN (arXiv 2506.18945, spec section 11), built from ``moe_core`` MoE layers that share one
-    expert bank (and shared experts) across iterations, with one router per iteration.
+    """Chain-of-Experts FFN (arXiv 2506.18945, spec section 11), built from ``moe_core`` MoE layers that share
+    one expert bank (and shared experts) across iterations, with one router per iteration.
 
     ``z^0 = x`` (the normalised block input), ``z^t = z^{t-1} + MoE_t(z^{t-1})`` (inner residual),
     returns ``z^C``; the block adds ``h`` when ``outer_residual`` (paper default: not).
@@ -286,11 +300,13 @@ class ChainOfExpertsFFN(nn.Module):
 class EvoMoEFFN(nn.Module):
     """EvoMoE FFN (arXiv 2112.14397, spec section 10): phase 1 trains expert 0 as a dense FFN; at the switch
     ``apps.lm.evomoe.spawn_experts`` copies it into all E experts (diversified by random masks) and the
-    dense-to-sparse router takes over. ``phase`` is a persistent buffer so checkpoints resume in the right phase.
-    All E experts exist from the start so the optimizer and checkpoints never change shape.
+    dense-to-sparse router takes over. ``phase`` is a persistent buffer so checkpoints resume in the right
+    phase. All E experts exist from the start so the optimizer and checkpoints never change shape.
     """
 
-    def __init__(self, *, dim: int, hidden_dim: int, num_experts: int, router: nn.Module, backend: str) -> None:
+    def __init__(
+        self, *, dim: int, hidden_dim: int, num_experts: int, router: nn.Module, backend: str
+    ) -> None:
         super().__init__()
         self.experts = SwiGLUExperts(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim, backend=backend)
         self.router = router
@@ -319,25 +335,37 @@ class Block(nn.Module):
         super().__init__()
         self.index = index
         self.norm1, self.norm2 = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
-        attn = {"mha": CausalSelfAttention, "moa": MixtureOfAttentionHeads, "smha": SelectiveMultiHeadAttention}
+        attn = {
+            "mha": CausalSelfAttention,
+            "moa": MixtureOfAttentionHeads,
+            "smha": SelectiveMultiHeadAttention,
+        }
         self.attn = attn[cfg.attention](cfg)
         self.kind: FFNKind = cfg.ffn if cfg.sparse_layer(index) else "dense"
         self.outer_residual = True
         self.drop = nn.Dropout(cfg.dropout)
         h = cfg.resolved_expert_hidden
-        shared = (SwiGLU(dim=cfg.dim, hidden_dim=cfg.num_shared_experts * h) if cfg.num_shared_experts else None)
+        shared = (
+            SwiGLU(dim=cfg.dim, hidden_dim=cfg.num_shared_experts * h) if cfg.num_shared_experts else None
+        )
         if self.kind == "dense":
             self.ffn = SwiGLU(dim=cfg.dim, hidden_dim=cfg.ffn_hidden)
         elif self.kind == "moe":
             router = build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
                                   kwargs=cfg.router_kwargs)
-            experts = SwiGLUExperts(num_experts=cfg.num_experts, dim=cfg.dim, hidden_dim=h, backend=cfg.expert_backend)
-            self.ffn = MoELayer(router=router, experts=experts, shared_experts=shared, shared_gate=cfg.shared_gate)
+            experts = SwiGLUExperts(
+                num_experts=cfg.num_experts, dim=cfg.dim, hidden_dim=h, backend=cfg.expert_backend
+            )
+            self.ffn = MoELayer(
+                router=router, experts=experts, shared_experts=shared, shared_gate=cfg.shared_gate
+            )
         elif self.kind == "coe":
             n_routers = cfg.coe_iterations if cfg.coe_independent_gates else 1
             routers = [build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
                                     kwargs=cfg.router_kwargs) for _ in range(n_routers)]
-            experts = SwiGLUExperts(num_experts=cfg.num_experts, dim=cfg.dim, hidden_dim=h, backend=cfg.expert_backend)
+            experts = SwiGLUExperts(
+                num_experts=cfg.num_experts, dim=cfg.dim, hidden_dim=h, backend=cfg.expert_backend
+            )
             self.ffn = ChainOfExpertsFFN(iterations=cfg.coe_iterations, routers=routers, experts=experts,
                                          shared_experts=shared, inner_residual=cfg.coe_inner_residual)
             self.outer_residual = cfg.coe_outer_residual
@@ -428,13 +456,15 @@ def _routed_expert_bank(blk: Block) -> tuple[nn.Module | None, int]:
     return None, 0
 
 
-def count_parameters(model: TransformerLM, *, active_experts: dict[str, float] | None = None) -> dict[str, int]:
+def count_parameters(
+    model: TransformerLM, *, active_experts: dict[str, float] | None = None
+) -> dict[str, int]:
     """Total and active parameters per token.
 
-    Active = total minus the routed-expert parameters a token does not use. Per sparse FFN a token uses
-    ``k`` experts (CoE: ``C * k`` expert applications, counted with multiplicity so that active parameters track
-    compute); for variable-k routers pass the measured mean experts per token in ``active_experts``
-    (key ``layer{i}``; CoE: summed over iterations). MoA / SMHA count the query/value/output weights of
+    Active = total minus the routed-expert parameters a token does not use. Per sparse FFN a token uses ``k``
+    experts (CoE: ``C * k`` expert applications, counted with multiplicity so that active parameters track
+    compute); for variable-k routers pass the measured mean experts per token in ``active_experts`` (key
+    ``layer{i}``; CoE: summed over iterations). MoA / SMHA count the query/value/output weights of
     ``attn_top_k`` heads. The tied embedding is counted once.
 
     Returns:

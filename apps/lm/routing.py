@@ -1,9 +1,10 @@
 """Router construction and auxiliary losses for the LM app, on top of ``moe_core``.
 
-Routers, losses and stats come from ``moe_core`` when it provides them. While ``moe_core`` was being written in
-parallel, this module carried minimal local versions of the pieces that were not there yet (dynamic top-p,
-arXiv 2403.07652; EvoMoE's dense-to-sparse gate, arXiv 2112.14397; switch balance and z-loss, arXiv 2101.03961 /
-2202.08906); they follow ``../shared/spec/moe_core.md`` sections 5, 6, 10 and 12 and are used only as fallbacks.
+Routers, losses and stats come from ``moe_core`` when it provides them. While ``moe_core`` was being written
+in parallel, this module carried minimal local versions of the pieces that were not there yet (dynamic top-p,
+arXiv 2403.07652; EvoMoE's dense-to-sparse gate, arXiv 2112.14397; switch balance and z-loss, arXiv 2101.03961
+/ 2202.08906); they follow ``../shared/spec/moe_core.md`` sections 5, 6, 10 and 12 and are used only as
+fallbacks.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ except ImportError:  # pragma: no cover - depends on the state of moe_core
 
 
 class LocalTopPRouter(nn.Module):
-    """Dynamic top-p routing (spec section 12, fallback): smallest prefix of sorted probs whose mass exceeds p.
+    """Dynamic top-p routing (spec section 12, fallback): smallest prefix of sorted probs whose mass exceeds
+    p.
 
-    Returns all E slots sorted by probability with a mask; weights are the raw probabilities (not renormalised).
+    Returns all E slots sorted by probability with a mask; weights are the raw probabilities (not
+    renormalised).
     """
 
     def __init__(self, *, dim: int, num_experts: int, threshold: float = 0.4) -> None:
@@ -52,8 +55,8 @@ class LocalDenseToSparseRouter(nn.Module):
     """EvoMoE dense-to-sparse gate (spec section 10, fallback, as in the EvoMoE repo's ``topkgating``).
 
     Training: ``gg = softmax((z + Gumbel) / temperature)``; soft phase keeps experts with ``gg > threshold``,
-    hard phase keeps the top-``top_k`` of ``gg``; weights ``= active * softmax(z)``. Eval: plain top-``top_k`` of
-    the softmax. ``temperature`` and ``hard`` are attributes a schedule sets.
+    hard phase keeps the top-``top_k`` of ``gg``; weights ``= active * softmax(z)``. Eval: plain top-``top_k``
+    of the softmax. ``temperature`` and ``hard`` are attributes a schedule sets.
     """
 
     def __init__(self, *, dim: int, num_experts: int, top_k: int = 1, temperature: float = 1.0,
@@ -96,8 +99,13 @@ def build_router(kind: RouterKind, *, dim: int, num_experts: int, top_k: int,
         if cls is None:
             return LocalDenseToSparseRouter(dim=dim, num_experts=num_experts, top_k=top_k, **kw)
         return cls(dim=dim, num_experts=num_experts, top_k=top_k, **kw)
-    names = {"noisy_topk": "NoisyTopKRouter", "expert_choice": "ExpertChoiceRouter",
-             "null_expert": "NullExpertRouter", "grouped": "GroupedRouter", "sigmoid_topk": "SigmoidTopKRouter"}
+    names = {
+        "noisy_topk": "NoisyTopKRouter",
+        "expert_choice": "ExpertChoiceRouter",
+        "null_expert": "NullExpertRouter",
+        "grouped": "GroupedRouter",
+        "sigmoid_topk": "SigmoidTopKRouter",
+    }
     if kind not in names:
         raise ValueError(f"router must be one of {list(RouterKind.__args__)}, got {kind!r}")
     cls = getattr(_routers, names[kind], None)
@@ -136,8 +144,8 @@ def entropy_loss(r: RouterOutput) -> torch.Tensor:
 
 @torch.no_grad()
 def routing_summary(r: RouterOutput) -> dict[str, torch.Tensor]:
-    """Per-router statistics: expert load fractions ``(E,)``, load entropy / log E, mean router entropy, active
-    experts per token, max load fraction."""
+    """Per-router statistics: expert load fractions ``(E,)``, load entropy / log E, mean router entropy,
+    active experts per token, max load fraction."""
     e = r.num_experts
     counts = r.counts().float()  # (E,)
     load = counts / counts.sum().clamp_min(1.0)

@@ -1,9 +1,10 @@
-"""LightningModule for MoE LM pretraining: ``loss = CE + w_balance * balance + w_z * z (+ w_entropy * entropy)``.
+"""LightningModule for MoE LM pretraining: ``loss = CE + w_balance * balance + w_z * z (+ w_entropy *
+entropy)``.
 
-Logs each loss term, tokens/s, per-layer expert load / load entropy / router entropy, active experts per token,
-val loss and perplexity. The tokenizer travels in the checkpoint (``checkpoint["lm_tokenizer"]``) so that
-``apps.lm.generate`` needs nothing but the checkpoint. No device code: Lightning places tensors, so precision
-(``bf16-mixed``), gradient accumulation/clipping and DDP are trainer options.
+Logs each loss term, tokens/s, per-layer expert load / load entropy / router entropy, active experts per
+token, val loss and perplexity. The tokenizer travels in the checkpoint (``checkpoint["lm_tokenizer"]``) so
+that ``apps.lm.generate`` needs nothing but the checkpoint. No device code: Lightning places tensors, so
+precision (``bf16-mixed``), gradient accumulation/clipping and DDP are trainer options.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class LMTask(L.LightningModule):
         lr: peak AdamW learning rate.
         min_lr: final learning rate of the cosine decay.
         warmup_steps: linear warm-up steps.
-        decay_steps: steps of the cosine decay after warm-up (None: ``trainer.max_steps``; constant if unknown).
+        decay_steps: steps of the cosine decay after warm-up (None: ``trainer.max_steps``; constant if
+            unknown).
         weight_decay: AdamW weight decay on matrices (not on norms).
         betas: AdamW betas.
         w_balance: weight of the switch-form balance loss (summed over routing decisions).
@@ -61,11 +63,14 @@ class LMTask(L.LightningModule):
         self.weight_decay, self.betas = weight_decay, tuple(betas)
         self.w_balance, self.w_z, self.w_entropy = w_balance, w_z, w_entropy
         self.log_routing_every_n_steps = log_routing_every_n_steps
-        self.model: TransformerLM | None = TransformerLM(config=config) if config.vocab_size is not None else None
+        self.model: TransformerLM | None = (
+            TransformerLM(config=config) if config.vocab_size is not None else None
+        )
         self.tokenizer = None
         self._t0: float | None = None
 
-    # -- model construction linked to the data ----------------------------------------------------------------
+    # -- model construction linked to the data
+    # ----------------------------------------------------------------
     def _link_datamodule(self) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "vocab_size"):
@@ -76,11 +81,15 @@ class LMTask(L.LightningModule):
             self.config = dataclasses.replace(self.config, vocab_size=vocab)
             self.hparams["config"] = self.config  # checkpoints carry the resolved vocabulary size
         elif self.config.vocab_size != vocab:
-            raise ValueError(f"model config.vocab_size={self.config.vocab_size} but the data's tokenizer has {vocab} "
-                             f"tokens; set model.config.vocab_size to null (linked) or {vocab}")
+            raise ValueError(
+                f"model config.vocab_size={self.config.vocab_size} but the data's tokenizer has {vocab} "
+                f"tokens; set model.config.vocab_size to null (linked) or {vocab}"
+            )
         dm_ctx = getattr(dm, "context_len", None)
         if dm_ctx is not None and dm_ctx > self.config.context_len:
-            raise ValueError(f"data context_len={dm_ctx} exceeds model config.context_len={self.config.context_len}")
+            raise ValueError(
+                f"data context_len={dm_ctx} exceeds model config.context_len={self.config.context_len}"
+            )
 
     def configure_model(self) -> None:
         self._link_datamodule()
@@ -92,7 +101,8 @@ class LMTask(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> LMOutput:
         return self.model(idx)
 
-    # -- losses -----------------------------------------------------------------------------------------------
+    # -- losses
+    # -----------------------------------------------------------------------------------------------
     def _losses(self, out: LMOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))  # (B*T, V)
         zero = ce.new_zeros(())
@@ -140,8 +150,13 @@ class LMTask(L.LightningModule):
         self.log("val/loss", terms["ce"], on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
         self.log("val/balance", terms["balance"], on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         for name, r in out.routings:
-            self.log(f"val_routing/{name}/active_experts", routing_summary(r)["active_experts"], on_epoch=True,
-                     batch_size=x.shape[0], sync_dist=True)
+            self.log(
+                f"val_routing/{name}/active_experts",
+                routing_summary(r)["active_experts"],
+                on_epoch=True,
+                batch_size=x.shape[0],
+                sync_dist=True,
+            )
 
     def on_validation_epoch_end(self) -> None:
         v = self.trainer.callback_metrics.get("val/loss")
@@ -153,14 +168,20 @@ class LMTask(L.LightningModule):
         ce = self._losses(self(x), y)["ce"]
         self.log("test/loss", ce, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
 
-    # -- optimisation -----------------------------------------------------------------------------------------
+    # -- optimisation
+    # -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
         total = self.decay_steps
-        if total is None and self._trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0:
+        if (
+            total is None
+            and self._trainer is not None
+            and self.trainer.max_steps
+            and self.trainer.max_steps > 0
+        ):
             total = self.trainer.max_steps - self.warmup_steps
         warm, floor = max(self.warmup_steps, 0), self.min_lr / self.lr
 
@@ -175,7 +196,8 @@ class LMTask(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # -- checkpoint extras --------------------------------------------------------------------------------------
+    # -- checkpoint extras
+    # --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint["lm_tokenizer"] = self.tokenizer.to_json()

@@ -1,7 +1,8 @@
 """Tokenizers built locally: character-level and byte-level BPE (trained with the ``tokenizers`` library).
 
-Nothing is fetched from a hub. Both tokenizers serialise to a JSON string (``to_json`` / :func:`tokenizer_from_json`)
-so the exact tokenizer travels inside checkpoints and cache metadata and is reloaded for generation.
+Nothing is fetched from a hub. Both tokenizers serialise to a JSON string (``to_json`` /
+:func:`tokenizer_from_json`) so the exact tokenizer travels inside checkpoints and cache metadata and is
+reloaded for generation.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class BPETokenizer:
         if not text:
             raise ValueError("BPETokenizer.fit: the text is empty")
         if vocab_size < 257:
-            raise ValueError(f"vocab_size must be >= 257 for byte-level BPE (256 bytes + merges), got {vocab_size}")
+            raise ValueError(
+                f"vocab_size must be >= 257 for byte-level BPE (256 bytes + merges), got {vocab_size}"
+            )
         tok = ByteLevelBPETokenizer(add_prefix_space=False)
         tok.train_from_iterator([text], vocab_size=vocab_size, min_frequency=min_frequency,
                                 show_progress=False, special_tokens=[])
@@ -113,7 +116,9 @@ class BPETokenizer:
         return json.dumps({"kind": "bpe", "tokenizer": self._tok.to_str()})
 
 
-def fit_tokenizer(kind: Literal["char", "bpe"], text: str, *, vocab_size: int = 512) -> CharTokenizer | BPETokenizer:
+def fit_tokenizer(
+    kind: Literal["char", "bpe"], text: str, *, vocab_size: int = 512
+) -> CharTokenizer | BPETokenizer:
     """Build a tokenizer of the given kind on ``text`` (the one place ``kind`` is resolved)."""
     if kind == "char":
         return CharTokenizer.fit(text)

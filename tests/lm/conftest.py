@@ -1,4 +1,5 @@
-"""Shared fixtures of the LM tests: a private cache folder and the tiny shakespeare path (skip when absent)."""
+"""Shared fixtures of the LM tests: a private cache folder and the tiny shakespeare path (skip when
+absent)."""
 
 from __future__ import annotations
 

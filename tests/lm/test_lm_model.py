@@ -1,5 +1,5 @@
-"""Model invariants: causality for every block kind, CoE(C=1, outer residual) == standard MoE block, SMHA with all
-heads == MHA, parameter counting against a dense model, a tiny model overfits one batch."""
+"""Model invariants: causality for every block kind, CoE(C=1, outer residual) == standard MoE block, SMHA with
+all heads == MHA, parameter counting against a dense model, a tiny model overfits one batch."""
 
 from __future__ import annotations
 

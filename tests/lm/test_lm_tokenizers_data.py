@@ -1,4 +1,5 @@
-"""Tokenizers and token shards: round trips, the data spec's split sizes, clear errors, deterministic windows."""
+"""Tokenizers and token shards: round trips, the data spec's split sizes, clear errors, deterministic
+windows."""
 
 from __future__ import annotations
 
@@ -80,8 +81,11 @@ def test_random_windows_are_seeded_targets_shifted_and_worker_independent():
     assert x.shape == (3, 8) and torch.equal(y, x + 1)  # arange corpus: target = next token
     ds.start = 2  # resuming mid-epoch serves exactly the remaining batches
     assert all(torch.equal(p[0], q[0]) for p, q in zip(list(ds), a[2:]))
-    loader = torch.utils.data.DataLoader(RandomWindows(tokens=tokens, context_len=8, batch_size=3,
-                                                       batches_per_epoch=5, seed=7), batch_size=None, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        RandomWindows(tokens=tokens, context_len=8, batch_size=3, batches_per_epoch=5, seed=7),
+        batch_size=None,
+        num_workers=2,
+    )
     assert all(torch.equal(p[0], q[0]) for p, q in zip(list(loader), a))
     other = list(RandomWindows(tokens=tokens, context_len=8, batch_size=3, batches_per_epoch=5, seed=8))
     assert not torch.equal(other[0][0], a[0][0])

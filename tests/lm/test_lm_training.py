@@ -1,5 +1,6 @@
-"""Training-level invariants: the EvoMoE switch preserves the dense function and the DTS gate sparsifies as the
-temperature falls; exact resume from a checkpoint; seeded generation and the generate CLI on a saved checkpoint."""
+"""Training-level invariants: the EvoMoE switch preserves the dense function and the DTS gate sparsifies as
+the temperature falls; exact resume from a checkpoint; seeded generation and the generate CLI on a saved
+checkpoint."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ TINY = dict(context_len=16, dim=16, n_layers=2, n_heads=2, ffn_hidden=32)
 
 def _evomoe_model(**kw) -> TransformerLM:
     torch.manual_seed(0)
-    return TransformerLM(config=LMConfig(vocab_size=23, ffn="evomoe", num_experts=4, top_k=2, **{**TINY, **kw}))
+    return TransformerLM(
+        config=LMConfig(vocab_size=23, ffn="evomoe", num_experts=4, top_k=2, **{**TINY, **kw})
+    )
 
 
 def test_dts_router_gets_top_k_from_config():
@@ -43,8 +46,8 @@ def test_evomoe_switch_preserves_dense_function_without_diversification(mask_rat
     torch.manual_seed(1)
     sparse = m(x)
     assert len(sparse.routings) == 2
-    # at the switch temperature every expert is active and the weights are the full softmax (sum 1), so identical
-    # experts reproduce the dense expert exactly; the diversification masks must change the function
+    # at the switch temperature every expert is active and the weights are the full softmax (sum 1), so
+    # identical experts reproduce the dense expert exactly; the diversification masks must change the function
     for _, r in sparse.routings:
         assert bool(r.mask.all())
     if mask_ratio == 0.0:
@@ -55,8 +58,15 @@ def test_evomoe_switch_preserves_dense_function_without_diversification(mask_rat
 
 def test_dts_active_experts_fall_as_temperature_anneals():
     m = _evomoe_model().train()
-    cb = EvoMoECallback(switch_step=0, mask_ratio=0.0, max_temperature=4.0, min_temperature=0.02, decay_steps=40,
-                        schedule="exp", hard_step=50)
+    cb = EvoMoECallback(
+        switch_step=0,
+        mask_ratio=0.0,
+        max_temperature=4.0,
+        min_temperature=0.02,
+        decay_steps=40,
+        schedule="exp",
+        hard_step=50,
+    )
     layer = evomoe_layers(m)[0]
     x = torch.randn(2048, 16)
     temps, active = [], []
@@ -71,7 +81,8 @@ def test_dts_active_experts_fall_as_temperature_anneals():
     assert layer.router.hard and active[5] == pytest.approx(2.0)  # hard phase: exactly top_k
 
 
-# -- Lightning: exact resume -------------------------------------------------------------------------------------
+# -- Lightning: exact resume
+# -------------------------------------------------------------------------------------
 class _LossRecorder(L.Callback):
     def __init__(self) -> None:
         self.losses: dict[int, float] = {}
@@ -86,17 +97,32 @@ def _fit(tmp_path, *, ffn: str, max_steps: int, ckpt_path=None, save_every: int 
         text.write_text(TEXT, encoding="utf-8")
     L.seed_everything(0)
     extra = dict(num_experts=4, top_k=2) if ffn != "dense" else {}
-    task = LMTask(config=LMConfig(ffn=ffn, **TINY, **extra), lr=3e-3, warmup_steps=2, log_routing_every_n_steps=3)
-    dm = LMDataModule(text_path=str(text), tokenizer="char", context_len=16, batch_size=4, batches_per_epoch=5,
-                      max_val_windows=4, cache_path=str(tmp_path / "cache"))
+    task = LMTask(
+        config=LMConfig(ffn=ffn, **TINY, **extra), lr=3e-3, warmup_steps=2, log_routing_every_n_steps=3
+    )
+    dm = LMDataModule(
+        text_path=str(text),
+        tokenizer="char",
+        context_len=16,
+        batch_size=4,
+        batches_per_epoch=5,
+        max_val_windows=4,
+        cache_path=str(tmp_path / "cache"),
+    )
     rec = _LossRecorder()
     callbacks: list[L.Callback] = [rec]
     if ffn == "evomoe":
-        callbacks.append(EvoMoECallback(switch_step=3, mask_ratio=0.3, max_temperature=2.0, min_temperature=0.2,
-                                        decay_steps=6))
+        callbacks.append(
+            EvoMoECallback(
+                switch_step=3, mask_ratio=0.3, max_temperature=2.0, min_temperature=0.2, decay_steps=6
+            )
+        )
     if save_every:
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=save_every,
-                                                             save_top_k=-1, filename="{step}"))
+        callbacks.append(
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=tmp_path / "ckpt", every_n_train_steps=save_every, save_top_k=-1, filename="{step}"
+            )
+        )
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=bool(save_every),
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
@@ -106,8 +132,8 @@ def _fit(tmp_path, *, ffn: str, max_steps: int, ckpt_path=None, save_every: int 
 
 @pytest.mark.parametrize("ffn", ["moe", "evomoe"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, ffn):
-    # 12 steps cross two epoch boundaries (5 batches each); the checkpoint at step 7 is mid-epoch and, for EvoMoE,
-    # after the switch (Gumbel noise draws from the global RNG, which the checkpoint carries)
+    # 12 steps cross two epoch boundaries (5 batches each); the checkpoint at step 7 is mid-epoch and, for
+    # EvoMoE, after the switch (Gumbel noise draws from the global RNG, which the checkpoint carries)
     full, full_losses, _ = _fit(tmp_path, ffn=ffn, max_steps=12, save_every=7)
     ckpt = tmp_path / "ckpt" / "step=7.ckpt"
     assert ckpt.is_file(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
@@ -123,7 +149,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, ffn):
     assert full_losses[12] < full_losses[1]
 
 
-# -- generation ---------------------------------------------------------------------------------------------------
+# -- generation
+# ---------------------------------------------------------------------------------------------------
 def _random_lm():
     tok = CharTokenizer.fit(TEXT)
     torch.manual_seed(0)
@@ -156,8 +183,11 @@ def test_generate_cli_on_saved_checkpoint(tmp_path, capsys):
     text = main(["--ckpt", str(ckpt), "--prompt", "First", "--max-new-tokens", "12", "--greedy"])
     assert text == generate(task.model, task.tokenizer, "First", max_new_tokens=12, greedy=True)
     assert text in capsys.readouterr().out
-    sampled = main(["--ckpt", str(ckpt), "--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9", "--seed", "3"])
-    assert sampled == main(["--ckpt", str(ckpt), "--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9",
-                            "--seed", "3"])
+    sampled = main(
+        ["--ckpt", str(ckpt), "--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9", "--seed", "3"]
+    )
+    assert sampled == main(
+        ["--ckpt", str(ckpt), "--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9", "--seed", "3"]
+    )
     with pytest.raises(FileNotFoundError):
         main(["--ckpt", str(tmp_path / "missing.ckpt")])
