@@ -10,6 +10,7 @@ import torch
 
 from apps.lm.evomoe import evomoe_layers, switch_to_sparse
 from apps.lm.model import LMConfig, TransformerLM, count_parameters
+from apps.lm.routing import _CLASSES
 from apps.lm.task import LMTask
 
 V, T = 23, 12
@@ -122,7 +123,7 @@ def test_tiny_model_overfits_one_batch(name):
     first = None
     for _ in range(150):
         loss = task._losses(task.model(x), y)["ce"]
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -138,3 +139,23 @@ def test_bf16_autocast_forward_runs_and_is_close():
     assert torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.1
     assert copy.deepcopy(m)(x).logits.shape == ref.shape
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "expert_choice", "top_p", "null_expert", "grouped",
+                                    "sigmoid_topk", "dts"])
+def test_every_router_kind_builds_and_trains_one_step(router):
+    torch.manual_seed(0)
+    kw = {"grouped": {"num_groups": 2}, "null_expert": {"num_null": 2}}.get(router, {})
+    task = LMTask(config=LMConfig(**{**SMALL, "ffn": "moe", "num_experts": 4, "top_k": 2, "router": router,
+                                     "router_kwargs": kw}), warmup_steps=0)
+    blk = task.model.blocks[0]
+    assert type(blk.ffn.router).__name__ == _CLASSES[router] and blk.ffn.router.num_experts == 4
+    if hasattr(blk.ffn.router, "top_k"):
+        assert blk.ffn.router.top_k == 2  # the config's k reaches every fixed-k router
+    x = torch.randint(0, V, (2, T))
+    out = task.model.train()(x)
+    terms = task._losses(out, torch.roll(x, -1, dims=1))
+    assert out.logits.shape == (2, T, V) and len(out.routings) == 2
+    assert all(torch.isfinite(v) for v in terms.values())
+    terms["loss"].backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in blk.ffn.router.parameters())
