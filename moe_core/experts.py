@@ -184,6 +184,17 @@ class _ExpertBank(nn.Module):
     hidden_dim: int
     backend: str
 
+    def __init__(self, *, num_experts: int, dim: int, hidden_dim: int, backend: str, activation: str) -> None:
+        super().__init__()
+        if num_experts < 1 or dim < 1 or hidden_dim < 1:
+            raise ValueError(
+                f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}"
+            )
+        self.backend = _resolve_backend(backend)
+        self.act = _resolve_activation(activation)
+        self.activation = activation
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+
     def _weights3d(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
@@ -344,15 +355,9 @@ class SwiGLUExperts(_ExpertBank):
         backend: Backend = "auto",
         activation: Activation = "silu",
     ) -> None:
-        super().__init__()
-        if num_experts < 1 or dim < 1 or hidden_dim < 1:
-            raise ValueError(
-                f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}"
-            )
-        self.backend = _resolve_backend(backend)
-        self.act = _resolve_activation(activation)
-        self.activation = activation
-        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        super().__init__(
+            num_experts=num_experts, dim=dim, hidden_dim=hidden_dim, backend=backend, activation=activation
+        )
         self.gate_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.up_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -423,15 +428,9 @@ class MLPExperts(_ExpertBank):
         backend: Backend = "auto",
         activation: Activation = "gelu",
     ) -> None:
-        super().__init__()
-        if num_experts < 1 or dim < 1 or hidden_dim < 1:
-            raise ValueError(
-                f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}"
-            )
-        self.backend = _resolve_backend(backend)
-        self.act = _resolve_activation(activation)
-        self.activation = activation
-        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        super().__init__(
+            num_experts=num_experts, dim=dim, hidden_dim=hidden_dim, backend=backend, activation=activation
+        )
         self.up_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters()
