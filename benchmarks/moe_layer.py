@@ -14,7 +14,13 @@ Each round runs forward, then backward with a fixed random upstream gradient. We
 mean ± std of the times and the median over rounds of the per-round ratio to ``dense`` (robust to load drift
 on a shared machine). Writes ``benchmarks/results/moe_layer.json``.
 
-Usage: ``python benchmarks/moe_layer.py [--quick] [--repeats 7] [--tokens 4096] [--all-backends]``.
+The process's allocator is tuned first (:func:`moe_core.runtime.tune_cpu_allocator`, as the ``moekit`` CLI
+does; it applies to every implementation alike); ``--no-malloc-tuning`` keeps glibc's defaults, under which
+every temporary above 32 MiB is page-faulted afresh each step (this taxes the MoE implementations, whose
+routed activations are k times wider than the dense layer's).
+
+Usage: ``python benchmarks/moe_layer.py [--quick] [--repeats 7] [--tokens 4096] [--all-backends]
+[--no-malloc-tuning]``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import nn
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import MoELayer, SwiGLU
 from moe_core.routers import TopKRouter
+from moe_core.runtime import allocator_state, tune_cpu_allocator
 
 SHAPES = {"coarse": dict(E=8, k=2, D=512, H=1024), "fine": dict(E=64, k=6, D=512, H=256)}
 TARGETS = {"coarse": 1.15, "fine": 1.4}
@@ -206,7 +213,14 @@ def main() -> None:
     p.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/moe_layer.json)"
     )
+    p.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="keep glibc's malloc defaults (see moe_core.runtime; tuned by default, as the moekit CLI does)",
+    )
     a = p.parse_args()
+    if not a.no_malloc_tuning:
+        tune_cpu_allocator()
     tokens, repeats = (512, 2) if a.quick else (a.tokens, a.repeats)
     backends = ["auto", "grouped_mm"] + (["loop", "padded"] if a.all_backends else [])
     load_before = _load()
@@ -220,12 +234,14 @@ def main() -> None:
         "dtype": "float32",
         "load_avg_before": load_before,
         "load_avg_after": _load(),
+        "malloc_tuning": allocator_state() or "glibc defaults",
         "targets_vs_dense": TARGETS,
         "note": "forward+backward of the whole layer (router included except for dense); "
         "x dense = median over rounds of the per-round ratio to dense",
     }
     print(_table(rows))
     print(f"load average before/after: {load_before} / {meta['load_avg_after']}")
+    print(f"malloc: {meta['malloc_tuning']}")
     for name in a.shapes:
         get = {r["impl"]: r for r in rows if r["shape"] == name}
         if "moekit" in get:

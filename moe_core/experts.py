@@ -176,6 +176,21 @@ def _scaled_down(h: torch.Tensor, down: torch.Tensor, wb: torch.Tensor) -> torch
     return torch.bmm(h, down) * wb
 
 
+def _scaled_down_grouped(
+    h: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None
+) -> torch.Tensor:
+    """Grouped ``ws * (h @ down[e])`` for sorted rows ``h (P, H)``, ``ws (P, 1)`` or None (unscaled).
+
+    As in :func:`_scaled_down`, the scale goes on the narrower side: with H < D (fine-grained experts) that
+    halves the elementwise passes over the routed activations in forward and backward.
+    """
+    if ws is None:
+        return _gmm(h, down, offs)
+    if h.shape[-1] < down.shape[-1]:
+        return _gmm(h * ws, down, offs)
+    return _gmm(h, down, offs) * ws
+
+
 class _ExpertBank(nn.Module):
     """Sort/gather/scatter shared by the banks; subclasses provide the per-expert FFN on sorted rows."""
 
@@ -198,7 +213,8 @@ class _ExpertBank(nn.Module):
     def _weights3d(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
+        """Sorted rows ``(P, D)``, group ends ``offs (E,)``, row scales ``(P, 1)`` or None -> ``(P, D)``."""
         raise NotImplementedError
 
     def _ffn_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -289,10 +305,13 @@ class _ExpertBank(nn.Module):
             if mask is not None:
                 dead = (flat.index_select(0, order) == e)[:, None]  # (N*K, 1) masked pairs, sorted last
                 xs = xs.masked_fill(dead, 0.0)  # zeroes the kernel's undefined input-gradient rows
-            ys = self._ffn_grouped(xs, offs)  # (N*K, D)
-            if mask is not None:
-                ys = ys.masked_fill(dead, 0.0)  # the kernel leaves rows past offs[-1] undefined
-            ys = ys * w.index_select(0, order)[:, None]  # (N*K, D) weights scale the expert outputs
+            ws = w.index_select(0, order)[:, None]  # (N*K, 1) combine weights of the sorted pairs
+            if mask is None:
+                ys = self._ffn_grouped(xs, offs, ws)  # (N*K, D) weighted expert outputs
+            else:
+                # the kernel leaves rows past offs[-1] (and their input gradients) undefined: zero them before
+                # the weights touch them, so that no undefined value reaches a weight's gradient
+                ys = self._ffn_grouped(xs, offs, None).masked_fill(dead, 0.0) * ws  # (N*K, D)
             return _GatherSum.apply(ys, inv, k, False, tok, 1, False).to(x.dtype)  # (N, D)
 
         if counts_host is None:
@@ -385,9 +404,10 @@ class SwiGLUExperts(_ExpertBank):
         # one GEMM of width 2H instead of two of width H: fewer kernel calls (parallel regions) per expert
         return torch.cat([self.gate_proj, self.up_proj], dim=2)  # (E, D, 2H)
 
-    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
         g, u = _gmm(xs, self._gate_up(), offs).chunk(2, dim=1)  # (P, H), (P, H)
-        return _gmm(self.act(g) * u, self.down_proj, offs)  # (P, D)
+        h = self.act(g) * u  # (P, H)
+        return _scaled_down_grouped(h, self.down_proj, offs, ws)  # (P, D)
 
     def _ffn_batched(self, xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
         h = self.act(torch.bmm(xb, self.gate_proj)) * torch.bmm(xb, self.up_proj)  # (E, C, H)
@@ -449,8 +469,8 @@ class MLPExperts(_ExpertBank):
     def _weights3d(self) -> tuple[torch.Tensor, ...]:
         return self.up_proj, self.down_proj
 
-    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        return _gmm(self.act(_gmm(xs, self.up_proj, offs)), self.down_proj, offs)  # (P, D)
+    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
+        return _scaled_down_grouped(self.act(_gmm(xs, self.up_proj, offs)), self.down_proj, offs, ws)
 
     def _ffn_batched(self, xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
         return _scaled_down(self.act(torch.bmm(xb, self.up_proj)), self.down_proj, wb)  # (E, C, D)

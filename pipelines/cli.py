@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
 
+from moe_core.runtime import tune_cpu_allocator
 from pipelines.tracking import MlflowArtifactsCallback, MlflowSaveConfigCallback, make_logger
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``moekit`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tune_cpu_allocator()  # large MoE temporaries reuse heap memory (MOEKIT_MALLOC_TUNING=0 opts out)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return

@@ -154,9 +154,9 @@ class _Recording(SwiGLUExperts):
         self.rows = xs.shape[0]
         return super()._ffn_loop(xs, counts)
 
-    def _ffn_grouped(self, xs, offs):
+    def _ffn_grouped(self, xs, offs, ws):
         self.rows = int(offs[-1])
-        return super()._ffn_grouped(xs, offs)
+        return super()._ffn_grouped(xs, offs, ws)
 
 
 @pytest.mark.parametrize(
