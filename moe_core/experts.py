@@ -28,7 +28,7 @@ Backends (``backend`` argument):
   projection, one gather-sum back. Padding rows are zero and stay zero, so they change no output and no
   gradient; they do cost FLOPs (``E*C/P - 1`` of the useful work). Works for any dtype.
 * ``auto``: on accelerators ``grouped_mm`` where it can run (no host sync). On CPU it reads the group sizes
-  once and picks ``padded`` when the buffer holds at most 2x the useful rows (balanced routing), else
+  once and picks ``padded`` when the buffer holds at most 1.2x the useful rows (balanced routing), else
   ``grouped_mm`` where it can run, else ``loop``. "Can run": kernel present and working on that device and
   dtype (checked once by a tiny forward+backward probe), weights of the input's dtype, strides aligned.
 
@@ -59,12 +59,12 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
 }
 _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# ``auto`` on CPU pads to the largest group when the buffer holds at most twice the useful rows: one batched
-# GEMM per projection is a single parallel region, whereas per-expert GEMMs pay a thread barrier each
-# (measured [M] on a loaded 2-core box: 64 GEMMs of 384 rows took ~5x the time of one (64, 420, 512) bmm;
-# at T=512, E=64, k=6 the padded layer (1.46x rows) was 2-5x faster than grouped_mm). On the idle box the two
-# were within noise (T=4096: padded 1.56x, grouped_mm 1.64x dense): padding costs little there.
-_PAD_WASTE = 2.0
+# ``auto`` on CPU pads to the largest group only when routing is nearly balanced (buffer <= 1.2x the useful
+# rows): padding buys one batched GEMM per projection, but its wasted rows cost FLOPs. Measured [M] fwd+bwd:
+# fine-grained E=64, k=6, D=512, H=256, T=4096 (waste ~1.1): padded and grouped_mm within 1 % of each other;
+# the LM benchmark's top-2 layer (E=8, D=128, H=176, 768 tokens, waste 1.4-1.8 at init): a whole training step
+# took 107 ms padded vs 88 ms grouped_mm on 1 thread (72 vs 58 ms on 2 threads; dense model 67 / 53 ms).
+_PAD_WASTE = 1.2
 
 
 def _resolve_backend(backend: str) -> str:

@@ -91,7 +91,7 @@ class LMConfig:
     init_std: float = 0.02
     tie_embeddings: bool = True
     rope_base: float = 10000.0
-    expert_backend: Literal["auto", "grouped_mm", "loop"] = "auto"
+    expert_backend: Literal["auto", "grouped_mm", "loop", "padded"] = "auto"
 
     def __post_init__(self) -> None:
         if self.ffn not in FFNKind.__args__:

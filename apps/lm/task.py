@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from apps.lm.model import LMConfig, LMOutput, TransformerLM, count_parameters
 from apps.lm.routing import balance_loss, entropy_loss, routing_summary, z_loss
@@ -38,6 +39,9 @@ class LMTask(L.LightningModule):
         w_z: weight of the router z-loss (summed over routing decisions).
         w_entropy: weight of the router-entropy loss (dynamic top-p paper); 0 disables.
         log_routing_every_n_steps: period of the per-layer routing statistics.
+        fused_optimizer: use PyTorch's fused AdamW kernel (one pass over all parameters instead of a Python
+            loop of per-tensor ops; same update). None: where every parameter is a plain tensor on CPU or
+            CUDA (not under FSDP's sharded tensor subclasses).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class LMTask(L.LightningModule):
         w_z: float = 0.001,
         w_entropy: float = 0.0,
         log_routing_every_n_steps: int = 50,
+        fused_optimizer: bool | None = None,
     ) -> None:
         super().__init__()
         config = config if config is not None else LMConfig()
@@ -63,6 +68,7 @@ class LMTask(L.LightningModule):
         self.weight_decay, self.betas = weight_decay, tuple(betas)
         self.w_balance, self.w_z, self.w_entropy = w_balance, w_z, w_entropy
         self.log_routing_every_n_steps = log_routing_every_n_steps
+        self.fused_optimizer = fused_optimizer
         self.model: TransformerLM | None = (
             TransformerLM(config=config) if config.vocab_size is not None else None
         )
@@ -173,8 +179,13 @@ class LMTask(L.LightningModule):
     def configure_optimizers(self):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        fused = self.fused_optimizer
+        if fused is None:
+            params = decay + no_decay
+            fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
+                                fused=fused or None)
         total = self.decay_steps
         if (
             total is None
