@@ -6,8 +6,8 @@ large tensors. glibc's ``malloc`` serves every block above its mmap threshold (d
 zeroed by the kernel again on every step. A dense FFN of the same active FLOPs has ``k`` times narrower
 temporaries that stay below the cap and are recycled from the heap, so the default allocator taxes MoE
 layers and not their dense baselines. Measured with ``benchmarks/moe_layer.py`` (fine-grained E=64, k=6,
-D=512, H=256, T=4096, fwd+bwd, 2-core box): moekit 1.75x dense with glibc defaults, 1.34x with the
-thresholds raised; the HF ``grouped_mm`` Mixtral block moved from 1.67x to 1.41x. A fixed workload of the
+D=512, H=256, T=4096, fwd+bwd, 2-core box): moekit 1.84x dense with glibc defaults, 1.33x with the
+thresholds raised; the HF ``grouped_mm`` Mixtral block moved from 1.80x to 1.44x. A fixed workload of the
 tests (``tests/moe_core/test_runtime.py``) takes ~150,000 minor page faults per step with the defaults and
 none once tuned. PyTorch's CPU performance guide gives the same advice in the form "preload jemalloc or
 tcmalloc"; :func:`tune_cpu_allocator` is the no-install equivalent.
