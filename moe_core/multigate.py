@@ -149,8 +149,12 @@ class DenseMLPExperts(nn.Module):
 
 
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted sum of expert outputs: ``(B, E)`` x ``(B, E, H)`` -> ``(B, H)``."""
-    return torch.einsum("be,beh->bh", weights.to(experts.dtype), experts)
+    """Gate-weighted sum of expert outputs: ``(B, E)`` x ``(B, E, H)`` -> ``(B, H)``.
+
+    Broadcast multiply and sum, not ``einsum``/``bmm``: with E ~ 4-16 the batched (1, E) x (E, H) products are
+    B tiny GEMMs; measured [M] forward+backward at B=2048, E=4, H=64 on 2 threads: 0.41 ms vs 2.0 ms (einsum).
+    """
+    return (weights.to(experts.dtype).unsqueeze(-1) * experts).sum(1)
 
 
 class SoftmaxGate(nn.Module):
@@ -312,33 +316,41 @@ class CGCLevel(nn.Module):
         """Run the level.
 
         Args:
-            streams: ``(B, M+1, D)`` task streams then the shared stream.
-            same_input: every stream is equal (first level): all experts read one ``(B, D)`` input.
+            streams: ``(B, M+1, D)`` task streams then the shared stream, or ``(B, D)``: one input that every
+                stream equals (the first level).
+            same_input: the ``(B, M+1, D)`` streams are all equal: all experts read the shared stream.
 
         Returns:
             ``(B, M+1, H)`` (``(B, M, H)`` on the last level), the gate weights and the expert outputs.
         """
-        b, m = streams.shape[0], self.num_tasks
-        ex_sh = self.shared(streams[:, m])  # (B, S_sh, H)
+        m, s = self.num_tasks, self.num_specific
+        if streams.dim() == 2:
+            parts, same_input = [streams] * (m + 1), True  # (B, D) each, no copy
+        else:
+            # unbind once: its backward is one stack, whereas every ``streams[:, k]`` would zero-fill a
+            # full-size gradient buffer in backward (measured: 5 such fills were ~12 % of a PLE step)
+            parts = list(streams.unbind(1))  # M+1 x (B, D)
+        b = parts[0].shape[0]
+        ex_sh = self.shared(parts[m])  # (B, S_sh, H)
         experts = {"shared": ex_sh}
         if self.specific is not None:
             if same_input:
-                ex_sp = self.specific(streams[:, m])  # (B, M*S, H)
+                ex_sp = self.specific(parts[m])  # (B, M*S, H)
             else:
-                per_expert_in = streams[:, :m].repeat_interleave(self.num_specific, dim=1)  # (B, M*S, D)
+                per_expert_in = torch.stack([parts[k] for k in range(m) for _ in range(s)], 1)  # (B, M*S, D)
                 ex_sp = self.specific(per_expert_in)  # (B, M*S, H)
             experts["specific"] = ex_sp
-            ex_sp = ex_sp.view(b, m, self.num_specific, -1)  # (B, M, S, H)
+            ex_sp = ex_sp.view(b, m, s, -1)  # (B, M, S, H)
         gates, outs = {}, []
         for k, g in enumerate(self.task_gates):
             cand = (
                 ex_sh if self.specific is None else torch.cat([ex_sp[:, k], ex_sh], dim=1)
             )  # (B, S+S_sh, H)
-            gates[f"task{k}"] = g(streams[:, k])
+            gates[f"task{k}"] = g(parts[k])
             outs.append(mix(gates[f"task{k}"], cand))
         if self.shared_gate is not None:
             all_ex = ex_sh if self.specific is None else torch.cat([experts["specific"], ex_sh], dim=1)
-            gates["shared"] = self.shared_gate(streams[:, m])
+            gates["shared"] = self.shared_gate(parts[m])
             outs.append(mix(gates["shared"], all_ex))
         return torch.stack(outs, dim=1), gates, experts
 
@@ -394,10 +406,10 @@ class PLE(nn.Module):
         self.out_dim = d
 
     def forward(self, v: torch.Tensor) -> MultiGateOutput:
-        streams = v.unsqueeze(1).expand(-1, self.num_tasks + 1, -1)  # (B, M+1, D)
+        streams = v  # (B, D): the first level's streams are all v
         gates_all, experts_all = {}, {}
         for j, level in enumerate(self.levels):
-            streams, gates, experts = level(streams, same_input=j == 0)
+            streams, gates, experts = level(streams)  # (B, M+1, H)
             gates_all.update({(k if j == len(self.levels) - 1 else f"l{j}/{k}"): g for k, g in gates.items()})
             experts_all.update({f"l{j}/{k}": e for k, e in experts.items()})
         return MultiGateOutput(streams, gates_all, experts_all)  # streams: (B, M, H)

@@ -37,6 +37,11 @@ class MultiTaskOutput:
 class FeatureEmbedding(nn.Module):
     """Embeds categorical indices and concatenates standardised numeric values: ``v = [e_1..e_C, x_num]``.
 
+    All C tables live in one ``(sum of cardinalities, d)`` matrix addressed through per-column row offsets, so
+    a batch is one embedding lookup (and one backward) instead of C: measured [M] on census (38 columns), the
+    C separate backward passes were ~10 % of a PLE training step. Column ``j`` reads only its own rows:
+    indices outside ``[0, cardinality_j)`` raise ``ValueError`` instead of reading a neighbour's rows.
+
     Args:
         cardinalities: table size per categorical column (index 0 = out-of-vocabulary).
         num_numeric: F numeric inputs.
@@ -46,21 +51,40 @@ class FeatureEmbedding(nn.Module):
     def __init__(self, *, cardinalities: Sequence[int], num_numeric: int, embed_dim: int) -> None:
         super().__init__()
         self.cardinalities = [int(c) for c in cardinalities]
-        self.num_numeric = num_numeric
-        self.tables = nn.ModuleList(nn.Embedding(c, embed_dim) for c in self.cardinalities)
-        for t in self.tables:
-            nn.init.normal_(t.weight, std=0.05)
+        if any(c < 1 for c in self.cardinalities):
+            raise ValueError(f"every cardinality must be >= 1, got {self.cardinalities}")
+        self.num_numeric, self.embed_dim = num_numeric, embed_dim
+        card = torch.tensor(self.cardinalities, dtype=torch.long)
+        self.register_buffer("offsets", torch.cumsum(card, 0) - card, persistent=False)  # (C,)
+        self.register_buffer("sizes", card, persistent=False)  # (C,)
+        self.table = nn.Embedding(int(card.sum()), embed_dim)
+        nn.init.normal_(self.table.weight, std=0.05)
         self.out_dim = len(self.cardinalities) * embed_dim + num_numeric
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
         """``cat (B, C)`` int64, ``num (B, F)`` -> ``v (B, C*d + F)``."""
-        if cat.shape[-1] != len(self.tables) or num.shape[-1] != self.num_numeric:
+        c = len(self.cardinalities)
+        if cat.shape[-1] != c or num.shape[-1] != self.num_numeric:
             raise ValueError(
-                f"expected {len(self.tables)} categorical and {self.num_numeric} numeric columns, "
+                f"expected {c} categorical and {self.num_numeric} numeric columns, "
                 f"got cat {tuple(cat.shape)} and num {tuple(num.shape)}"
             )
-        embs = [t(cat[:, j]) for j, t in enumerate(self.tables)]  # C x (B, d)
-        return torch.cat([*embs, num.to(embs[0].dtype if embs else num.dtype)], dim=-1)
+        bad = (cat < 0) | (cat >= self.sizes)  # (B, C)
+        if bad.any():
+            j = int(bad.any(0).nonzero()[0])
+            raise ValueError(
+                f"categorical column {j} has index {int(cat[:, j][bad[:, j]][0])} outside its table "
+                f"[0, {self.cardinalities[j]}); was the data encoded with another preprocessor?"
+            )
+        emb = self.table(cat + self.offsets).flatten(1)  # (B, C*d)
+        return torch.cat([emb, num.to(emb.dtype)], dim=-1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # checkpoints from before the fused table stored one ``tables.<j>.weight`` per column
+        old = [f"{prefix}tables.{j}.weight" for j in range(len(self.cardinalities))]
+        if old and all(k in state_dict for k in old):
+            state_dict[f"{prefix}table.weight"] = torch.cat([state_dict.pop(k) for k in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def tower(in_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
