@@ -101,6 +101,25 @@ def test_backend_matches_reference(backend, dtype, kind, scenario, upstream):
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("kind", ["swiglu", "mlp"])
+@pytest.mark.parametrize("scenario", ["random", "skewed"])
+def test_narrow_experts_scale_the_hidden_side(backend, dtype, kind, scenario):
+    """H < D (fine-grained experts): the banks scale the hidden rows, not the outputs, by the combine weights;
+    output and all gradients must still equal the reference."""
+    torch.manual_seed(1)
+    d, h = 16, 4
+    if kind == "swiglu":
+        bank = SwiGLUExperts(num_experts=E, dim=d, hidden_dim=h, backend=backend).to(dtype)
+    else:
+        bank = MLPExperts(num_experts=E, dim=d, hidden_dim=h, backend=backend, activation="gelu").to(dtype)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(23, d, generator=gen, dtype=torch.float64).to(dtype)
+    idx, mask = _routing(scenario, 23, gen)
+    w = torch.rand(23, K, generator=gen, dtype=torch.float64).to(dtype)
+    _check(bank, x, idx, w, mask, "random", 1e-12 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
 @pytest.mark.parametrize("n", [0, 1])
 def test_tiny_token_counts(backend, dtype, n):
     bank = _bank("swiglu", backend, dtype)
