@@ -3,9 +3,9 @@ RecSys 2020, DOI 10.1145/3383313.3412236) and HoME (Wang et al., arXiv 2408.0543
 
 In these models every expert sees every row and each task mixes all (or a masked subset of) experts with
 its own softmax gate, so experts are evaluated densely: :class:`DenseMLPExperts` keeps the stacked weights
-``(E, D_in, D_out)`` of an expert bank and evaluates all experts with one ``einsum`` per layer. (The routed
-banks in ``moe_core.experts`` dispatch a sparse ``(indices, weights)`` assignment; with ``indices =
-arange(E)`` for every token they compute the same mixture, but the dense einsum path is cheaper for E ~ 10.)
+``(E, D_in, D_out)`` of an expert bank and evaluates all experts with one (batched) matmul per layer. (The
+routed banks in ``moe_core.experts`` dispatch a sparse ``(indices, weights)`` assignment; with ``indices =
+arange(E)`` for every token they compute the same mixture, but the dense path is cheaper for E ~ 10.)
 
 Shapes (glossary in ``moe_core.types``): B batch, D input width, H expert output width, E experts, M tasks.
 Routing math (gate softmax) runs in float32; combine weights are cast back to the activation dtype.
