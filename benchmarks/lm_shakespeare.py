@@ -44,7 +44,7 @@ from apps.lm.evomoe import EvoMoECallback  # noqa: E402
 from apps.lm.model import LMConfig, count_parameters  # noqa: E402
 from apps.lm.routing import routing_summary  # noqa: E402
 from apps.lm.task import LMTask  # noqa: E402
-from moe_core.runtime import tune_cpu_allocator  # noqa: E402
+from moe_core.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
 
 BASE = dict(context_len=64, dim=128, n_layers=4, n_heads=4, ffn_hidden=352)
 VARIANTS: dict[str, dict] = {
@@ -272,6 +272,10 @@ def main(argv=None) -> None:
         "commit": commit,
         "budget_s": args.budget_s,
         "bpe_budget_s": args.bpe_budget_s or args.budget_s,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "malloc_tuning": allocator_state() or "glibc defaults",
         "load_avg_1m": {"min": min(uptimes), "max": max(uptimes)},
         "anchor": "nanoGPT baby GPT (4L/4H/128, ctx 64, 2000 iters batch 12): val ~1.88 in ~3 min on CPU",
         "note": "budgets count training time only (evaluation excluded); "
