@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
@@ -165,30 +166,24 @@ def _dims_aligned(dtype: torch.dtype, *dims: int) -> bool:
     return all((d * size) % 16 == 0 for d in dims)
 
 
-def _scaled_down(h: torch.Tensor, down: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """``wb * (h @ down)`` for ``h (E, C, H)``, ``down (E, H, D)``, ``wb (E, C, 1)``.
+def _scaled_down(
+    h: torch.Tensor,
+    down: torch.Tensor,
+    ws: torch.Tensor | None,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.bmm,
+) -> torch.Tensor:
+    """``ws * matmul(h, down)``: batched ``h (E, C, H)``, ``down (E, H, D)``, ``ws (E, C, 1)`` with
+    ``torch.bmm``, or sorted rows ``h (P, H)``, ``ws (P, 1)`` with grouped ``matmul``; ``ws`` None: no scale.
 
     The down projection is linear without bias, so scaling its input rows equals scaling its output rows; we
-    scale whichever is narrower (fewer multiplications, same result up to rounding).
-    """
-    if h.shape[-1] < down.shape[-1]:
-        return torch.bmm(h * wb, down)
-    return torch.bmm(h, down) * wb
-
-
-def _scaled_down_grouped(
-    h: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None
-) -> torch.Tensor:
-    """Grouped ``ws * (h @ down[e])`` for sorted rows ``h (P, H)``, ``ws (P, 1)`` or None (unscaled).
-
-    As in :func:`_scaled_down`, the scale goes on the narrower side: with H < D (fine-grained experts) that
-    halves the elementwise passes over the routed activations in forward and backward.
+    scale whichever is narrower (fewer multiplications, same result up to rounding): with H < D (fine-grained
+    experts) that halves the elementwise passes over the routed activations in forward and backward.
     """
     if ws is None:
-        return _gmm(h, down, offs)
+        return matmul(h, down)
     if h.shape[-1] < down.shape[-1]:
-        return _gmm(h * ws, down, offs)
-    return _gmm(h, down, offs) * ws
+        return matmul(h * ws, down)
+    return matmul(h, down) * ws
 
 
 class _ExpertBank(nn.Module):
@@ -407,7 +402,7 @@ class SwiGLUExperts(_ExpertBank):
     def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
         g, u = _gmm(xs, self._gate_up(), offs).chunk(2, dim=1)  # (P, H), (P, H)
         h = self.act(g) * u  # (P, H)
-        return _scaled_down_grouped(h, self.down_proj, offs, ws)  # (P, D)
+        return _scaled_down(h, self.down_proj, ws, partial(_gmm, offs=offs))  # (P, D)
 
     def _ffn_batched(self, xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
         h = self.act(torch.bmm(xb, self.gate_proj)) * torch.bmm(xb, self.up_proj)  # (E, C, H)
@@ -470,7 +465,8 @@ class MLPExperts(_ExpertBank):
         return self.up_proj, self.down_proj
 
     def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
-        return _scaled_down_grouped(self.act(_gmm(xs, self.up_proj, offs)), self.down_proj, offs, ws)
+        h = self.act(_gmm(xs, self.up_proj, offs))  # (P, H)
+        return _scaled_down(h, self.down_proj, ws, partial(_gmm, offs=offs))  # (P, D)
 
     def _ffn_batched(self, xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
         return _scaled_down(self.act(torch.bmm(xb, self.up_proj)), self.down_proj, wb)  # (E, C, D)

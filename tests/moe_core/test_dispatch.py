@@ -25,12 +25,14 @@ BACKENDS = [
 ]
 
 
-def _bank(kind: str, backend: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+def _bank(
+    kind: str, backend: str, dtype: torch.dtype, seed: int = 0, dim: int = D, hidden: int = H
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     if kind == "swiglu":
-        bank = SwiGLUExperts(num_experts=E, dim=D, hidden_dim=H, backend=backend)
+        bank = SwiGLUExperts(num_experts=E, dim=dim, hidden_dim=hidden, backend=backend)
     else:
-        bank = MLPExperts(num_experts=E, dim=D, hidden_dim=H, backend=backend, activation="gelu")
+        bank = MLPExperts(num_experts=E, dim=dim, hidden_dim=hidden, backend=backend, activation="gelu")
     return bank.to(dtype)
 
 
@@ -106,12 +108,8 @@ def test_backend_matches_reference(backend, dtype, kind, scenario, upstream):
 def test_narrow_experts_scale_the_hidden_side(backend, dtype, kind, scenario):
     """H < D (fine-grained experts): the banks scale the hidden rows, not the outputs, by the combine weights;
     output and all gradients must still equal the reference."""
-    torch.manual_seed(1)
-    d, h = 16, 4
-    if kind == "swiglu":
-        bank = SwiGLUExperts(num_experts=E, dim=d, hidden_dim=h, backend=backend).to(dtype)
-    else:
-        bank = MLPExperts(num_experts=E, dim=d, hidden_dim=h, backend=backend, activation="gelu").to(dtype)
+    d = 16
+    bank = _bank(kind, backend, dtype, seed=1, dim=d, hidden=4)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(23, d, generator=gen, dtype=torch.float64).to(dtype)
     idx, mask = _routing(scenario, 23, gen)
