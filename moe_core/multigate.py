@@ -597,21 +597,23 @@ class HoME(nn.Module):
             x_meta = self.meta_feature_gate(v) if gated else v  # (B, E_meta, D) or (B, D)
             ex_meta = self.meta_experts(x_meta)  # (B, E_meta, H)
             experts["meta"] = ex_meta
-            z_cat = []
+            # per-category outputs stay a list: indexing a stacked tensor (``z[:, c]``) would zero-fill a
+            # full-size gradient buffer in backward for every read (see CGCLevel.forward)
+            z_cat = []  # C x (B, H)
             for ci, g in enumerate(self.meta_cat_gates):
                 gates[f"meta_cat{ci}"] = g(v)
                 z_cat.append(mix(gates[f"meta_cat{ci}"], ex_meta))
-            z_cat = torch.stack(z_cat, dim=1)  # (B, C, H)
             gates["meta_shared"] = self.meta_shared_gate(v)
             z_sh = mix(gates["meta_shared"], ex_meta)  # (B, H)
             ex_sh = self.shared_experts(z_sh)  # (B, S, H)
             p, q = self.num_per_category, self.num_per_task
-            cat_in = z_cat.repeat_interleave(p, dim=1)  # (B, C*P, H) category c's experts read z_c
+            cat_in = torch.stack(z_cat, dim=1).repeat_interleave(p, dim=1)  # (B, C*P, H) category c: z_c
             ex_cat = self.cat_experts(cat_in)  # (B, C*P, H)
-            task_cat = torch.stack([z_cat[:, self.cat_of[t]] for t in range(m)], dim=1)  # (B, M, H)
-            ex_task = self.task_experts(task_cat.repeat_interleave(q, dim=1))  # (B, M*Q, H) task t reads z_c
-            gate_in = [torch.cat([task_cat[:, t], z_sh], dim=-1) for t in range(m)]  # (B, 2H) each
-            self_in = [task_cat[:, t] for t in range(m)]
+            task_cat = [z_cat[self.cat_of[t]] for t in range(m)]  # M x (B, H): task t's category output
+            task_in = torch.stack(task_cat, dim=1).repeat_interleave(q, dim=1)  # (B, M*Q, H)
+            ex_task = self.task_experts(task_in)  # (B, M*Q, H) task t's experts read z_c
+            gate_in = [torch.cat([task_cat[t], z_sh], dim=-1) for t in range(m)]  # (B, 2H) each
+            self_in = task_cat
         else:
             n_sh = self.num_shared
             n_cat = self.num_cats * self.num_per_category
@@ -628,13 +630,15 @@ class HoME(nn.Module):
         experts.update({"shared": ex_sh, "category": ex_cat, "task": ex_task})
         cand = torch.cat([ex_sh, ex_cat, ex_task], dim=1)  # (B, E_task_level, H)
         q = self.num_per_task
+        if self.self_gate:  # q >= 1 (checked in __init__)
+            own_all = ex_task.view(ex_task.shape[0], m, q, -1).unbind(1)  # M x (B, Q, H): task t's experts
         outs = []
         for t, g in enumerate(self.task_gates):
             w = g(gate_in[t])  # (B, E_task_level)
             gates[f"task{t}"] = w
             h_t = mix(w, cand)  # (B, H)
             if self.self_gate:
-                own = ex_task[:, t * q : (t + 1) * q]  # (B, Q, H)
+                own = own_all[t]  # (B, Q, H)
                 logits = self.self_gates[t](self_in[t]).float()  # (B, Q)
                 sw = torch.sigmoid(logits) if q == 1 else logits.softmax(dim=-1)
                 gates[f"self{t}"] = sw
