@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from apps.datadir import data_dir
 from apps.finance.data import (
     DayDataset,
     load_panel,
@@ -173,10 +172,8 @@ def test_day_dataset_batches():
     assert torch.all(item0["x"][:, :2] == 0)  # left padding before the first day
 
 
+@pytest.mark.needs_data("sp500_index/GSPC.csv")
 def test_real_split_indices():
-    root = data_dir() / "sp500_index" / "GSPC.csv"
-    if not root.is_file():
-        pytest.skip(f"shipped data not found at {root}")
     from apps.finance.data import load_index
 
     cal = pd.DatetimeIndex(load_index().index)

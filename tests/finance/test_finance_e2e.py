@@ -14,17 +14,10 @@ import lightning as L
 import numpy as np
 import pytest
 
-from apps.datadir import data_dir
-
 
 @pytest.mark.slow
+@pytest.mark.needs_data("sp500_5yr/individual_stocks_5yr", "sp500_index/GSPC.csv")
 def test_real_panel_short_run(tmp_path):
-    root = data_dir()
-    if (
-        not (root / "sp500_5yr" / "individual_stocks_5yr").is_dir()
-        or not (root / "sp500_index" / "GSPC.csv").is_file()
-    ):
-        pytest.skip(f"shipped sp500 data not found under {root}")
     from apps.finance.backtest import topk_dropout_backtest
     from apps.finance.data import SP500DataModule, daily_returns
     from apps.finance.metrics import daily_ic, ic_summary

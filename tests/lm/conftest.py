@@ -1,13 +1,11 @@
-"""Shared fixtures of the LM tests: a private cache folder and the tiny shakespeare path (skip when
-absent)."""
+"""Shared fixtures of the LM tests: a private cache folder and the tiny shakespeare path (skipped when
+absent, a failure under MOEKIT_REQUIRE_DATA=1)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-from apps.datadir import data_dir
 
 
 @pytest.fixture(autouse=True)
@@ -18,8 +16,5 @@ def _lm_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
-def shakespeare_path() -> Path:
-    p = data_dir() / "tinyshakespeare" / "input.txt"
-    if not p.is_file():
-        pytest.skip(f"tiny shakespeare not found at {p} (set MOEKIT_DATA)")
-    return p
+def shakespeare_path(require_data) -> Path:
+    return require_data("tinyshakespeare/input.txt") / "tinyshakespeare" / "input.txt"

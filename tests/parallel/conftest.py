@@ -20,7 +20,7 @@ def _connect(url: str):
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> str:
+def pg_url(require_postgres) -> str:
     """Connection URL of a running PostgreSQL (env MOEKIT_PG_URL, else the cluster of scripts/postgres.sh).
 
     If nothing answers, runs ``scripts/postgres.sh`` without installing packages; skips (with the reason)
@@ -29,7 +29,7 @@ def pg_url() -> str:
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg is not installed (pip install 'psycopg[binary]')")
+        require_postgres("psycopg is not installed (pip install 'psycopg[binary]')")
     url = os.environ.get("MOEKIT_PG_URL")
     if url is None:
         url = subprocess.run([str(SCRIPT), "url"], capture_output=True, text=True, check=True).stdout.strip()
@@ -40,7 +40,7 @@ def pg_url() -> str:
         env = dict(os.environ, MOEKIT_PG_NO_INSTALL="1")
         proc = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, env=env, timeout=120)
         if proc.returncode != 0:
-            pytest.skip(
+            require_postgres(
                 f"PostgreSQL not available at {url} ({first}); scripts/postgres.sh: {proc.stderr.strip()}"
             )
         _connect(url).close()

@@ -11,7 +11,6 @@ import optuna
 import pytest
 import torch
 
-from apps.datadir import data_dir
 from pipelines.cli import MoekitCLI
 from pipelines.tune import load_search_space, overrides_to_args
 
@@ -41,11 +40,8 @@ def test_search_space_overrides_parse(app: str, tracking_uri: str) -> None:
                 assert node == value or list(node) == list(value), (cfg.name, key, node, value)
 
 
-CENSUS = data_dir() / "census_income_kdd" / "census-income.test.gz"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not CENSUS.is_file(), reason=f"census data not found at {CENSUS} (set MOEKIT_DATA)")
+@pytest.mark.needs_data("census_income_kdd/census-income.test.gz")
 def test_recsys_registry_round_trip_on_census(tmp_path: Path, tracking_uri: str) -> None:
     import mlflow
 

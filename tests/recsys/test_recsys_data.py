@@ -28,13 +28,7 @@ from apps.recsys.schema import FeatureSchema, TabularPreprocessor, read_table
 CENSUS_SPLIT_SHA256 = "1176f37388856de8bf34fb5c3fbba123bab03b1f713571f3ce21bfc165edd6e1"
 
 
-def _census_available() -> bool:
-    return (data_dir() / CENSUS_FOLDER / CENSUS_FILE).is_file()
-
-
-needs_census = pytest.mark.skipif(
-    not _census_available(), reason="census data folder absent (set MOEKIT_DATA)"
-)
+needs_census = pytest.mark.needs_data(f"{CENSUS_FOLDER}/{CENSUS_FILE}")
 
 
 @pytest.fixture(scope="module")

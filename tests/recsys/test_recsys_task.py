@@ -13,15 +13,11 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from sklearn.metrics import roc_auc_score
 
-from apps.datadir import data_dir
 from apps.recsys.data import CENSUS_FILE, CENSUS_FOLDER, MultiTaskDataModule
 from apps.recsys.task import MultiTaskRecTask, gauc
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "apps" / "recsys" / "configs").glob("*.yaml"))
-needs_census = pytest.mark.skipif(
-    not (data_dir() / CENSUS_FOLDER / CENSUS_FILE).is_file(),
-    reason="census data folder absent (set MOEKIT_DATA)",
-)
+needs_census = pytest.mark.needs_data(f"{CENSUS_FOLDER}/{CENSUS_FILE}")
 
 
 def _task(**kw) -> MultiTaskRecTask:
