@@ -1,8 +1,11 @@
 """The tools on the LM app's own model (apps.lm.model.TransformerLM with moe_core MoELayers)."""
 
-import pytest
+import copy
+
+import scipy.optimize  # noqa: F401 - merge_model needs it; a dev dependency, so a missing one must fail
 import torch
 
+from apps.lm.model import LMConfig, TransformerLM
 from moe_core.inference.c3po import collect_pathways, remixed_logits
 from moe_core.inference.offload import offload_model
 from moe_core.inference.scmoe import greedy_generate, scmoe_generate
@@ -12,9 +15,8 @@ from moe_core.surgery.quant import quantize_model_experts
 
 
 def _lm(seed=0):
-    lm = pytest.importorskip("apps.lm.model")
     torch.manual_seed(seed)
-    cfg = lm.LMConfig(
+    cfg = LMConfig(
         vocab_size=29,
         context_len=24,
         dim=16,
@@ -26,7 +28,7 @@ def _lm(seed=0):
         top_k=2,
         expert_backend="loop",
     )
-    model = lm.TransformerLM(config=cfg).eval()
+    model = TransformerLM(config=cfg).eval()
     with torch.no_grad():  # a non-trivial routing
         for ref in find_moe_blocks(model):
             ref.router.gate.weight.normal_(0, 1.0)
@@ -34,7 +36,6 @@ def _lm(seed=0):
 
 
 def test_lm_app_model_merge_quantise_offload_scmoe_c3po():
-    pytest.importorskip("scipy")
     model = _lm()
     refs = find_moe_blocks(model)
     assert len(refs) == 3
@@ -50,8 +51,6 @@ def test_lm_app_model_merge_quantise_offload_scmoe_c3po():
     with torch.no_grad():
         assert torch.equal(remixed_logits(model, ids, own, blocks=[1, 2]), want)
     # offloading is exact
-    import copy
-
     off = copy.deepcopy(model)
     offload_model(off, capacity=0.5, prefetch_size=1)
     with torch.no_grad():
