@@ -1,5 +1,7 @@
 """C3PO: routing override, kernel regression, neighbourhood gradient descent."""
 
+import math
+
 import pytest
 import torch
 
@@ -62,6 +64,48 @@ def test_untouched_layers_and_positions_are_bit_identical(tiny_lm):
             model(ids)
 
 
+def _kernel_regression_loop(query, refs, paths, k, kernel, bandwidth=1.0):
+    """Oracle: one query at a time, plain Python over the references, float64.
+
+    C3PO (tianyi-lab/C3PO olmoe_optimizer.py): the k references nearest the query (largest cosine similarity,
+    or smallest Euclidean distance for the Gaussian kernel), weights ``K_i / sum_j K_j`` with
+    ``K = max(cos, 1e-6)`` or ``exp(-d^2 / (2 h^2))``, pathway ``sum_i weight_i * pathway_i``.
+    """
+    out = []
+    for q in query.double():
+        scored = []
+        for i, r in enumerate(refs.double()):
+            if kernel == "cosine":
+                cos = float(q @ r) / (math.sqrt(float(q @ q)) * math.sqrt(float(r @ r)))
+                scored.append((-cos, i, max(cos, 1e-6)))  # sort key: most similar first
+            else:
+                d = math.sqrt(float(((q - r) ** 2).sum()))
+                scored.append((d, i, math.exp(-(d**2) / (2 * bandwidth**2))))
+        nearest = sorted(scored)[:k]
+        total = sum(w for _, _, w in nearest)
+        mixed = sum((w / total) * paths[i].double() for _, i, w in nearest)  # (L, E)
+        out.append(mixed / mixed.sum(-1, keepdim=True))
+    return torch.stack(out)  # (Q, L, E)
+
+
+@pytest.mark.parametrize("kernel,bandwidth", [("cosine", 1.0), ("gaussian", 1.0), ("gaussian", 3.0)])
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_kernel_regression_matches_loop_oracle(kernel, bandwidth, k):
+    """Top-k > 1: the weighted average over the right neighbours with the right kernel weights. k = 7 = S
+    takes every reference, so references with negative cosine similarity enter with the 1e-6 floor."""
+    g = torch.Generator().manual_seed(11)
+    refs = torch.randn(7, 5, generator=g)
+    paths = torch.softmax(2 * torch.randn(7, 3, 4, generator=g), -1)
+    query = torch.cat([refs[[1, 4]] + 0.3 * torch.randn(2, 5, generator=g), torch.randn(3, 5, generator=g)])
+    got = kernel_regression(query, refs, paths, k=k, kernel=kernel, bandwidth=bandwidth)
+    want = _kernel_regression_loop(query, refs, paths, k, kernel, bandwidth)
+    assert got.shape == (5, 3, 4)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    if k < 7:  # the comparison can see the neighbour set: one neighbour fewer gives a different answer
+        fewer = _kernel_regression_loop(query, refs, paths, k - 1, kernel, bandwidth)
+        assert not torch.allclose(got.double(), fewer, atol=1e-3)
+
+
 def test_kernel_regression_k1_returns_the_neighbour_and_stays_on_the_simplex():
     torch.manual_seed(0)
     refs, paths = torch.randn(7, 5), torch.softmax(torch.randn(7, 3, 4), -1)
@@ -73,6 +117,8 @@ def test_kernel_regression_k1_returns_the_neighbour_and_stays_on_the_simplex():
         torch.testing.assert_close(out.sum(-1), torch.ones(2, 3))
     with pytest.raises(ValueError, match="kernel"):
         kernel_regression(q, refs, paths, kernel="rbf")
+    with pytest.raises(ValueError, match="k must"):
+        kernel_regression(q, refs, paths, k=8)
 
 
 def test_remix_alpha_one_is_identity_and_core_experts_keep_other_entries():
