@@ -160,6 +160,45 @@ def test_deepseek_sequence_wise_is_mean_over_sequences():
     )
 
 
+def _deepseek_sequence_wise_loop(probs: torch.Tensor, indices: torch.Tensor, b: int, e: int, k: int) -> float:
+    """DeepSeek-V3 (arXiv 2412.19437 eqs. 17-20) complementary sequence-wise loss, written per sequence.
+
+    For each of the ``b`` sequences of T consecutive tokens: ``s'_{t,i} = s_{t,i} / sum_j s_{t,j}``,
+    ``f_i = E / (K T) * #{t in the sequence : i in TopK(t)}``, ``P_i = (1/T) sum_t s'_{t,i}``, loss
+    ``sum_i f_i P_i``; the batch value is the mean over sequences.
+    """
+    n = probs.shape[0]
+    t_len = n // b
+    per_seq = []
+    for seq in range(b):
+        rows = range(seq * t_len, (seq + 1) * t_len)
+        total = 0.0
+        for i in range(e):
+            count = sum(1 for t in rows if i in indices[t].tolist())
+            f_i = e / (k * t_len) * count
+            p_i = sum(float(probs[t, i]) / float(probs[t, :e].sum()) for t in rows) / t_len
+            total += f_i * p_i
+        per_seq.append(total)
+    return sum(per_seq) / b
+
+
+def test_deepseek_sequence_wise_normalized_matches_paper_loop():
+    e, k, b = 6, 2, 3
+    router = R.SigmoidTopKRouter(dim=D, num_experts=e, top_k=k, use_bias=False)
+    with torch.no_grad():
+        out = _routed(router, n=b * 8, seed=3)
+    counts = [torch.bincount(out.indices[8 * s : 8 * s + 8].flatten(), minlength=e) for s in range(b)]
+    assert all(int(c.max()) - int(c.min()) >= 3 for c in counts), counts  # uneven routing in every sequence
+    assert not torch.equal(counts[0], counts[1])  # and differently in different sequences
+    assert float((out.probs.sum(-1) - 1).abs().min()) > 0.1  # sigmoid scores: normalising changes them
+    want = _deepseek_sequence_wise_loop(out.probs.double(), out.indices, b, e, k)
+    got = L.deepseek_balance_loss(out, batch_size=b, normalize_scores=True)
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    # the oracle separates the variants: without normalisation, or over the whole batch, the value differs
+    assert float(L.deepseek_balance_loss(out, batch_size=b)) != pytest.approx(want, rel=1e-3)
+    assert float(L.deepseek_balance_loss(out, normalize_scores=True)) != pytest.approx(want, rel=1e-3)
+
+
 def test_null_balance_loss():
     r = R.NullExpertRouter(dim=D, num_experts=4, num_null=3, top_k=3)
     out = _routed(r)
