@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import sys
+
 import pytest
 import torch
 
 from apps.finance.model import ALSTM, GRU, MIGA, MLP, Encoder, Transformer
 from apps.finance.task import FinanceTask, pairwise_rank_loss, sq_balance, switch_balance
+from moe_core.types import RouterOutput
 
 F, T = 6, 3
 
@@ -100,17 +104,113 @@ def test_group_attention_is_local_to_a_group():
     a, b = m.group_attention(z, w), m.group_attention(z2, w)
     torch.testing.assert_close(a[:, [0, 1, 4, 5]], b[:, [0, 1, 4, 5]])
     assert not torch.allclose(a[:, 2:4], b[:, 2:4])
-    ms = MIGA(
+
+
+def _group_attention_loop(m: MIGA, z: torch.Tensor, w: torch.Tensor, scope: str) -> torch.Tensor:
+    """Oracle for ``MIGA.group_attention``, one stock, group, query and head at a time (float64).
+
+    ``Z'_{g,i} = Z_{g,i} + W_o concat_h(sum_{j in keys} softmax_j(q_{i,h} . k_{j,h} / sqrt(d_h)) v_{j,h})
+    + b_o`` with ``q, k, v`` the in-projections of the group's expert outputs. ``keys``: every expert of the
+    group (``all``), or only those with combine weight > 0 (``selected``), all of them if none is selected.
+    """
+    attn = m.attn
+    de, nh = m.expert_dim, attn.num_heads
+    dh = de // nh
+    wq, wk, wv = attn.in_proj_weight.double().detach().chunk(3)
+    bq, bk, bv = attn.in_proj_bias.double().detach().chunk(3)
+    wo, bo = attn.out_proj.weight.double().detach(), attn.out_proj.bias.double().detach()
+    out = torch.empty(z.shape, dtype=torch.float64)
+    for n in range(z.shape[0]):
+        for g in range(m.G):
+            experts = [g * m.M + j for j in range(m.M)]
+            keys = experts
+            if scope == "selected" and any(w[n, e] > 0 for e in experts):
+                keys = [e for e in experts if w[n, e] > 0]
+            for i in experts:
+                q = wq @ z[n, i].double() + bq
+                heads = []
+                for h in range(nh):
+                    sl = slice(h * dh, (h + 1) * dh)
+                    scores = [float(q[sl] @ (wk @ z[n, j].double() + bk)[sl]) / math.sqrt(dh) for j in keys]
+                    top = max(scores)
+                    ex = [math.exp(sc - top) for sc in scores]
+                    vals = [(wv @ z[n, j].double() + bv)[sl] for j in keys]
+                    heads.append(sum(e / sum(ex) * v for e, v in zip(ex, vals)))
+                out[n, i] = z[n, i].double() + wo @ torch.cat(heads) + bo
+    return out
+
+
+def _tiny_miga(scope: str, top_k: int = 2) -> MIGA:
+    torch.manual_seed(0)
+    return MIGA(
         num_features=F,
         step_len=T,
         hidden_dim=8,
         num_groups=2,
-        experts_per_group=2,
-        top_k=1,
+        experts_per_group=3,
+        top_k=top_k,
         expert_dim=4,
-        attention_scope="selected",
+        attention_heads=2,
+        attention_scope=scope,
     )
-    assert torch.isfinite(ms(x_()).score).all()  # groups with nothing selected do not produce NaN
+
+
+@pytest.mark.parametrize("scope", ["all", "selected"])
+@pytest.mark.parametrize("mode", ["train", "eval_no_grad"])  # eval + no_grad takes MHA's fused fast path
+def test_group_attention_matches_loop_oracle(scope, mode):
+    m = _tiny_miga(scope)
+    z = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1))
+    w = torch.zeros(3, 6)  # experts 0-2 are group 0, experts 3-5 group 1
+    w[0, [0, 2]] = torch.tensor([0.7, 0.3])  # stock 0: two of group 0; nothing in group 1 (keeps all keys)
+    w[1, [1, 3, 5]] = torch.tensor([0.5, 0.2, 0.3])  # stock 1: one key in group 0, two in group 1
+    w[2, [4]] = 1.0  # stock 2: nothing in group 0, one key in group 1
+    want = _group_attention_loop(m, z, w, scope)
+    if mode == "train":
+        got = m.train().group_attention(z, w)
+    else:
+        with torch.no_grad():
+            got = m.eval().group_attention(z, w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # the oracle tells the scopes apart on this input
+    other = _group_attention_loop(m, z, w, "all" if scope == "selected" else "selected")
+    assert not torch.allclose(other, want, atol=1e-3)
+    if scope == "selected":  # a single selected key: every query of the group reads exactly its value
+        attn = m.attn
+        v = z[1, 1] @ attn.in_proj_weight.chunk(3)[2].t() + attn.in_proj_bias.chunk(3)[2]
+        for i in range(3):
+            torch.testing.assert_close(got[1, i], z[1, i] + attn.out_proj(v), rtol=1e-5, atol=1e-5)
+
+
+def test_selected_scope_ignores_unselected_experts_end_to_end():
+    """Changing expert e's output changes the score of a stock exactly when e is selected for it (scope
+    ``selected``); with scope ``all`` it also changes stocks that select another expert of e's group."""
+    x = x_(40)
+    seen_chosen = seen_neighbour = 0
+    for e in range(6):  # experts 0-2 are group 0, 3-5 group 1
+        ms = _tiny_miga("selected").eval()
+        ma = _tiny_miga("all").eval()  # same seed: same weights
+        with torch.no_grad():
+            out = ms(x)
+            sel = out.routing.dense_weights() > 0  # (N, E); routing does not depend on the experts
+            before = {"selected": out.score, "all": ma(x).score}
+            for m in (ms, ma):
+                m.b[e] += torch.tensor([1.0, -2.0, 0.5, 3.0])  # shifts expert e's output z_e for every stock
+            after = {"selected": ms(x).score, "all": ma(x).score}
+        group = [j for j in range(3 * (e // 3), 3 * (e // 3) + 3) if j != e]
+        chosen = sel[:, e]
+        neighbour = ~chosen & sel[:, group].any(-1)  # e unselected, but another expert of its group is used
+        d_sel = (after["selected"] - before["selected"]).abs()
+        d_all = (after["all"] - before["all"]).abs()
+        assert float(d_sel[~chosen].max()) == 0.0  # bit-identical for every stock that does not select e
+        if chosen.any():
+            assert float(d_sel[chosen].min()) > 1e-4  # a selected expert's change reaches the score
+        if neighbour.any():  # with "all", e is a key of its group's selected experts
+            assert float(d_all[neighbour].min()) > 1e-4
+        seen_chosen += int(chosen.sum())
+        seen_neighbour += int(neighbour.sum())
+    assert seen_chosen == 80 and seen_neighbour >= 20, (seen_chosen, seen_neighbour)  # 40 stocks x top-2
+    ms1 = _tiny_miga("selected", top_k=1)  # top-1: one group is always empty; keeping all keys, not NaN
+    assert torch.isfinite(ms1(x).score).all()
 
 
 def test_bad_arguments():
@@ -142,10 +242,49 @@ def test_losses():
     torch.testing.assert_close(t.task_loss(3 * pred + 2, y), l1)  # invariant to positive affine maps
     assert t.task_loss(torch.ones(5), torch.randn(5)).item() == 0.0  # degenerate day: skipped, not NaN
     assert pairwise_rank_loss(y, y).item() < pairwise_rank_loss(-y, y).item()
+
+
+def _balance_loops(probs: torch.Tensor, indices: torch.Tensor) -> tuple[float, float]:
+    """Oracle: Switch ``E sum_i f_i P_i`` (f_i = share of the N*K slots on i) and ``E sum_i P_i^2``."""
+    n, k = indices.shape
+    e = probs.shape[1]
+    p = [sum(float(probs[t, i]) for t in range(n)) / n for i in range(e)]
+    f = [sum(int(indices[t, j]) == i for t in range(n) for j in range(k)) / (n * k) for i in range(e)]
+    return e * sum(fi * pi for fi, pi in zip(f, p)), e * sum(pi * pi for pi in p)
+
+
+def _fixed(probs: torch.Tensor, indices: torch.Tensor) -> RouterOutput:
+    return RouterOutput(logits=probs.log(), probs=probs, weights=probs.gather(1, indices), indices=indices)
+
+
+@pytest.mark.parametrize("local_formula", [False, True])
+def test_balance_losses(monkeypatch, local_formula):
+    """MIGA's balance terms equal a loop oracle on a real MIGA routing, and take their known values: 1 at
+    perfect balance, E at collapse onto one expert. ``local_formula``: task.py's fallback when
+    moe_core.losses cannot be imported must give the same values."""
+    if local_formula:
+        monkeypatch.setitem(sys.modules, "moe_core.losses", None)  # `from moe_core.losses import` fails
     m = MIGA(
-        num_features=F, step_len=T, hidden_dim=8, num_groups=2, experts_per_group=2, top_k=1, expert_dim=4
+        num_features=F, step_len=T, hidden_dim=8, num_groups=2, experts_per_group=2, top_k=2, expert_dim=4
     )
     r = m(x_(40)).routing
-    assert switch_balance(r).item() > 0
-    r.probs = torch.full_like(r.probs, 0.25)
-    torch.testing.assert_close(sq_balance(r), torch.tensor(1.0))  # 1 at uniform
+    r.probs = r.probs.detach().requires_grad_()  # a leaf, to read dL/dprobs below
+    switch_want, sq_want = _balance_loops(r.probs.detach(), r.indices)
+    assert switch_want != pytest.approx(1.0, abs=0.01)  # an uneven routing, not a balanced one
+    assert float(switch_balance(r).detach()) == pytest.approx(switch_want, rel=1e-6)
+    assert float(sq_balance(r).detach()) == pytest.approx(sq_want, rel=1e-6)
+    # gradient reaches the router only through P: dL/dprobs[t, i] = E f_i / N (counts are constants)
+    (grad,) = torch.autograd.grad(switch_balance(r), r.probs)
+    f = torch.bincount(r.indices.flatten(), minlength=4).float() / r.indices.numel()
+    torch.testing.assert_close(grad, (4 * f / 40).expand(40, 4))
+
+    e, n = 4, 8
+    uniform = torch.full((n, e), 1 / e)
+    spread = (torch.arange(n)[:, None] + torch.arange(2)[None]) % e  # every expert gets n*k/e slots
+    assert float(switch_balance(_fixed(uniform, spread))) == pytest.approx(1.0)
+    assert float(sq_balance(_fixed(uniform, spread))) == pytest.approx(1.0)
+    onehot = torch.zeros(n, e)
+    onehot[:, 2] = 1.0
+    collapsed = _fixed(onehot.clamp_min(1e-30), torch.full((n, 1), 2))
+    assert float(switch_balance(collapsed)) == pytest.approx(e)
+    assert float(sq_balance(collapsed)) == pytest.approx(e)
