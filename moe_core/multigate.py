@@ -8,7 +8,8 @@ routed banks in ``moe_core.experts`` dispatch a sparse ``(indices, weights)`` as
 arange(E)`` for every token they compute the same mixture, but the dense path is cheaper for E ~ 10.)
 
 Shapes (glossary in ``moe_core.types``): B batch, D input width, H expert output width, E experts, M tasks.
-Routing math (gate softmax) runs in float32; combine weights are cast back to the activation dtype.
+Routing math (gate softmax) runs in float32 (float64 for float64 inputs); combine weights are cast back to the
+activation dtype.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class MultiGateOutput:
 
     Attributes:
         task_outputs: ``(B, M, H)`` one fused representation per task (the towers' inputs).
-        gates: per gate name, ``(B, E_candidates)`` float32 combine weights of the last level's task gates
-            (masked experts have weight 0); keys are ``task{k}`` plus the other gates of the model.
+        gates: per gate name, ``(B, E_candidates)`` float32 (float64 for float64 inputs) combine weights of
+            the last level's task gates (masked experts have weight 0); keys are ``task{k}`` plus the other
+            gates of the model.
         expert_outputs: per expert group name, ``(B, E_group, H)`` activations (for zero-activation and
             output-scale diagnostics).
     """
@@ -148,6 +150,15 @@ class DenseMLPExperts(nn.Module):
         return h.transpose(0, 1)  # (B, E, H)
 
 
+def routing_float(logits: torch.Tensor) -> torch.Tensor:
+    """Gate logits in the routing precision: float32 at least (bf16/fp16 -> float32), float64 stays float64.
+
+    ``.float()`` would also *down*-cast float64 activations, so a float64 model (the oracle tests) computed
+    its gates in float32: outputs were off by ~1e-7 from a float64 loop oracle.
+    """
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum of expert outputs: ``(B, E)`` x ``(B, E, H)`` -> ``(B, H)``.
 
@@ -183,8 +194,8 @@ class SoftmaxGate(nn.Module):
             self.mask = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (B, dim) -> (B, E)`` float32 gate weights summing to 1 per row."""
-        logits = self.proj(x).float()  # (B, E)
+        """``x (B, dim) -> (B, E)`` gate weights summing to 1 per row (float32; float64 for float64 ``x``)."""
+        logits = routing_float(self.proj(x))  # (B, E)
         if self.mask is not None:
             logits = logits.masked_fill(~self.mask, float("-inf"))
         return logits.softmax(dim=-1)
@@ -444,22 +455,35 @@ class FeatureGate(nn.Module):
 class HoME(nn.Module):
     """Hierarchy of Multi-Gate Experts (HoME, arXiv 2408.05430) with every mechanism switchable.
 
-    Only the abstract of the paper was checked; the architecture is the project's reconstruction
-    (``spec/recsys.md`` §1.3, tags [R]):
+    The paper names the mechanisms below; only its abstract and secondary write-ups could be read, so every
+    equation is moekit's reading (``spec/recsys.md`` §1.3, tags [R]). ``moe_core.reference.home_reference``
+    implements the same readings one row and one expert at a time, and the tests hold this module to it
+    (float64, 1e-10, forward and gradients). Notation: ``c(t)`` the category of task t, ``⊕`` concatenation.
 
-    * Expert normalisation + Swish [paper names it; BN-before-Swish placement is our reading]:
-      ``expert_norm`` and ``activation``.
-    * Hierarchy (``levels=2``) [paper names it; details our reading]: a meta level with globally shared
-      experts and per-category experts reading the input ``v``; a gate per category mixes shared + its own
-      category's meta experts into ``z_c``, a global gate mixes all meta experts into ``z_shared``. A task
-      level with shared experts reading ``z_shared``, category experts and task experts reading ``z_c``;
-      task t's gate reads ``z_c ⊕ z_shared``.
-    * Hierarchy mask (``hierarchy_mask``) [paper names it]: a task gate sees only the shared experts, its own
-      category's experts and its own task's experts (−inf logits elsewhere); the category gates of the meta
-      level see shared + own category. Off: every gate sees every expert of its level.
-    * Feature-gate (``feature_gate_rank``) [S]: each expert that reads ``v`` reads ``v ⊙ 2σ(v B A)``.
-    * Self-gate (``self_gate``) [paper names it; form our reading]: task t adds a gated residual of its own
-      experts, ``Σ_j w_j E_{t,j}``, with ``w = σ(Linear(z_c))`` for one expert and softmax for several.
+    * Expert normalisation + Swish (``expert_norm``, ``activation``): ``E(x) = Swish(BN(x W + b))``. Reading:
+      BN sits between the linear map and the activation, and on *every* layer of a multi-layer expert (the
+      paper's ``Swish(BN(MLP_E(x)))`` does not say what the hidden layers use). BN normalises each expert
+      unit with the batch mean and biased batch variance in training mode and with the running statistics
+      in eval mode (``torch.nn.BatchNorm1d``); ``"ln"`` is a LayerNorm over one expert's units whose affine
+      parameters are shared by the experts of a bank.
+    * Hierarchy (``levels=2``): a meta level whose experts read ``v``; per category c
+      ``z_c = Σ softmax(G_c(v)) · [E^meta_shared(v), E^meta_c(v)]`` and one global
+      ``z_sh = Σ softmax(G_sh(v)) · [all meta experts](v)``. Task level: shared experts read ``z_sh``,
+      category-c experts and the experts of every task in c read ``z_c``;
+      ``h_t = Σ softmax(G_t(z_c(t) ⊕ z_sh)) · [E_shared, E_c(t), E_t]`` (reading: the task gate reads its
+      category's meta output concatenated with the global one, in that order).
+    * Hierarchy mask (``hierarchy_mask``): task t's gate candidates are the shared experts, its own
+      category's experts and its own task's experts (not the other tasks' experts of the same category);
+      a category gate of the meta level sees the shared meta experts and its category's. Implemented as −inf
+      logits, which equals a softmax over the restricted list. Off: every gate sees every expert of its level
+      (the global meta gate is never masked).
+    * Feature-gate (``feature_gate_rank``) [S]: each expert that reads ``v`` (the meta experts with
+      ``levels=2``, every expert with ``levels=1``) reads ``v ⊙ 2σ(v B_e A_e)``, one low-rank gate per expert.
+    * Self-gate (``self_gate``; form our reading): a gated residual of task t's own experts,
+      ``h_t += Σ_j w_j E_{t,j}`` with ``w = σ(Linear(z_c(t)))`` for one task expert and
+      ``softmax(Linear(z_c(t)))`` for several (``levels=1``: ``Linear(v)``).
+
+    Gate logits are computed in float32, or float64 for float64 inputs (see :func:`routing_float`).
 
     With ``levels=1`` there is no meta level: every expert reads ``v`` and every gate reads ``v``. Then
     ``expert_norm="none", activation="relu", hierarchy_mask=False, feature_gate_rank=None, self_gate=False``
@@ -639,7 +663,7 @@ class HoME(nn.Module):
             h_t = mix(w, cand)  # (B, H)
             if self.self_gate:
                 own = own_all[t]  # (B, Q, H)
-                logits = self.self_gates[t](self_in[t]).float()  # (B, Q)
+                logits = routing_float(self.self_gates[t](self_in[t]))  # (B, Q)
                 sw = torch.sigmoid(logits) if q == 1 else logits.softmax(dim=-1)
                 gates[f"self{t}"] = sw
                 h_t = h_t + mix(sw, own)
