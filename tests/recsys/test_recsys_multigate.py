@@ -15,6 +15,7 @@ from moe_core.multigate import (
     MMoE,
     SharedBottom,
     SoftmaxGate,
+    mix,
 )
 
 D, H, B = 12, 8, 16
@@ -155,35 +156,63 @@ def test_masked_gate_equals_restricted_softmax_and_blocks_gradient():
     torch.testing.assert_close(w[:, [0, 2]], logits.softmax(-1))
     assert (w[:, [1, 3]] == 0).all()
 
+    # gradient: a masked expert's output and its gate row get exactly zero gradient from the mixture,
+    # the allowed ones a non-zero gradient; the same gate without the mask sends gradient to all four
+    def grads(gate: SoftmaxGate) -> tuple[torch.Tensor, torch.Tensor]:
+        experts = torch.randn(B, 4, H, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        out = mix(gate(x), experts)  # (B, H)
+        gate.proj.weight.grad = None
+        (out * torch.linspace(-1, 1, H)).sum().backward()
+        return experts.grad.abs().sum((0, 2)), gate.proj.weight.grad.abs().sum(1)  # (4,) each
+
+    ex_grad, row_grad = grads(g)
+    assert (ex_grad[[1, 3]] == 0).all() and (row_grad[[1, 3]] == 0).all()
+    assert (ex_grad[[0, 2]] > 0).all() and (row_grad[[0, 2]] > 0).all()
+    free = SoftmaxGate(dim=D, num_experts=4)
+    free.proj.load_state_dict(g.proj.state_dict())
+    ex_grad, row_grad = grads(free)
+    assert (ex_grad > 0).all() and (row_grad > 0).all()
+
 
 @pytest.mark.parametrize("levels", [1, 2])
 def test_hierarchy_mask_stops_gradient_to_other_category(levels):
-    torch.manual_seed(0)
-    home = HoME(
+    """Task t's loss sends exactly zero gradient into the task-level experts of other categories and of
+    other tasks, and a non-zero one into its own; the same weights without the mask reach every expert."""
+    # paper defaults otherwise: BN + Swish, in training mode
+    kw = dict(
         dim=D, categories=[[0], [1, 2]], levels=levels, num_shared=1, num_per_category=2, num_per_task=1,
-        meta_num_shared=1, meta_num_per_category=1, expert_hidden=(H,), expert_norm="none",
-        hierarchy_mask=True, self_gate=True,
+        meta_num_shared=1, meta_num_per_category=1, expert_hidden=(H,), self_gate=True,
     )  # fmt: skip
+    torch.manual_seed(0)
+    masked = HoME(**kw, hierarchy_mask=True)
+    free = HoME(**kw, hierarchy_mask=False)
+    free.load_state_dict(masked.state_dict())  # identical weights: only the mask differs
     v = torch.randn(B, D)
-    out = home(v)
-    out.task_outputs[:, 0].sum().backward()  # task 0 is category 0
-    cat_grad = home.cat_experts.weights[0].grad  # (C*P, D_in, H): category 0 = experts 0,1; category 1 = 2,3
-    assert cat_grad[:2].abs().sum() > 0
-    assert cat_grad[2:].abs().sum() == 0
-    task_grad = home.task_experts.weights[0].grad  # tasks 0, 1, 2 one expert each
-    assert task_grad[0].abs().sum() > 0 and task_grad[1:].abs().sum() == 0
+    expert_cat = [0, 0, 1, 1]  # category experts, category-major: P=2 per category
+    expert_task = [0, 1, 2]  # task experts, task-major: Q=1 per task
+
+    def grads(home: HoME, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """|gradient| of task t's loss per category expert and per task expert (first-layer weights)."""
+        home.zero_grad()
+        home(v).task_outputs[:, t].sum().backward()
+        return (
+            home.cat_experts.weights[0].grad.abs().sum((1, 2)),  # (C*P,)
+            home.task_experts.weights[0].grad.abs().sum((1, 2)),  # (M*Q,)
+        )
+
+    for t, c in [(0, 0), (1, 1), (2, 1)]:
+        cat_g, task_g = grads(masked, t)
+        for e, ce in enumerate(expert_cat):
+            assert (cat_g[e] > 0) if ce == c else (cat_g[e] == 0), (t, e, cat_g)
+        for e, te in enumerate(expert_task):
+            assert (task_g[e] > 0) if te == t else (task_g[e] == 0), (t, e, task_g)
+        # without the mask the very same experts do receive gradient from task t (the test can fail)
+        cat_g, task_g = grads(free, t)
+        assert (cat_g > 0).all() and (task_g > 0).all(), (t, cat_g, task_g)
     if levels == 2:  # category-0 meta gate puts no weight on category-1's meta expert (shared, cat0, cat1);
         # the global gate (z_shared) mixes all meta experts by design, so meta gradients are not checked
-        assert (out.gates["meta_cat0"][:, 2] == 0).all() and (out.gates["meta_cat0"][:, 1] > 0).all()
-    # without the mask the other category's experts do receive gradient (the test can fail)
-    home.zero_grad()
-    free = HoME(
-        dim=D, categories=[[0], [1, 2]], levels=levels, num_shared=1, num_per_category=2, num_per_task=1,
-        meta_num_shared=1, meta_num_per_category=1, expert_hidden=(H,), expert_norm="none",
-        hierarchy_mask=False, self_gate=True,
-    )  # fmt: skip
-    free(v).task_outputs[:, 0].sum().backward()
-    assert free.cat_experts.weights[0].grad[2:].abs().sum() > 0
+        gates = masked(v).gates
+        assert (gates["meta_cat0"][:, 2] == 0).all() and (gates["meta_cat0"][:, 1] > 0).all()
 
 
 def test_feature_gate_is_identity_at_init_and_trains_B():
