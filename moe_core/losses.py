@@ -9,11 +9,19 @@ Every function returns an unweighted scalar (the caller, e.g. an app's ``task.py
 coefficient), computes in float32, and nothing is stored anywhere. Hard assignment counts ``f`` carry no
 gradient; soft probabilities ``P`` do. Functions taking ``token_mask`` ``(N,)`` bool (True = real token)
 ignore padded tokens in both ``f`` and ``P`` (HF passes ``attention_mask`` the same way).
+
+Declared losses: every router in ``moe_core.routers`` has ``aux_losses(routing, *, batch_size=None,
+token_mask=None) -> dict[str, Tensor]`` returning the unweighted terms its paper defines, keyed by
+:data:`AUX_LOSS_KEYS` (``"balance"``: the paper's load-balance loss; ``"entropy"``: the dynamic top-p
+router's entropy loss). :func:`sum_aux_losses` sums them over many routing decisions; the caller weights each
+key (``w_balance * balance + w_entropy * entropy``). The ST-MoE z-loss is never declared: it is a generic
+regulariser the task adds itself.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -21,6 +29,48 @@ from moe_core.types import RouterOutput
 
 BalanceLevel = Literal["expert", "device"]
 _LEVELS: tuple[str, ...] = ("expert", "device")
+AUX_LOSS_KEYS: tuple[str, ...] = ("balance", "entropy")
+"""The fixed vocabulary of declared auxiliary losses (keys of ``aux_losses`` / :func:`sum_aux_losses`)."""
+
+
+@runtime_checkable
+class DeclaresAuxLosses(Protocol):
+    """A router that declares its paper's auxiliary losses (every router of ``moe_core.routers``)."""
+
+    def aux_losses(
+        self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]: ...
+
+
+def sum_aux_losses(
+    pairs: Iterable[tuple[DeclaresAuxLosses, RouterOutput]],
+    *,
+    batch_size: int | None = None,
+    token_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sum each declared auxiliary loss over many routing decisions (layers, Chain-of-Experts rounds).
+
+    Args:
+        pairs: ``(router, routing)`` pairs; ``routing`` is what ``router`` returned.
+        batch_size: number of sequences B of the N routed tokens (sequence-wise losses), passed to every
+            router; routers without a sequence-wise loss ignore it.
+        token_mask: optional ``(N,)`` bool, False for padding tokens, passed to every router.
+
+    Returns:
+        ``{key: scalar float32}`` for the keys of :data:`AUX_LOSS_KEYS` that at least one router declared
+        (keys declared nowhere are absent; ``{}`` for no pairs). Unweighted: the caller multiplies each key
+        by its coefficient.
+    """
+    total: dict[str, torch.Tensor] = {}
+    for router, routing in pairs:
+        if not isinstance(router, DeclaresAuxLosses):
+            raise TypeError(f"{type(router).__name__} declares no aux_losses (not a moe_core router)")
+        for key, value in router.aux_losses(routing, batch_size=batch_size, token_mask=token_mask).items():
+            if key not in AUX_LOSS_KEYS:
+                raise ValueError(f"{type(router).__name__} declared unknown aux loss {key!r}; "
+                                 f"keys must be in {AUX_LOSS_KEYS}")
+            total[key] = total[key] + value if key in total else value
+    return total
 
 
 def _token_weights(routing: RouterOutput, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -246,3 +296,29 @@ def noisy_load_importance_loss(
     importance = (routing.dense_weights().float() * w).sum(0)  # (E,)
     load = (routing.aux["load_probs"].float() * w).sum(0)  # (E,)
     return w_importance * cv_squared(importance) + w_load * cv_squared(load)
+
+
+def dts_balance_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """EvoMoE dense-to-sparse gate balance loss as the paper's code computes it (arXiv 2112.14397;
+    ``codecaution/EvoMoE: fairseq/modules/moe/topkgate.py`` ``topkgating``; spec section 10).
+
+    GShard/Switch form on the active mask: ``E^2 mean_i(me_i ce_i) = E sum_i me_i ce_i`` with ``me_i`` = mean
+    over tokens of the combine weight of expert i (``active * softmax(z)``, or ``active * gg`` with Gumbel
+    gates: soft, carries the gradient) and ``ce_i`` = share of tokens on which expert i is active (hard).
+    Unlike :func:`switch_balance_loss` it is not normalised by the number of active experts: with every
+    expert active (early soft phase) it is the constant E (``sum_i me_i = 1``, no gradient); one expert per
+    token with uniform probabilities and equal loads gives ``1 / E``.
+
+    Args:
+        routing: a training-mode output of ``moe_core.routers.DenseToSparseRouter`` (``(N, E)`` slots with
+            ``mask`` = active); any RouterOutput works (``dense_weights`` and the used slots are read).
+        token_mask: optional ``(N,)`` bool, False for padding tokens.
+
+    Returns:
+        scalar float32 loss.
+    """
+    e = routing.num_experts
+    w = _token_weights(routing, token_mask)  # (N,)
+    me = _masked_mean(routing.dense_weights().float(), w)  # (E,)
+    ce = _masked_mean(assignment_matrix(routing).clamp_max(1.0), w)  # (E,) share of tokens with i active
+    return e * (me * ce).sum()

@@ -18,6 +18,16 @@ Common contract (spec section 0):
 * Input checks: ``x`` must be 2-D of width ``dim`` and free of NaN (``torch.isnan(x).any()``, which costs one
   device-to-host sync per call); violations raise ``ValueError`` naming ``x``. Constructor arguments are
   validated and unknown ``Literal`` choices raise ``ValueError`` naming the argument.
+
+Auxiliary losses: every router declares the unweighted auxiliary losses its paper defines with
+``aux_losses(routing, *, batch_size=None, token_mask=None) -> dict[str, Tensor]`` (keys from
+``moe_core.losses.AUX_LOSS_KEYS``: ``"balance"``, and ``"entropy"`` for dynamic top-p only). Arguments:
+``routing`` is what the router returned; ``batch_size`` is the number of sequences B when the N tokens are
+B sequences of N / B consecutive tokens (only the sequence-wise DeepSeek loss uses it; the others ignore it);
+``token_mask`` ``(N,)`` bool is False for padding tokens. Each value is a scalar float32 tensor computed by a
+pure function of ``moe_core.losses``; the caller multiplies ``"balance"`` by its ``w_balance`` and
+``"entropy"`` by its ``w_entropy`` (``moe_core.losses.sum_aux_losses`` sums over layers). The ST-MoE z-loss
+is not declared (a generic task-level regulariser).
 """
 
 from __future__ import annotations
@@ -28,6 +38,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from moe_core.losses import (
+    deepseek_balance_loss,
+    dts_balance_loss,
+    noisy_load_importance_loss,
+    null_expert_balance_loss,
+    switch_balance_loss,
+    top_p_entropy_loss,
+)
 from moe_core.types import RouterOutput
 
 DropPolicy = Literal["position", "probs"]
@@ -222,6 +240,13 @@ class TopKRouter(_GateMixin):
             weights = weights * self.routed_scaling_factor
         return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices, mask=mask, aux=aux)
 
+    def aux_losses(
+        self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"balance": switch_balance_loss}`` (Switch/GShard ``E sum_i f_i P_i``; kept pairs only under
+        capacity dropping). Arguments: see the module docstring."""
+        return {"balance": switch_balance_loss(routing, token_mask=token_mask)}
+
 
 class NoisyTopKRouter(_GateMixin):
     """Noisily gated top-k (Shazeer et al. 2017, arXiv 1701.06538; spec section 2).
@@ -237,20 +262,39 @@ class NoisyTopKRouter(_GateMixin):
     initial noise std is ``softplus(0) + noise_epsilon``); ``noise_epsilon = 1e-2`` follows the paper's
     reference code.
 
+    Declared loss (:meth:`aux_losses`): ``"balance"`` = ``w_importance CV(Importance)^2 + w_load CV(Load)^2``
+    (``moe_core.losses.noisy_load_importance_loss``). The paper sets both weights to 0.1 [U]; only their
+    ratio lives here (1 : 1 by default), so a task ``w_balance = 0.1`` reproduces the paper.
+
     Args:
         dim: D.
         num_experts: E.
         top_k: K.
         noise_epsilon: floor added to the noise std.
+        w_importance: relative weight of the importance term in the declared balance loss.
+        w_load: relative weight of the load term in the declared balance loss.
     """
 
-    def __init__(self, *, dim: int, num_experts: int, top_k: int, noise_epsilon: float = 1e-2) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        noise_epsilon: float = 1e-2,
+        w_importance: float = 1.0,
+        w_load: float = 1.0,
+    ) -> None:
         super().__init__()
         _check_sizes(dim, num_experts)
         _check_top_k(top_k, num_experts)
         if noise_epsilon < 0:
             raise ValueError(f"noise_epsilon must be >= 0, got {noise_epsilon}")
+        for name, value in (("w_importance", w_importance), ("w_load", w_load)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.dim, self.num_experts, self.top_k, self.noise_epsilon = dim, num_experts, top_k, noise_epsilon
+        self.w_importance, self.w_load = w_importance, w_load
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.noise = nn.Linear(dim, num_experts, bias=False)
         nn.init.zeros_(self.gate.weight)
@@ -281,6 +325,16 @@ class NoisyTopKRouter(_GateMixin):
         return RouterOutput(
             logits=noisy, probs=probs, weights=weights, indices=indices, aux={"load_probs": load_probs}
         )
+
+    def aux_losses(
+        self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"balance": noisy_load_importance_loss}`` with this router's ``w_importance``/``w_load``
+        (Shazeer 2017). Arguments: see the module docstring."""
+        loss = noisy_load_importance_loss(
+            routing, w_importance=self.w_importance, w_load=self.w_load, token_mask=token_mask
+        )
+        return {"balance": loss}
 
 
 class ExpertChoiceRouter(_GateMixin):
@@ -328,6 +382,13 @@ class ExpertChoiceRouter(_GateMixin):
             logits=logits, probs=probs, weights=weights, indices=_all_slots(n, e, x.device), mask=mask,
             aux={"capacity": torch.tensor(ke, device=x.device)},
         )
+
+    def aux_losses(
+        self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{}``: every expert takes exactly ``k_e`` tokens, so the paper uses no balance loss (flaxformer
+        sets it to 0). Arguments: see the module docstring."""
+        return {}
 
 
 def top_p_mask(sorted_probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -381,6 +442,16 @@ class TopPRouter(_GateMixin):
         weights = sorted_probs * mask  # (N, E) raw probabilities on the prefix
         return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices, mask=mask)
 
+    def aux_losses(
+        self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"balance": switch_balance_loss, "entropy": top_p_entropy_loss}``: the paper's ``L_balance``
+        and ``L_dyn`` (``L = L_lm + alpha L_balance + beta L_dyn``). Arguments: see the module docstring."""
+        return {
+            "balance": switch_balance_loss(routing, token_mask=token_mask),
+            "entropy": top_p_entropy_loss(routing, token_mask=token_mask),
+        }
+
 
 class NullExpertRouter(_GateMixin):
     """AdaMoE null experts (arXiv 2406.13233; spec section 13).
@@ -433,6 +504,13 @@ class NullExpertRouter(_GateMixin):
         }
         return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices, mask=mask, aux=aux)
 
+    def aux_losses(
+        self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"balance": null_expert_balance_loss}`` (AdaMoE's switch form over E + m buckets, null counts
+        averaged). Arguments: see the module docstring."""
+        return {"balance": null_expert_balance_loss(routing, token_mask=token_mask)}
+
 
 class GroupedRouter(_GateMixin):
     """Mixture of Grouped Experts (MoGE, Pangu Pro MoE, arXiv 2505.21411; spec section 14).
@@ -479,6 +557,14 @@ class GroupedRouter(_GateMixin):
         if self.renormalize:
             weights = _renorm(weights)
         return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+
+    def aux_losses(
+        self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"balance": switch_balance_loss}``: the paper's batch-level balance loss ``sum_i f_i p_i`` on
+        the global softmax scores, with DeepSeekMoE's ``f_i = E / (K T) count_i`` (equal to the switch
+        form; secondary sources, no verified code). Arguments: see the module docstring."""
+        return {"balance": switch_balance_loss(routing, token_mask=token_mask)}
 
 
 class SigmoidTopKRouter(_GateMixin):
@@ -602,6 +688,24 @@ class SigmoidTopKRouter(_GateMixin):
         weights = weights * self.route_scale
         return RouterOutput(logits=logits, probs=scores, weights=weights, indices=indices)
 
+    def aux_losses(
+        self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"balance": deepseek_balance_loss(...)}``, the DeepSeek expert-level form ``sum_i f_i P_i``.
+
+        Sigmoid scores (V3): the complementary sequence-wise loss on normalised scores ``s / sum_j s_j``
+        (``batch_size=B``: per sequence, averaged; None: over the whole batch). Softmax scores (V2): the
+        expert-level loss on ``probs`` (per sequence with ``batch_size``, as the V2 code's ``seq_aux``).
+        V2's device- and communication-level losses need a device layout and are not declared. Use the loss
+        with ``use_bias`` only as V3's small complement (paper alpha 1e-4 [U]). Arguments: see the module
+        docstring.
+        """
+        sigmoid = self.score_func == "sigmoid"
+        loss = deepseek_balance_loss(
+            routing, batch_size=batch_size, normalize_scores=sigmoid, token_mask=token_mask
+        )
+        return {"balance": loss}
+
 
 def dts_gate(
     logits: torch.Tensor,
@@ -708,6 +812,20 @@ class DenseToSparseRouter(_GateMixin):
             logits=logits, probs=probs, weights=weights, indices=_all_slots(n, e, x.device), mask=active,
             aux={"temperature": torch.tensor(float(self.temperature), device=x.device)},
         )
+
+    def aux_losses(
+        self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"balance": ...}`` as the EvoMoE code computes it.
+
+        Training routing (``aux["temperature"]`` present): :func:`moe_core.losses.dts_balance_loss`,
+        ``E sum_i mean_t(weights_i) mean_t(active_i)`` on the active mask (the repo's ``topkgating``). Eval
+        routing (plain top-k): :func:`moe_core.losses.switch_balance_loss`, which for ``top_k=1`` is the
+        repo's eval-path ``top1gating`` loss. Arguments: see the module docstring.
+        """
+        if "temperature" in routing.aux:
+            return {"balance": dts_balance_loss(routing, token_mask=token_mask)}
+        return {"balance": switch_balance_loss(routing, token_mask=token_mask)}
 
 
 class TemperatureSchedule:

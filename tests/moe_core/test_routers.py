@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
+from moe_core import losses as L
 from moe_core import routers as R
 from moe_core.reference import reference_moe, swiglu_expert_fn
+from moe_core.types import RouterOutput
 
 D = 8
 
@@ -577,3 +579,139 @@ def test_update_bias_errors():
         R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=1, use_bias=False).update_bias(torch.ones(4))
     with pytest.raises(ValueError, match="counts"):
         R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=1).update_bias(torch.ones(3))
+
+
+# ---------------------------------------------------------------- declared auxiliary losses
+def _pad_mask(n: int) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[-5:] = False
+    return keep
+
+
+# router factory, whether it routes in training mode, and the declaration its paper implies, written with the
+# pure functions of moe_core.losses
+DECLARED = {
+    "topk": (lambda: R.TopKRouter(dim=D, num_experts=4, top_k=2), True,
+             lambda r, m, b: {"balance": L.switch_balance_loss(r, token_mask=m)}),
+    "topk_capacity": (lambda: R.TopKRouter(dim=D, num_experts=4, top_k=2, capacity_factor=0.5), True,
+                      lambda r, m, b: {"balance": L.switch_balance_loss(r, token_mask=m)}),
+    "noisy": (lambda: R.NoisyTopKRouter(dim=D, num_experts=4, top_k=2), True,
+              lambda r, m, b: {"balance": L.noisy_load_importance_loss(r, token_mask=m)}),
+    "noisy_weighted": (
+        lambda: R.NoisyTopKRouter(dim=D, num_experts=4, top_k=2, w_importance=0.3, w_load=2.0), True,
+        lambda r, m, b: {"balance": L.noisy_load_importance_loss(r, w_importance=0.3, w_load=2.0,
+                                                                 token_mask=m)},
+    ),
+    "expert_choice": (lambda: R.ExpertChoiceRouter(dim=D, num_experts=4), True, lambda r, m, b: {}),
+    "top_p": (lambda: R.TopPRouter(dim=D, num_experts=4), True,
+              lambda r, m, b: {"balance": L.switch_balance_loss(r, token_mask=m),
+                               "entropy": L.top_p_entropy_loss(r, token_mask=m)}),
+    "null": (lambda: R.NullExpertRouter(dim=D, num_experts=4, num_null=2, top_k=3), True,
+             lambda r, m, b: {"balance": L.null_expert_balance_loss(r, token_mask=m)}),
+    "grouped": (lambda: R.GroupedRouter(dim=D, num_experts=4, top_k=2, num_groups=2), True,
+                lambda r, m, b: {"balance": L.switch_balance_loss(r, token_mask=m)}),
+    "sigmoid": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, n_groups=2, topk_groups=1), True,
+                lambda r, m, b: {"balance": L.deepseek_balance_loss(r, batch_size=b, normalize_scores=True,
+                                                                    token_mask=m)}),
+    "softmax_v2": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, score_func="softmax",
+                                               renormalize=False, use_bias=False), True,
+                   lambda r, m, b: {"balance": L.deepseek_balance_loss(r, batch_size=b, token_mask=m)}),
+    "dts_train": (lambda: R.DenseToSparseRouter(dim=D, num_experts=4, temperature=0.5), True,
+                  lambda r, m, b: {"balance": L.dts_balance_loss(r, token_mask=m)}),
+    "dts_eval": (lambda: R.DenseToSparseRouter(dim=D, num_experts=4), False,
+                 lambda r, m, b: {"balance": L.switch_balance_loss(r, token_mask=m)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECLARED))
+@pytest.mark.parametrize("masked", [False, True])
+def test_declared_aux_losses_equal_the_named_pure_functions(name, masked):
+    make, training, expected_fn = DECLARED[name]
+    torch.manual_seed(0)
+    router = _init(make()).train(training)
+    out = router(_x(24))
+    mask = _pad_mask(24) if masked else None
+    got = router.aux_losses(out, batch_size=3, token_mask=mask)
+    want = expected_fn(out, mask, 3)
+    assert set(got) == set(want) and set(got) <= set(L.AUX_LOSS_KEYS)
+    for key in want:
+        assert got[key].shape == () and got[key].dtype == torch.float32
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+    if masked and want:  # the mask really reaches the loss
+        unmasked = router.aux_losses(out, batch_size=3)
+        assert any(not torch.equal(unmasked[k], got[k]) for k in want)
+
+
+def test_declared_sets_expert_choice_nothing_top_p_both():
+    ec = _init(R.ExpertChoiceRouter(dim=D, num_experts=4))
+    assert ec.aux_losses(ec(_x())) == {}
+    tp = _init(R.TopPRouter(dim=D, num_experts=4))
+    assert set(tp.aux_losses(tp(_x()))) == {"balance", "entropy"}
+    for name in ("topk", "noisy", "null", "grouped", "sigmoid", "dts"):
+        r = _init(ROUTERS[name]())
+        assert set(r.aux_losses(r(_x()))) == {"balance"}, name
+
+
+def test_sigmoid_declared_loss_is_sequence_wise():
+    """Two sequences that each collapse onto a different expert: balanced over the batch, not per sequence."""
+    r = R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=1, use_bias=False)
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[0, 0] = 3.0  # x[:, 0] > 0 -> expert 0
+        r.gate.weight[1, 0] = -3.0  # x[:, 0] < 0 -> expert 1
+    x = _x(16).abs()
+    x[8:, 0] *= -1  # sequence 0: tokens 0..7, sequence 1: tokens 8..15
+    out = r(x)
+    assert (out.indices[:8] == 0).all() and (out.indices[8:] == 1).all()
+    seq = r.aux_losses(out, batch_size=2)["balance"]
+    whole = r.aux_losses(out)["balance"]
+    torch.testing.assert_close(seq, L.deepseek_balance_loss(out, batch_size=2, normalize_scores=True))
+    torch.testing.assert_close(whole, L.deepseek_balance_loss(out, normalize_scores=True))
+    assert float(seq) > 1.5 * float(whole)
+
+
+def _dts_code_loss(gates: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``codecaution/EvoMoE: topkgating`` l_aux, line by line: gates = chosen * softmax (or gumbel gates)."""
+    num_experts = gates.shape[1]
+    me = torch.mean(gates, dim=0)
+    ce = torch.mean(chosen.to(gates.dtype), dim=0)
+    return torch.mean(me * ce) * num_experts * num_experts
+
+
+@pytest.mark.parametrize("use_gumbel_gates", [False, True])
+@pytest.mark.parametrize("temperature", [0.05, 0.5, 5.0])
+def test_dts_balance_loss_matches_evomoe_code(use_gumbel_gates, temperature):
+    r = _init(R.DenseToSparseRouter(dim=D, num_experts=5, temperature=temperature,
+                                    use_gumbel_gates=use_gumbel_gates))
+    torch.manual_seed(1)
+    out = r(_x(30))
+    assert out.indices.shape == (30, 5)  # slot j holds expert j: weights are the repo's gates matrix
+    want = _dts_code_loss(out.weights, out.mask)
+    torch.testing.assert_close(L.dts_balance_loss(out), want)
+    # known values: every expert active -> E (no gradient signal); balanced one-hot, uniform probs -> 1/E
+    probs = torch.full((10, 5), 0.2)
+    dense = RouterOutput(logits=probs.log(), probs=probs, weights=probs, indices=R._all_slots(10, 5, "cpu"),
+                           mask=torch.ones(10, 5, dtype=torch.bool))
+    assert float(L.dts_balance_loss(dense)) == pytest.approx(5.0)
+    onehot = torch.eye(5, dtype=torch.bool).repeat(2, 1)  # (10, 5)
+    sparse = RouterOutput(logits=probs.log(), probs=probs, weights=probs * onehot,
+                            indices=R._all_slots(10, 5, "cpu"), mask=onehot)
+    assert float(L.dts_balance_loss(sparse)) == pytest.approx(1 / 5)
+
+
+def test_sum_aux_losses_sums_keys_over_routings():
+    topk, tp, ec = (_init(ROUTERS[n]()) for n in ("topk", "top_p", "expert_choice"))
+    x = _x()
+    a, b, c = topk(x), tp(x), ec(x)
+    mask = _pad_mask(24)
+    total = L.sum_aux_losses([(topk, a), (tp, b), (ec, c)], token_mask=mask)
+    assert set(total) == {"balance", "entropy"}
+    balance = L.switch_balance_loss(a, token_mask=mask) + L.switch_balance_loss(b, token_mask=mask)
+    torch.testing.assert_close(total["balance"], balance)
+    torch.testing.assert_close(total["entropy"], L.top_p_entropy_loss(b, token_mask=mask))
+    assert set(L.sum_aux_losses([(topk, a)])) == {"balance"}  # keys declared nowhere are absent
+    assert L.sum_aux_losses([(ec, c)]) == {} and L.sum_aux_losses([]) == {}
+    total["balance"].backward()  # the sum keeps the router gradient
+    assert topk.gate.weight.grad is not None and tp.gate.weight.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="Linear declares no aux_losses"):
+        L.sum_aux_losses([(torch.nn.Linear(2, 2), a)])
