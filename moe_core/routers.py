@@ -83,6 +83,22 @@ def _check_top_k(top_k: int, num_experts: int, name: str = "top_k") -> None:
         raise ValueError(f"{name} must be in [1, num_experts={num_experts}], got {top_k}")
 
 
+def _resolve_renormalize(renormalize: bool | None, top_k: int) -> bool:
+    """``None`` -> renormalise iff ``top_k > 1``; an explicit ``True`` with ``top_k == 1`` is refused.
+
+    A single renormalised score is the constant 1 (0 when dropped), so the combine weight carries no gradient
+    and the task loss would not train the router (only auxiliary losses would).
+    """
+    if renormalize is None:
+        return top_k > 1
+    if renormalize and top_k == 1:
+        raise ValueError(
+            "renormalize=True with top_k=1 makes every combine weight the constant 1, so the router would "
+            "get no gradient from the task loss; use renormalize=None (renormalise iff top_k > 1) or False"
+        )
+    return bool(renormalize)
+
+
 def _renorm(w: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """Divide rows by their sum (clamped at ``eps`` when ``eps > 0``: all-zero rows stay zero)."""
     s = w.sum(dim=-1, keepdim=True)
@@ -138,7 +154,8 @@ class TopKRouter(_GateMixin):
     ``s = softmax(x W_g^T)``; each token picks its K largest ``s`` (spec section 1). Weights are the selected
     probabilities, renormalised to sum to 1 (Mixtral, GShard, DeepSpeed ``topkgating``) or raw (Switch,
     Qwen2-MoE ``norm_topk_prob=False``), then multiplied by ``routed_scaling_factor`` (DeepSeek-V2; 1 by
-    default).
+    default). By default top-1 is raw (Switch, DeepSpeed ``top1gating``) and K > 1 renormalised: a single
+    renormalised probability is the constant 1, which leaves the router without task-loss gradient.
 
     Capacity (spec section 4; ``capacity_factor=None`` is dropless, the default): each expert takes at most
     ``C = max(ceil(N / E * capacity_factor * K), min_capacity)`` (token, slot) pairs (DeepSpeed's
@@ -155,7 +172,10 @@ class TopKRouter(_GateMixin):
         dim: model width D.
         num_experts: routed experts E.
         top_k: experts per token K (``1 <= K <= E``).
-        renormalize: renormalise the selected probabilities to sum to 1.
+        renormalize: renormalise the selected probabilities to sum to 1. None (default): iff ``K > 1``, so
+            top-1 routing uses the raw probability (Switch) and the router learns from the task loss;
+            ``True`` with ``K = 1`` raises ``ValueError`` (the weight would be the constant 1). The resolved
+            bool is stored as ``renormalize``.
         jitter: multiplicative input jitter ``U(1-eps, 1+eps)`` applied in training only (0 disables).
         capacity_factor: None (dropless) or a positive capacity factor.
         eval_capacity_factor: capacity factor in eval mode (None: same as ``capacity_factor``).
@@ -170,7 +190,7 @@ class TopKRouter(_GateMixin):
         dim: int,
         num_experts: int,
         top_k: int,
-        renormalize: bool = True,
+        renormalize: bool | None = None,
         jitter: float = 0.0,
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
@@ -190,7 +210,7 @@ class TopKRouter(_GateMixin):
         if min_capacity < 0:
             raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
-        self.renormalize, self.jitter = renormalize, jitter
+        self.renormalize, self.jitter = _resolve_renormalize(renormalize, top_k), jitter
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.drop_policy = _choice("drop_policy", drop_policy, _DROP_POLICIES)
         self.min_capacity, self.routed_scaling_factor = min_capacity, routed_scaling_factor
@@ -519,14 +539,15 @@ class GroupedRouter(_GateMixin):
     (one per device); each token picks the top ``K' = top_k / num_groups`` experts inside every group, so
     every group (device) receives exactly ``N K'`` pairs for any batch. Weights are the selected
     global-softmax scores (sum <= 1), renormalised when ``renormalize`` (a switch; our reading, no verified
-    public code).
+    public code). ``renormalize=True`` with ``top_k = 1`` raises ``ValueError``: the weight would be the
+    constant 1 and the router would get no gradient from the task loss.
 
     Args:
         dim: D.
         num_experts: E (divisible by ``num_groups``).
         top_k: K, total experts per token (divisible by ``num_groups``).
         num_groups: M.
-        renormalize: renormalise the selected scores to sum to 1.
+        renormalize: renormalise the selected scores to sum to 1 (needs ``top_k > 1``).
     """
 
     def __init__(
@@ -540,7 +561,7 @@ class GroupedRouter(_GateMixin):
         if top_k % num_groups:
             raise ValueError(f"top_k must be a multiple of num_groups={num_groups}, got {top_k}")
         self.dim, self.num_experts, self.top_k, self.num_groups = dim, num_experts, top_k, num_groups
-        self.renormalize = renormalize
+        self.renormalize = _resolve_renormalize(renormalize, top_k)
         self.gate = nn.Linear(dim, num_experts, bias=False)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
@@ -595,7 +616,9 @@ class SigmoidTopKRouter(_GateMixin):
         topk_groups: groups each token may use (None: all ``n_groups``).
         score_func: ``"sigmoid"`` (V3) or ``"softmax"`` (V2).
         route_scale: constant multiplying the weights (V3 2.5, V2-236B 16.0).
-        renormalize: renormalise the selected scores before ``route_scale``.
+        renormalize: renormalise the selected scores before ``route_scale``. None (default): iff ``K > 1``
+            (V3); ``True`` with ``K = 1`` raises ``ValueError`` (the weight would be the constant
+            ``route_scale``, without gradient). The resolved bool is stored as ``renormalize``.
         use_bias: keep the balancing bias buffer.
         bias_update_speed: gamma of :meth:`update_bias` (paper 1e-3 [U]).
     """
@@ -612,7 +635,7 @@ class SigmoidTopKRouter(_GateMixin):
         topk_groups: int | None = None,
         score_func: ScoreFunc = "sigmoid",
         route_scale: float = 1.0,
-        renormalize: bool = True,
+        renormalize: bool | None = None,
         use_bias: bool = True,
         bias_update_speed: float = 1e-3,
     ) -> None:
@@ -631,7 +654,7 @@ class SigmoidTopKRouter(_GateMixin):
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.n_groups, self.topk_groups = n_groups, topk_groups
         self.score_func = _choice("score_func", score_func, _SCORE_FUNCS)
-        self.route_scale, self.renormalize = route_scale, renormalize
+        self.route_scale, self.renormalize = route_scale, _resolve_renormalize(renormalize, top_k)
         self.use_bias, self.bias_update_speed = use_bias, bias_update_speed
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("bias", torch.zeros(num_experts) if use_bias else None)

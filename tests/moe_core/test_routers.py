@@ -30,11 +30,16 @@ def _init(router: torch.nn.Module, seed: int = 1, std: float = 1.0) -> torch.nn.
 
 # ---------------------------------------------------------------- top-k
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_topk_renormalised_rows_sum_to_one_and_k_nonzeros(k):
+def test_topk_default_weights_and_k_nonzeros(k):
     r = _init(R.TopKRouter(dim=D, num_experts=5, top_k=k))
     out = r(_x())
     assert out.weights.dtype == torch.float32 and out.mask is None
-    torch.testing.assert_close(out.weights.sum(-1), torch.ones(24), atol=1e-6, rtol=0)
+    assert r.renormalize == (k > 1)  # default: renormalised iff K > 1
+    if k > 1:
+        torch.testing.assert_close(out.weights.sum(-1), torch.ones(24), atol=1e-6, rtol=0)
+    else:  # top-1: the raw probability (Switch), not the constant 1
+        torch.testing.assert_close(out.weights, out.probs.max(-1, keepdim=True).values, atol=0, rtol=0)
+        assert (out.weights < 1).all()
     assert ((out.dense_weights() > 0).sum(-1) == k).all()
     # oracle: the k largest softmax entries, renormalised
     for t in range(24):
@@ -108,9 +113,11 @@ def test_capacity_drops_match_python_oracle(policy, k):
     assert (out.counts() <= cap).all()
     assert out.mask.sum() < n * k  # the fixture really drops
     torch.testing.assert_close(out.aux["drop_fraction"], 1 - out.mask.float().mean())
-    # DeepSpeed renormalisation of the survivors; a token that lost everything gets zeros
+    # DeepSpeed renormalisation of the survivors (k > 1; top-1 keeps the raw gate as DeepSpeed's top1gating);
+    # a token that lost everything gets zeros
     kept = top * out.mask
-    expected = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps)
+    assert r.renormalize == (k > 1)
+    expected = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps) if k > 1 else kept
     torch.testing.assert_close(out.weights, expected)
     assert (out.weights[~out.mask] == 0).all()
 
