@@ -15,9 +15,12 @@ Common contract (spec section 0):
 * Fixed-k routers return ``indices``/``weights`` of shape ``(N, K)`` and ``mask=None`` unless slots were
   dropped. Variable-k routers (expert choice, top-p, null experts, DTS in training) return ``(N, K)`` slots
   padded with a bool ``mask`` (False slots hold a valid placeholder id and weight 0; expert banks skip them).
-* Input checks: ``x`` must be 2-D of width ``dim`` and free of NaN (``torch.isnan(x).any()``, which costs one
-  device-to-host sync per call); violations raise ``ValueError`` naming ``x``. Constructor arguments are
-  validated and unknown ``Literal`` choices raise ``ValueError`` naming the argument.
+* Input checks: ``x`` must be 2-D of width ``dim`` and finite (no NaN, no +/-inf: ``torch.isfinite(x).all()``,
+  which costs one device-to-host sync per call); violations raise ``ValueError`` naming ``x``. Constructor
+  arguments are validated and unknown ``Literal`` choices raise ``ValueError`` naming the argument.
+* Extreme finite inputs give finite routing: float32 logits that overflow (``x W^T`` beyond the float32 range,
+  or NaN from ``inf - inf`` inside the dot product) are guarded (:func:`finite_logits`); renormalised sigmoid
+  weights are computed in log space, so scores that underflow to 0 still give weights summing to 1.
 
 Auxiliary losses: every router declares the unweighted auxiliary losses its paper defines with
 ``aux_losses(routing, *, batch_size=None, token_mask=None) -> dict[str, Tensor]`` (keys from
@@ -48,6 +51,12 @@ from moe_core.losses import (
 )
 from moe_core.types import RouterOutput
 
+LOGIT_BOUND: float = torch.finfo(torch.float32).max / 4
+"""Magnitude bound of guarded float32 logits: the difference of two guarded logits (softmax's max shift, the
+noisy gate's ``clean - threshold``) stays finite."""
+_MIN_NOISE_STD = 1e-6  # noisy gate std floor: (clean - threshold) / std and its gradient stay finite
+_NDTR_RANGE = 40.0  # ndtr(z) is exactly 0 / 1 in float32 for |z| >= 40, so clipping z there changes nothing
+
 DropPolicy = Literal["position", "probs"]
 ScoreFunc = Literal["sigmoid", "softmax"]
 ScheduleKind = Literal["linear", "exp"]
@@ -64,11 +73,22 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
 
 
 def _check_x(x: torch.Tensor, dim: int) -> None:
-    """``x`` must be ``(N, dim)`` and contain no NaN (one host sync)."""
+    """``x`` must be ``(N, dim)`` and finite: no NaN, no +/-inf (one host sync)."""
     if x.dim() != 2 or x.shape[-1] != dim:
         raise ValueError(f"x must have shape (N, dim={dim}), got {tuple(x.shape)}")
-    if torch.isnan(x).any():
-        raise ValueError("x contains NaN values")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains non-finite values (NaN or +/-inf)")
+
+
+def finite_logits(z: torch.Tensor) -> torch.Tensor:
+    """Guard float32 logits computed from finite inputs: ``+/-inf`` and values beyond :data:`LOGIT_BOUND`
+    become ``+/-LOGIT_BOUND``; NaN (``inf - inf`` inside an overflowing dot product; sign unknown) becomes 0.
+
+    Ordinary logits pass unchanged; guarded entries get zero gradient (they were not a function of the
+    weights in float32 anyway), so the router's gradient stays finite.
+    """
+    z = torch.nan_to_num(z, nan=0.0, posinf=LOGIT_BOUND, neginf=-LOGIT_BOUND)
+    return z.clamp(-LOGIT_BOUND, LOGIT_BOUND)
 
 
 def _check_sizes(dim: int, num_experts: int) -> None:
@@ -118,7 +138,7 @@ class _GateMixin(nn.Module):
     gate: nn.Linear
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.float(), self.gate.weight.float())  # (N, E)
+        return finite_logits(nn.functional.linear(x.float(), self.gate.weight.float()))  # (N, E)
 
 
 def capacity_positions(indices: torch.Tensor, priority: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -236,7 +256,11 @@ class TopKRouter(_GateMixin):
         """
         _check_x(x, self.dim)
         if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            # float32, clamped: a finite x near its dtype's maximum times 1 + jitter must not become inf
+            noise = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+            noise.uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            fmax = torch.finfo(torch.float32).max
+            x = (x.float() * noise).clamp(-fmax, fmax)
         logits = self._logits(x)  # (N, E)
         probs = logits.softmax(dim=-1)  # (N, E)
         top, indices = probs.topk(self.top_k, dim=-1)  # (N, K), (N, K)
@@ -280,7 +304,8 @@ class NoisyTopKRouter(_GateMixin):
     ``moe_core.losses.noisy_load_importance_loss`` sums it into the smooth load estimator. With ``K = E``
     every expert is always selected and ``P = 1``. Both weight matrices start at zero as in the paper (so the
     initial noise std is ``softplus(0) + noise_epsilon``); ``noise_epsilon = 1e-2`` follows the paper's
-    reference code.
+    reference code. ``Phi`` is ``torch.special.ndtr``; the std is floored at 1e-6 (only reachable with
+    ``noise_epsilon < 1e-6``) so that the ratio and its gradient stay finite.
 
     Declared loss (:meth:`aux_losses`): ``"balance"`` = ``w_importance CV(Importance)^2 + w_load CV(Load)^2``
     (``moe_core.losses.noisy_load_importance_loss``). The paper sets both weights to 0.1 [U]; only their
@@ -324,9 +349,9 @@ class NoisyTopKRouter(_GateMixin):
         """Route tokens; ``x (N, D)`` -> ``(N, K)`` slots and ``aux["load_probs"] (N, E)``."""
         _check_x(x, self.dim)
         clean = self._logits(x)  # (N, E)
-        std = nn.functional.softplus(nn.functional.linear(x.float(), self.noise.weight.float()))  # (N, E)
-        std = std + self.noise_epsilon
-        noisy = clean + torch.randn_like(clean) * std if self.training else clean  # (N, E)
+        raw = finite_logits(nn.functional.linear(x.float(), self.noise.weight.float()))  # (N, E)
+        std = (nn.functional.softplus(raw) + self.noise_epsilon).clamp(_MIN_NOISE_STD, LOGIT_BOUND)  # (N, E)
+        noisy = finite_logits(clean + torch.randn_like(clean) * std) if self.training else clean  # (N, E)
         probs = noisy.softmax(dim=-1)  # (N, E)
         top, indices = probs.topk(self.top_k, dim=-1)  # (N, K)
         weights = _renorm(top)  # softmax over the kept logits
@@ -336,9 +361,9 @@ class NoisyTopKRouter(_GateMixin):
             thr_in = top_h[:, k : k + 1]  # (N, 1) k-th largest of the others when i is in the top-k
             thr_out = top_h[:, k - 1 : k]  # (N, 1) k-th largest when i is outside
             is_in = noisy > thr_in  # (N, E)
-            normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
-            p_in = normal.cdf((clean - thr_in) / std)
-            p_out = normal.cdf((clean - thr_out) / std)
+            lim = _NDTR_RANGE * std  # (N, E) clip (clean - thr) to |z| <= 40: z and its gradient stay finite
+            p_in = torch.special.ndtr((clean - thr_in).clamp(min=-lim, max=lim) / std)  # (N, E)
+            p_out = torch.special.ndtr((clean - thr_out).clamp(min=-lim, max=lim) / std)  # (N, E)
             load_probs = torch.where(is_in, p_in, p_out)  # (N, E)
         else:
             load_probs = torch.ones_like(clean)
@@ -510,13 +535,17 @@ class NullExpertRouter(_GateMixin):
         e = self.num_experts
         logits = self._logits(x)  # (N, E)
         if self.null_gate is not None:
-            null = nn.functional.linear(x.float(), self.null_gate.weight.float())  # (N, m)
+            null = finite_logits(nn.functional.linear(x.float(), self.null_gate.weight.float()))  # (N, m)
             logits = torch.cat([logits, null], dim=-1)  # (N, E + m)
         probs = logits.softmax(dim=-1)  # (N, E + m)
-        top, picks = probs.topk(self.top_k, dim=-1)  # (N, k'), (N, k')
+        picks = probs.topk(self.top_k, dim=-1).indices  # (N, k')
         mask = picks < e  # (N, k') true experts
-        weights = _renorm(top * mask, eps=torch.finfo(top.dtype).tiny)  # (N, k') all-null rows stay 0
         indices = picks.masked_fill(~mask, 0)  # (N, k') placeholder id for null picks
+        # s_i / sum_{selected true} s_j equals the same ratio of the softmax over the E true logits, whose
+        # selected entries include the true argmax (>= 1/E): no underflow when null experts dominate
+        true_probs = logits[:, :e].softmax(dim=-1)  # (N, E)
+        top = true_probs.gather(1, indices) * mask  # (N, k')
+        weights = _renorm(top, eps=torch.finfo(top.dtype).tiny)  # (N, k') all-null rows stay 0
         aux = {
             "num_experts": torch.tensor(e, device=x.device),
             "num_null": torch.tensor(self.num_null, device=x.device),
@@ -598,9 +627,12 @@ class SigmoidTopKRouter(_GateMixin):
     * Selection uses ``s + b`` (b is ``bias``, zeros at start; only with ``use_bias``). With ``n_groups > 1``
       the E experts form ``n_groups`` contiguous groups scored by ``max_i s_i`` (no bias; V2 and V3 without
       bias) or by the sum of the top-2 ``s_i + b_i`` (V3 with bias); experts outside the best ``topk_groups``
-      groups are set to ``-inf`` (the official fill, not HF's 0.0) before the top-K.
+      groups are set to ``-inf`` (the official fill, not HF's 0.0) before the top-K. Without bias the code
+      ranks by the logits, which order experts exactly as ``s`` does but do not tie where ``s`` saturates.
     * Weights are the original scores ``s`` of the selected experts (no bias), renormalised to sum to 1 when
-      ``renormalize`` (V3 sigmoid; V2 softmax uses ``renormalize=False``), times ``route_scale``.
+      ``renormalize`` (V3 sigmoid; V2 softmax uses ``renormalize=False``), times ``route_scale``. The
+      renormalisation is a softmax of the selected log-scores (``logsigmoid`` / ``log_softmax``), so it stays
+      exact where every selected sigmoid underflows to 0.
 
     Auxiliary-loss-free balancing (arXiv 2408.15664): ``bias`` is a buffer (never a parameter, never gets a
     gradient; kept in float32 when the module is cast to a 16-bit dtype); a training callback calls
@@ -690,11 +722,14 @@ class SigmoidTopKRouter(_GateMixin):
         """Route tokens; ``x (N, D)`` -> RouterOutput with ``(N, K)`` slots."""
         _check_x(x, self.dim)
         n, g = x.shape[0], self.n_groups
+        sigmoid = self.score_func == "sigmoid"
         logits = self._logits(x)  # (N, E)
-        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
-        choice = scores.detach()
+        scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)  # (N, E)
         if self.bias is not None:
-            choice = choice + self.bias.float()  # (N, E) selection only; b never reaches the weights
+            choice = scores.detach() + self.bias.float()  # (N, E) selection only; b never reaches the weights
+        else:
+            # logits rank experts exactly as the scores do, without the ties of scores saturated at 0 or 1
+            choice = logits.detach()  # (N, E)
         if g > 1:
             grouped = choice.view(n, g, -1)  # (N, G, E/G)
             if self.bias is None:
@@ -705,9 +740,13 @@ class SigmoidTopKRouter(_GateMixin):
             allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
             choice = grouped.masked_fill(~allowed[..., None], float("-inf")).view(n, -1)  # (N, E)
         indices = choice.topk(self.top_k, dim=-1).indices  # (N, K)
-        weights = scores.gather(1, indices)  # (N, K) original scores, no bias
         if self.renormalize:
-            weights = _renorm(weights)
+            # s_i / sum_j s_j over the selected experts as a softmax of log-scores: finite and summing to 1
+            # even where every selected sigmoid underflows to 0 (logits below about -104)
+            log_scores = nn.functional.logsigmoid(logits) if sigmoid else logits.log_softmax(dim=-1)  # (N, E)
+            weights = log_scores.gather(1, indices).softmax(dim=-1)  # (N, K)
+        else:
+            weights = scores.gather(1, indices)  # (N, K) original scores, no bias
         weights = weights * self.route_scale
         return RouterOutput(logits=logits, probs=scores, weights=weights, indices=indices)
 
@@ -757,7 +796,7 @@ def dts_gate(
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    gg = ((logits + gumbel) / temperature).softmax(dim=-1)  # (N, E)
+    gg = finite_logits((logits + gumbel) / temperature).softmax(dim=-1)  # (N, E) guard: a small tau overflows
     if hard:
         active = torch.zeros_like(gg, dtype=torch.bool).scatter_(1, gg.topk(top_k, dim=-1).indices, True)
     else:

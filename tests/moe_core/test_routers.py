@@ -546,7 +546,7 @@ def test_bad_input_errors(name):
         router(torch.randn(4, D + 1))
     bad = torch.randn(4, D)
     bad[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="x contains NaN"):
+    with pytest.raises(ValueError, match="x contains non-finite"):
         router(bad)
 
 
@@ -674,7 +674,7 @@ def test_sigmoid_declared_loss_is_sequence_wise():
     whole = r.aux_losses(out)["balance"]
     torch.testing.assert_close(seq, L.deepseek_balance_loss(out, batch_size=2, normalize_scores=True))
     torch.testing.assert_close(whole, L.deepseek_balance_loss(out, normalize_scores=True))
-    assert float(seq) > 1.5 * float(whole)
+    assert float(seq.detach()) > 1.5 * float(whole.detach())
 
 
 def _dts_code_loss(gates: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
