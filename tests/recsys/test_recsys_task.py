@@ -129,22 +129,48 @@ def test_all_shipped_configs_present():
     }
 
 
+# Measured 2026-11-29 on a 2-core CPU machine with exactly this test (seed 0): test AUC income 0.94824,
+# never_married 0.99475. Seeds 1-4: income 0.94495 / 0.94737 / 0.94679 / 0.94648, never_married 0.9947-0.9948
+# (spread over 5 seeds 0.0033 and 0.0001). Thresholds = the seed-0 values minus a margin of 0.01 (income) and
+# 0.003 (never_married): 3x and 30x the seed spread, for thread-count and platform noise.
+# What misses them, measured in the same run: the untrained model (0.66 / 0.68, asserted below), the tower
+# inputs zeroed (0.5 / 0.5), the experts frozen at initialisation (0.9361 / 0.9937: income below). Census is
+# too easy for the gates to matter: with every gate forced uniform the run still reaches 0.94825 / 0.99473, so
+# the checks that this is HoME are the masked gate weights and the Swish experts' zero-activation rate (ReLU
+# experts in the same run: 0.54), not the AUCs.
+CENSUS_HOME_MIN_AUC = {"income": 0.94824 - 0.01, "never_married": 0.99475 - 0.003}
+
+
 @needs_census
 @pytest.mark.slow
-def test_end_to_end_census_reaches_income_auc(tmp_path):
-    """Short real run (MMoE, 3 epochs on the full train split): test income AUC >= 0.90."""
+def test_end_to_end_census_home_reaches_measured_auc(tmp_path):
+    """Short real run of HoME (meta + task level, one category per task, BN + Swish experts, hierarchy mask,
+    self-gate; 3 epochs on the full train split of the shipped file) reaches the measured test AUCs."""
     from apps.recsys.data import CensusDataModule
+    from moe_core.multigate import HoME
 
     L.seed_everything(0)
     dm = CensusDataModule(batch_size=2048)
     task = MultiTaskRecTask(
-        backbone="mmoe", embed_dim=8, expert_hidden=[64], tower_hidden=[16], num_experts=4, lr=3e-3
-    )
+        backbone="home", embed_dim=8, expert_hidden=[64], tower_hidden=[16], lr=3e-3, categories=[[0], [1]],
+        home_levels=2, meta_num_shared=2, meta_num_per_category=2, num_shared=2, num_per_category=1,
+        num_per_task=1, expert_norm="bn", activation="silu", hierarchy_mask=True, self_gate=True,
+    )  # fmt: skip
     trainer = L.Trainer(
         max_epochs=3, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
     )  # fmt: skip
+    untrained = trainer.test(task, dm, verbose=False)[0]  # also builds the network from the data
+    assert isinstance(task.net.backbone, HoME)
+    for t, floor in CENSUS_HOME_MIN_AUC.items():  # the thresholds are not reachable without training
+        assert untrained[f"test/auc_{t}"] < floor - 0.05, untrained
     trainer.fit(task, dm)
+    m = trainer.callback_metrics  # last validation epoch's gate statistics
+    # task-level candidates: shared e0-e1, category e2 (income's) e3 (never_married's), task e4 e5
+    assert m["gate/income/e3"] == 0 and m["gate/income/e5"] == 0, "hierarchy mask not in force"
+    assert m["gate/never_married/e2"] == 0 and m["gate/never_married/e4"] == 0, "hierarchy mask not in force"
+    zero_frac = {k: float(v) for k, v in m.items() if k.startswith("zero_frac/")}
+    assert zero_frac and max(zero_frac.values()) < 0.01, zero_frac  # Swish experts: no ReLU-style dead units
     res = trainer.test(task, dm, verbose=False)[0]
-    assert res["test/auc_income"] >= 0.90, res
-    assert res["test/auc_never_married"] >= 0.98, res
+    for t, floor in CENSUS_HOME_MIN_AUC.items():
+        assert res[f"test/auc_{t}"] >= floor, res
