@@ -236,7 +236,7 @@ def build_moe_layer(
     num_experts: int,
     top_k: int,
     num_shared_experts: int = 0,
-    renormalize: bool = True,
+    renormalize: bool | None = None,
     shared_gate: bool = False,
     backend: Backend = "auto",
     activation: Activation = "silu",
@@ -249,7 +249,8 @@ def build_moe_layer(
         num_experts: routed experts E.
         top_k: K.
         num_shared_experts: K_s always-on experts (0: none).
-        renormalize: renormalise the top-k probabilities (Mixtral) or not (DeepSeekMoE, Qwen2-MoE).
+        renormalize: renormalise the top-k probabilities (Mixtral) or not (DeepSeekMoE, Qwen2-MoE); None:
+            renormalise iff ``top_k > 1`` (see ``TopKRouter``).
         shared_gate: sigmoid gate on the shared path (Qwen2-MoE).
         backend: dispatch backend of the routed bank.
         activation: expert gating activation.

@@ -46,7 +46,7 @@ def upcycle_ffn(
     *,
     num_experts: int,
     top_k: int,
-    renormalize: bool = True,
+    renormalize: bool | None = None,
     router_std: float = 0.02,
     generator: torch.Generator | None = None,
 ) -> MoELayer:
@@ -57,7 +57,9 @@ def upcycle_ffn(
         num_experts: E copies.
         top_k: K.
         renormalize: renormalised top-k (then the layer equals the FFN exactly at init) or raw softmax
-            weights (then it equals ``(sum of selected probs) * FFN(x)``).
+            weights (then it equals ``(sum of selected probs) * FFN(x)``); None: renormalise iff
+            ``top_k > 1`` (a single renormalised weight is a constant 1 and gives the router no gradient, so
+            ``True`` with ``top_k=1`` is refused by the router).
         router_std: std of the new router's normal init [U: "small random"].
         generator: optional RNG for the router init.
 
@@ -93,7 +95,7 @@ def upcycle_model(
     ffn_names: list[str],
     num_experts: int,
     top_k: int,
-    renormalize: bool = True,
+    renormalize: bool | None = None,
     router_std: float = 0.02,
     seed: int = 0,
 ) -> nn.Module:
@@ -253,7 +255,12 @@ class MixtureOfAttentionExperts(nn.Module):
 
 
 def _ffn_experts(
-    ffns: list[nn.Module], *, top_k: int, renormalize: bool, router_std: float, generator: torch.Generator
+    ffns: list[nn.Module],
+    *,
+    top_k: int,
+    renormalize: bool | None,
+    router_std: float,
+    generator: torch.Generator,
 ) -> MoELayer:
     ws = [dense_ffn_weights(f) for f in ffns]
     d, h = ws[0][0].shape
@@ -274,7 +281,7 @@ def bam_merge(
     ffn_names: list[str],
     attention_names: list[str],
     top_k: int = 2,
-    renormalize: bool = True,
+    renormalize: bool | None = None,
     kv_shared: bool = False,
     router_std: float = 0.02,
     seed: int = 0,

@@ -12,7 +12,21 @@ from moe_core.surgery.upcycling import (
 )
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_upcycled_top1_uses_the_raw_probability_and_refuses_renormalisation(dense_ffn):
+    """Top-1: a renormalised single weight is a constant 1 (no router gradient), so the default is the raw
+    top-1 probability (the layer equals p_max * FFN at init) and an explicit renormalize=True is refused."""
+    ffn = dense_ffn()
+    moe = upcycle_ffn(ffn, num_experts=5, top_k=1, router_std=1.0)
+    x = torch.randn(40, 12, dtype=torch.float64)
+    out = moe(x)
+    p_max = out.routing.probs.max(-1, keepdim=True).values.to(x.dtype)  # (N, 1)
+    assert (p_max < 0.99).any()
+    torch.testing.assert_close(out.output, p_max * ffn(x), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="top_k=1|top_k == 1|constant"):
+        upcycle_ffn(ffn, num_experts=5, top_k=1, renormalize=True)
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
 def test_upcycled_layer_equals_dense_ffn_with_renormalised_topk(top_k, dense_ffn):
     ffn = dense_ffn()
     moe = upcycle_ffn(ffn, num_experts=5, top_k=top_k, router_std=1.0)  # large router: routing really varies
