@@ -2,13 +2,18 @@
 
 Variants (matched active FFN width per token = the dense SwiGLU hidden 352 in every sparse layer):
 dense; top-k MoE (8 x 176, k=2); DeepSeekMoE (16 fine-grained x 88, k=3 + 1 shared x 88, first layer
-dense); Chain-of-Experts (8 x 176, k=1, C=2 iterations); EvoMoE (dense phase, then 4 x 352 behind the DTS
-gate annealed to top-1); dynamic top-p (8 x 176, p=0.4: active experts vary, measured). The top-k variants
-scale their renormalised combine weights by k (``routed_scaling_factor``, as DeepSeek-V3 scales its routed
-path), so that at uniform routing the sparse FFN has the output scale of the dense FFN of the same active
-width; without it a top-k layer starts at 1/k of that scale (60 s runs: DeepSeekMoE 1.828 -> 1.808, top-2
-1.845 -> 1.834 val loss). Baseline shape: nanoGPT "baby GPT" (4 layers, 4 heads, width 128, context 64,
-batch 12, lr 1e-3 -> 1e-4 cosine, AdamW betas (0.9, 0.99), wd 0.1).
+dense) with the paper's gate: the raw softmax probabilities of the selected experts, no renormalisation, no
+scale (arXiv 2401.06066 eq. 5, as ``moe_core.layer.deepseek_moe``); the same layer with renormalised weights
+times k (``fine_shared_renorm_x3``: not DeepSeekMoE's gate, kept as the variant measured before);
+Chain-of-Experts (8 x 176, k=1, C=2 iterations) with the official code's raw softmax weight of the selected
+expert (renormalising one weight would make it a constant 1 and starve the router of gradient); EvoMoE
+(dense phase, then 4 x 352 behind the DTS gate annealed to top-1); dynamic top-p (8 x 176, p=0.4: active
+experts vary, measured; entropy loss beta 1e-4). The top-2 variant scales its renormalised combine weights by
+k (``routed_scaling_factor``, as DeepSeek-V3 scales its routed path), so that at uniform routing the sparse
+FFN has the output scale of the dense FFN of the same active width. Each router adds the balance loss its
+paper defines (``router.aux_losses``, weight 1e-2) and the z-loss (1e-3). Baseline shape: nanoGPT "baby GPT"
+(4 layers, 4 heads, width 128, context 64, batch 12, lr 1e-3 -> 1e-4 cosine, AdamW betas (0.9, 0.99), wd
+0.1).
 
 Each model trains for ``--budget-s`` seconds of training time (evaluation excluded); the learning rate warms
 up for 100 steps, then follows a cosine over the *elapsed fraction of the budget* so every model ends its
@@ -59,15 +64,27 @@ VARIANTS: dict[str, dict] = {
         expert_hidden=88,
         num_shared_experts=1,
         first_dense_layers=1,
-        router_kwargs={"routed_scaling_factor": 3.0},
+        router_kwargs={"renormalize": False},  # the paper's gate: raw softmax weights
     ),
-    "coe_c2": dict(ffn="coe", num_experts=8, top_k=1, expert_hidden=176, coe_iterations=2),
+    "fine_shared_renorm_x3": dict(
+        ffn="moe",
+        num_experts=16,
+        top_k=3,
+        expert_hidden=88,
+        num_shared_experts=1,
+        first_dense_layers=1,
+        router_kwargs={"renormalize": True, "routed_scaling_factor": 3.0},
+    ),
+    "coe_c2": dict(
+        ffn="coe", num_experts=8, top_k=1, expert_hidden=176, coe_iterations=2,
+        router_kwargs={"renormalize": False},  # official CoE: raw softmax weight of the selected expert
+    ),
     "evomoe": dict(ffn="evomoe", num_experts=4, top_k=1, expert_hidden=352),
     "top_p": dict(
         ffn="moe", num_experts=8, top_k=2, expert_hidden=176, router="top_p", router_kwargs={"threshold": 0.4}
     ),
 }
-EXTRA_LOSS = {"top_p": {"w_entropy": 1e-4}}
+EXTRA_LOSS: dict[str, dict] = {}
 
 
 def unigram_entropy(tokens) -> float:
@@ -132,7 +149,7 @@ def run_variant(
             vl, _ = evaluate(task, *val)
             curve.append({"step": step, "train_s": round(train_time, 2), "val_loss": vl})
             next_eval += eval_every_s
-            print(f"  {name:12s} step {step:5d} t={train_time:6.1f}s val {vl:.4f}", flush=True)
+            print(f"  {name:21s} step {step:5d} t={train_time:6.1f}s val {vl:.4f}", flush=True)
         if train_time >= budget_s:
             break
         try:
@@ -248,7 +265,7 @@ def main(argv=None) -> None:
             )
     # table with ratios against the dense model of the same tokenizer
     print(
-        f"\n{'tok':4s} {'variant':12s} {'val loss':>8s} {'vs dense':>8s} {'tok/s':>7s} {'steps':>6s} "
+        f"\n{'tok':4s} {'variant':21s} {'val loss':>8s} {'vs dense':>8s} {'tok/s':>7s} {'steps':>6s} "
         f"{'total':>9s} {'active':>9s}"
     )
     for r in rows:
@@ -258,7 +275,7 @@ def main(argv=None) -> None:
         r["tokens_per_s_ratio_vs_dense"] = r["tokens_per_s"] / dense["tokens_per_s"] if dense else None
         diff = f"{r['val_loss_minus_dense']:+.3f}" if dense else "-"
         print(
-            f"{r['tokenizer']:4s} {r['variant']:12s} {r['val_loss']:8.4f} {diff:>8s} "
+            f"{r['tokenizer']:4s} {r['variant']:21s} {r['val_loss']:8.4f} {diff:>8s} "
             f"{r['tokens_per_s']:7.0f} {r['steps']:6d} {r['total_params']:9d} {r['active_params']:9d}"
         )
     try:

@@ -106,6 +106,9 @@ class LMConfig:
             raise ValueError("moe_every must be >= 1 and first_dense_layers >= 0")
         if self.coe_iterations < 1:
             raise ValueError(f"coe_iterations must be >= 1, got {self.coe_iterations}")
+        if self.ffn in ("moe", "coe"):
+            check_causal_router(self.router, self.router_kwargs)
+
 
     @property
     def resolved_expert_hidden(self) -> int:
@@ -118,6 +121,29 @@ class LMConfig:
             and i >= self.first_dense_layers
             and (i - self.first_dense_layers) % self.moe_every == 0
         )
+
+
+def check_causal_router(router: str, router_kwargs: dict[str, Any]) -> None:
+    """Refuse routing that lets a token's output depend on later tokens (a decoder must be causal).
+
+    Expert choice picks each expert's tokens from the whole group of N tokens, and capacity dropping decides
+    which (token, slot) pairs survive by looking at the other tokens of the batch (position priority serves
+    all first choices before any second choice; probability priority ranks the whole batch): in both, changing
+    a later token can change an earlier token's output. Both stay available in ``moe_core`` for non-causal
+    models (recsys rows, encoders).
+    """
+    if router == "expert_choice":
+        raise ValueError(
+            "router 'expert_choice' is not causal (each expert picks its tokens from the whole batch, so "
+            "later tokens change earlier outputs); the LM is a causal decoder: use a token-choice router "
+            "such as 'topk' or 'sigmoid_topk'"
+        )
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        if router_kwargs.get(key) is not None:
+            raise ValueError(
+                f"router_kwargs.{key}: capacity dropping is not causal (which tokens are dropped depends on "
+                "later tokens of the batch); the LM routes dropless: remove it"
+            )
 
 
 # checkpoints carry the config in their hyper-parameters: allow it under ``torch.load(weights_only=True)``,
@@ -429,6 +455,23 @@ class TransformerLM(nn.Module):
             last = name.rsplit(".", 1)[-1]
             is_out = last in ("down_proj",) or name.endswith(("proj.weight", "w2.weight"))
             nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
+
+    def routers_by_name(self) -> dict[str, nn.Module]:
+        """The router module behind every routing name that :meth:`forward` can report (same names as
+        ``LMOutput.routings``): the task asks each router for the auxiliary losses its paper defines, and the
+        bias-balancing callback finds the routers it updates."""
+        out: dict[str, nn.Module] = {}
+        for blk in self.blocks:
+            i = blk.index
+            if isinstance(blk.attn, (MixtureOfAttentionHeads, SelectiveMultiHeadAttention)):
+                out[f"layer{i}.attn"] = blk.attn.router
+            if blk.kind in ("moe", "evomoe"):
+                out[f"layer{i}.ffn"] = blk.ffn.router
+            elif blk.kind == "coe":
+                routers = blk.ffn.routers
+                for t in range(blk.ffn.iterations):
+                    out[f"layer{i}.ffn.it{t}"] = routers[t if len(routers) > 1 else 0]
+        return out
 
     def forward(self, idx: torch.Tensor) -> LMOutput:
         """idx ``(B, T)`` int64 token ids -> :class:`LMOutput` with logits ``(B, T, V)``."""

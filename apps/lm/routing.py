@@ -1,9 +1,9 @@
 """Router construction and auxiliary losses for the LM app, on top of ``moe_core``.
 
-Routers (top-k, noisy top-k, expert choice, dynamic top-p arXiv 2403.07652, null experts, MoGE groups,
-DeepSeek-V3 sigmoid, EvoMoE's dense-to-sparse gate arXiv 2112.14397) and losses (switch balance arXiv
-2101.03961, router z-loss arXiv 2202.08906, top-p entropy loss) all come from ``moe_core``; this module
-resolves router names in one place and adds the per-router statistics the task logs.
+Routers (top-k, noisy top-k, dynamic top-p arXiv 2403.07652, null experts, MoGE groups, DeepSeek-V3 sigmoid,
+EvoMoE's dense-to-sparse gate arXiv 2112.14397; expert choice is refused by the causal LM's config) and their
+losses (each router declares its own via ``aux_losses``; router z-loss arXiv 2202.08906) all come from
+``moe_core``; this module resolves router names in one place and adds the per-router statistics the task logs.
 """
 
 from __future__ import annotations
@@ -40,25 +40,15 @@ def build_router(kind: RouterKind, *, dim: int, num_experts: int, top_k: int,
     return cls(dim=dim, num_experts=num_experts, top_k=top_k, **kw)
 
 
-def balance_loss(r: RouterOutput) -> torch.Tensor:
-    """Switch-form balance loss ``E * sum_i f_i P_i`` (1 at perfect balance for any k); spec section 5."""
-    return _losses.switch_balance_loss(r)
-
-
 def z_loss(r: RouterOutput) -> torch.Tensor:
     """Router z-loss ``mean_t logsumexp(z_t)^2`` (ST-MoE); spec section 6."""
     return _losses.router_z_loss(r)
 
 
-def entropy_loss(r: RouterOutput) -> torch.Tensor:
-    """Mean router entropy ``-sum_i P_i log P_i`` (top-p paper's dynamic loss); spec section 12."""
-    return _losses.top_p_entropy_loss(r)
-
-
 @torch.no_grad()
 def routing_summary(r: RouterOutput) -> dict[str, torch.Tensor]:
     """Per-router statistics: expert load fractions ``(E,)``, load entropy / log E, mean router entropy,
-    active experts per token, max load fraction."""
+    active experts per token, max load fraction, and max / mean load (1 = perfectly balanced)."""
     e = r.num_experts
     counts = r.counts().float()  # (E,)
     load = counts / counts.sum().clamp_min(1.0)
@@ -67,4 +57,4 @@ def routing_summary(r: RouterOutput) -> dict[str, torch.Tensor]:
     router_ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
     active = r.slot_mask().float().sum(-1).mean()
     return {"load": load, "load_entropy": load_ent, "router_entropy": router_ent, "active_experts": active,
-            "max_load": load.max()}
+            "max_load": load.max(), "max_over_mean_load": load.max() * e}

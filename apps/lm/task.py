@@ -1,5 +1,12 @@
-"""LightningModule for MoE LM pretraining: ``loss = CE + w_balance * balance + w_z * z (+ w_entropy *
-entropy)``.
+"""LightningModule for MoE LM pretraining: ``loss = CE + w_balance * balance + w_z * z + w_entropy *
+entropy``.
+
+``balance`` and ``entropy`` are what each router declares (``router.aux_losses``: the loss its paper defines,
+summed over routing decisions): Switch balance for top-k, Shazeer's importance + load for noisy top-k,
+AdaMoE's null-aware balance, DeepSeek-V3's sequence-wise balance on normalised sigmoid scores, the dynamic
+top-p paper's entropy loss plus balance, nothing for a router that needs none. ``z`` is ST-MoE's router
+z-loss on every routing decision. DeepSeek-V3's aux-loss-free bias is updated by
+:class:`apps.lm.callbacks.RouterBiasUpdate`, added automatically when the model has a biased router.
 
 Logs each loss term, tokens/s, per-layer expert load / load entropy / router entropy, active experts per
 token, val loss and perplexity. The tokenizer travels in the checkpoint (``checkpoint["lm_tokenizer"]``) so
@@ -19,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apps.lm.callbacks import RouterBiasUpdate, biased_routers
 from apps.lm.model import LMConfig, LMOutput, TransformerLM, count_parameters
-from apps.lm.routing import balance_loss, entropy_loss, routing_summary, z_loss
+from apps.lm.routing import routing_summary, z_loss
 
 
 class LMTask(L.LightningModule):
@@ -35,9 +43,11 @@ class LMTask(L.LightningModule):
             unknown).
         weight_decay: AdamW weight decay on matrices (not on norms).
         betas: AdamW betas.
-        w_balance: weight of the switch-form balance loss (summed over routing decisions).
+        w_balance: weight of the balance loss each router declares (summed over routing decisions; the
+            sequence-wise DeepSeek-V3 loss uses the paper's alpha 1e-4, Switch 1e-2).
         w_z: weight of the router z-loss (summed over routing decisions).
-        w_entropy: weight of the router-entropy loss (dynamic top-p paper); 0 disables.
+        w_entropy: weight of the entropy loss a router declares (only dynamic top-p does; the paper's beta
+            1e-4); 0 disables.
         log_routing_every_n_steps: period of the per-layer routing statistics.
         fused_optimizer: use PyTorch's fused AdamW kernel (one pass over all parameters instead of a Python
             loop of per-tensor ops; same update). None: where every parameter is a plain tensor on CPU or
@@ -56,11 +66,13 @@ class LMTask(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.99),
         w_balance: float = 0.01,
         w_z: float = 0.001,
-        w_entropy: float = 0.0,
+        w_entropy: float = 1e-4,
         log_routing_every_n_steps: int = 50,
         fused_optimizer: bool | None = None,
     ) -> None:
         super().__init__()
+        if not lr > 0 or not 0 <= min_lr <= lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={lr}, min_lr={min_lr}")
         config = config if config is not None else LMConfig()
         self.save_hyperparameters()
         self.config = config
@@ -107,14 +119,29 @@ class LMTask(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> LMOutput:
         return self.model(idx)
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """DeepSeek-V3's aux-loss-free bias only balances if it is updated: add the hook whenever the model
+        has a biased router (a ``RouterBiasUpdate`` in the trainer's callbacks is replaced by this one)."""
+        # called before configure_model (the model may not exist yet): decide from the config
+        cfg = self.config
+        biased = cfg.router == "sigmoid_topk" and cfg.router_kwargs.get("use_bias", True)
+        sparse = any(cfg.sparse_layer(i) for i in range(cfg.n_layers)) and cfg.ffn in ("moe", "coe")
+        has = biased and sparse or (self.model is not None and bool(biased_routers(self.model)))
+        return [RouterBiasUpdate()] if has else []
+
     # -- losses
     # -----------------------------------------------------------------------------------------------
     def _losses(self, out: LMOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))  # (B*T, V)
         zero = ce.new_zeros(())
-        bal = sum((balance_loss(r) for _, r in out.routings), zero)
+        bal, ent = zero, zero
+        routers = self.model.routers_by_name() if out.routings else {}
+        for name, r in out.routings:
+            # the loss the router's paper defines; the N = B*T routed tokens are B sequences (sequence-wise)
+            declared = routers[name].aux_losses(r, batch_size=y.shape[0])
+            bal = bal + declared.get("balance", zero)
+            ent = ent + declared.get("entropy", zero)
         zl = sum((z_loss(r) for _, r in out.routings), zero)
-        ent = sum((entropy_loss(r) for _, r in out.routings), zero) if self.w_entropy else zero
         loss = ce + self.w_balance * bal + self.w_z * zl + self.w_entropy * ent
         return {"loss": loss, "ce": ce, "balance": bal, "z": zl, "entropy": ent}
 
@@ -146,6 +173,7 @@ class LMTask(L.LightningModule):
             self.log(f"{stage}_routing/{name}/load_entropy", s["load_entropy"])
             self.log(f"{stage}_routing/{name}/router_entropy", s["router_entropy"])
             self.log(f"{stage}_routing/{name}/max_load", s["max_load"])
+            self.log(f"{stage}_routing/{name}/max_over_mean_load", s["max_over_mean_load"])
             for e, v in enumerate(s["load"].tolist()):
                 self.log(f"{stage}_routing/{name}/load_e{e}", v)
 

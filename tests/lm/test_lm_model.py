@@ -37,16 +37,54 @@ def _model(**kw) -> TransformerLM:
     return m.eval()
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_causality(name):
-    m = _model(**VARIANTS[name])
+# every router kind the causal LM accepts (expert choice is refused: see test_non_causal_routing_is_refused)
+LM_ROUTERS = {
+    "topk": {}, "topk_k1": {}, "noisy_topk": {}, "top_p": {"threshold": 0.5}, "null_expert": {"num_null": 2},
+    "grouped": {"num_groups": 2}, "sigmoid_topk": {},
+    "sigmoid_topk_groups": {"n_groups": 2, "topk_groups": 1}, "dts": {},
+}
+
+
+def _router_variant(key: str) -> dict:
+    kind = key.removesuffix("_k1").removesuffix("_groups")
+    return dict(ffn="moe", num_experts=4, top_k=1 if key.endswith("_k1") else 2, router=kind,
+                router_kwargs=LM_ROUTERS[key])
+
+
+CAUSAL_CASES = {**VARIANTS, **{f"router_{k}": _router_variant(k) for k in LM_ROUTERS},
+                "coe_sigmoid": dict(ffn="coe", num_experts=4, top_k=2, router="sigmoid_topk")}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", list(CAUSAL_CASES))
+def test_causality(name, mode):
+    """Changing tokens after t leaves logits up to t unchanged, in eval and in training mode (where the
+    stochastic routers draw the same noise for both inputs: the generator is reseeded before each call)."""
+    m = _model(**CAUSAL_CASES[name])
+    m.train(mode == "train")
     x = torch.randint(0, V, (3, T))
+
+    def logits(inp):
+        torch.manual_seed(123)
+        return m(inp).logits
+
     for t in (0, 5, T - 2):
         x2 = x.clone()
         x2[:, t + 1 :] = (x2[:, t + 1 :] + 7) % V  # change every token after t
-        a, b = m(x).logits, m(x2).logits
+        a, b = logits(x), logits(x2)
         torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
         assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])  # the change is visible later (test can fail)
+
+
+def test_non_causal_routing_is_refused():
+    """Expert choice leaked future tokens into earlier logits (6.8e-4 on the landed code); capacity dropping
+    does too. Both are refused with an error that says why; expert choice stays available in moe_core."""
+    with pytest.raises(ValueError, match="expert_choice.*not causal"):
+        LMConfig(**{**SMALL, "ffn": "moe", "router": "expert_choice"})
+    with pytest.raises(ValueError, match="expert_choice.*not causal"):
+        LMConfig(**{**SMALL, "ffn": "coe", "router": "expert_choice"})
+    with pytest.raises(ValueError, match="capacity_factor.*not causal"):
+        LMConfig(**{**SMALL, "ffn": "moe", "router_kwargs": {"capacity_factor": 1.0}})
 
 
 def test_coe_one_iteration_with_outer_residual_equals_moe_block():
@@ -141,17 +179,15 @@ def test_bf16_autocast_forward_runs_and_is_close():
     assert copy.deepcopy(m)(x).logits.shape == ref.shape
 
 
-@pytest.mark.parametrize("router", ["topk", "noisy_topk", "expert_choice", "top_p", "null_expert", "grouped",
-                                    "sigmoid_topk", "dts"])
-def test_every_router_kind_builds_and_trains_one_step(router):
+@pytest.mark.parametrize("key", list(LM_ROUTERS))
+def test_every_router_kind_builds_and_trains_one_step(key):
     torch.manual_seed(0)
-    kw = {"grouped": {"num_groups": 2}, "null_expert": {"num_null": 2}}.get(router, {})
-    task = LMTask(config=LMConfig(**{**SMALL, "ffn": "moe", "num_experts": 4, "top_k": 2, "router": router,
-                                     "router_kwargs": kw}), warmup_steps=0)
+    variant = _router_variant(key)
+    task = LMTask(config=LMConfig(**{**SMALL, **variant}), warmup_steps=0)
     blk = task.model.blocks[0]
-    assert type(blk.ffn.router).__name__ == _CLASSES[router] and blk.ffn.router.num_experts == 4
+    assert type(blk.ffn.router).__name__ == _CLASSES[variant["router"]] and blk.ffn.router.num_experts == 4
     if hasattr(blk.ffn.router, "top_k"):
-        assert blk.ffn.router.top_k == 2  # the config's k reaches every fixed-k router
+        assert blk.ffn.router.top_k == variant["top_k"]  # the config's k reaches every fixed-k router
     x = torch.randint(0, V, (2, T))
     out = task.model.train()(x)
     terms = task._losses(out, torch.roll(x, -1, dims=1))
@@ -159,6 +195,95 @@ def test_every_router_kind_builds_and_trains_one_step(router):
     assert all(torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in blk.ffn.router.parameters())
+
+
+ROUTER_GRAD_CASES = {
+    **{f"router_{k}": _router_variant(k) for k in LM_ROUTERS},
+    "coe_k1": dict(ffn="coe", num_experts=4, top_k=1, coe_iterations=2),
+    "sigmoid_k1": dict(ffn="moe", num_experts=4, top_k=1, router="sigmoid_topk"),
+    "moa": VARIANTS["moa"],
+    "smha": VARIANTS["smha"],
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTER_GRAD_CASES))
+def test_task_loss_alone_trains_every_router(name):
+    """With the balance, z and entropy terms off, the cross-entropy alone must send gradient to every router
+    (on the landed code top-1 routing with renormalised weights got ~1e-14: every weight was exactly 1)."""
+    torch.manual_seed(0)
+    task = LMTask(config=LMConfig(**{**SMALL, **ROUTER_GRAD_CASES[name]}), w_balance=0.0, w_z=0.0,
+                  w_entropy=0.0)
+    x = torch.randint(0, V, (4, T))
+    terms = task._losses(task.model.train()(x), torch.roll(x, -1, dims=1))
+    torch.testing.assert_close(terms["loss"], terms["ce"], rtol=0, atol=0)  # nothing but the task loss
+    terms["loss"].backward()
+    routers = task.model.routers_by_name()
+    assert routers, "the case has no router"
+    router_params = {id(p) for r in routers.values() for p in r.parameters()}
+    for rname, router in routers.items():
+        g = router.gate.weight.grad
+        assert g is not None, rname
+        layer, slot = rname.split(".")[:2]  # e.g. layer0, ffn
+        owner = getattr(task.model.blocks[int(layer.removeprefix("layer"))], slot)
+        scale = max(float(p.grad.norm()) for p in owner.parameters()
+                    if p.grad is not None and id(p) not in router_params)  # the experts / heads it routes to
+        # a useful gradient: ~2e-2 of the routed weights' here (landed top-1: ~1e-10 of it)
+        assert float(g.norm()) > 1e-3 * scale, (rname, float(g.norm()), scale)
+
+
+def _expected_declared(router, r, batch_size: int) -> dict[str, torch.Tensor]:
+    """Independent table of the loss each router's paper defines (the oracle for ``aux_losses``)."""
+    from moe_core import losses as Lo
+
+    kind = type(router).__name__
+    if kind == "TopPRouter":
+        return {"balance": Lo.switch_balance_loss(r), "entropy": Lo.top_p_entropy_loss(r)}
+    if kind == "NoisyTopKRouter":
+        return {"balance": Lo.noisy_load_importance_loss(
+            r, w_importance=getattr(router, "w_importance", 1.0), w_load=getattr(router, "w_load", 1.0))}
+    if kind == "NullExpertRouter":
+        return {"balance": Lo.null_expert_balance_loss(r)}
+    if kind == "SigmoidTopKRouter":
+        return {"balance": Lo.deepseek_balance_loss(r, batch_size=batch_size, normalize_scores=True)}
+    return {"balance": Lo.switch_balance_loss(r)}
+
+
+@pytest.mark.parametrize("key", [k for k in LM_ROUTERS if k != "dts"])
+def test_task_sums_the_loss_each_router_declares(key):
+    """The LM's balance/entropy terms are the sum over routing decisions of each router's paper loss (the
+    landed task added the Switch loss whatever the router)."""
+    torch.manual_seed(0)
+    task = LMTask(config=LMConfig(**{**SMALL, **_router_variant(key)}))
+    x = torch.randint(0, V, (3, T))
+    out = task.model.train()(x)
+    terms = task._losses(out, torch.roll(x, -1, dims=1))
+    routers = task.model.routers_by_name()
+    want = {"balance": torch.zeros(()), "entropy": torch.zeros(())}
+    for name, r in out.routings:
+        for k, v in _expected_declared(routers[name], r, batch_size=3).items():
+            want[k] = want[k] + v
+    torch.testing.assert_close(terms["balance"], want["balance"])
+    torch.testing.assert_close(terms["entropy"], want["entropy"])
+    if key == "top_p":
+        assert float(terms["entropy"]) > 0.1  # top-p declares its entropy loss (weight 1e-4 by default)
+
+
+def test_sequence_wise_balance_differs_from_batch_balance():
+    """DeepSeek-V3's loss is per sequence: on a batch whose sequences each prefer another expert the
+    sequence-wise loss is above the whole-batch one, and the task uses the sequence-wise value."""
+    from moe_core import losses as Lo
+
+    torch.manual_seed(0)
+    task = LMTask(config=LMConfig(**{**SMALL, **_router_variant("sigmoid_topk")}))
+    x = torch.stack([torch.full((T,), i) for i in (1, 5, 9)])  # (3, T): one repeated token per sequence
+    out = task.model.train()(x)
+    _, r = out.routings[0]  # first MoE layer: each sequence routes its repeated token its own way
+    seq = Lo.deepseek_balance_loss(r, batch_size=3, normalize_scores=True)
+    whole = Lo.deepseek_balance_loss(r, normalize_scores=True)
+    assert float(seq) > float(whole) + 1e-3
+    terms = task._losses(out, torch.roll(x, -1, dims=1))
+    expect = sum(Lo.deepseek_balance_loss(rr, batch_size=3, normalize_scores=True) for _, rr in out.routings)
+    torch.testing.assert_close(terms["balance"], expect)
 
 
 def test_fused_optimizer_gives_the_same_update_as_the_loop():

@@ -191,3 +191,48 @@ def test_generate_cli_on_saved_checkpoint(tmp_path, capsys):
     )
     with pytest.raises(FileNotFoundError):
         main(["--ckpt", str(tmp_path / "missing.ckpt")])
+
+
+def test_aux_loss_free_bias_is_updated_from_each_steps_loads():
+    """DeepSeek-V3's bias balancing, end to end through ``Trainer.fit``: the task adds the callback by itself
+    and, per optimizer step, every biased router's bias moves by ``gamma * sign(mean - load)`` of the loads it
+    saw (oracle: the same updates replayed by hand; a negligible lr so the replay stays exact).
+    On the landed code the bias was never updated outside tests."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from apps.lm.callbacks import RouterBiasUpdate, biased_routers
+
+    torch.manual_seed(0)
+    gamma, steps = 0.01, 5
+    cfg = LMConfig(vocab_size=23, ffn="moe", num_experts=4, top_k=2, router="sigmoid_topk",
+                   router_kwargs={"bias_update_speed": gamma}, **TINY)
+    # lr 1e-12: Adam moves each weight by ~1e-12, far too little to flip a routing decision
+    task = LMTask(config=cfg, lr=1e-12, min_lr=1e-12, warmup_steps=0, log_routing_every_n_steps=1)
+    assert any(isinstance(c, RouterBiasUpdate) for c in task.configure_callbacks())
+    x = torch.randint(0, 23, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    # oracle: replay the updates on a copy
+    replay = TransformerLM(config=cfg)
+    replay.load_state_dict(task.model.state_dict())
+    routers = biased_routers(replay)
+    assert len(routers) == TINY["n_layers"]
+    counts: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, a, out, n=n: counts.__setitem__(n, out.counts()))
+               for n, m in routers.items()]
+    for _ in range(steps):
+        replay.train()(x)
+        for n, m in routers.items():
+            c = counts[n].float()
+            m.bias += gamma * torch.sign(c.mean() - c)
+    for h in handles:
+        h.remove()
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0)
+    trainer.fit(task, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))
+    fitted = biased_routers(task.model)
+    for n, m in routers.items():
+        torch.testing.assert_close(fitted[n].bias, m.bias, rtol=0, atol=1e-7)
+    assert sum(float(m.bias.abs().sum()) for m in routers.values()) > 0  # uneven loads moved the bias
+    logged = [k for k in trainer.callback_metrics if k.startswith("train_routing/") and "bias_e0" in k]
+    assert len(logged) == TINY["n_layers"], list(trainer.callback_metrics)
+    assert any(k.endswith("max_over_mean_load") for k in trainer.callback_metrics)
