@@ -200,7 +200,7 @@ def simulate(quick: bool) -> list[dict]:
             print(f"  {'n':>4} " + " ".join(f"{s + ' GB/dev':>14} {s + ' imb':>10}" for s in STRATEGIES))
             for n in devices:
                 trace = bootstrap_trace(
-                    rec, num_experts=num_experts, n_devices=n, tokens_per_device=tokens, steps=2, seed=n
+                    rec, num_experts=num_experts, num_devices=n, tokens_per_device=tokens, steps=2, seed=n
                 )
                 cells = []
                 for s in STRATEGIES:

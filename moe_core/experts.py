@@ -42,17 +42,18 @@ import logging
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_core.validation import check_choice
+
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "grouped_mm", "loop", "padded"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
-_BACKENDS: tuple[str, ...] = ("auto", "grouped_mm", "loop", "padded")
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -68,16 +69,9 @@ _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PAD_WASTE = 1.2
 
 
-def _resolve_backend(backend: str) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    return backend
-
-
 def _resolve_activation(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
-    return _ACTIVATIONS[activation]
+    """The element-wise function of an :data:`Activation` name (``ValueError`` for an unknown name)."""
+    return _ACTIVATIONS[check_choice("activation", activation, get_args(Activation))]
 
 
 def _grouped_mm_op() -> Callable[..., torch.Tensor] | None:
@@ -200,7 +194,7 @@ class _ExpertBank(nn.Module):
             raise ValueError(
                 f"num_experts, dim, hidden_dim must be >= 1, got {num_experts}, {dim}, {hidden_dim}"
             )
-        self.backend = _resolve_backend(backend)
+        self.backend = check_choice("backend", backend, get_args(Backend))
         self.act = _resolve_activation(activation)
         self.activation = activation
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim

@@ -21,14 +21,14 @@ regulariser the task adds itself.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
 from moe_core.types import RouterOutput
+from moe_core.validation import check_choice
 
 BalanceLevel = Literal["expert", "device"]
-_LEVELS: tuple[str, ...] = ("expert", "device")
 AUX_LOSS_KEYS: tuple[str, ...] = ("balance", "entropy")
 """The fixed vocabulary of declared auxiliary losses (keys of ``aux_losses`` / :func:`sum_aux_losses`)."""
 
@@ -183,8 +183,7 @@ def deepseek_balance_loss(
     Returns:
         scalar float32 loss (multiply by alpha_1 / alpha_2).
     """
-    if level not in _LEVELS:
-        raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+    check_choice("level", level, get_args(BalanceLevel))
     n, e = routing.indices.shape[0], routing.num_experts
     if level == "device" and (num_devices is None or num_devices < 1 or e % num_devices):
         raise ValueError(f"num_devices must divide num_experts={e} for level='device', got {num_devices}")

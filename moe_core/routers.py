@@ -36,7 +36,7 @@ is not declared (a generic task-level regulariser).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ from moe_core.losses import (
     top_p_entropy_loss,
 )
 from moe_core.types import RouterOutput
+from moe_core.validation import check_choice
 
 LOGIT_BOUND: float = torch.finfo(torch.float32).max / 4
 """Magnitude bound of guarded float32 logits: the difference of two guarded logits (softmax's max shift, the
@@ -60,16 +61,6 @@ _NDTR_RANGE = 40.0  # ndtr(z) is exactly 0 / 1 in float32 for |z| >= 40, so clip
 DropPolicy = Literal["position", "probs"]
 ScoreFunc = Literal["sigmoid", "softmax"]
 ScheduleKind = Literal["linear", "exp"]
-_DROP_POLICIES: tuple[str, ...] = ("position", "probs")
-_SCORE_FUNCS: tuple[str, ...] = ("sigmoid", "softmax")
-_SCHEDULES: tuple[str, ...] = ("linear", "exp")
-
-
-def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
-    """Resolve a ``Literal`` argument; the one place unknown values are rejected."""
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return value
 
 
 def _check_x(x: torch.Tensor, dim: int) -> None:
@@ -232,7 +223,7 @@ class TopKRouter(_GateMixin):
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.renormalize, self.jitter = _resolve_renormalize(renormalize, top_k), jitter
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.drop_policy = _choice("drop_policy", drop_policy, _DROP_POLICIES)
+        self.drop_policy = check_choice("drop_policy", drop_policy, get_args(DropPolicy))
         self.min_capacity, self.routed_scaling_factor = min_capacity, routed_scaling_factor
         self.gate = nn.Linear(dim, num_experts, bias=False)
 
@@ -575,7 +566,7 @@ class GroupedRouter(_GateMixin):
         dim: D.
         num_experts: E (divisible by ``num_groups``).
         top_k: K, total experts per token (divisible by ``num_groups``).
-        num_groups: M.
+        num_groups: expert groups G (one per device).
         renormalize: renormalise the selected scores to sum to 1 (needs ``top_k > 1``).
     """
 
@@ -624,13 +615,15 @@ class SigmoidTopKRouter(_GateMixin):
     Paper/code (arXiv 2412.19437, ``deepseek-ai/DeepSeek-V3: inference/model.py`` ``Gate``):
 
     * ``s = sigmoid(x W_g^T)`` (``score_func="sigmoid"``) or ``softmax`` (DeepSeek-V2, 2405.04434).
-    * Selection uses ``s + b`` (b is ``bias``, zeros at start; only with ``use_bias``). With ``n_groups > 1``
-      the E experts form ``n_groups`` contiguous groups scored by ``max_i s_i`` (no bias; V2 and V3 without
-      bias) or by the sum of the top-2 ``s_i + b_i`` (V3 with bias); experts outside the best ``topk_groups``
-      groups are set to ``-inf`` (the official fill, not HF's 0.0) before the top-K. Without bias the code
-      ranks by the logits, which order experts exactly as ``s`` does but do not tie where ``s`` saturates.
+    * Selection uses ``s + b`` (b is ``bias``, zeros at start; only with ``use_bias``). With
+      ``num_groups > 1`` the E experts form ``num_groups`` contiguous groups scored by ``max_i s_i`` (no
+      bias; V2 and V3 without bias) or by the sum of the top-2 ``s_i + b_i`` (V3 with bias); experts outside
+      the best ``topk_groups`` groups are set to ``-inf`` (the official fill, not HF's 0.0) before the top-K.
+      Without bias the code ranks by the logits, which order experts exactly as ``s`` does but do not tie
+      where ``s`` saturates.
     * Weights are the original scores ``s`` of the selected experts (no bias), renormalised to sum to 1 when
-      ``renormalize`` (V3 sigmoid; V2 softmax uses ``renormalize=False``), times ``route_scale``. The
+      ``renormalize`` (V3 sigmoid; V2 softmax uses ``renormalize=False``), times ``routed_scaling_factor``
+      (the name in DeepSeek's HF configs; the official ``Gate`` calls it ``route_scale``). The
       renormalisation is a softmax of the selected log-scores (``logsigmoid`` / ``log_softmax``), so it stays
       exact where every selected sigmoid underflows to 0.
 
@@ -644,13 +637,13 @@ class SigmoidTopKRouter(_GateMixin):
         dim: D.
         num_experts: E.
         top_k: K.
-        n_groups: expert groups G (divides E; 1 = ungrouped).
-        topk_groups: groups each token may use (None: all ``n_groups``).
+        num_groups: expert groups G (divides E; 1 = ungrouped; the official ``Gate.n_groups``).
+        topk_groups: groups each token may use (None: all ``num_groups``).
         score_func: ``"sigmoid"`` (V3) or ``"softmax"`` (V2).
-        route_scale: constant multiplying the weights (V3 2.5, V2-236B 16.0).
-        renormalize: renormalise the selected scores before ``route_scale``. None (default): iff ``K > 1``
-            (V3); ``True`` with ``K = 1`` raises ``ValueError`` (the weight would be the constant
-            ``route_scale``, without gradient). The resolved bool is stored as ``renormalize``.
+        routed_scaling_factor: constant multiplying the weights (V3 2.5, V2-236B 16.0).
+        renormalize: renormalise the selected scores before ``routed_scaling_factor``. None (default): iff
+            ``K > 1`` (V3); ``True`` with ``K = 1`` raises ``ValueError`` (the weight would be the constant
+            ``routed_scaling_factor``, without gradient). The resolved bool is stored as ``renormalize``.
         use_bias: keep the balancing bias buffer.
         bias_update_speed: gamma of :meth:`update_bias` (paper 1e-3 [U]).
     """
@@ -663,30 +656,33 @@ class SigmoidTopKRouter(_GateMixin):
         dim: int,
         num_experts: int,
         top_k: int,
-        n_groups: int = 1,
+        num_groups: int = 1,
         topk_groups: int | None = None,
         score_func: ScoreFunc = "sigmoid",
-        route_scale: float = 1.0,
+        routed_scaling_factor: float = 1.0,
         renormalize: bool | None = None,
         use_bias: bool = True,
         bias_update_speed: float = 1e-3,
     ) -> None:
         super().__init__()
         _check_sizes(dim, num_experts)
-        if n_groups < 1 or num_experts % n_groups:
-            raise ValueError(f"n_groups must be >= 1 and divide num_experts={num_experts}, got {n_groups}")
-        topk_groups = n_groups if topk_groups is None else topk_groups
-        if not 1 <= topk_groups <= n_groups:
-            raise ValueError(f"topk_groups must be in [1, n_groups={n_groups}], got {topk_groups}")
-        _check_top_k(top_k, topk_groups * (num_experts // n_groups))
-        if use_bias and n_groups > 1 and num_experts // n_groups < 2:
-            raise ValueError("n_groups: with use_bias each group needs >= 2 experts (top-2 group score)")
+        if num_groups < 1 or num_experts % num_groups:
+            raise ValueError(
+                f"num_groups must be >= 1 and divide num_experts={num_experts}, got {num_groups}"
+            )
+        topk_groups = num_groups if topk_groups is None else topk_groups
+        if not 1 <= topk_groups <= num_groups:
+            raise ValueError(f"topk_groups must be in [1, num_groups={num_groups}], got {topk_groups}")
+        _check_top_k(top_k, topk_groups * (num_experts // num_groups))
+        if use_bias and num_groups > 1 and num_experts // num_groups < 2:
+            raise ValueError("num_groups: with use_bias each group needs >= 2 experts (top-2 group score)")
         if bias_update_speed < 0:
             raise ValueError(f"bias_update_speed must be >= 0, got {bias_update_speed}")
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
-        self.n_groups, self.topk_groups = n_groups, topk_groups
-        self.score_func = _choice("score_func", score_func, _SCORE_FUNCS)
-        self.route_scale, self.renormalize = route_scale, _resolve_renormalize(renormalize, top_k)
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.score_func = check_choice("score_func", score_func, get_args(ScoreFunc))
+        self.routed_scaling_factor = routed_scaling_factor
+        self.renormalize = _resolve_renormalize(renormalize, top_k)
         self.use_bias, self.bias_update_speed = use_bias, bias_update_speed
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("bias", torch.zeros(num_experts) if use_bias else None)
@@ -721,7 +717,7 @@ class SigmoidTopKRouter(_GateMixin):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """Route tokens; ``x (N, D)`` -> RouterOutput with ``(N, K)`` slots."""
         _check_x(x, self.dim)
-        n, g = x.shape[0], self.n_groups
+        n, g = x.shape[0], self.num_groups
         sigmoid = self.score_func == "sigmoid"
         logits = self._logits(x)  # (N, E)
         scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)  # (N, E)
@@ -747,7 +743,7 @@ class SigmoidTopKRouter(_GateMixin):
             weights = log_scores.gather(1, indices).softmax(dim=-1)  # (N, K)
         else:
             weights = scores.gather(1, indices)  # (N, K) original scores, no bias
-        weights = weights * self.route_scale
+        weights = weights * self.routed_scaling_factor
         return RouterOutput(logits=logits, probs=scores, weights=weights, indices=indices)
 
     def aux_losses(
@@ -922,7 +918,7 @@ class TemperatureSchedule:
         if decay_steps < 1:
             raise ValueError(f"decay_steps must be >= 1, got {decay_steps}")
         self.tau_max, self.tau_min, self.decay_steps = tau_max, tau_min, decay_steps
-        self.kind = _choice("kind", kind, _SCHEDULES)
+        self.kind = check_choice("kind", kind, get_args(ScheduleKind))
         self.hard_from_step = hard_from_step
 
     def __call__(self, step: int) -> float:

@@ -13,7 +13,7 @@ keeps the non-core entries and rescales the core entries to the same mass.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,10 @@ from torch import nn
 
 from moe_core.inference.override import RoutingOverride, collect_router_probs, last_token_index
 from moe_core.inference.scmoe import lm_logits
+from moe_core.validation import check_choice
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+Kernel = Literal["cosine", "gaussian"]
 
 
 def critical_blocks(num_blocks: int, num_critical: int = 5) -> list[int]:
@@ -52,7 +54,7 @@ def kernel_regression(
     ref_pathways: torch.Tensor,
     *,
     k: int = 3,
-    kernel: Literal["cosine", "gaussian"] = "cosine",
+    kernel: Kernel = "cosine",
     bandwidth: float = 1.0,
 ) -> torch.Tensor:
     """Kernel-weighted average of the k nearest references' pathways.
@@ -67,8 +69,7 @@ def kernel_regression(
     Returns:
         ``(Q, L, E)`` pathways on the simplex (for k = 1 equal to the nearest reference's pathway).
     """
-    if kernel not in ("cosine", "gaussian"):
-        raise ValueError(f"kernel must be 'cosine' or 'gaussian', got {kernel!r}")
+    check_choice("kernel", kernel, get_args(Kernel))
     if not 1 <= k <= refs.shape[0]:
         raise ValueError(f"k must be in [1, {refs.shape[0]}], got {k}")
     if kernel == "cosine":

@@ -19,7 +19,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -31,8 +31,11 @@ from moe_core.surgery.bank import (
     router_top_k,
     unwrap_bank,
 )
+from moe_core.validation import check_choice
 
 Weights = dict[str, torch.Tensor]  # one expert's slices of its bank's stacked parameters
+Location = Literal["memory", "disk"]
+CachePolicy = Literal["score", "lru"]
 
 
 # --------------------------------------------------------------------------------------------- store
@@ -45,11 +48,9 @@ class ExpertStore:
     """
 
     def __init__(
-        self, *, location: Literal["memory", "disk"] = "memory", directory: str | None = None
+        self, *, location: Location = "memory", directory: str | None = None
     ) -> None:
-        if location not in ("memory", "disk"):
-            raise ValueError(f"location must be 'memory' or 'disk', got {location!r}")
-        self.location = location
+        self.location = check_choice("location", location, get_args(Location))
         self.directory = directory or (
             tempfile.mkdtemp(prefix="moekit_experts_") if location == "disk" else None
         )
@@ -302,9 +303,9 @@ def offload_model(
     model: nn.Module,
     *,
     capacity: int | float,
-    policy: Literal["score", "lru"] = "score",
+    policy: CachePolicy = "score",
     prefetch_size: int = 0,
-    location: Literal["memory", "disk"] = "memory",
+    location: Location = "memory",
     directory: str | None = None,
     alpha: float = 0.5,
 ) -> tuple[OffloadEngine, list]:
@@ -319,8 +320,7 @@ def offload_model(
     Returns:
         The engine (``engine.stats``) and the router hook handles (call ``.remove()`` to detach).
     """
-    if policy not in ("score", "lru"):
-        raise ValueError(f"policy must be 'score' or 'lru', got {policy!r}")
+    check_choice("policy", policy, get_args(CachePolicy))
     refs = find_moe_blocks(model)
     if not refs:
         raise ValueError("model has no MoE blocks")

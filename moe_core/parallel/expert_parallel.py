@@ -47,7 +47,7 @@ def _group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def expert_param_names(bank: nn.Module, num_experts: int) -> list[str]:
+def stacked_parameter_names(bank: nn.Module, num_experts: int) -> list[str]:
     """Names of the bank's parameters stacked over experts (leading dimension ``num_experts``)."""
     names = [n for n, p in bank.named_parameters() if p.dim() >= 1 and p.shape[0] == num_experts]
     if not names:
@@ -75,7 +75,7 @@ def shard_expert_bank(bank: nn.Module, *, rank: int, world_size: int) -> nn.Modu
     if num_experts % world_size:
         raise ValueError(f"num_experts={num_experts} must be divisible by the EP world size {world_size}")
     local = num_experts // world_size
-    names = expert_param_names(bank, num_experts)
+    names = stacked_parameter_names(bank, num_experts)
     shard = copy.deepcopy(bank)
     for name in names:
         mod_name, _, attr = name.rpartition(".")
@@ -168,7 +168,7 @@ class ExpertParallelMoELayer(nn.Module):
         )
         self.num_experts, self.group, self.rank, self.world_size = num_experts, group, rank, world
         self.local_experts = num_experts // world
-        self.expert_param_names = expert_param_names(experts, self.local_experts)
+        self.stacked_parameter_names = stacked_parameter_names(experts, self.local_experts)
         self.last_stats: dict[str, float] = {}
         self.register_state_dict_post_hook(_gather_expert_state)
         self.register_load_state_dict_pre_hook(_slice_expert_state)
@@ -264,7 +264,7 @@ def _gather_expert_state(
     module: ExpertParallelMoELayer, state_dict: dict, prefix: str, local_metadata
 ) -> None:
     """state_dict post-hook: replace this rank's expert shards by the full ``(E, ...)`` tensors."""
-    for name in module.expert_param_names:
+    for name in module.stacked_parameter_names:
         key = f"{prefix}experts.{name}"
         shard = state_dict[key].contiguous()
         parts = [torch.empty_like(shard) for _ in range(module.world_size)]
@@ -284,7 +284,7 @@ def _slice_expert_state(
 ) -> None:
     """load_state_dict pre-hook: accept full ``(E, ...)`` expert tensors and keep this rank's slice."""
     lo, hi = module.rank * module.local_experts, (module.rank + 1) * module.local_experts
-    for name in module.expert_param_names:
+    for name in module.stacked_parameter_names:
         key = f"{prefix}experts.{name}"
         if key in state_dict and state_dict[key].shape[0] == module.num_experts != module.local_experts:
             state_dict[key] = state_dict[key][lo:hi]
@@ -334,7 +334,7 @@ def expert_parameter_names(module: nn.Module) -> list[str]:
     names = []
     for mod_name, mod in module.named_modules():
         if isinstance(mod, ExpertParallelMoELayer):
-            for p in mod.expert_param_names:
+            for p in mod.stacked_parameter_names:
                 names.append(f"{mod_name}.experts.{p}" if mod_name else f"experts.{p}")
     return names
 

@@ -34,7 +34,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from moe_core.parallel.expert_parallel import _group_info, dedicated_group, expert_param_names
+from moe_core.parallel.expert_parallel import _group_info, dedicated_group, stacked_parameter_names
 from moe_core.types import MoEOutput
 
 __all__ = [
@@ -62,7 +62,7 @@ class PlacementPlan:
     Attributes:
         hosts: ``hosts[e]`` the sorted device ids that hold a replica of expert ``e`` (empty: not needed).
         share: ``share[e]`` the fraction of expert ``e``'s tokens each of its hosts processes (``1/len``).
-        device_load: ``(n_devices,)`` tokens processed per device under the plan.
+        device_load: ``(num_devices,)`` tokens processed per device under the plan.
     """
 
     hosts: list[list[int]]
@@ -74,7 +74,7 @@ class PlacementPlan:
         return len(self.hosts)
 
     @property
-    def n_devices(self) -> int:
+    def num_devices(self) -> int:
         return int(self.device_load.numel())
 
     def replicas(self) -> torch.Tensor:
@@ -86,14 +86,14 @@ class PlacementPlan:
         return [e for e, h in enumerate(self.hosts) if device in h]
 
     def need_mask(self) -> torch.Tensor:
-        """``(n_devices, E)`` bool: device ``d`` materialises expert ``e``."""
-        m = torch.zeros(self.n_devices, self.num_experts, dtype=torch.bool)
+        """``(num_devices, E)`` bool: device ``d`` materialises expert ``e``."""
+        m = torch.zeros(self.num_devices, self.num_experts, dtype=torch.bool)
         for e, h in enumerate(self.hosts):
             m[h, e] = True
         return m
 
 
-def plan_placement(load: torch.Tensor, n_devices: int, slots: int) -> PlacementPlan:
+def plan_placement(load: torch.Tensor, num_devices: int, slots: int) -> PlacementPlan:
     """Hecate-style heterogeneous placement of experts for one iteration [ours: greedy reading].
 
     Every expert with load > 0 gets one replica; extra replicas go, one at a time, to the expert with the
@@ -102,29 +102,29 @@ def plan_placement(load: torch.Tensor, n_devices: int, slots: int) -> PlacementP
 
     Args:
         load: ``(E,)`` tokens (or (token, slot) pairs) routed to each expert this iteration, >= 0.
-        n_devices: number of devices.
+        num_devices: number of devices.
         slots: how many experts a device may materialise at once.
 
     Returns:
-        The plan. Uniform load with ``E = n_devices * slots`` gives one replica per expert (expert
+        The plan. Uniform load with ``E = num_devices * slots`` gives one replica per expert (expert
         parallelism); :func:`fsdp_plan` is the other extreme.
     """
     load = torch.as_tensor(load, dtype=torch.float64).reshape(-1)
-    if n_devices < 1 or slots < 1:
-        raise ValueError(f"n_devices and slots must be >= 1, got n_devices={n_devices}, slots={slots}")
+    if num_devices < 1 or slots < 1:
+        raise ValueError(f"num_devices and slots must be >= 1, got num_devices={num_devices}, slots={slots}")
     if (load < 0).any() or not torch.isfinite(load).all():
         raise ValueError("load must be finite and non-negative")
     e_total = load.numel()
     active = [e for e in range(e_total) if load[e] > 0]
-    if len(active) > n_devices * slots:
+    if len(active) > num_devices * slots:
         raise ValueError(
-            f"{len(active)} experts have load but only n_devices*slots = {n_devices * slots} slots exist"
+            f"{len(active)} experts have load but only num_devices*slots = {num_devices * slots} slots exist"
         )
     reps = {e: 1 for e in active}
-    free = n_devices * slots - len(active)
-    target = float(load.sum()) / n_devices
+    free = num_devices * slots - len(active)
+    target = float(load.sum()) / num_devices
     while free > 0 and active:
-        e = max((x for x in active if reps[x] < n_devices), key=lambda x: load[x] / reps[x], default=None)
+        e = max((x for x in active if reps[x] < num_devices), key=lambda x: load[x] / reps[x], default=None)
         if e is None or load[e] / reps[e] <= target:
             break
         reps[e] += 1
@@ -132,11 +132,11 @@ def plan_placement(load: torch.Tensor, n_devices: int, slots: int) -> PlacementP
     items = sorted(
         ((float(load[e]) / reps[e], e) for e in active for _ in range(reps[e])), key=lambda t: (-t[0], t[1])
     )
-    dev_load = [0.0] * n_devices
-    dev_used = [0] * n_devices
+    dev_load = [0.0] * num_devices
+    dev_used = [0] * num_devices
     hosts: list[list[int]] = [[] for _ in range(e_total)]
     for w, e in items:
-        cands = [d for d in range(n_devices) if dev_used[d] < slots and d not in hosts[e]]
+        cands = [d for d in range(num_devices) if dev_used[d] < slots and d not in hosts[e]]
         d = min(cands, key=lambda d: (dev_load[d], d))
         hosts[e].append(d)
         dev_load[d] += w
@@ -148,24 +148,24 @@ def plan_placement(load: torch.Tensor, n_devices: int, slots: int) -> PlacementP
     )
 
 
-def ep_plan(load: torch.Tensor, n_devices: int) -> PlacementPlan:
+def ep_plan(load: torch.Tensor, num_devices: int) -> PlacementPlan:
     """Plain expert parallelism: expert ``e`` lives on device ``e // (E / n)`` (E divisible by n)."""
     load = torch.as_tensor(load, dtype=torch.float64).reshape(-1)
     e_total = load.numel()
-    if e_total % n_devices:
-        raise ValueError(f"E={e_total} must be divisible by n_devices={n_devices}")
-    per = e_total // n_devices
+    if e_total % num_devices:
+        raise ValueError(f"E={e_total} must be divisible by num_devices={num_devices}")
+    per = e_total // num_devices
     hosts = [[e // per] for e in range(e_total)]
-    dev = torch.zeros(n_devices, dtype=torch.float64).index_add_(0, torch.arange(e_total) // per, load)
+    dev = torch.zeros(num_devices, dtype=torch.float64).index_add_(0, torch.arange(e_total) // per, load)
     return PlacementPlan(hosts=hosts, share=[1.0] * e_total, device_load=dev)
 
 
-def fsdp_plan(load: torch.Tensor, n_devices: int) -> PlacementPlan:
+def fsdp_plan(load: torch.Tensor, num_devices: int) -> PlacementPlan:
     """FSDP over experts: every expert materialised on every device (tokens stay where they are)."""
     load = torch.as_tensor(load, dtype=torch.float64).reshape(-1)
-    hosts = [list(range(n_devices)) for _ in range(load.numel())]
-    dev = torch.full((n_devices,), float(load.sum()) / n_devices, dtype=torch.float64)
-    return PlacementPlan(hosts=hosts, share=[1.0 / n_devices] * load.numel(), device_load=dev)
+    hosts = [list(range(num_devices)) for _ in range(load.numel())]
+    dev = torch.full((num_devices,), float(load.sum()) / num_devices, dtype=torch.float64)
+    return PlacementPlan(hosts=hosts, share=[1.0 / num_devices] * load.numel(), device_load=dev)
 
 
 # ----------------------------------------------------------------------------- flattening and sharding
@@ -178,7 +178,7 @@ def flatten_experts(bank: nn.Module) -> tuple[torch.Tensor, list[tuple[str, torc
         ``flat (E, P)`` and the layout ``[(name, per-expert shape), ...]`` to undo it.
     """
     e_total = int(bank.num_experts)
-    names = expert_param_names(bank, e_total)
+    names = stacked_parameter_names(bank, e_total)
     params = dict(bank.named_parameters())
     layout = [(n, params[n].shape[1:]) for n in names]
     flat = torch.cat([params[n].detach().reshape(e_total, -1) for n in names], dim=1)  # (E, P)

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from moe_core.parallel.fssdp import plan_placement
+from moe_core.validation import check_choice
 
 Strategy = Literal["ep", "fsdp", "sparse", "hecate"]
-STRATEGIES: tuple[Strategy, ...] = ("ep", "fsdp", "sparse", "hecate")
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 
 __all__ = [
     "CostModel",
@@ -98,6 +99,7 @@ def simulate_step(
         / ``load_mean`` (pairs computed), ``mem_expert_bytes_max`` (expert parameters materialised at peak on
         one device, resident shard included) and ``est_step_s`` (slowest compute + slowest communication).
     """
+    check_choice("strategy", strategy, STRATEGIES)
     counts = counts.to(torch.float64)
     n, e_total = counts.shape
     tok, exp_b = model.token_bytes, model.expert_bytes
@@ -130,7 +132,7 @@ def simulate_step(
         bytes_dev = model.gathers_per_step * (received + sent)
         load = counts.sum(1)
         mem = shard_b + s * exp_b
-    elif strategy == "hecate":
+    else:  # "hecate"
         slots = slots if slots is not None else max(1, math.ceil(2 * e_total / n))
         total = counts.sum(0)  # (E,)
         plan = plan_placement(total, n, slots)
@@ -147,8 +149,6 @@ def simulate_step(
         bytes_dev = 4 * (sent_tok + recv_tok) * tok + model.gathers_per_step * (received + sent)
         load = plan.device_load
         mem = shard_b + s * exp_b
-    else:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     flops = load.max() * model.expert_params * model.flops_per_param_pair
     est = float(flops / model.device_flops + bytes_dev.max() / model.link_bytes_per_s)
     return {
@@ -185,7 +185,7 @@ def bootstrap_trace(
     recorded: torch.Tensor,
     *,
     num_experts: int,
-    n_devices: int,
+    num_devices: int,
     tokens_per_device: int,
     steps: int,
     seed: int = 0,
@@ -195,7 +195,7 @@ def bootstrap_trace(
     Args:
         recorded: ``(M, K)`` expert ids of recorded tokens (``-1`` for masked slots).
         num_experts: E.
-        n_devices: n.
+        num_devices: n.
         tokens_per_device: tokens each device routes per step.
         steps: number of steps.
         seed: sampling seed.
@@ -204,12 +204,12 @@ def bootstrap_trace(
         ``(steps, n, E)`` float counts of (token, slot) pairs.
     """
     g = torch.Generator().manual_seed(seed)
-    out = torch.zeros(steps, n_devices, num_experts, dtype=torch.float64)
+    out = torch.zeros(steps, num_devices, num_experts, dtype=torch.float64)
     for s in range(steps):
-        rows = torch.randint(0, recorded.shape[0], (n_devices, tokens_per_device), generator=g)  # (n, T)
+        rows = torch.randint(0, recorded.shape[0], (num_devices, tokens_per_device), generator=g)  # (n, T)
         ids = recorded[rows]  # (n, T, K)
-        dev = torch.arange(n_devices)[:, None, None].expand_as(ids)  # (n, T, K)
+        dev = torch.arange(num_devices)[:, None, None].expand_as(ids)  # (n, T, K)
         keep = ids >= 0
         flat = dev[keep] * num_experts + ids[keep]
-        out[s] = torch.bincount(flat, minlength=n_devices * num_experts).reshape(n_devices, num_experts)
+        out[s] = torch.bincount(flat, minlength=num_devices * num_experts).reshape(num_devices, num_experts)
     return out

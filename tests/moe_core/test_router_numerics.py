@@ -29,7 +29,8 @@ def _init(router: torch.nn.Module, seed: int = 1, std: float = 1.0) -> torch.nn.
 # ---------------------------------------------------------------- top-1 routing carries router gradient
 TOP1 = {
     "topk": lambda: R.TopKRouter(dim=D, num_experts=4, top_k=1),
-    "sigmoid": lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=1, route_scale=2.5, use_bias=False),
+    "sigmoid": lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=1, routed_scaling_factor=2.5,
+                                           use_bias=False),
 }
 
 
@@ -107,15 +108,17 @@ ALL = {
     "grouped": (lambda: R.GroupedRouter(dim=D, num_experts=4, top_k=2, num_groups=2), True),
     "grouped_renorm": (lambda: R.GroupedRouter(dim=D, num_experts=4, top_k=2, num_groups=2, renormalize=True),
                        True),
-    "sigmoid_bias": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, route_scale=2.5), True),
-    "sigmoid_plain": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, route_scale=2.5,
+    "sigmoid_bias": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, routed_scaling_factor=2.5),
+                     True),
+    "sigmoid_plain": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, routed_scaling_factor=2.5,
                                                   use_bias=False), True),
-    "sigmoid_groups_bias": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, n_groups=2,
-                                                        topk_groups=1, route_scale=2.5), True),
-    "sigmoid_groups": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, n_groups=2, topk_groups=1,
-                                                   route_scale=2.5, use_bias=False), True),
+    "sigmoid_groups_bias": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, num_groups=2,
+                                                        topk_groups=1, routed_scaling_factor=2.5), True),
+    "sigmoid_groups": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, num_groups=2, topk_groups=1,
+                                                   routed_scaling_factor=2.5, use_bias=False), True),
     "softmax_v2_renorm": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, score_func="softmax",
-                                                      n_groups=2, topk_groups=1, route_scale=2.5), True),
+                                                      num_groups=2, topk_groups=1, routed_scaling_factor=2.5),
+                          True),
     "dts_train": (lambda: R.DenseToSparseRouter(dim=D, num_experts=4, temperature=0.1), True),
     "dts_eval": (lambda: R.DenseToSparseRouter(dim=D, num_experts=4), False),
 }
@@ -194,7 +197,7 @@ def test_extreme_finite_inputs_give_finite_routing_and_gradients(name, kind, dty
 def test_sigmoid_weights_below_minus_90_are_the_renormalised_scores():
     """sigmoid(z) underflows to 0 below about -104 (and loses precision below -88): weights are still
     ``sigmoid(z_i) / sum_j sigmoid(z_j)`` over the selected experts, i.e. ``softmax(z_sel)`` in this tail."""
-    r = R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, route_scale=2.5, use_bias=False)
+    r = R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, routed_scaling_factor=2.5, use_bias=False)
     x = _extreme(r, "below_-90", torch.float32)
     out = r(x)
     z = out.logits.gather(1, out.indices).double()  # (N, K)

@@ -333,18 +333,18 @@ def test_grouped_one_group_is_topk():
 
 
 # ---------------------------------------------------------------- DeepSeek sigmoid / group-limited / bias
-def _ds_oracle(scores, bias, k, n_groups, topk_groups, use_bias):
+def _ds_oracle(scores, bias, k, num_groups, topk_groups, use_bias):
     """Brute-force group-limited selection per token (official Gate semantics)."""
     e = scores.shape[1]
-    size = e // n_groups
+    size = e // num_groups
     sel = []
     for t in range(scores.shape[0]):
         c = [float(scores[t, i]) + (float(bias[i]) if use_bias else 0.0) for i in range(e)]
         gs = []
-        for g in range(n_groups):
+        for g in range(num_groups):
             vals = sorted(c[g * size : (g + 1) * size], reverse=True)
             gs.append(sum(vals[:2]) if use_bias else vals[0])
-        groups = sorted(range(n_groups), key=lambda g: -gs[g])[:topk_groups]
+        groups = sorted(range(num_groups), key=lambda g: -gs[g])[:topk_groups]
         allowed = [i for i in range(e) if i // size in groups]
         sel.append(set(sorted(allowed, key=lambda i: -c[i])[:k]))
     return sel
@@ -353,8 +353,8 @@ def _ds_oracle(scores, bias, k, n_groups, topk_groups, use_bias):
 @pytest.mark.parametrize("use_bias", [False, True])
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 def test_group_limited_selection_matches_loop(use_bias, score_func):
-    r = _init(R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=3, n_groups=4, topk_groups=2,
-                                  score_func=score_func, use_bias=use_bias, route_scale=2.5))
+    r = _init(R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=3, num_groups=4, topk_groups=2,
+                                  score_func=score_func, use_bias=use_bias, routed_scaling_factor=2.5))
     if use_bias:
         r.bias.copy_(torch.linspace(-0.3, 0.3, 8))
     out = r(_x(30))
@@ -368,7 +368,7 @@ def test_group_limited_selection_matches_loop(use_bias, score_func):
 
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_all_groups_equals_ungrouped(use_bias):
-    grouped = _init(R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=3, n_groups=4, topk_groups=4,
+    grouped = _init(R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=3, num_groups=4, topk_groups=4,
                                         use_bias=use_bias))
     flat = R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=3, use_bias=use_bias)
     if use_bias:
@@ -513,7 +513,7 @@ ROUTERS = {
     "top_p": lambda: R.TopPRouter(dim=D, num_experts=4),
     "null": lambda: R.NullExpertRouter(dim=D, num_experts=4, num_null=2, top_k=3),
     "grouped": lambda: R.GroupedRouter(dim=D, num_experts=4, top_k=2, num_groups=2),
-    "sigmoid": lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, n_groups=2, topk_groups=1),
+    "sigmoid": lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, num_groups=2, topk_groups=1),
     "dts": lambda: R.DenseToSparseRouter(dim=D, num_experts=4),
 }
 
@@ -566,10 +566,10 @@ def test_bad_input_errors(name):
         (lambda: R.GroupedRouter(dim=D, num_experts=6, top_k=2, num_groups=4), "num_groups"),
         (lambda: R.GroupedRouter(dim=D, num_experts=8, top_k=3, num_groups=2), "top_k"),
         (lambda: R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=2, score_func="relu"), "score_func"),
-        (lambda: R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=2, n_groups=3), "n_groups"),
-        (lambda: R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=2, n_groups=4, topk_groups=5),
+        (lambda: R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=2, num_groups=3), "num_groups"),
+        (lambda: R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=2, num_groups=4, topk_groups=5),
          "topk_groups"),
-        (lambda: R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=5, n_groups=4, topk_groups=2), "top_k"),
+        (lambda: R.SigmoidTopKRouter(dim=D, num_experts=8, top_k=5, num_groups=4, topk_groups=2), "top_k"),
         (lambda: R.DenseToSparseRouter(dim=D, num_experts=4, temperature=0.0), "temperature"),
         (lambda: R.TemperatureSchedule(decay_steps=10, kind="cosine"), "kind"),
         (lambda: R.TemperatureSchedule(tau_max=0.1, tau_min=0.5, decay_steps=10), "tau_min"),
@@ -617,7 +617,7 @@ DECLARED = {
              lambda r, m, b: {"balance": L.null_expert_balance_loss(r, token_mask=m)}),
     "grouped": (lambda: R.GroupedRouter(dim=D, num_experts=4, top_k=2, num_groups=2), True,
                 lambda r, m, b: {"balance": L.switch_balance_loss(r, token_mask=m)}),
-    "sigmoid": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, n_groups=2, topk_groups=1), True,
+    "sigmoid": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, num_groups=2, topk_groups=1), True,
                 lambda r, m, b: {"balance": L.deepseek_balance_loss(r, batch_size=b, normalize_scores=True,
                                                                     token_mask=m)}),
     "softmax_v2": (lambda: R.SigmoidTopKRouter(dim=D, num_experts=4, top_k=2, score_func="softmax",

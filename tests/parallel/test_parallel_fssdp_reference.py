@@ -93,5 +93,5 @@ def test_plan_placement_rejects_bad_input():
         plan_placement(torch.ones(9), 2, slots=4)
     with pytest.raises(ValueError, match="non-negative"):
         plan_placement(torch.tensor([1.0, -1.0]), 2, slots=1)
-    with pytest.raises(ValueError, match="n_devices"):
+    with pytest.raises(ValueError, match="num_devices"):
         plan_placement(torch.ones(2), 0, slots=1)

@@ -50,6 +50,6 @@ def test_bootstrap_trace_counts_every_recorded_pair():
     torch.manual_seed(0)
     router = TopKRouter(dim=8, num_experts=16, top_k=2)
     rec = record_router_trace(router, torch.randn(100, 8))
-    trace = bootstrap_trace(rec, num_experts=16, n_devices=4, tokens_per_device=50, steps=3)
+    trace = bootstrap_trace(rec, num_experts=16, num_devices=4, tokens_per_device=50, steps=3)
     assert trace.shape == (3, 4, 16)
     assert torch.all(trace.sum(-1) == 50 * 2)

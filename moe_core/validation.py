@@ -1,0 +1,34 @@
+"""Argument checks shared by moe_core (no paper; our design).
+
+Closed choices are typed as ``Literal[...]`` and resolved in one place that raises on unknown values:
+:func:`check_choice`. Every moe_core module uses it, so an unknown value always reads
+``"<name> must be one of (...), got <value>"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def check_choice(name: str, value: T, options: Iterable[T]) -> T:
+    """Return ``value`` if it is one of ``options``, else raise ``ValueError`` naming the argument.
+
+    Args:
+        name: the argument's name, as the caller spells it (quoted in the error).
+        value: the value passed.
+        options: the allowed values (e.g. the members of the argument's ``Literal`` type, or the keys of a
+            table of implementations).
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ValueError: ``value`` is not in ``options``.
+    """
+    allowed = tuple(options)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
