@@ -12,8 +12,6 @@ KD fine-tuning after merging is left to the caller's training loop.
 
 from __future__ import annotations
 
-import argparse
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -32,8 +30,6 @@ from moe_core.surgery.bank import (
     set_expert_weights,
     unwrap_bank,
 )
-
-log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -209,7 +205,21 @@ def merge_block(ref: BlockRef, stats: RoutingStats, *, num_groups: int, align: b
 def merge_model(
     model: nn.Module, stats: list[RoutingStats], *, num_groups: int | list[int], align: bool = True
 ) -> list[torch.Tensor]:
-    """MC-SMoE merge of every MoE block (in place). ``num_groups``: one value or one per block."""
+    """MC-SMoE merge of every MoE block (in place): :func:`merge_block` on each block in turn.
+
+    The whole merge of a saved model is ``merge_model(model, collect_routing_stats(model, batches),
+    num_groups=G)``, optionally followed by :func:`compress_model`.
+
+    Args:
+        model: a model containing moekit or HF MoE blocks (modified in place).
+        stats: one :class:`RoutingStats` per block, in :func:`find_moe_blocks` order (from
+            :func:`collect_routing_stats`).
+        num_groups: merged experts per block: one value for every block or one per block.
+        align: permute each member's hidden units onto its dominant expert before averaging.
+
+    Returns:
+        Per block, the ``(E,)`` group assignment (the ``index_map`` of its :class:`RemappedExperts`).
+    """
     refs = find_moe_blocks(model)
     if len(stats) != len(refs):
         raise ValueError(f"got {len(stats)} RoutingStats for {len(refs)} MoE blocks")
@@ -366,7 +376,16 @@ class LowRankSparseExperts(ComputedWeightExperts):
 
 
 def compress_model(model: nn.Module, *, rank: int, keep_ratio: float) -> None:
-    """Replace every MoE block's (possibly merged) bank by a :class:`LowRankSparseExperts` (in place)."""
+    """Replace every MoE block's (possibly merged) bank by a :class:`LowRankSparseExperts` (in place).
+
+    A merged block keeps its :class:`RemappedExperts` wrapper (the router still addresses E slots); the
+    stored experts inside it are compressed.
+
+    Args:
+        model: a model containing moekit or HF MoE blocks.
+        rank: LoSparse rank r of ``U V`` (capped at ``min(D, H)``).
+        keep_ratio: fraction of the residual ``S`` entries kept (largest magnitude).
+    """
     for ref in find_moe_blocks(model):
         holder = ref.block if not isinstance(ref.experts, RemappedExperts) else ref.experts
         bank = unwrap_bank(ref.experts)
@@ -375,27 +394,3 @@ def compress_model(model: nn.Module, *, rank: int, keep_ratio: float) -> None:
             g, u, d, rank=rank, keep_ratio=keep_ratio, act=bank_activation(bank)
         )
 
-
-def main(argv: list[str] | None = None) -> None:
-    """``moekit lm merge``: MC-SMoE merge (+ optional compression) of a saved MoE model.
-
-    The model file is a whole pickled ``nn.Module`` (``torch.save(model)``); calibration data is a saved
-    ``(B, T)`` long tensor of token ids fed to ``model(ids)``.
-    """
-    p = argparse.ArgumentParser(prog="moekit lm merge", description=main.__doc__)
-    p.add_argument("--model", required=True, help="torch.save'd nn.Module")
-    p.add_argument("--calib", required=True, help="torch.save'd (B, T) token ids")
-    p.add_argument("--num-groups", type=int, required=True)
-    p.add_argument("--rank", type=int, default=0, help="LoSparse rank (0: no compression)")
-    p.add_argument("--keep-ratio", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    model = torch.load(a.model, weights_only=False).eval()
-    ids = torch.load(a.calib)
-    stats = collect_routing_stats(model, ids.split(a.batch_size))
-    merge_model(model, stats, num_groups=a.num_groups)
-    if a.rank > 0:
-        compress_model(model, rank=a.rank, keep_ratio=a.keep_ratio)
-    torch.save(model, a.out)
-    log.info("merged model written to %s", a.out)

@@ -14,8 +14,6 @@ Per-expert bit widths come from usage frequencies with a greedy budget planner [
 
 from __future__ import annotations
 
-import argparse
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +28,6 @@ from moe_core.surgery.bank import (
     unwrap_bank,
 )
 
-log = logging.getLogger(__name__)
 ExpertWeightsT = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -185,8 +182,13 @@ def quantize_model_experts(
 ) -> list[NestedQuantExperts]:
     """Replace every MoE block's expert bank (inside merge wrappers too) by :class:`NestedQuantExperts`.
 
+    In place. ``sum(b.storage_bytes() for b in banks)`` is the experts' storage at the chosen widths.
+
     Args:
-        bits: one width, or one ``(E,)`` tensor of widths per block.
+        model: a model containing moekit or HF MoE blocks.
+        bits: one width, or one ``(E,)`` tensor of widths per block (e.g. from :func:`choose_bits`).
+        group_size: elements per quantisation scale along each matrix's last dimension (None: the whole
+            dimension).
 
     Returns:
         The new banks, in block order (call ``set_bits`` to switch widths without re-quantising).
@@ -272,16 +274,3 @@ def hebf_load_order(bits: list[torch.Tensor], usage: list[torch.Tensor]) -> list
     items.sort()
     return [(layer, e, plane) for plane, _, layer, e in items]
 
-
-def main(argv: list[str] | None = None) -> None:
-    """``moekit lm quantize``: bit-nested INT8 quantisation of a saved MoE model's experts."""
-    p = argparse.ArgumentParser(prog="moekit lm quantize", description=main.__doc__)
-    p.add_argument("--model", required=True, help="torch.save'd nn.Module")
-    p.add_argument("--bits", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=None)
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    model = torch.load(a.model, weights_only=False).eval()
-    banks = quantize_model_experts(model, bits=a.bits, group_size=a.group_size)
-    log.info("expert storage at %d bits: %d bytes", a.bits, sum(b.storage_bytes() for b in banks))
-    torch.save(model, a.out)

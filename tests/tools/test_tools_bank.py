@@ -34,7 +34,8 @@ def test_set_expert_weights_rejects_bad_shapes():
         get_expert_weights(torch.nn.Linear(2, 2))
 
 
-def test_merge_and_quantize_commands_on_a_saved_model(tmp_path):
+def test_merged_compressed_and_quantized_models_survive_save_and_load(tmp_path):
+    """The library path of ``moekit lm merge`` / ``quantize``: load a saved model, edit it, save, load."""
     pytest.importorskip("scipy")
     torch.manual_seed(0)
     layer = MoELayer(
@@ -42,29 +43,24 @@ def test_merge_and_quantize_commands_on_a_saved_model(tmp_path):
         experts=SwiGLUExperts(num_experts=4, dim=8, hidden_dim=12, backend="loop"),
     )
     torch.save(layer, tmp_path / "m.pt")
-    torch.save(torch.randn(64, 8), tmp_path / "calib.pt")
-    mcsmoe.main(
-        [
-            "--model",
-            str(tmp_path / "m.pt"),
-            "--calib",
-            str(tmp_path / "calib.pt"),
-            "--num-groups",
-            "2",
-            "--rank",
-            "4",
-            "--keep-ratio",
-            "0.2",
-            "--out",
-            str(tmp_path / "merged.pt"),
-        ]
-    )
+    calib = torch.randn(64, 8)
+
+    model = torch.load(tmp_path / "m.pt", weights_only=False).eval()
+    mcsmoe.merge_model(model, mcsmoe.collect_routing_stats(model, calib.split(16)), num_groups=2)
+    mcsmoe.compress_model(model, rank=4, keep_ratio=0.2)
+    torch.save(model, tmp_path / "merged.pt")
     merged = torch.load(tmp_path / "merged.pt", weights_only=False)
-    assert merged.experts.experts.num_experts == 2 and torch.equal(
-        merged.router.gate.weight, layer.router.gate.weight
-    )
-    quant.main(["--model", str(tmp_path / "m.pt"), "--bits", "4", "--out", str(tmp_path / "q.pt")])
+    assert merged.experts.experts.num_experts == 2
+    assert torch.equal(merged.router.gate.weight, layer.router.gate.weight)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).output, model(x).output)
+
+    model = torch.load(tmp_path / "m.pt", weights_only=False).eval()
+    quant.quantize_model_experts(model, bits=4)
+    torch.save(model, tmp_path / "q.pt")
     q = torch.load(tmp_path / "q.pt", weights_only=False)
     assert q.experts.bits.tolist() == [4, 4, 4, 4]
-    x = torch.randn(5, 8)
-    assert (q(x).output - layer(x).output).abs().max() < 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(q(x).output, model(x).output)
+        assert (q(x).output - layer(x).output).abs().max() < 0.1
