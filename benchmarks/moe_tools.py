@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apps.datadir import data_dir, require_file  # noqa: E402
+from moe_core.blocks import find_moe_blocks  # noqa: E402
 from moe_core.experts import SwiGLUExperts  # noqa: E402
 from moe_core.inference.c3po import (  # noqa: E402
     collect_pathways,
@@ -47,7 +48,7 @@ from moe_core.inference.offload import OffloadStats, offload_model  # noqa: E402
 from moe_core.inference.scmoe import scmoe_logits  # noqa: E402
 from moe_core.layer import MoELayer  # noqa: E402
 from moe_core.routers import TopKRouter  # noqa: E402
-from moe_core.surgery.bank import count_parameters, find_moe_blocks  # noqa: E402
+from moe_core.surgery.bank import count_parameters  # noqa: E402
 from moe_core.surgery.mcsmoe import collect_routing_stats, compress_model, kd_loss, merge_model  # noqa: E402
 from moe_core.surgery.quant import choose_bits, quantize_model_experts  # noqa: E402
 

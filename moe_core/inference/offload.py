@@ -24,7 +24,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from moe_core.surgery.bank import (
+from moe_core.blocks import (
     RemappedExperts,
     find_moe_blocks,
     router_probs,

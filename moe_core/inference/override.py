@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moe_core.surgery.bank import (
+from moe_core.blocks import (
     BlockRef,
     find_moe_blocks,
     replace_selection,

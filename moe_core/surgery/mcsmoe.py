@@ -6,7 +6,7 @@ dominant expert with the most similar router-logit column; usage-frequency-weigh
 unchanged; LoSparse compression ``W ~ U V + S`` with SVD init and importance pruning of S on a cubic
 schedule. Our reading [D]: usage counts every selected (token, slot) pair (the paper's Switch models are
 top-1); a group whose members were never used is merged with uniform weights; merged experts are stored
-once and shared through :class:`~moe_core.surgery.bank.RemappedExperts`; S is pruned element-wise.
+once and shared through :class:`~moe_core.blocks.RemappedExperts`; S is pruned element-wise.
 KD fine-tuning after merging is left to the caller's training loop.
 """
 
@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_core.surgery.bank import (
+from moe_core.blocks import (
     BlockRef,
-    ComputedWeightExperts,
     RemappedExperts,
     bank_activation,
     find_moe_blocks,
@@ -30,6 +29,7 @@ from moe_core.surgery.bank import (
     set_expert_weights,
     unwrap_bank,
 )
+from moe_core.surgery.bank import ComputedWeightExperts
 
 
 # ---------------------------------------------------------------------------------------- statistics

@@ -19,14 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_core.surgery.bank import (
-    ComputedWeightExperts,
-    RemappedExperts,
-    bank_activation,
-    find_moe_blocks,
-    get_expert_weights,
-    unwrap_bank,
-)
+from moe_core.blocks import RemappedExperts, bank_activation, find_moe_blocks, get_expert_weights, unwrap_bank
+from moe_core.surgery.bank import ComputedWeightExperts
 
 ExpertWeightsT = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from moe_core.blocks import find_moe_blocks, get_expert_weights, set_expert_weights
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import MoELayer
 from moe_core.routers import TopKRouter
 from moe_core.surgery import mcsmoe, quant
-from moe_core.surgery.bank import find_moe_blocks, get_expert_weights, set_expert_weights
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "olmoe", "qwen2_moe"])

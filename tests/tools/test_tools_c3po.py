@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from moe_core.blocks import find_moe_blocks
 from moe_core.inference.c3po import (
     collect_pathways,
     critical_blocks,
@@ -14,7 +15,6 @@ from moe_core.inference.c3po import (
     remixed_logits,
 )
 from moe_core.inference.override import RoutingOverride, last_token_index
-from moe_core.surgery.bank import find_moe_blocks
 
 
 def _block_outputs(model, ids):

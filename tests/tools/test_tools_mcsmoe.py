@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from moe_core.blocks import RemappedExperts, find_moe_blocks, get_expert_weights
 from moe_core.experts import SwiGLUExperts
-from moe_core.surgery.bank import RemappedExperts, count_parameters, find_moe_blocks, get_expert_weights
+from moe_core.surgery.bank import count_parameters
 from moe_core.surgery.mcsmoe import (
     LowRankSparseExperts,
     RoutingStats,

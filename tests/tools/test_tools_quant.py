@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from moe_core.blocks import find_moe_blocks
 from moe_core.experts import SwiGLUExperts
-from moe_core.surgery.bank import find_moe_blocks
 from moe_core.surgery.quant import (
     NestedQuantExperts,
     choose_bits,

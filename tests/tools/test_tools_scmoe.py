@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from moe_core.blocks import find_moe_blocks
 from moe_core.inference.scmoe import (
     RankKRouting,
     contrast_scores,
@@ -13,7 +14,6 @@ from moe_core.inference.scmoe import (
     scmoe_generate,
     scmoe_logits,
 )
-from moe_core.surgery.bank import find_moe_blocks
 
 
 def test_beta_zero_equals_greedy_decoding_moekit(tiny_lm):
