@@ -1,0 +1,123 @@
+"""Dense expert banks of the multi-gate mixtures: E MLP experts with stacked weights, all evaluated.
+
+Every expert sees every row in MMoE, CGC/PLE and HoME, so the bank evaluates all experts with one (batched)
+matmul per layer instead of dispatching. (The routed banks in ``moe_core.experts`` dispatch a sparse
+``(indices, weights)`` assignment; with ``indices = arange(E)`` for every token they compute the same
+mixture, but the dense path is cheaper for E ~ 10.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_core.validation import check_choice
+
+__all__ = ["Activation", "DenseMLPExperts", "Norm"]
+
+Norm = Literal["none", "bn", "ln"]
+Activation = Literal["relu", "silu"]
+
+
+class DenseMLPExperts(nn.Module):
+    """E independent MLP experts with stacked weights, evaluated densely.
+
+    Each layer is ``act(norm(x @ W_e + b_e))``; ``W`` is stored stacked as ``(E, D_in, D_out)``.
+    ``norm="bn"`` is a BatchNorm over each expert's units (HoME's "expert normalisation"; our reading puts
+    it between the linear map and the activation [R]); ``"ln"`` a per-expert LayerNorm.
+
+    Args:
+        num_experts: E.
+        dim: D, input width.
+        hidden_dims: widths of the layers; the last one is the expert output width H.
+        norm: ``"none"`` | ``"bn"`` | ``"ln"``.
+        activation: ``"relu"`` (MMoE/PLE) or ``"silu"`` (HoME's Swish, β = 1).
+        dropout: dropout after each layer's activation.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        dim: int,
+        hidden_dims: Sequence[int],
+        norm: Norm = "none",
+        activation: Activation = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0, got {num_experts}")
+        if not hidden_dims:
+            raise ValueError("hidden_dims must name at least one layer width")
+        self.num_experts, self.dim = num_experts, dim
+        self.hidden_dims = tuple(int(h) for h in hidden_dims)
+        self.norm = check_choice("norm", norm, get_args(Norm))
+        self.activation = check_choice("activation", activation, get_args(Activation))
+        dims = (dim, *self.hidden_dims)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(num_experts, a, b)) for a, b in zip(dims[:-1], dims[1:])
+        )
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in dims[1:])
+        if num_experts == 0:
+            self.norms = None
+        elif norm == "bn":
+            self.norms = nn.ModuleList(nn.BatchNorm1d(num_experts * b) for b in dims[1:])
+        elif norm == "ln":
+            self.norms = nn.ModuleList(nn.LayerNorm(b) for b in dims[1:])
+        else:
+            self.norms = None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @property
+    def out_dim(self) -> int:
+        return self.hidden_dims[-1]
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default initialisation (kaiming-uniform, a=sqrt(5)), per expert
+        for w, b in zip(self.weights, self.biases):
+            bound = 1 / math.sqrt(w.shape[1])
+            with torch.no_grad():
+                w.uniform_(-bound, bound)
+                b.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluate every expert.
+
+        Args:
+            x: ``(B, D)`` input shared by all experts, or ``(B, E, D)`` one input per expert.
+
+        Returns:
+            ``(B, E, H)`` expert outputs.
+        """
+        if x.dim() not in (2, 3):
+            raise ValueError(f"expected x of shape (B, D) or (B, E, D), got {tuple(x.shape)}")
+        b = x.shape[0]
+        if self.num_experts == 0:
+            return x.new_zeros(b, 0, self.out_dim)
+        e = self.num_experts
+        # expert-major layout (E, B, H_i) between layers, so each layer is one batched matmul
+        if x.dim() == 2:
+            w0 = self.weights[0]
+            w_flat = w0.permute(1, 0, 2).reshape(self.dim, -1)  # (D, E*H_0)
+            h = torch.addmm(self.biases[0].reshape(-1), x, w_flat)  # (B, E*H_0)
+            h = h.view(b, e, -1).transpose(0, 1)  # (E, B, H_0)
+        else:
+            h = torch.baddbmm(self.biases[0][:, None, :], x.transpose(0, 1), self.weights[0])  # (E, B, H_0)
+        for i in range(len(self.weights)):
+            if i > 0:
+                h = torch.baddbmm(self.biases[i][:, None, :], h, self.weights[i])  # (E, B, H_i)
+            if self.norm == "bn":
+                hb = h.transpose(0, 1).reshape(b, -1)  # (B, E*H_i): BN over every expert unit
+                h = self.norms[i](hb).view(b, e, -1).transpose(0, 1)  # (E, B, H_i)
+            elif self.norm == "ln":
+                h = self.norms[i](h)
+            h = F.relu(h) if self.activation == "relu" else F.silu(h)
+            h = self.dropout(h)
+        return h.transpose(0, 1)  # (B, E, H)
