@@ -47,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 from apps.lm.data import LMDataModule  # noqa: E402
 from apps.lm.evomoe import EvoMoECallback  # noqa: E402
 from apps.lm.model import LMConfig, count_parameters  # noqa: E402
-from apps.lm.routing import routing_summary  # noqa: E402
 from apps.lm.task import LMTask  # noqa: E402
 from moe_core.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
+from moe_core.stats import routing_stats  # noqa: E402
 
 BASE = dict(context_len=64, dim=128, n_layers=4, n_heads=4, ffn_hidden=352)
 VARIANTS: dict[str, dict] = {
@@ -105,7 +105,7 @@ def evaluate(task: LMTask, val_x: torch.Tensor, val_y: torch.Tensor, bs: int = 1
         tot, n = tot + float(ce), n + val_y[i : i + bs].numel()
         for name, r in out.routings:
             layer = name.split(".")[0]
-            active.setdefault(layer, []).append(float(routing_summary(r)["active_experts"]))
+            active.setdefault(layer, []).append(float(routing_stats(r)["active_experts"]))
     task.model.train()
     # experts per token per layer (CoE iterations summed)
     per_layer = {}

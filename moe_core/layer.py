@@ -1,6 +1,7 @@
 """MoE layers: router + routed experts (+ always-on shared experts). DeepSeekMoE: arXiv 2401.06066.
 
-Also: the dense :class:`SwiGLU` FFN, :func:`segment_ffn` (DeepSeekMoE fine-grained expert segmentation),
+Also: the dense :class:`SwiGLU` FFN and :class:`DenseLayer` (the same FFN behind the layer interface),
+:func:`segment_ffn` (DeepSeekMoE fine-grained expert segmentation),
 :class:`ChainOfExpertsLayer` (Chain-of-Experts, arXiv 2506.18945) and builders. The optional sigmoid gate on
 the shared path follows Qwen2-MoE (HF ``Qwen2MoeSparseMoeBlock``).
 """
@@ -19,6 +20,7 @@ from moe_core.types import MoEOutput, RouterOutput
 
 __all__ = [
     "ChainOfExpertsLayer",
+    "DenseLayer",
     "MoELayer",
     "SwiGLU",
     "build_moe_layer",
@@ -65,6 +67,21 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., D) -> (..., D)``."""
         return (self.act(x @ self.gate_proj) * (x @ self.up_proj)) @ self.down_proj
+
+
+class DenseLayer(SwiGLU):
+    """The dense :class:`SwiGLU` FFN behind the MoE-layer interface: ``forward`` returns a :class:`MoEOutput`
+    with no routing (``routing=[]``).
+
+    A model whose FFN slot always receives a ``MoEOutput`` takes dense, MoE and Chain-of-Experts layers alike
+    (no branching on the layer kind), and ``moe_core.surgery.upcycling.upcycle_model`` can replace this layer
+    by an upcycled :class:`MoELayer` (it reads ``gate_proj``/``up_proj``/``down_proj``). Arguments and weights
+    as :class:`SwiGLU`.
+    """
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:  # type: ignore[override]
+        """``x (..., D)`` -> MoEOutput with ``output`` of x's shape and ``routing=[]``."""
+        return MoEOutput(output=super().forward(x), routing=[])
 
 
 def segment_ffn(ffn: SwiGLU, m: int, *, backend: Backend = "auto") -> SwiGLUExperts:

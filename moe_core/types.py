@@ -77,12 +77,13 @@ class MoEOutput:
     Attributes:
         output: same shape as the layer input, ``(B, T, D)`` or ``(N, D)``.
         routing: the router's decision for the flattened ``(N, D)`` tokens; a list with one entry per
-            iteration for Chain-of-Experts layers.
+            iteration for Chain-of-Experts layers; an empty list for a layer that routes nothing (a dense
+            FFN, ``moe_core.layer.DenseLayer``).
     """
 
     output: torch.Tensor
     routing: RouterOutput | list[RouterOutput]
 
     def routings(self) -> list[RouterOutput]:
-        """The routing decisions as a list (one element for ordinary layers)."""
+        """The routing decisions as a list (one element for ordinary layers, none for dense ones)."""
         return self.routing if isinstance(self.routing, list) else [self.routing]

@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from moe_core.stats import load_stats
+
 
 def biased_routers(module: nn.Module) -> dict[str, nn.Module]:
     """Every sub-module with an aux-loss-free balancing bias (``update_bias`` and a ``bias`` buffer)."""
@@ -33,8 +35,10 @@ class RouterBiasUpdate(L.Callback):
     activation recomputation a router runs twice per micro-batch; the update only uses the sign of
     ``mean - load``, which doubling every count leaves unchanged.
 
-    Logged every ``trainer.log_every_n_steps`` steps, per router module name:
-    ``train_routing/<name>/bias_e<i>`` and ``train_routing/<name>/max_over_mean_load`` (1 = balanced).
+    Logged every ``trainer.log_every_n_steps`` steps, per router under its routing name (``layer1.ffn``; a
+    Chain-of-Experts router shared by all iterations: ``layer1.ffn``): ``routing/train/<name>/bias_e<i>`` and
+    ``routing/train/<name>/step_max_over_mean_load``, the ``moe_core.stats.load_stats`` balance (1 =
+    balanced) of the loads that moved the bias (the whole optimizer step, all ranks).
 
     Added automatically by :class:`apps.lm.task.LMTask` when the model has a biased router.
     """
@@ -44,6 +48,7 @@ class RouterBiasUpdate(L.Callback):
         self._counts: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._routers: dict[str, nn.Module] = {}
+        self._log_names: dict[str, str] = {}
 
     def _hook(self, name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -55,6 +60,7 @@ class RouterBiasUpdate(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._routers = biased_routers(pl_module)
+        self._log_names = _routing_names(pl_module, self._routers)
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._routers.items()]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -76,10 +82,29 @@ class RouterBiasUpdate(L.Callback):
             counts = trainer.strategy.reduce(counts.float(), reduce_op="sum")  # (E,) over ranks
             router.update_bias(counts)
             if log_now:
-                short = name.removeprefix("model.").replace(".router", "")
-                pl_module.log(
-                    f"train_routing/{short}/max_over_mean_load",
-                    counts.max() / counts.mean().clamp_min(1e-9), on_step=True, on_epoch=False,
-                )
+                prefix = f"routing/train/{self._log_names[name]}"
+                pl_module.log(f"{prefix}/step_max_over_mean_load", load_stats(counts)["max_over_mean_load"],
+                              on_step=True, on_epoch=False)
                 for i, b in enumerate(router.bias.tolist()):
-                    pl_module.log(f"train_routing/{short}/bias_e{i}", b, on_step=True, on_epoch=False)
+                    pl_module.log(f"{prefix}/bias_e{i}", b, on_step=True, on_epoch=False)
+
+
+def _routing_names(pl_module: nn.Module, routers: dict[str, nn.Module]) -> dict[str, str]:
+    """Module name -> the routing name the task logs it under (``model.routers_by_name()``: ``layer1.ffn``,
+    a shared Chain-of-Experts router without its ``.it<t>``); the module name for a router the model does not
+    name."""
+    by_module: dict[int, list[str]] = {}
+    model = getattr(pl_module, "model", None)
+    if callable(getattr(model, "routers_by_name", None)):
+        for routing_name, router in model.routers_by_name().items():
+            by_module.setdefault(id(router), []).append(routing_name)
+    out = {}
+    for name, router in routers.items():
+        names = by_module.get(id(router), [])
+        if len(names) == 1:
+            out[name] = names[0]
+        elif names:
+            out[name] = names[0].rsplit(".it", 1)[0]
+        else:
+            out[name] = name.removeprefix("model.")
+    return out

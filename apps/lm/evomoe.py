@@ -1,6 +1,6 @@
 """EvoMoE schedule (arXiv 2112.14397, spec section 10): expert-diversify, then the dense-to-sparse (DTS) gate.
 
-Phase 1 trains one dense expert (expert 0 of each :class:`apps.lm.model.EvoMoEFFN`). At ``switch_step`` the
+Phase 1 trains one dense expert (expert 0 of each :class:`apps.lm.model.EvoMoELayer`). At ``switch_step`` the
 callback spawns E experts from it with :func:`spawn_experts` and switches the layer to phase 2, where the DTS
 router's temperature follows ``TemperatureSchedule``-style annealing from ``max_temperature`` to
 ``min_temperature`` over ``decay_steps``; from ``hard_step`` steps after the switch the gate is hard (top-k of
@@ -21,7 +21,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from apps.lm.model import EvoMoEFFN
+from apps.lm.model import EvoMoELayer
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,12 @@ def temperature_at(step: int, *, max_temperature: float, min_temperature: float,
     raise ValueError(f"schedule must be 'linear' or 'exp', got {schedule!r}")
 
 
-def evomoe_layers(module: torch.nn.Module) -> list[EvoMoEFFN]:
-    return [m for m in module.modules() if isinstance(m, EvoMoEFFN)]
+def evomoe_layers(module: torch.nn.Module) -> list[EvoMoELayer]:
+    return [m for m in module.modules() if isinstance(m, EvoMoELayer)]
 
 
 @torch.no_grad()
-def switch_to_sparse(layer: EvoMoEFFN, *, mask_ratio: float, seed: int) -> None:
+def switch_to_sparse(layer: EvoMoELayer, *, mask_ratio: float, seed: int) -> None:
     """Spawn the layer's E experts from expert 0 and enter phase 2."""
     bank = layer.experts
     names = ("gate_proj", "up_proj", "down_proj")
@@ -88,7 +88,7 @@ def switch_to_sparse(layer: EvoMoEFFN, *, mask_ratio: float, seed: int) -> None:
 
 
 class EvoMoECallback(L.Callback):
-    """Runs the EvoMoE schedule on every :class:`EvoMoEFFN` of the LightningModule.
+    """Runs the EvoMoE schedule on every :class:`EvoMoELayer` of the LightningModule.
 
     Args:
         switch_step: global step at which the dense expert is spawned into E experts.

@@ -1,18 +1,23 @@
 """Decoder-only MoE transformer LM. DeepSeekMoE arXiv 2401.06066; Chain-of-Experts arXiv 2506.18945;
 EvoMoE arXiv 2112.14397; MoA arXiv 2210.05144; SMHA/UoE arXiv 2503.02495.
 
-Pre-norm blocks ``x + Attn(RMSNorm(x))`` then an FFN: dense SwiGLU, a ``moe_core`` :class:`MoELayer` (any
-router, optional always-on shared experts: DeepSeekMoE fine-grained + shared), a Chain-of-Experts layer, or an
-EvoMoE layer (one dense expert that is later spawned into E experts behind a dense-to-sparse gate; see
-``apps.lm.evomoe``). Attention is standard causal multi-head attention with rotary positions (RoPE), or
-attention experts: mixture of attention heads (MoA) or selective multi-head attention (SMHA).
+Pre-norm blocks ``x + Attn(RMSNorm(x))`` then an FFN built from ``moe_core.layer`` parts (resolved in one
+place, :func:`build_ffn`): a dense SwiGLU (:class:`DenseLayer`), an :class:`MoELayer` (any router, optional
+always-on shared experts: DeepSeekMoE fine-grained + shared), a :class:`ChainOfExpertsLayer`, or an EvoMoE
+layer (one dense expert that is later spawned into E experts behind a dense-to-sparse gate; see
+``apps.lm.evomoe``). Every FFN returns a ``moe_core.types.MoEOutput``, so the block never asks which kind it
+holds and ``moe_core`` tools (upcycling, expert parallelism, merging, quantisation) can swap or wrap it.
+Attention is standard causal multi-head attention with rotary positions (RoPE), or attention experts: mixture
+of attention heads (MoA) or selective multi-head attention (SMHA).
 
 The network returns logits and routing decisions; losses live in ``apps.lm.task``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apps.lm.routing import RouterKind, build_router
+from apps.lm.routing import RouterKind, build_router, check_renamed_kwargs
 from moe_core.experts import SwiGLUExperts
-from moe_core.layer import MoELayer
-from moe_core.types import RouterOutput
+from moe_core.layer import ChainOfExpertsLayer, DenseLayer, MoELayer, SwiGLU
+from moe_core.surgery.upcycling import upcycle_model
+from moe_core.types import MoEOutput, RouterOutput
 
 FFNKind = Literal["dense", "moe", "coe", "evomoe"]
 AttentionKind = Literal["mha", "moa", "smha"]
@@ -47,7 +53,7 @@ class LMConfig:
         top_k: K routed experts per token (for top-k style routers).
         expert_hidden: H per routed expert (None: ``ffn_hidden // top_k``, i.e. matched active FFN width).
         num_shared_experts: DeepSeekMoE always-on shared experts (fused into one SwiGLU of width n * H).
-        shared_gate: sigmoid gate on the shared path (Qwen2-MoE).
+        shared_gate: sigmoid gate on the shared path (Qwen2-MoE); ``ffn: moe`` only.
         router: router kind (resolved by ``apps.lm.routing.build_router``).
         router_kwargs: extra constructor arguments of the router (e.g. ``{threshold: 0.4}`` for top-p).
         coe_iterations: Chain-of-Experts iterations C.
@@ -106,9 +112,13 @@ class LMConfig:
             raise ValueError("moe_every must be >= 1 and first_dense_layers >= 0")
         if self.coe_iterations < 1:
             raise ValueError(f"coe_iterations must be >= 1, got {self.coe_iterations}")
+        check_renamed_kwargs(self.router_kwargs)
         if self.ffn in ("moe", "coe"):
             check_causal_router(self.router, self.router_kwargs)
-
+        if self.shared_gate and self.ffn != "moe":
+            raise ValueError(
+                f"shared_gate gates the shared experts of ffn='moe' layers; ffn={self.ffn!r} has none"
+            )
 
     @property
     def resolved_expert_hidden(self) -> int:
@@ -163,20 +173,6 @@ class LMOutput:
 
     logits: torch.Tensor
     routings: list[tuple[str, RouterOutput]]
-
-
-class SwiGLU(nn.Module):
-    """Dense SwiGLU FFN ``w2(silu(w1 x) * w3 x)`` (Shazeer 2020, arXiv 2002.05202)."""
-
-    def __init__(self, *, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.dim, self.hidden_dim = dim, hidden_dim
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Rotary(nn.Module):
@@ -294,47 +290,22 @@ class SelectiveMultiHeadAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, d)), routing
 
 
-class ChainOfExpertsFFN(nn.Module):
-    """Chain-of-Experts FFN (arXiv 2506.18945, spec section 11), built from ``moe_core`` MoE layers that share
-    one expert bank (and shared experts) across iterations, with one router per iteration.
+class EvoMoELayer(nn.Module):
+    """EvoMoE FFN (arXiv 2112.14397, spec section 10) from ``moe_core`` parts: a DTS router and a SwiGLU bank.
 
-    ``z^0 = x`` (the normalised block input), ``z^t = z^{t-1} + MoE_t(z^{t-1})`` (inner residual),
-    returns ``z^C``; the block adds ``h`` when ``outer_residual`` (paper default: not).
+    Phase 1 trains expert 0 as a dense FFN (no routing); at the switch ``apps.lm.evomoe.spawn_experts`` copies
+    it into all E experts (diversified by random masks) and the dense-to-sparse router takes over. ``phase``
+    is a persistent buffer so checkpoints resume in the right phase. All E experts exist from the start so the
+    optimizer and checkpoints never change shape.
+
+    Args:
+        router: the dense-to-sparse router (``(N, D) -> RouterOutput``).
+        experts: the E-expert bank.
     """
 
-    def __init__(self, *, iterations: int, routers: list[nn.Module], experts: nn.Module,
-                 shared_experts: nn.Module | None, inner_residual: bool) -> None:
+    def __init__(self, *, router: nn.Module, experts: SwiGLUExperts) -> None:
         super().__init__()
-        self.iterations, self.inner_residual = iterations, inner_residual
-        self.routers = nn.ModuleList(routers)
-        self.experts, self.shared_experts = experts, shared_experts
-        self.layers = [MoELayer(router=r, experts=experts, shared_experts=shared_experts) for r in routers]
-
-    def _layer(self, t: int) -> MoELayer:
-        # MoELayers are views on the shared submodules (kept out of the module tree to avoid duplicate names)
-        return self.layers[t if len(self.layers) > 1 else 0]
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, list[RouterOutput]]:
-        routings = []
-        for t in range(self.iterations):
-            out = self._layer(t)(z)
-            routings.append(out.routing)
-            z = z + out.output if self.inner_residual else out.output
-        return z, routings
-
-
-class EvoMoEFFN(nn.Module):
-    """EvoMoE FFN (arXiv 2112.14397, spec section 10): phase 1 trains expert 0 as a dense FFN; at the switch
-    ``apps.lm.evomoe.spawn_experts`` copies it into all E experts (diversified by random masks) and the
-    dense-to-sparse router takes over. ``phase`` is a persistent buffer so checkpoints resume in the right
-    phase. All E experts exist from the start so the optimizer and checkpoints never change shape.
-    """
-
-    def __init__(
-        self, *, dim: int, hidden_dim: int, num_experts: int, router: nn.Module, backend: str
-    ) -> None:
-        super().__init__()
-        self.experts = SwiGLUExperts(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim, backend=backend)
+        self.experts = experts  # registered before the router: the parameter order of older checkpoints
         self.router = router
         self.register_buffer("phase", torch.tensor(1, dtype=torch.long))
 
@@ -342,20 +313,66 @@ class EvoMoEFFN(nn.Module):
     def sparse(self) -> bool:
         return int(self.phase) == 2
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput | None]:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # (N, D)
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        """x ``(B, T, D)`` or ``(N, D)`` -> MoEOutput (``routing=[]`` in phase 1)."""
+        flat = x.reshape(-1, x.shape[-1])  # (N, D)
         if not self.sparse:
             n = flat.shape[0]
             idx = torch.zeros(n, 1, dtype=torch.long, device=x.device)  # (N, 1) every token to expert 0
-            return self.experts(flat, idx, flat.new_ones(n, 1)).reshape(shape), None
+            return MoEOutput(output=self.experts(flat, idx, flat.new_ones(n, 1)).reshape(x.shape), routing=[])
         routing = self.router(flat)
-        out = self.experts(flat, routing.indices, routing.weights.to(x.dtype), routing.mask)
-        return out.reshape(shape), routing
+        out = self.experts(flat, routing.indices, routing.weights.to(x.dtype), routing.mask)  # (N, D)
+        return MoEOutput(output=out.reshape(x.shape), routing=routing)
+
+
+def build_ffn(cfg: LMConfig, index: int) -> nn.Module:
+    """The FFN of block ``index``: the one place where the FFN kind is resolved.
+
+    Every kind returns a ``MoEOutput``: ``dense`` a :class:`DenseLayer` of width ``ffn_hidden``; ``moe`` an
+    :class:`MoELayer` (router + E experts of width ``resolved_expert_hidden`` + optional shared experts and
+    shared gate); ``coe`` a :class:`ChainOfExpertsLayer` over one bank with one router per iteration (or one
+    shared router), the shared experts run every iteration; ``evomoe`` an :class:`EvoMoELayer`. The CoE outer
+    residual is left to the block (it adds the un-normalised stream, which the layer never sees).
+    """
+    kind = cfg.ffn if cfg.sparse_layer(index) else "dense"
+    if kind == "dense":
+        return DenseLayer(dim=cfg.dim, hidden_dim=cfg.ffn_hidden)
+    h = cfg.resolved_expert_hidden
+
+    def router(router_kind: str = cfg.router) -> nn.Module:
+        return build_router(router_kind, dim=cfg.dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                            kwargs=cfg.router_kwargs)
+
+    shared = SwiGLU(dim=cfg.dim, hidden_dim=cfg.num_shared_experts * h) if cfg.num_shared_experts else None
+    experts = SwiGLUExperts(
+        num_experts=cfg.num_experts, dim=cfg.dim, hidden_dim=h, backend=cfg.expert_backend
+    )
+    if kind == "moe":
+        return MoELayer(router=router(), experts=experts, shared_experts=shared, shared_gate=cfg.shared_gate)
+    if kind == "coe":
+        n_routers = cfg.coe_iterations if cfg.coe_independent_gates else 1
+        return ChainOfExpertsLayer(routers=[router() for _ in range(n_routers)], experts=experts,
+                                   num_iterations=cfg.coe_iterations, shared_experts=shared,
+                                   inner_residual=cfg.coe_inner_residual, outer_residual=False)
+    if kind == "evomoe":
+        return EvoMoELayer(router=router("dts"), experts=experts)
+    raise ValueError(f"ffn must be one of {FFNKind.__args__}, got {kind!r}")
+
+
+def ffn_routing_names(index: int, ffn: nn.Module) -> dict[str, nn.Module]:
+    """Routing name -> router module for the FFN of block ``index`` (the names ``LMOutput.routings`` uses):
+    ``layer{i}.ffn`` for a layer with one ``router``, ``layer{i}.ffn.it{t}`` per Chain-of-Experts iteration
+    (a shared CoE router appears under every iteration's name), nothing for a dense FFN."""
+    if isinstance(ffn, ChainOfExpertsLayer):
+        routers = ffn.routers
+        return {f"layer{index}.ffn.it{t}": routers[t if len(routers) > 1 else 0]
+                for t in range(ffn.num_iterations)}
+    router = getattr(ffn, "router", None)
+    return {f"layer{index}.ffn": router} if isinstance(router, nn.Module) else {}
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with a configurable attention and FFN."""
+    """Pre-norm transformer block with a configurable attention and FFN (any module returning MoEOutput)."""
 
     def __init__(self, cfg: LMConfig, index: int) -> None:
         super().__init__()
@@ -367,39 +384,10 @@ class Block(nn.Module):
             "smha": SelectiveMultiHeadAttention,
         }
         self.attn = attn[cfg.attention](cfg)
-        self.kind: FFNKind = cfg.ffn if cfg.sparse_layer(index) else "dense"
-        self.outer_residual = True
         self.drop = nn.Dropout(cfg.dropout)
-        h = cfg.resolved_expert_hidden
-        shared = (
-            SwiGLU(dim=cfg.dim, hidden_dim=cfg.num_shared_experts * h) if cfg.num_shared_experts else None
-        )
-        if self.kind == "dense":
-            self.ffn = SwiGLU(dim=cfg.dim, hidden_dim=cfg.ffn_hidden)
-        elif self.kind == "moe":
-            router = build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                                  kwargs=cfg.router_kwargs)
-            experts = SwiGLUExperts(
-                num_experts=cfg.num_experts, dim=cfg.dim, hidden_dim=h, backend=cfg.expert_backend
-            )
-            self.ffn = MoELayer(
-                router=router, experts=experts, shared_experts=shared, shared_gate=cfg.shared_gate
-            )
-        elif self.kind == "coe":
-            n_routers = cfg.coe_iterations if cfg.coe_independent_gates else 1
-            routers = [build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                                    kwargs=cfg.router_kwargs) for _ in range(n_routers)]
-            experts = SwiGLUExperts(
-                num_experts=cfg.num_experts, dim=cfg.dim, hidden_dim=h, backend=cfg.expert_backend
-            )
-            self.ffn = ChainOfExpertsFFN(iterations=cfg.coe_iterations, routers=routers, experts=experts,
-                                         shared_experts=shared, inner_residual=cfg.coe_inner_residual)
-            self.outer_residual = cfg.coe_outer_residual
-        else:  # evomoe
-            router = build_router("dts", dim=cfg.dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                                  kwargs=cfg.router_kwargs)
-            self.ffn = EvoMoEFFN(dim=cfg.dim, hidden_dim=h, num_experts=cfg.num_experts, router=router,
-                                 backend=cfg.expert_backend)
+        self.ffn = build_ffn(cfg, index)
+        # Chain-of-Experts without its outer residual (the paper's default) returns z^C, not h + z^C
+        self.ffn_residual = not isinstance(self.ffn, ChainOfExpertsLayer) or cfg.coe_outer_residual
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, RouterOutput]]]:
         routings: list[tuple[str, RouterOutput]] = []
@@ -407,21 +395,13 @@ class Block(nn.Module):
         if r is not None:
             routings.append((f"layer{self.index}.attn", r))
         h = x + self.drop(a)
-        z = self.norm2(h)
-        if self.kind == "dense":
-            return h + self.drop(self.ffn(z)), routings
-        if self.kind == "moe":
-            out = self.ffn(z)
+        out: MoEOutput = self.ffn(self.norm2(h))
+        if isinstance(out.routing, list):  # per-iteration decisions (Chain-of-Experts); [] for dense FFNs
+            routings += [(f"layer{self.index}.ffn.it{t}", r) for t, r in enumerate(out.routing)]
+        else:
             routings.append((f"layer{self.index}.ffn", out.routing))
-            return h + self.drop(out.output), routings
-        if self.kind == "coe":
-            zc, rs = self.ffn(z)
-            routings += [(f"layer{self.index}.ffn.it{t}", r) for t, r in enumerate(rs)]
-            return (h + self.drop(zc)) if self.outer_residual else self.drop(zc), routings
-        y, r = self.ffn(z)
-        if r is not None:
-            routings.append((f"layer{self.index}.ffn", r))
-        return h + self.drop(y), routings
+        y = self.drop(out.output)
+        return (h + y if self.ffn_residual else y), routings
 
 
 class TransformerLM(nn.Module):
@@ -452,8 +432,7 @@ class TransformerLM(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue  # norms keep their ones
-            last = name.rsplit(".", 1)[-1]
-            is_out = last in ("down_proj",) or name.endswith(("proj.weight", "w2.weight"))
+            is_out = name.endswith(("down_proj", "proj.weight"))  # FFN/expert down and attention outputs
             nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
 
     def routers_by_name(self) -> dict[str, nn.Module]:
@@ -462,15 +441,9 @@ class TransformerLM(nn.Module):
         bias-balancing callback finds the routers it updates."""
         out: dict[str, nn.Module] = {}
         for blk in self.blocks:
-            i = blk.index
             if isinstance(blk.attn, (MixtureOfAttentionHeads, SelectiveMultiHeadAttention)):
-                out[f"layer{i}.attn"] = blk.attn.router
-            if blk.kind in ("moe", "evomoe"):
-                out[f"layer{i}.ffn"] = blk.ffn.router
-            elif blk.kind == "coe":
-                routers = blk.ffn.routers
-                for t in range(blk.ffn.iterations):
-                    out[f"layer{i}.ffn.it{t}"] = routers[t if len(routers) > 1 else 0]
+                out[f"layer{blk.index}.attn"] = blk.attn.router
+            out.update(ffn_routing_names(blk.index, blk.ffn))
         return out
 
     def forward(self, idx: torch.Tensor) -> LMOutput:
@@ -487,16 +460,88 @@ class TransformerLM(nn.Module):
         return LMOutput(logits=self.head(self.norm(x)), routings=routings)
 
 
-def _routed_expert_bank(blk: Block) -> tuple[nn.Module | None, int]:
-    """The routed expert bank of a block's FFN and its nominal applications per token."""
-    if blk.kind == "moe":
-        return blk.ffn.experts, blk.ffn.router.top_k if hasattr(blk.ffn.router, "top_k") else 1
-    if blk.kind == "coe":
-        k = blk.ffn.routers[0].top_k if hasattr(blk.ffn.routers[0], "top_k") else 1
-        return blk.ffn.experts, k * blk.ffn.iterations
-    if blk.kind == "evomoe":
-        return blk.ffn.experts, 1 if not blk.ffn.sparse else getattr(blk.ffn.router, "top_k", 1)
-    return None, 0
+def upcycle(
+    model: TransformerLM,
+    *,
+    num_experts: int,
+    top_k: int,
+    first_dense_layers: int = 0,
+    moe_every: int = 1,
+    router_std: float = 0.02,
+    seed: int = 0,
+) -> TransformerLM:
+    """Sparse upcycling (arXiv 2212.05055) of a dense LM with ``moe_core.surgery.upcycling.upcycle_model``.
+
+    Every FFN that the returned config makes sparse becomes an :class:`MoELayer` of ``num_experts`` copies of
+    the dense FFN behind a new top-k router (``N(0, router_std)`` init). With ``top_k > 1`` the combine
+    weights are renormalised, so the upcycled model computes the dense model's function until it trains.
+
+    Args:
+        model: a trained dense :class:`TransformerLM` (``config.ffn == "dense"``; not modified).
+        num_experts: E copies per upcycled FFN.
+        top_k: K experts per token.
+        first_dense_layers: keep the first n FFNs dense.
+        moe_every: upcycle every n-th remaining FFN (the paper upcycles every other MLP: 2).
+        router_std: std of the new routers' weights.
+        seed: seed of the router init.
+
+    Returns:
+        A new :class:`TransformerLM` whose ``config`` describes it (``ffn="moe"``, ``router="topk"``,
+        ``expert_hidden=ffn_hidden``): ``TransformerLM(config=new.config)`` has its state-dict keys, so
+        :class:`apps.lm.task.LMTask` trains and checkpoints it like any MoE LM.
+    """
+    cfg = model.config
+    if cfg.ffn != "dense":
+        raise ValueError(f"upcycle needs a dense LM (config.ffn='dense'), got ffn={cfg.ffn!r}")
+    new_cfg = dataclasses.replace(
+        cfg, ffn="moe", num_experts=num_experts, top_k=top_k, expert_hidden=cfg.ffn_hidden,
+        first_dense_layers=first_dense_layers, moe_every=moe_every, router="topk", router_kwargs={},
+        num_shared_experts=0, shared_gate=False,
+    )
+    names = [f"blocks.{i}.ffn" for i in range(cfg.n_layers) if new_cfg.sparse_layer(i)]
+    new = upcycle_model(model, ffn_names=names, num_experts=num_experts, top_k=top_k, router_std=router_std,
+                        seed=seed)
+    for name in names:
+        new.get_submodule(name).experts.backend = cfg.expert_backend
+    new.config = new_cfg
+    return new
+
+
+# dense FFN weights of checkpoints written while the LM had its own SwiGLU (nn.Linear w1, w3, w2)
+_LEGACY_FFN = re.compile(r"^(?P<ffn>(?:.*\.)?blocks\.\d+\.ffn(?:\.shared_experts)?)\.w(?P<w>[123])\.weight$")
+_LEGACY_NAMES = {"1": "gate_proj", "3": "up_proj", "2": "down_proj"}
+
+
+def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Rename, in place, the FFN weights of checkpoints written before the LM used ``moe_core.layer.SwiGLU``.
+
+    ``...ffn.w1.weight (H, D)`` becomes ``...ffn.gate_proj (D, H)``, ``w3`` ``up_proj``, ``w2 (D, H)``
+    ``down_proj (H, D)``, transposed (``nn.Linear`` stores ``(out, in)``, moe_core ``x @ W``); the same for
+    ``ffn.shared_experts``. The parameter order is unchanged (w1, w3, w2 were registered in that order).
+
+    Returns:
+        old key -> new key of every renamed entry (empty for a current checkpoint).
+    """
+    renamed = {}
+    for key in list(state_dict):
+        m = _LEGACY_FFN.match(key)
+        if m:
+            new = f"{m['ffn']}.{_LEGACY_NAMES[m['w']]}"
+            state_dict[new] = state_dict.pop(key).t().contiguous()
+            renamed[key] = new
+    return renamed
+
+
+def _routed_expert_bank(ffn: nn.Module) -> tuple[nn.Module | None, int]:
+    """The routed expert bank of an FFN layer and its nominal applications per token."""
+    bank = getattr(ffn, "experts", None)
+    if bank is None or not hasattr(bank, "num_experts"):
+        return None, 0  # dense
+    if isinstance(ffn, ChainOfExpertsLayer):
+        return bank, getattr(ffn.routers[0], "top_k", 1) * ffn.num_iterations
+    if not getattr(ffn, "sparse", True):
+        return bank, 1  # EvoMoE phase 1: every token uses expert 0
+    return bank, getattr(ffn.router, "top_k", 1)
 
 
 def count_parameters(
@@ -517,13 +562,12 @@ def count_parameters(
     total = sum(p.numel() for p in model.parameters())
     active = float(total)
     for blk in model.blocks:
-        bank, k = _routed_expert_bank(blk)
+        bank, k = _routed_expert_bank(blk.ffn)
         if bank is not None:
             per = sum(p.numel() for p in bank.parameters()) / bank.num_experts
-            if active_experts is not None and f"layer{blk.index}" in active_experts:
+            sparse = getattr(blk.ffn, "sparse", True)
+            if sparse and active_experts is not None and f"layer{blk.index}" in active_experts:
                 k = active_experts[f"layer{blk.index}"]
-            if blk.kind == "evomoe" and not blk.ffn.sparse:
-                k = 1
             active -= per * (bank.num_experts - k)
         if isinstance(blk.attn, MixtureOfAttentionHeads):
             per = (blk.attn.q.weight.numel() + blk.attn.proj.weight.numel()) / blk.attn.e

@@ -8,10 +8,12 @@ top-p paper's entropy loss plus balance, nothing for a router that needs none. `
 z-loss on every routing decision. DeepSeek-V3's aux-loss-free bias is updated by
 :class:`apps.lm.callbacks.RouterBiasUpdate`, added automatically when the model has a biased router.
 
-Logs each loss term, tokens/s, per-layer expert load / load entropy / router entropy, active experts per
-token, val loss and perplexity. The tokenizer travels in the checkpoint (``checkpoint["lm_tokenizer"]``) so
-that ``apps.lm.generate`` needs nothing but the checkpoint. No device code: Lightning places tensors, so
-precision (``bf16-mixed``), gradient accumulation/clipping and DDP are trainer options.
+Logs each loss term, tokens/s, val loss and perplexity, and per routing decision every scalar of
+``moe_core.stats.routing_stats`` (load balance, load entropy, router entropy, active experts, drops) under
+``routing/<stage>/<routing name>/<statistic>``, e.g. ``routing/train/layer1.ffn/max_over_mean_load``. The
+tokenizer travels in the checkpoint (``checkpoint["lm_tokenizer"]``) so that ``apps.lm.generate`` needs
+nothing but the checkpoint. No device code: Lightning places tensors, so precision (``bf16-mixed``),
+gradient accumulation/clipping and DDP are trainer options.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.lm.callbacks import RouterBiasUpdate, biased_routers
-from apps.lm.model import LMConfig, LMOutput, TransformerLM, count_parameters
-from apps.lm.routing import routing_summary, z_loss
+from apps.lm.model import LMConfig, LMOutput, TransformerLM, count_parameters, upgrade_state_dict
+from apps.lm.routing import z_loss
+from moe_core.stats import routing_stats
 
 
 class LMTask(L.LightningModule):
@@ -48,7 +51,7 @@ class LMTask(L.LightningModule):
         w_z: weight of the router z-loss (summed over routing decisions).
         w_entropy: weight of the entropy loss a router declares (only dynamic top-p does; the paper's beta
             1e-4); 0 disables.
-        log_routing_every_n_steps: period of the per-layer routing statistics.
+        log_routing_every_n_steps: period of the training routing statistics (``routing/train/...``).
         fused_optimizer: use PyTorch's fused AdamW kernel (one pass over all parameters instead of a Python
             loop of per-tensor ops; same update). None: where every parameter is a plain tensor on CPU or
             CUDA (not under FSDP's sharded tensor subclasses).
@@ -164,18 +167,15 @@ class LMTask(L.LightningModule):
             self.log("train/tokens_per_s", batch[0].numel() / max(dt, 1e-9), on_step=True, on_epoch=False)
 
     def _log_routing(self, out: LMOutput, stage: str) -> None:
-        per_layer: dict[str, list[dict[str, torch.Tensor]]] = {}
+        """Every statistic of ``moe_core.stats.routing_stats`` per routing decision; the per-expert load
+        vector as ``expert_load_e<i>``."""
         for name, r in out.routings:
-            per_layer.setdefault(name, []).append(routing_summary(r))
-        for name, stats in per_layer.items():
-            s = stats[0]
-            self.log(f"{stage}_routing/{name}/active_experts", s["active_experts"])
-            self.log(f"{stage}_routing/{name}/load_entropy", s["load_entropy"])
-            self.log(f"{stage}_routing/{name}/router_entropy", s["router_entropy"])
-            self.log(f"{stage}_routing/{name}/max_load", s["max_load"])
-            self.log(f"{stage}_routing/{name}/max_over_mean_load", s["max_over_mean_load"])
-            for e, v in enumerate(s["load"].tolist()):
-                self.log(f"{stage}_routing/{name}/load_e{e}", v)
+            for key, v in routing_stats(r).items():
+                if v.dim() == 0:
+                    self.log(f"routing/{stage}/{name}/{key}", v)
+                else:
+                    for e, x in enumerate(v.tolist()):
+                        self.log(f"routing/{stage}/{name}/{key}_e{e}", x)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -185,8 +185,8 @@ class LMTask(L.LightningModule):
         self.log("val/balance", terms["balance"], on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         for name, r in out.routings:
             self.log(
-                f"val_routing/{name}/active_experts",
-                routing_summary(r)["active_experts"],
+                f"routing/val/{name}/active_experts",
+                routing_stats(r)["active_experts"],
                 on_epoch=True,
                 batch_size=x.shape[0],
                 sync_dist=True,
@@ -204,9 +204,14 @@ class LMTask(L.LightningModule):
 
     # -- optimisation
     # -----------------------------------------------------------------------------------------
+    def _param_groups(self) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+        """``(decay, no_decay)`` named parameters in optimizer order: matrices get weight decay, norms not."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]
+
     def configure_optimizers(self):
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        decay_named, no_decay_named = self._param_groups()
+        decay, no_decay = [p for _, p in decay_named], [p for _, p in no_decay_named]
         fused = self.fused_optimizer
         if fused is None:
             params = decay + no_decay
@@ -252,9 +257,26 @@ class LMTask(L.LightningModule):
             if cfg is not None and getattr(cfg, "vocab_size", None) is not None:
                 self.config = cfg
                 self.model = TransformerLM(config=cfg)
+        self._upgrade_legacy_checkpoint(checkpoint)
         if "lm_rng" in checkpoint and self._trainer is not None:
             torch.set_rng_state(checkpoint["lm_rng"]["torch"])
         if "lm_tokenizer" in checkpoint and self.tokenizer is None:
             from apps.lm.tokenizers import tokenizer_from_json
 
             self.tokenizer = tokenizer_from_json(checkpoint["lm_tokenizer"])
+
+    def _upgrade_legacy_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written while the LM had its own SwiGLU (``ffn.w1/w2/w3``, ``nn.Linear`` layout) load
+        into the moe_core layers: the weights are renamed and transposed
+        (``apps.lm.model.upgrade_state_dict``) and so are their AdamW moments, so that training resumes
+        exactly. Lightning calls this hook before it loads the state dict and the optimizer states."""
+        renamed = upgrade_state_dict(checkpoint.get("state_dict", {}))
+        if not renamed or self.model is None:
+            return
+        index = {n: i for i, (n, _) in enumerate(self._param_groups()[0])}  # decay group: ids 0..n-1
+        for opt in checkpoint.get("optimizer_states", []):
+            for new in renamed.values():
+                state = opt.get("state", {}).get(index.get(new, -1), {})
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor) and v.dim() == 2:
+                        state[k] = v.t().contiguous()  # exp_avg, exp_avg_sq: (out, in) -> (in, out)

@@ -41,7 +41,7 @@ def _model(**kw) -> TransformerLM:
 LM_ROUTERS = {
     "topk": {}, "topk_k1": {}, "noisy_topk": {}, "top_p": {"threshold": 0.5}, "null_expert": {"num_null": 2},
     "grouped": {"num_groups": 2}, "sigmoid_topk": {},
-    "sigmoid_topk_groups": {"n_groups": 2, "topk_groups": 1}, "dts": {},
+    "sigmoid_topk_groups": {"num_groups": 2, "topk_groups": 1}, "dts": {},
 }
 
 
@@ -97,7 +97,7 @@ def test_coe_one_iteration_with_outer_residual_equals_moe_block():
     x = torch.randint(0, V, (2, T))
     torch.testing.assert_close(coe(x).logits, moe(x).logits, rtol=0, atol=0)
     # with the paper's default (no outer residual, inner residual) the output differs
-    coe.blocks[0].outer_residual = False
+    coe.blocks[0].ffn_residual = False
     assert not torch.allclose(coe(x).logits, moe(x).logits)
 
 
@@ -185,7 +185,7 @@ def test_every_router_kind_builds_and_trains_one_step(key):
     variant = _router_variant(key)
     task = LMTask(config=LMConfig(**{**SMALL, **variant}), warmup_steps=0)
     blk = task.model.blocks[0]
-    assert type(blk.ffn.router).__name__ == _CLASSES[variant["router"]] and blk.ffn.router.num_experts == 4
+    assert type(blk.ffn.router) is _CLASSES[variant["router"]] and blk.ffn.router.num_experts == 4
     if hasattr(blk.ffn.router, "top_k"):
         assert blk.ffn.router.top_k == variant["top_k"]  # the config's k reaches every fixed-k router
     x = torch.randint(0, V, (2, T))

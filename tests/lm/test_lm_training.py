@@ -233,6 +233,6 @@ def test_aux_loss_free_bias_is_updated_from_each_steps_loads():
     for n, m in routers.items():
         torch.testing.assert_close(fitted[n].bias, m.bias, rtol=0, atol=1e-7)
     assert sum(float(m.bias.abs().sum()) for m in routers.values()) > 0  # uneven loads moved the bias
-    logged = [k for k in trainer.callback_metrics if k.startswith("train_routing/") and "bias_e0" in k]
+    logged = [k for k in trainer.callback_metrics if k.startswith("routing/train/") and "bias_e0" in k]
     assert len(logged) == TINY["n_layers"], list(trainer.callback_metrics)
     assert any(k.endswith("max_over_mean_load") for k in trainer.callback_metrics)
