@@ -42,7 +42,7 @@ import logging
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -180,6 +180,30 @@ def _scaled_down(
     return matmul(h, down) * ws
 
 
+class _SortedPairs(NamedTuple):
+    """The ``N*K`` (token, slot) pairs of one call, sorted by expert id; shared by every backend."""
+
+    flat: torch.Tensor  # (N*K,) expert id of each pair in (token, slot) order; masked pairs hold E
+    order: torch.Tensor  # (N*K,) stable sort of ``flat``: pair index at each sorted position
+    tok: torch.Tensor  # (N*K,) source token of each sorted pair
+    w: torch.Tensor  # (N*K,) combine weight of each pair in (token, slot) order, in the activation dtype
+    counts: torch.Tensor  # (E,) used pairs per expert, on device
+    k: int  # K, slots per token
+
+
+def _sort_pairs(
+    indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None, num_experts: int
+) -> _SortedPairs:
+    """One stable sort of the pairs by expert id; masked pairs get the sentinel id E and sort last."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)  # (N*K,)
+    if mask is not None:
+        flat = flat.masked_fill(~mask.reshape(-1), num_experts)  # sentinel id E sorts behind every real group
+    order = flat.argsort(stable=True)  # (N*K,)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # (E,)
+    return _SortedPairs(flat=flat, order=order, tok=order // k, w=weights.reshape(-1), counts=counts, k=k)
+
+
 class _ExpertBank(nn.Module):
     """Sort/gather/scatter shared by the banks; subclasses provide the per-expert FFN on sorted rows."""
 
@@ -246,9 +270,8 @@ class _ExpertBank(nn.Module):
         Returns:
             ``(N, D)`` mixture ``sum_k weights[t, k] * expert_{indices[t, k]}(x[t])`` over used slots.
         """
-        e, d = self._weights3d()[0].shape[
-            :2
-        ]  # from the weights: banks may be resharded or functionally called
+        # E and D from the weights: banks may be resharded or called functionally with other weights
+        e, d = self._weights3d()[0].shape[:2]
         if x.dim() != 2 or x.shape[1] != d:
             raise ValueError(f"x must have shape (N, dim={d}), got {tuple(x.shape)}")
         n = x.shape[0]
@@ -262,80 +285,100 @@ class _ExpertBank(nn.Module):
             raise ValueError(
                 f"mask must have the shape of indices {tuple(indices.shape)}, got {tuple(mask.shape)}"
             )
-        k = indices.shape[1]
-        if n == 0 or k == 0:
-            # keep the graph connected so that every parameter gets a (zero) gradient
-            return x.new_zeros(n, d) + 0.0 * sum(w.sum() for w in self._weights3d()) + 0.0 * weights.sum()
-        w = weights.to(x.dtype).reshape(-1)  # (N*K,)
-        flat = indices.reshape(-1)  # (N*K,)
-        if mask is not None:
-            flat = flat.masked_fill(~mask.reshape(-1), e)  # sentinel id E sorts behind every real group
-        order = flat.argsort(stable=True)  # (N*K,)
-        tok = order // k  # (N*K,) source token of each sorted pair
-        counts = torch.bincount(flat, minlength=e + 1)[:e]  # (E,) pairs per expert, on device
-
-        backend, counts_host = self.backend, None
+        if n == 0 or indices.shape[1] == 0:
+            return self._zeros_connected(x, weights)
+        pairs = _sort_pairs(indices, weights.to(x.dtype), mask, e)
+        backend, counts_host = self._select_backend(x, pairs.counts)
         if backend == "grouped_mm":
-            self._check_grouped_mm(x)
-        elif backend == "auto":
-            if x.device.type != "cpu" and self._grouped_mm_ok(x):
-                backend = "grouped_mm"  # accelerators: no host sync
-            else:
-                counts_host = counts.tolist()  # the single host sync of the CPU paths
-                used, cap = sum(counts_host), max(counts_host)
-                if used and e * cap <= _PAD_WASTE * used:
-                    backend = "padded"
-                else:
-                    backend = "grouped_mm" if self._grouped_mm_ok(x) else "loop"
-        if backend == "grouped_mm":
-            offs = counts.cumsum(0).to(torch.int32)  # (E,) group end rows
-            inv = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))  # (N*K,)
-            xs = _GatherSum.apply(x, tok, 1, False, inv, k, False)  # (N*K, D) sorted pairs
-            if mask is not None:
-                dead = (flat.index_select(0, order) == e)[:, None]  # (N*K, 1) masked pairs, sorted last
-                xs = xs.masked_fill(dead, 0.0)  # zeroes the kernel's undefined input-gradient rows
-            ws = w.index_select(0, order)[:, None]  # (N*K, 1) combine weights of the sorted pairs
-            if mask is None:
-                ys = self._ffn_grouped(xs, offs, ws)  # (N*K, D) weighted expert outputs
-            else:
-                # the kernel leaves rows past offs[-1] (and their input gradients) undefined: zero them before
-                # the weights touch them, so that no undefined value reaches a weight's gradient
-                ys = self._ffn_grouped(xs, offs, None).masked_fill(dead, 0.0) * ws  # (N*K, D)
-            return _GatherSum.apply(ys, inv, k, False, tok, 1, False).to(x.dtype)  # (N, D)
-
-        if counts_host is None:
-            counts_host = counts.tolist()  # the single host sync of the CPU paths
-        used, cap = sum(counts_host), max(counts_host)
-        order, tok = order[:used], tok[:used]  # (P,) drop masked pairs
+            return self._forward_grouped_mm(x, pairs, masked=mask is not None)
         if backend == "padded":
-            if used == 0:
-                return x.new_zeros(n, d) + 0.0 * sum(p.sum() for p in self._weights3d()) + 0.0 * w.sum()
-            # buffer row of sorted pair j: expert * cap + (j - start of its expert group)
-            starts = counts.cumsum(0) - counts  # (E,)
-            expert_sorted = flat.index_select(0, order)  # (P,)
-            slot = (
-                expert_sorted * cap
-                + torch.arange(used, device=x.device)
-                - starts.index_select(0, expert_sorted)
-            )
-            rows = e * cap
-            row_tok = torch.full((rows,), n, dtype=torch.long, device=x.device).index_copy_(
-                0, slot, tok
-            )  # (E*C,)
-            pair_slot = torch.full(
-                (n * k,), rows, dtype=torch.long, device=x.device
-            )  # (N*K,) masked: zero row
-            pair_slot.index_copy_(0, order, slot)
-            w_pad = w.new_zeros(rows).index_copy(0, slot, w.index_select(0, order))  # (E*C,) 0 on padding
-            masked = used < n * k
-            # dispatch: padding rows read the zero row N; backward sums each token's K buffer rows
-            xb = _GatherSum.apply(x, row_tok, 1, True, pair_slot, k, masked)  # (E*C, D)
-            yb = self._ffn_batched(xb.view(e, cap, d), w_pad.view(e, cap, 1)).reshape(rows, d)  # (E*C, D)
-            # combine: each token sums its K buffer rows; backward hands every buffer row its token's gradient
-            return _GatherSum.apply(yb, pair_slot, k, masked, row_tok, 1, True).to(x.dtype)  # (N, D)
+            return self._forward_padded(x, pairs, counts_host)
+        return self._forward_loop(x, pairs, counts_host)
+
+    def _zeros_connected(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` zeros that keep the graph connected, so every parameter gets a (zero) gradient."""
+        params = sum(w.sum() for w in self._weights3d())
+        return x.new_zeros(x.shape[0], x.shape[1]) + 0.0 * params + 0.0 * weights.sum()
+
+    def _select_backend(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[str, list[int] | None]:
+        """The backend that runs this call (``auto`` resolved; see the module docstring) and, where the choice
+        needed them, the group sizes on the host (the single host sync of the CPU paths)."""
+        if self.backend == "grouped_mm":
+            self._check_grouped_mm(x)
+            return "grouped_mm", None
+        if self.backend != "auto":
+            return self.backend, None
+        if x.device.type != "cpu" and self._grouped_mm_ok(x):
+            return "grouped_mm", None  # accelerators: no host sync
+        counts_host = counts.tolist()
+        used, cap = sum(counts_host), max(counts_host)
+        if used and len(counts_host) * cap <= _PAD_WASTE * used:
+            return "padded", counts_host
+        return ("grouped_mm" if self._grouped_mm_ok(x) else "loop"), counts_host
+
+    def _forward_grouped_mm(self, x: torch.Tensor, pairs: _SortedPairs, *, masked: bool) -> torch.Tensor:
+        """Backend ``grouped_mm``: every sorted pair through one grouped GEMM per projection, no host sync."""
+        n, d = x.shape
+        k, e = pairs.k, pairs.counts.shape[0]
+        order, tok = pairs.order, pairs.tok
+        offs = pairs.counts.cumsum(0).to(torch.int32)  # (E,) group end rows
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))  # (N*K,)
+        xs = _GatherSum.apply(x, tok, 1, False, inv, k, False)  # (N*K, D) sorted pairs
+        ws = pairs.w.index_select(0, order)[:, None]  # (N*K, 1) combine weights of the sorted pairs
+        if not masked:
+            ys = self._ffn_grouped(xs, offs, ws)  # (N*K, D) weighted expert outputs
+        else:
+            dead = (pairs.flat.index_select(0, order) == e)[:, None]  # (N*K, 1) masked pairs, sorted last
+            xs = xs.masked_fill(dead, 0.0)  # zeroes the kernel's undefined input-gradient rows
+            # the kernel leaves rows past offs[-1] (and their input gradients) undefined: zero them before
+            # the weights touch them, so that no undefined value reaches a weight's gradient
+            ys = self._ffn_grouped(xs, offs, None).masked_fill(dead, 0.0) * ws  # (N*K, D)
+        return _GatherSum.apply(ys, inv, k, False, tok, 1, False).to(x.dtype)  # (N, D)
+
+    def _forward_padded(
+        self, x: torch.Tensor, pairs: _SortedPairs, counts_host: list[int] | None
+    ) -> torch.Tensor:
+        """Backend ``padded``: the used pairs gathered into a zero-padded ``(E, C, D)`` buffer, one ``bmm``
+        per projection; one host sync for the group sizes (none when ``auto`` already read them)."""
+        n, d = x.shape
+        k, e = pairs.k, pairs.counts.shape[0]
+        if counts_host is None:
+            counts_host = pairs.counts.tolist()  # the single host sync
+        used, cap = sum(counts_host), max(counts_host)
+        if used == 0:
+            return self._zeros_connected(x, pairs.w)
+        order, tok = pairs.order[:used], pairs.tok[:used]  # (P,) drop masked pairs
+        # buffer row of sorted pair j: expert * cap + (j - start of its expert group)
+        starts = pairs.counts.cumsum(0) - pairs.counts  # (E,)
+        expert_sorted = pairs.flat.index_select(0, order)  # (P,)
+        rank = torch.arange(used, device=x.device) - starts.index_select(0, expert_sorted)  # (P,) in group
+        slot = expert_sorted * cap + rank  # (P,)
+        rows = e * cap
+        row_tok = torch.full((rows,), n, dtype=torch.long, device=x.device)  # (E*C,) padding: zero row N
+        row_tok.index_copy_(0, slot, tok)
+        pair_slot = torch.full((n * k,), rows, dtype=torch.long, device=x.device)  # (N*K,) masked: zero row
+        pair_slot.index_copy_(0, order, slot)
+        w_pad = pairs.w.new_zeros(rows).index_copy(0, slot, pairs.w.index_select(0, order))  # (E*C,)
+        masked = used < n * k
+        # dispatch: padding rows read the zero row N; backward sums each token's K buffer rows
+        xb = _GatherSum.apply(x, row_tok, 1, True, pair_slot, k, masked)  # (E*C, D)
+        yb = self._ffn_batched(xb.view(e, cap, d), w_pad.view(e, cap, 1)).reshape(rows, d)  # (E*C, D)
+        # combine: each token sums its K buffer rows; backward hands every buffer row its token's gradient
+        return _GatherSum.apply(yb, pair_slot, k, masked, row_tok, 1, True).to(x.dtype)  # (N, D)
+
+    def _forward_loop(
+        self, x: torch.Tensor, pairs: _SortedPairs, counts_host: list[int] | None
+    ) -> torch.Tensor:
+        """Backend ``loop``: one dense GEMM per non-empty expert on its contiguous slice of the used pairs;
+        one host sync for the group sizes (none when ``auto`` already read them). Any dtype."""
+        n, d = x.shape
+        if counts_host is None:
+            counts_host = pairs.counts.tolist()  # the single host sync
+        used = sum(counts_host)
+        order, tok = pairs.order[:used], pairs.tok[:used]  # (P,) drop masked pairs
         xs = x.index_select(0, tok)  # (P, D)
         ys = self._ffn_loop(xs, counts_host)  # (P, D)
-        ys = ys * w.index_select(0, order)[:, None]  # (P, D) weights scale the expert outputs
+        ys = ys * pairs.w.index_select(0, order)[:, None]  # (P, D) weights scale the expert outputs
         return x.new_zeros(n, d).index_add_(0, tok, ys.to(x.dtype))  # (N, D)
 
 
