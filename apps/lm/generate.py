@@ -1,17 +1,10 @@
 """Text generation from a trained LM checkpoint: greedy, temperature, top-k and top-p (nucleus) sampling,
-seeded.
-
-CLI (also ``moekit lm generate ...``)::
-
-    python -m apps.lm.generate --ckpt runs/lm/shakespeare_moe/last.ckpt --prompt "ROMEO:" \
-        --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
+seeded. The command line is ``moekit lm generate`` (:func:`apps.lm.commands.generate`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -105,27 +98,3 @@ def load_checkpoint(path: str | Path):
             f"checkpoint {p} carries no model config or tokenizer (was it written by apps.lm.task.LMTask?)"
         )
     return task.model.eval(), task.tokenizer
-
-
-def main(argv: Sequence[str] | None = None) -> str:
-    """``moekit lm generate`` entry point; prints and returns the text."""
-    ap = argparse.ArgumentParser(prog="moekit lm generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="checkpoint written by LMTask (e.g. last.ckpt)")
-    ap.add_argument("--prompt", default="\n", help="text to continue")
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
-    ap.add_argument("--greedy", action="store_true", help="argmax decoding")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(list(argv) if argv is not None else None)
-    model, tok = load_checkpoint(args.ckpt)
-    text = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed)
-    print(text)
-    return text
-
-
-if __name__ == "__main__":
-    main()

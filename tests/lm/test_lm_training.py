@@ -1,19 +1,26 @@
 """Training-level invariants: the EvoMoE switch preserves the dense function and the DTS gate sparsifies as
-the temperature falls; exact resume from a checkpoint; seeded generation and the generate CLI on a saved
-checkpoint."""
+the temperature falls; exact resume from a checkpoint (also from one written before the FFNs were moe_core
+layers); a trained dense checkpoint upcycled by moe_core.surgery equals the dense model and trains; seeded
+generation and the generate command on a saved checkpoint."""
 
 from __future__ import annotations
+
+import re
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
+from apps.lm import commands
 from apps.lm.data import LMDataModule
 from apps.lm.evomoe import EvoMoECallback, evomoe_layers
-from apps.lm.generate import generate, main
-from apps.lm.model import LMConfig, TransformerLM
+from apps.lm.generate import generate, load_checkpoint
+from apps.lm.model import LMConfig, TransformerLM, count_parameters, upcycle
 from apps.lm.task import LMTask
 from apps.lm.tokenizers import CharTokenizer
+from moe_core.layer import DenseLayer, MoELayer
+from moe_core.surgery.upcycling import upcycle_model
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
@@ -91,14 +98,16 @@ class _LossRecorder(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"].detach())
 
 
-def _fit(tmp_path, *, ffn: str, max_steps: int, ckpt_path=None, save_every: int | None = None):
+def _fit(tmp_path, *, ffn: str, max_steps: int, ckpt_path=None, save_every: int | None = None,
+         config: LMConfig | None = None, task: LMTask | None = None):
     text = tmp_path / "corpus.txt"
     if not text.exists():
         text.write_text(TEXT, encoding="utf-8")
     L.seed_everything(0)
     extra = dict(num_experts=4, top_k=2) if ffn != "dense" else {}
-    task = LMTask(
-        config=LMConfig(ffn=ffn, **TINY, **extra), lr=3e-3, warmup_steps=2, log_routing_every_n_steps=3
+    config = config if config is not None else LMConfig(ffn=ffn, **TINY, **extra)
+    task = task if task is not None else LMTask(
+        config=config, lr=3e-3, warmup_steps=2, log_routing_every_n_steps=3
     )
     dm = LMDataModule(
         text_path=str(text),
@@ -176,21 +185,119 @@ def test_generation_is_seeded_and_greedy_is_argmax():
         generate(model, tok, "")
 
 
-def test_generate_cli_on_saved_checkpoint(tmp_path, capsys):
+def test_generate_command_on_saved_checkpoint(tmp_path, capsys):
     task, _, trainer = _fit(tmp_path, ffn="moe", max_steps=3)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
-    text = main(["--ckpt", str(ckpt), "--prompt", "First", "--max-new-tokens", "12", "--greedy"])
+
+    def run(*argv: str) -> str:
+        capsys.readouterr()
+        commands.generate(["--ckpt", str(ckpt), *argv])
+        return capsys.readouterr().out.removesuffix("\n")  # print's newline
+
+    text = run("--prompt", "First", "--max-new-tokens", "12", "--greedy")
     assert text == generate(task.model, task.tokenizer, "First", max_new_tokens=12, greedy=True)
-    assert text in capsys.readouterr().out
-    sampled = main(
-        ["--ckpt", str(ckpt), "--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9", "--seed", "3"]
-    )
-    assert sampled == main(
-        ["--ckpt", str(ckpt), "--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9", "--seed", "3"]
-    )
+    # jsonargparse's own spellings reach the same call
+    assert run("--prompt=First", "--max_new_tokens", "12", "--greedy", "true") == text
+    sampled = run("--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9", "--seed", "3")
+    assert sampled == generate(task.model, task.tokenizer, "All:", max_new_tokens=12, top_p=0.9, seed=3)
+    assert sampled != run("--prompt", "All:", "--max-new-tokens", "12", "--top-p", "0.9", "--seed", "4")
     with pytest.raises(FileNotFoundError):
-        main(["--ckpt", str(tmp_path / "missing.ckpt")])
+        commands.generate(["--ckpt", str(tmp_path / "missing.ckpt")])
+
+
+# -- moe_core.surgery on the LM
+# ------------------------------------------------------------------------------------
+def test_trained_dense_checkpoint_upcycles_into_an_equal_moe_that_trains(tmp_path):
+    """Sparse upcycling (moe_core.surgery.upcycling) of a dense LM trained by Trainer: at init the MoE LM
+    computes the dense LM's logits (renormalised top-2 over identical experts), its config rebuilds it, and
+    it trains and checkpoints through LMTask like any MoE LM."""
+    _, _, trainer = _fit(tmp_path, ffn="dense", max_steps=4)
+    trainer.save_checkpoint(tmp_path / "dense.ckpt")
+    dense, _ = load_checkpoint(tmp_path / "dense.ckpt")
+    assert all(isinstance(b.ffn, DenseLayer) for b in dense.blocks)
+    x = torch.randint(0, dense.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = dense(x).logits
+
+    moe = upcycle(dense, num_experts=4, top_k=2).eval()
+    assert all(isinstance(b.ffn, MoELayer) for b in moe.blocks)
+    with torch.no_grad():
+        out = moe(x)
+    torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
+    assert [n for n, _ in out.routings] == ["layer0.ffn", "layer1.ffn"] == list(moe.routers_by_name())
+    assert all(not torch.allclose(r.weights[:, 0], r.weights[:, 1]) for _, r in out.routings)  # real routing
+    # raw (not renormalised) top-2 weights scale the FFN by their sum < 1: the equality above is not vacuous
+    raw = upcycle_model(dense, ffn_names=["blocks.0.ffn", "blocks.1.ffn"], num_experts=4, top_k=2,
+                        renormalize=False).eval()
+    with torch.no_grad():
+        assert (raw(x).logits - want).abs().max() > 1e-3
+    # the config describes the model: same keys, and active parameters = dense + routers + a 2nd FFN copy
+    TransformerLM(config=moe.config).load_state_dict(moe.state_dict())
+    d, h, layers = TINY["dim"], TINY["ffn_hidden"], TINY["n_layers"]
+    assert count_parameters(moe)["active"] == count_parameters(dense)["total"] + layers * (4 * d + 3 * d * h)
+
+    task = LMTask(config=moe.config, lr=3e-3, warmup_steps=2)
+    task.model.load_state_dict(moe.state_dict())
+    start = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    _, losses, trainer = _fit(tmp_path, ffn="moe", max_steps=6, task=task)
+    assert losses[6] < losses[1]
+    moved = {n for n, p in task.model.named_parameters() if not torch.equal(p.detach(), start[n])}
+    assert {"blocks.0.ffn.router.gate.weight", "blocks.1.ffn.router.gate.weight"} <= moved
+    trainer.save_checkpoint(tmp_path / "moe.ckpt")
+    reloaded, _ = load_checkpoint(tmp_path / "moe.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, task.model.eval()(x).logits, rtol=0, atol=0)
+
+
+# -- checkpoints written before the FFNs were moe_core layers
+# ------------------------------------------------------------------
+_NEW_TO_OLD = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _to_legacy(ckpt: dict, task: LMTask) -> list[str]:
+    """The checkpoint as the app's own SwiGLU wrote it: ``ffn[.shared_experts].w1/w3/w2.weight`` in the
+    ``nn.Linear`` ``(out, in)`` layout, AdamW moments likewise. Returns the legacy keys."""
+    decay = [n for n, p in task.named_parameters() if p.requires_grad and p.dim() >= 2]
+    legacy = []
+    for key in list(ckpt["state_dict"]):
+        m = re.fullmatch(r"(.*\.ffn(?:\.shared_experts)?)\.(gate_proj|up_proj|down_proj)", key)
+        if m is None:
+            continue
+        old = f"{m[1]}.{_NEW_TO_OLD[m[2]]}.weight"
+        ckpt["state_dict"][old] = ckpt["state_dict"].pop(key).t().contiguous()
+        legacy.append(old)
+        for opt in ckpt["optimizer_states"]:
+            state = opt["state"][decay.index(key)]
+            for k in ("exp_avg", "exp_avg_sq"):
+                state[k] = state[k].t().contiguous()
+    return legacy
+
+
+def test_checkpoint_from_the_apps_own_swiglu_loads_and_resumes_exactly(tmp_path):
+    """Checkpoints of the LM before its FFNs were moe_core layers (dense layer 0 and the shared experts were
+    ``w2(silu(w1 x) * w3 x)`` with ``nn.Linear`` weights) load with the same function and resume training
+    exactly: weights and AdamW moments are renamed and transposed on load."""
+    cfg = LMConfig(ffn="moe", num_experts=4, top_k=2, num_shared_experts=1, first_dense_layers=1, **TINY)
+    full, full_losses, _ = _fit(tmp_path, ffn="moe", max_steps=10, save_every=7, config=cfg)  # mid-epoch
+    ckpt = torch.load(tmp_path / "ckpt" / "step=7.ckpt", weights_only=False)
+    legacy = _to_legacy(ckpt, full)
+    assert sorted(legacy) == sorted(f"model.blocks.{i}{p}.w{w}.weight" for w in (1, 2, 3)
+                                    for i, p in ((0, ".ffn"), (1, ".ffn.shared_experts")))
+    torch.save(ckpt, tmp_path / "legacy.ckpt")
+    model, _ = load_checkpoint(tmp_path / "legacy.ckpt")
+    # the legacy tensors through the old SwiGLU formula give the loaded dense FFN's output
+    sd, z = ckpt["state_dict"], torch.randn(5, TINY["dim"])
+    old = F.linear(F.silu(F.linear(z, sd["model.blocks.0.ffn.w1.weight"])) * F.linear(
+        z, sd["model.blocks.0.ffn.w3.weight"]), sd["model.blocks.0.ffn.w2.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocks[0].ffn(z).output, old)
+    cfg_task = LMTask(config=cfg, lr=3e-3, warmup_steps=2, log_routing_every_n_steps=3)
+    _, res_losses, _ = _fit(tmp_path, ffn="moe", max_steps=10, ckpt_path=str(tmp_path / "legacy.ckpt"),
+                            task=cfg_task)
+    assert sorted(res_losses) == list(range(8, 11))
+    for step in range(8, 11):
+        assert res_losses[step] == pytest.approx(full_losses[step], rel=1e-6, abs=1e-7), step
 
 
 def test_aux_loss_free_bias_is_updated_from_each_steps_loads():
@@ -233,6 +340,6 @@ def test_aux_loss_free_bias_is_updated_from_each_steps_loads():
     for n, m in routers.items():
         torch.testing.assert_close(fitted[n].bias, m.bias, rtol=0, atol=1e-7)
     assert sum(float(m.bias.abs().sum()) for m in routers.values()) > 0  # uneven loads moved the bias
-    logged = [k for k in trainer.callback_metrics if k.startswith("routing/train/") and "bias_e0" in k]
-    assert len(logged) == TINY["n_layers"], list(trainer.callback_metrics)
-    assert any(k.endswith("max_over_mean_load") for k in trainer.callback_metrics)
+    logged = sorted(k for k in trainer.callback_metrics if k.endswith("bias_e0"))
+    assert logged == [f"routing/train/layer{i}.ffn/bias_e0" for i in range(TINY["n_layers"])], logged
+    assert "routing/train/layer0.ffn/step_max_over_mean_load" in trainer.callback_metrics

@@ -1,16 +1,18 @@
-"""The tools on the LM app's own model (apps.lm.model.TransformerLM with moe_core MoELayers)."""
+"""The tools on the LM app's own model (apps.lm.model.TransformerLM with moe_core MoELayers), as library
+calls and as the app's ``merge`` / ``quantize`` commands."""
 
 import copy
 
 import scipy.optimize  # noqa: F401 - merge_model needs it; a dev dependency, so a missing one must fail
 import torch
 
+from apps.lm import commands
 from apps.lm.model import LMConfig, TransformerLM
 from moe_core.inference.c3po import collect_pathways, remixed_logits
 from moe_core.inference.offload import offload_model
 from moe_core.inference.scmoe import greedy_generate, scmoe_generate
 from moe_core.surgery.bank import count_parameters, find_moe_blocks
-from moe_core.surgery.mcsmoe import collect_routing_stats, merge_model
+from moe_core.surgery.mcsmoe import collect_routing_stats, compress_model, merge_model
 from moe_core.surgery.quant import quantize_model_experts
 
 
@@ -70,3 +72,45 @@ def test_lm_app_model_merge_quantise_offload_scmoe_c3po():
         with torch.no_grad():
             errs.append(float((model(ids).logits - want).abs().max()))
     assert 0 < errs[0] < errs[1] / 4, errs
+
+
+def test_merge_and_quantize_commands_equal_the_library_calls(tmp_path):
+    """``moekit lm merge`` / ``quantize`` (apps.lm.commands, jsonargparse) on a saved LM: the options keep
+    their historical spellings and reach the library functions (oracle: the same calls made directly)."""
+    model = _lm()
+    calib = torch.randint(0, 29, (4, 10), generator=torch.Generator().manual_seed(1))
+    probe = torch.randint(0, 29, (2, 10), generator=torch.Generator().manual_seed(2))
+    torch.save(model, tmp_path / "moe.pt")
+    torch.save(calib, tmp_path / "calib.pt")
+
+    def run(command, out: str, *argv: str):
+        command(["--model", str(tmp_path / "moe.pt"), *argv, "--out", str(tmp_path / out)])
+        got = torch.load(tmp_path / out, weights_only=False)
+        with torch.no_grad():
+            return got, got(probe).logits
+
+    def oracle(*edits):
+        want = copy.deepcopy(model)
+        for edit in edits:
+            edit(want)
+        with torch.no_grad():
+            return want(probe).logits
+
+    def merged(m):
+        merge_model(m, collect_routing_stats(m, calib.split(2)), num_groups=3)
+
+    got, logits = run(commands.merge, "merged.pt", "--calib", str(tmp_path / "calib.pt"), "--num-groups", "3",
+                      "--batch-size", "2")
+    torch.testing.assert_close(logits, oracle(merged), rtol=0, atol=0)
+    assert count_parameters(got) < count_parameters(model)
+    _, logits = run(commands.merge, "compressed.pt", "--calib", str(tmp_path / "calib.pt"), "--num-groups",
+                    "3", "--batch-size", "2", "--rank", "2", "--keep-ratio", "0.5")
+    torch.testing.assert_close(
+        logits, oracle(merged, lambda m: compress_model(m, rank=2, keep_ratio=0.5)), rtol=0, atol=0
+    )
+    got, logits = run(commands.quantize, "q4.pt", "--bits", "4", "--group-size", "8")
+    torch.testing.assert_close(
+        logits, oracle(lambda m: quantize_model_experts(m, bits=4, group_size=8)), rtol=0, atol=0
+    )
+    with torch.no_grad():
+        assert (logits - model(probe).logits).abs().max() > 1e-4  # 4 bits really changed the experts

@@ -1,0 +1,162 @@
+"""Tool commands of the lm app: ``moekit lm generate``, ``moekit lm merge``, ``moekit lm quantize``.
+
+Each command is a typed function parsed by jsonargparse (its signature gives the options, its docstring the
+help) that calls library functions: :func:`apps.lm.generate.generate`,
+:func:`moe_core.surgery.mcsmoe.merge_model` / :func:`~moe_core.surgery.mcsmoe.compress_model`,
+:func:`moe_core.surgery.quant.quantize_model_experts`. Options keep the spellings the commands have always
+accepted (``--max-new-tokens``; jsonargparse's ``--max_new_tokens`` works too), and a boolean option works as
+a bare flag (``--greedy``) or with a value (``--greedy true``)::
+
+    moekit lm generate --ckpt runs/lm/shakespeare_moe/last.ckpt --prompt "ROMEO:" --max-new-tokens 200 \\
+        --temperature 0.8 --top-k 40 --seed 0
+    moekit lm merge --model moe.pt --calib calib_ids.pt --num-groups 4 --out merged.pt
+    moekit lm quantize --model moe.pt --bits 4 --group-size 64 --out quantized.pt
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+
+import torch
+from jsonargparse import CLI
+
+from apps.lm.generate import generate as generate_text
+from apps.lm.generate import load_checkpoint
+from moe_core.surgery.mcsmoe import collect_routing_stats, compress_model, merge_model
+from moe_core.surgery.quant import quantize_model_experts
+
+log = logging.getLogger(__name__)
+
+__all__ = ["generate", "merge", "quantize"]
+
+_BOOL_WORDS = {"true", "false", "yes", "no"}
+
+
+def generate(argv: list[str] | None = None) -> None:
+    """``moekit lm generate``: continue a prompt with a trained LM checkpoint; prints the text."""
+    _run(generate_from_checkpoint, argv, prog="moekit lm generate")
+
+
+def merge(argv: list[str] | None = None) -> None:
+    """``moekit lm merge``: MC-SMoE merge (and optional LoSparse compression) of a saved MoE model."""
+    _run(merge_saved_model, argv, prog="moekit lm merge")
+
+
+def quantize(argv: list[str] | None = None) -> None:
+    """``moekit lm quantize``: bit-nested INT8 quantisation of a saved MoE model's experts."""
+    _run(quantize_saved_model, argv, prog="moekit lm quantize")
+
+
+def generate_from_checkpoint(
+    *,
+    ckpt: str,
+    prompt: str = "\n",
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = 0,
+) -> str:
+    """Continue a prompt with a trained LM checkpoint; prints and returns the prompt plus its continuation.
+
+    Args:
+        ckpt: checkpoint written by ``apps.lm.task.LMTask`` (e.g. ``last.ckpt``); it carries the tokenizer.
+        prompt: text to continue.
+        max_new_tokens: tokens to sample.
+        temperature: softmax temperature (> 0) for sampling.
+        top_k: keep only the k most likely tokens.
+        top_p: keep the smallest set of tokens whose probability reaches p (nucleus sampling).
+        greedy: argmax decoding (ignores temperature, top_k, top_p).
+        seed: seed of the sampler (same seed, same text); null: unseeded.
+    """
+    model, tok = load_checkpoint(ckpt)
+    text = generate_text(model, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, greedy=greedy, seed=seed)
+    print(text)
+    return text
+
+
+def merge_saved_model(
+    *,
+    model: str,
+    calib: str,
+    num_groups: int,
+    out: str,
+    rank: int = 0,
+    keep_ratio: float = 0.1,
+    batch_size: int = 16,
+) -> None:
+    """MC-SMoE merge (arXiv 2310.01334) of a saved MoE model, then optional low-rank + sparse compression.
+
+    Args:
+        model: a whole pickled ``nn.Module`` (``torch.save(model)``) with moekit or HF MoE blocks.
+        calib: a saved ``(B, T)`` long tensor of calibration token ids fed to ``model(ids)``.
+        num_groups: experts left per MoE block after merging.
+        out: where to ``torch.save`` the merged model.
+        rank: LoSparse rank of the compression (0: no compression).
+        keep_ratio: fraction of sparse entries kept by the compression.
+        batch_size: calibration sequences per forward pass.
+    """
+    net = torch.load(model, weights_only=False).eval()
+    ids = torch.load(calib)
+    merge_model(net, collect_routing_stats(net, ids.split(batch_size)), num_groups=num_groups)
+    if rank > 0:
+        compress_model(net, rank=rank, keep_ratio=keep_ratio)
+    torch.save(net, out)
+    log.info("merged model written to %s", out)
+
+
+def quantize_saved_model(*, model: str, out: str, bits: int = 8, group_size: int | None = None) -> None:
+    """Bit-nested INT8 quantisation of a saved MoE model's experts (every bit width read from one code).
+
+    Args:
+        model: a whole pickled ``nn.Module`` (``torch.save(model)``) with moekit or HF MoE blocks.
+        out: where to ``torch.save`` the quantised model.
+        bits: bit width the experts run at (1..8).
+        group_size: quantisation group along the input dimension (null: one scale per output row).
+    """
+    net = torch.load(model, weights_only=False).eval()
+    banks = quantize_model_experts(net, bits=bits, group_size=group_size)
+    log.info("expert storage at %d bits: %d bytes", bits, sum(b.storage_bytes() for b in banks))
+    torch.save(net, out)
+
+
+def _run(fn: Callable[..., object], argv: list[str] | None, *, prog: str) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    CLI(fn, args=_jsonargparse_spelling(args, fn), as_positional=False, prog=prog)
+
+
+def _jsonargparse_spelling(argv: list[str], fn: Callable[..., object]) -> list[str]:
+    """Rewrite the commands' historical spellings into jsonargparse's.
+
+    ``--max-new-tokens 3`` becomes ``--max_new_tokens 3`` and a bare boolean flag ``--greedy`` becomes
+    ``--greedy=true`` (jsonargparse wants a value). Only ``fn``'s own options are rewritten; every option's
+    value is passed on verbatim (a prompt may start with ``--``).
+    """
+    params = inspect.signature(fn).parameters
+    bools = {n for n, p in params.items() if p.annotation in (bool, "bool")}
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        name, eq, value = tok[2:].partition("=") if tok.startswith("--") else ("", "", "")
+        key = name.replace("-", "_")
+        if key not in params:
+            out.append(tok)
+            continue
+        if key in bools and not eq:
+            if i < len(argv) and argv[i].lower() in _BOOL_WORDS:
+                out += [f"--{key}", argv[i]]
+                i += 1
+            else:
+                out.append(f"--{key}=true")
+            continue
+        out.append(f"--{key}{eq}{value}")
+        if not eq and i < len(argv):  # the option's value, verbatim
+            out.append(argv[i])
+            i += 1
+    return out
