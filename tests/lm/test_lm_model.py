@@ -1,17 +1,24 @@
 """Model invariants: causality for every block kind, CoE(C=1, outer residual) == standard MoE block, SMHA with
-all heads == MHA, parameter counting against a dense model, a tiny model overfits one batch."""
+all heads == MHA, parameter counting against a dense model, a tiny model overfits one batch; every FFN kind is
+a moe_core layer returning MoEOutput; routing statistics come from moe_core.stats; renamed router arguments
+are refused by name."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 from apps.lm.evomoe import evomoe_layers, switch_to_sparse
-from apps.lm.model import LMConfig, TransformerLM, count_parameters
-from apps.lm.routing import _CLASSES
+from apps.lm.model import EvoMoELayer, LMConfig, TransformerLM, count_parameters
+from apps.lm.routing import _CLASSES, build_router
 from apps.lm.task import LMTask
+from moe_core.experts import SwiGLUExperts
+from moe_core.layer import ChainOfExpertsLayer, DenseLayer, MoELayer
+from moe_core.stats import routing_stats
+from moe_core.types import MoEOutput
 
 V, T = 23, 12
 SMALL = dict(vocab_size=V, context_len=T, dim=16, n_layers=2, n_heads=2, ffn_hidden=32)
@@ -303,3 +310,62 @@ def test_fused_optimizer_gives_the_same_update_as_the_loop():
         params[fused] = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
     torch.testing.assert_close(params[True], params[False], rtol=1e-5, atol=1e-6)
     assert LMTask(config=LMConfig(**SMALL)).configure_optimizers()["optimizer"].defaults["fused"] is True
+
+
+FFN_LAYERS = {"dense": DenseLayer, "moe": MoELayer, "coe": ChainOfExpertsLayer, "evomoe": EvoMoELayer}
+
+
+@pytest.mark.parametrize("ffn", list(FFN_LAYERS))
+def test_every_ffn_kind_is_a_moe_core_layer_returning_moe_output(ffn):
+    """The FFN slot holds moe_core.layer parts (EvoMoE: a DTS router and a moe_core bank) and always returns
+    MoEOutput: the block never asks which kind it holds, and routing names follow the routings returned."""
+    kw = {"dense": {}, "moe": dict(num_shared_experts=1), "coe": dict(coe_iterations=3),
+          "evomoe": {}}[ffn]
+    m = _model(ffn=ffn, num_experts=4, top_k=2, first_dense_layers=1, **kw)
+    assert isinstance(m.blocks[0].ffn, DenseLayer)
+    ffn_layer = m.blocks[1].ffn
+    assert type(ffn_layer) is FFN_LAYERS[ffn]
+    if ffn != "dense":
+        assert isinstance(ffn_layer.experts, SwiGLUExperts)
+    z = torch.randn(2, T, SMALL["dim"])
+    out = ffn_layer(z)
+    assert isinstance(out, MoEOutput) and out.output.shape == z.shape
+    want = {"dense": 0, "moe": 1, "coe": 3, "evomoe": 1}[ffn]
+    assert len(out.routings()) == want
+    names = [n for n, _ in m(torch.randint(0, V, (2, T))).routings]
+    assert names == list(m.routers_by_name()) and len(names) == want
+
+
+def test_routing_statistics_are_moe_core_stats_under_one_prefix():
+    """The task logs every scalar of moe_core.stats.routing_stats (and the per-expert load) under
+    routing/<stage>/<routing name>/<statistic>; nothing under the old train_routing/ names."""
+    torch.manual_seed(0)
+    task = LMTask(config=LMConfig(**{**SMALL, **VARIANTS["coe"]}))
+    logged: dict[str, float] = {}
+    task.log = lambda key, value, **kw: logged.__setitem__(key, float(value))
+    out = task.model.train()(torch.randint(0, V, (3, T)))
+    task._log_routing(out, "train")
+    want = {}
+    for name, r in out.routings:
+        for key, v in routing_stats(r).items():
+            if v.dim() == 0:
+                want[f"routing/train/{name}/{key}"] = float(v)
+            else:
+                want.update({f"routing/train/{name}/{key}_e{e}": x for e, x in enumerate(v.tolist())})
+    assert logged == pytest.approx(want)
+    assert "routing/train/layer1.ffn.it1/load_entropy" in logged
+    assert "routing/train/layer0.ffn.it0/entropy" in logged
+    r = out.routings[0][1]
+    load = r.counts().double() / r.counts().sum()
+    ent = float(-(load * load.clamp_min(1e-30).log()).sum() / math.log(4))  # oracle of load_entropy
+    assert logged["routing/train/layer0.ffn.it0/load_entropy"] == pytest.approx(ent, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("n_groups", "num_groups"), ("route_scale", "routed_scaling_factor")]
+)
+def test_renamed_router_kwargs_raise_naming_the_new_name(old, new):
+    with pytest.raises(ValueError, match=f"router_kwargs.{old} was renamed {new}"):
+        LMConfig(**{**SMALL, "ffn": "moe", "router": "sigmoid_topk", "router_kwargs": {old: 2}})
+    with pytest.raises(ValueError, match=f"router_kwargs.{old} was renamed {new}"):
+        build_router("sigmoid_topk", dim=8, num_experts=4, top_k=2, kwargs={old: 2})
