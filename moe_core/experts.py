@@ -2,7 +2,8 @@
 
 Gated expert FFNs as in Mixtral (arXiv 2401.04088) and DeepSeekMoE (arXiv 2401.06066); the dispatch layout
 (sort pairs by expert, grouped GEMM, combine) follows MegaBlocks (arXiv 2211.15841) and the DeepSeek-V2
-``moe_infer`` loop. Backend choice, masking, padding and the gather-only autograd are our design (spec §25).
+``moe_infer`` loop. Backend choice, masking, padding and the gather-only autograd are our design [D];
+``docs/moe_core.md`` lists what the kernels require and how the backends ranked on CPU [M].
 
 Every bank computes, for ``x (N, D)``, ``indices (N, K)``, ``weights (N, K)`` and optional ``mask (N, K)``::
 

@@ -3,7 +3,8 @@
 Papers (arXiv ids): Switch 2101.03961 (balance), ST-MoE 2202.08906 (z-loss), DeepSeekMoE 2401.06066 and
 DeepSeek-V2/V3 2405.04434 / 2412.19437 (expert/device-level and sequence-wise balance), AdaMoE 2406.13233
 (null experts), dynamic top-p 2403.07652 (entropy loss), Shazeer 2017 1701.06538 (importance/load CV^2).
-Formulas and the table of normalisations: ``../shared/spec/moe_core.md`` sections 2, 5, 6, 12, 13.
+Each function's docstring gives its formula; ``docs/moe_core.md`` compares our normalisation with other
+implementations' (values at perfect balance) and explains the provenance tags ([P], [U], [D], [M], ...).
 
 Every function returns an unweighted scalar (the caller, e.g. an app's ``task.py``, multiplies it by its
 coefficient), computes in float32, and nothing is stored anywhere. Hard assignment counts ``f`` carry no
@@ -101,13 +102,14 @@ def switch_balance_loss(
 ) -> torch.Tensor:
     """Switch-Transformer load-balancing loss, top-k form ``E * sum_i f_i P_i``.
 
-    Normalisation (our choice, spec section 5): ``f_i`` = share of all used (token, slot) pairs that went to
-    expert i (so ``sum_i f_i = 1`` for any k; hard, no gradient); ``P_i`` = mean over tokens of ``probs[:,
-    i]`` (soft). This equals Switch's top-1 loss for k = 1, DeepSpeed's ``topkgating`` loss ``E^2/k * mean(me
-    * ce)`` and the DeepSeekMoE expert-level loss ``sum_i f'_i P_i`` with ``f'_i = E/(kT) count_i``. **Value
-    at perfect balance (uniform P and every expert receiving ``T k / E`` pairs) is 1 for every k**; complete
-    collapse onto one expert with probability 1 gives E. (HF Mixtral's ``load_balancing_loss_func`` is k times
-    this.) Only the first E columns of ``probs`` are used (null experts have their own loss).
+    Normalisation (our choice [D]; other codes' factors are tabulated in ``docs/moe_core.md``): ``f_i`` =
+    share of all used (token, slot) pairs that went to expert i (so ``sum_i f_i = 1`` for any k; hard, no
+    gradient); ``P_i`` = mean over tokens of ``probs[:, i]`` (soft). This equals Switch's top-1 loss for k =
+    1, DeepSpeed's ``topkgating`` loss ``E^2/k * mean(me * ce)`` and the DeepSeekMoE expert-level loss ``sum_i
+    f'_i P_i`` with ``f'_i = E/(kT) count_i``. **Value at perfect balance (uniform P and every expert
+    receiving ``T k / E`` pairs) is 1 for every k**; complete collapse onto one expert with probability 1
+    gives E. (HF Mixtral's ``load_balancing_loss_func`` is k times this.) Only the first E columns of
+    ``probs`` are used (null experts have their own loss).
 
     Global-batch balancing (arXiv 2501.11873): pass ``counts`` ``(E,)`` summed over micro-batches and
     data-parallel ranks (the caller all-reduces, e.g. ``routing.counts()``); ``f`` then comes from those
@@ -134,7 +136,7 @@ def switch_balance_loss(
 
 
 def router_z_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE router z-loss ``(1/T) sum_t (logsumexp_j z_{t,j})^2`` (spec section 6).
+    """ST-MoE router z-loss ``(1/T) sum_t (logsumexp_j z_{t,j})^2`` (arXiv 2202.08906).
 
     Uses ``routing.logits`` (including null-expert columns when present). Gradient
     ``dL/dz_{t,j} = (2/T) logsumexp(z_t) softmax(z_t)_j``; zero logits give ``(log E)^2``.
@@ -160,7 +162,7 @@ def deepseek_balance_loss(
     normalize_scores: bool = False,
     token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DeepSeekMoE balance losses (arXiv 2401.06066 section 3.3; DeepSeek-V2/V3; spec sections 5, 7, 9).
+    """DeepSeekMoE balance losses (arXiv 2401.06066 §3.3; DeepSeek-V2 2405.04434, V3 2412.19437).
 
     Expert level: ``sum_i f_i P_i`` with ``f_i = E / (K T) * count_i`` (K = mean used slots per token, so
     ``f_i = E * count_i / pairs``) and ``P_i = mean_t s_{t,i}``; equals :func:`switch_balance_loss`; 1 at
@@ -207,7 +209,7 @@ def deepseek_balance_loss(
 def null_expert_balance_loss(
     routing: RouterOutput, *, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """AdaMoE null-expert-aware balance loss (arXiv 2406.13233, ``CengZihao/AdaMoE: exp_1``; spec section 13).
+    """AdaMoE null-expert-aware balance loss (arXiv 2406.13233, ``CengZihao/AdaMoE: exp_1``).
 
     Switch form over all ``E + m`` buckets, ``(E + m) * sum_i f_i P_i`` with ``f_i`` = share of the k' picks
     per token that went to bucket i and ``P_i`` = mean of ``probs[:, i]``, except that every null expert's
@@ -242,7 +244,7 @@ def top_p_entropy_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None
     """Dynamic-routing loss ``L_dyn`` of arXiv 2403.07652: mean over tokens of ``-sum_i P_i log P_i``.
 
     Minimising it sharpens the router so that top-p routing activates fewer experts. Range
-    ``[0, log E]``; 0 for one-hot probabilities (spec section 12).
+    ``[0, log E]``; 0 for one-hot probabilities.
 
     Args:
         routing: a RouterOutput (any router with ``probs``).
@@ -273,8 +275,8 @@ def noisy_load_importance_loss(
     w_load: float = 1.0,
     token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Shazeer et al. 2017 importance and load losses, ``w_imp CV(Importance)^2 + w_load CV(Load)^2`` (spec
-    2).
+    """Shazeer et al. importance and load losses (arXiv 1701.06538), ``w_imp CV(Importance)^2 + w_load
+    CV(Load)^2``.
 
     ``Importance_i = sum_t G(x_t)_i`` (the combine weights), ``Load_i = sum_t P(x_t, i)`` with the smooth
     load probabilities ``aux["load_probs"]`` from ``NoisyTopKRouter``. Both terms are 0 when importance and
@@ -299,7 +301,7 @@ def noisy_load_importance_loss(
 
 def dts_balance_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """EvoMoE dense-to-sparse gate balance loss as the paper's code computes it (arXiv 2112.14397;
-    ``codecaution/EvoMoE: fairseq/modules/moe/topkgate.py`` ``topkgating``; spec section 10).
+    ``codecaution/EvoMoE: fairseq/modules/moe/topkgate.py`` ``topkgating``).
 
     GShard/Switch form on the active mask: ``E^2 mean_i(me_i ce_i) = E sum_i me_i ce_i`` with ``me_i`` = mean
     over tokens of the combine weight of expert i (``active * softmax(z)``, or ``active * gg`` with Gumbel

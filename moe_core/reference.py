@@ -112,7 +112,7 @@ def _linear_row(linear: torch.nn.Linear, k: int, x: torch.Tensor) -> torch.Tenso
 def _bank_expert(bank: torch.nn.Module, e: int, rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """Expert ``e`` of a ``DenseMLPExperts`` bank on every row: ``act(norm(x W_e + b_e))`` per layer.
 
-    Expert normalisation [HoME §expert normalisation, our reading]: BatchNorm of each expert unit between the
+    Expert normalisation (HoME, our reading [R]): BatchNorm of each expert unit between the
     linear map and the activation, on every layer. In training mode the statistics are the batch mean and
     the biased batch variance of that unit over ``rows`` (what BatchNorm normalises with); in eval mode the
     running statistics. ``"ln"``: LayerNorm over one expert's units of one row.

@@ -3,10 +3,10 @@
 Papers (arXiv ids): top-k softmax gating GShard 2006.16668, Switch 2101.03961, Mixtral 2401.04088; capacity
 dropping Switch/DeepSpeed; noisy top-k 1701.06538; expert choice 2202.09368; dynamic top-p 2403.07652; AdaMoE
 null experts 2406.13233; MoGE 2505.21411; DeepSeek-V2 2405.04434 / V3 2412.19437 (group-limited, aux-loss-free
-bias 2408.15664); EvoMoE dense-to-sparse gate 2112.14397. Formulas, defaults and invariants:
-``../shared/spec/moe_core.md`` sections 1-4, 7, 8, 10, 12-14.
+bias 2408.15664); EvoMoE dense-to-sparse gate 2112.14397. Each router's docstring gives its formulas and
+defaults; ``docs/moe_core.md`` lists the papers and the provenance tags ([P], [C], [U], [D], ...).
 
-Common contract (spec section 0):
+Common contract:
 
 * ``forward(x (N, D)) -> RouterOutput``; attributes ``dim`` (D), ``num_experts`` (E) and ``gate`` (an
   ``nn.Linear(D, E, bias=False)`` holding the router weight ``W_g (E, D)``).
@@ -162,13 +162,14 @@ def capacity_positions(indices: torch.Tensor, priority: torch.Tensor, num_expert
 class TopKRouter(_GateMixin):
     """Token-choice softmax top-k router, optionally with an expert capacity and token dropping.
 
-    ``s = softmax(x W_g^T)``; each token picks its K largest ``s`` (spec section 1). Weights are the selected
-    probabilities, renormalised to sum to 1 (Mixtral, GShard, DeepSpeed ``topkgating``) or raw (Switch,
-    Qwen2-MoE ``norm_topk_prob=False``), then multiplied by ``routed_scaling_factor`` (DeepSeek-V2; 1 by
-    default). By default top-1 is raw (Switch, DeepSpeed ``top1gating``) and K > 1 renormalised: a single
-    renormalised probability is the constant 1, which leaves the router without task-loss gradient.
+    ``s = softmax(x W_g^T)``; each token picks its K largest ``s`` (GShard 2006.16668, Switch 2101.03961,
+    Mixtral 2401.04088). Weights are the selected probabilities, renormalised to sum to 1 (Mixtral, GShard,
+    DeepSpeed ``topkgating``) or raw (Switch, Qwen2-MoE ``norm_topk_prob=False``), then multiplied by
+    ``routed_scaling_factor`` (DeepSeek-V2; 1 by default). By default top-1 is raw (Switch, DeepSpeed
+    ``top1gating``) and K > 1 renormalised: a single renormalised probability is the constant 1, which leaves
+    the router without task-loss gradient.
 
-    Capacity (spec section 4; ``capacity_factor=None`` is dropless, the default): each expert takes at most
+    Capacity (Switch, DeepSpeed; ``capacity_factor=None`` is dropless, the default): each expert takes at most
     ``C = max(ceil(N / E * capacity_factor * K), min_capacity)`` (token, slot) pairs (DeepSpeed's
     ``_capacity``). ``drop_policy="position"``: pairs are served in slot-major order, all first choices before
     any second choice, earlier tokens first (DeepSpeed adds the first-choice counts to the second-choice
@@ -284,7 +285,7 @@ class TopKRouter(_GateMixin):
 
 
 class NoisyTopKRouter(_GateMixin):
-    """Noisily gated top-k (Shazeer et al. 2017, arXiv 1701.06538; spec section 2).
+    """Noisily gated top-k (Shazeer et al. 2017, arXiv 1701.06538).
 
     ``H = x W_g + eps * (softplus(x W_noise) + noise_epsilon)`` with ``eps ~ N(0, 1)`` in training only;
     ``G = softmax(KeepTopK(H, K))``, i.e. the top-K entries of ``softmax(H)`` renormalised. ``logits`` holds
@@ -374,7 +375,7 @@ class NoisyTopKRouter(_GateMixin):
 
 
 class ExpertChoiceRouter(_GateMixin):
-    """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368; spec section 3).
+    """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368).
 
     ``S = softmax(X W_g^T) (N, E)``; every expert takes its ``k_e`` highest-scoring tokens of the group with
     ``k_e = min(N, ceil(N * capacity_factor / E))`` (the paper writes ``n c / E``; rounding up is our
@@ -428,7 +429,7 @@ class ExpertChoiceRouter(_GateMixin):
 
 
 def top_p_mask(sorted_probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Minimal-prefix mask of descending-sorted probabilities (dynamic top-p, spec section 12).
+    """Minimal-prefix mask of descending-sorted probabilities (dynamic top-p, arXiv 2403.07652).
 
     Keeps slot j when the mass strictly before it is ``<= threshold``: the prefix ends at the first slot whose
     cumulative mass is ``> threshold`` (strict; that crossing slot is included); no crossing keeps every slot.
@@ -447,7 +448,7 @@ def top_p_mask(sorted_probs: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class TopPRouter(_GateMixin):
-    """Dynamic top-p routing ("Harder Tasks Need More Experts", arXiv 2403.07652; spec section 12).
+    """Dynamic top-p routing ("Harder Tasks Need More Experts", arXiv 2403.07652).
 
     ``P = softmax(x W_g^T)``, sorted descending; the token uses the minimal prefix whose mass is ``>
     threshold`` (the crossing expert included; no crossing uses all E). Weights are the raw probabilities, not
@@ -490,7 +491,7 @@ class TopPRouter(_GateMixin):
 
 
 class NullExpertRouter(_GateMixin):
-    """AdaMoE null experts (arXiv 2406.13233; spec section 13).
+    """AdaMoE null experts (arXiv 2406.13233).
 
     ``s = softmax([x W_g^T ; x W_null^T]) (N, E + m)`` over E true and m null experts (a null expert outputs 0
     and has no parameters besides its router row); each token picks its top-``top_k`` (k') entries. Selected
@@ -553,7 +554,7 @@ class NullExpertRouter(_GateMixin):
 
 
 class GroupedRouter(_GateMixin):
-    """Mixture of Grouped Experts (MoGE, Pangu Pro MoE, arXiv 2505.21411; spec section 14).
+    """Mixture of Grouped Experts (MoGE, Pangu Pro MoE, arXiv 2505.21411).
 
     ``S = softmax(x W_g^T)`` over all E experts; experts are split into ``num_groups`` contiguous equal groups
     (one per device); each token picks the top ``K' = top_k / num_groups`` experts inside every group, so
@@ -609,8 +610,7 @@ class GroupedRouter(_GateMixin):
 
 
 class SigmoidTopKRouter(_GateMixin):
-    """DeepSeek-V3 gate: sigmoid scores, group-limited selection, auxiliary-loss-free bias (spec sections 7,
-    8).
+    """DeepSeek-V3 gate: sigmoid scores, group-limited selection, auxiliary-loss-free bias (arXiv 2412.19437).
 
     Paper/code (arXiv 2412.19437, ``deepseek-ai/DeepSeek-V3: inference/model.py`` ``Gate``):
 
@@ -774,7 +774,7 @@ def dts_gate(
     hard: bool = False,
     top_k: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EvoMoE dense-to-sparse activation for given Gumbel noise (spec section 10).
+    """EvoMoE dense-to-sparse activation for given Gumbel noise (arXiv 2112.14397).
 
     ``gg = softmax((z + g) / temperature)``; soft phase: ``active = gg > threshold``; hard phase: the
     top-``top_k`` of ``gg`` (one-hot for ``top_k=1``, the repo's ``onehot(argmax gg)``).
@@ -808,7 +808,7 @@ def sample_gumbel(like: torch.Tensor, generator: torch.Generator | None = None) 
 
 
 class DenseToSparseRouter(_GateMixin):
-    """EvoMoE Dense-To-Sparse (DTS) gate (arXiv 2112.14397; ``codecaution/EvoMoE`` ``topkgating``; spec 10).
+    """EvoMoE Dense-To-Sparse (DTS) gate (arXiv 2112.14397; ``codecaution/EvoMoE`` ``topkgating``).
 
     Training: ``gg = softmax((z + Gumbel) / temperature)``; soft phase (``hard=False``) activates every expert
     with ``gg > threshold``; hard phase activates the top-``top_k`` of ``gg``. Weights ``= active *
@@ -887,13 +887,13 @@ class DenseToSparseRouter(_GateMixin):
 
 
 class TemperatureSchedule:
-    """EvoMoE temperature schedule ``step -> tau`` (``codecaution/EvoMoE: fairseq_cli/train.py``; spec 10).
+    """EvoMoE temperature schedule ``step -> tau`` (arXiv 2112.14397; code ``codecaution/EvoMoE``).
 
-    ``linear``: ``tau(u) = max(tau_max - u (tau_max - tau_min) / decay_steps, tau_min)``;
-    ``exp``: ``tau(u) = max(tau_max * exp(u ln(tau_min / tau_max) / decay_steps), tau_min)``.
-    Defaults follow the repo's CLI (``max_temperature=1.0, min_temperature=0.5``); ``decay_steps`` (D in the
-    formulas above) has no verified default and must be given. :meth:`is_hard` says whether the hard phase
-    has started (``hard_from_step``, the repo's ``switch_to_hard_gumbel_softmax``; None = never, 0 = the
+    As ``fairseq_cli/train.py`` computes it: ``linear``: ``tau(u) = max(tau_max - u (tau_max - tau_min) /
+    decay_steps, tau_min)``; ``exp``: ``tau(u) = max(tau_max * exp(u ln(tau_min / tau_max) / decay_steps),
+    tau_min)``. Defaults follow the repo's CLI (``max_temperature=1.0, min_temperature=0.5``); ``decay_steps``
+    (D in the formulas above) has no verified default and must be given. :meth:`is_hard` says whether the hard
+    phase has started (``hard_from_step``, the repo's ``switch_to_hard_gumbel_softmax``; None = never, 0 = the
     repo's -1).
 
     Args:

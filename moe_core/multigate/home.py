@@ -45,9 +45,10 @@ class HoME(nn.Module):
     """Hierarchy of Multi-Gate Experts (HoME, arXiv 2408.05430) with every mechanism switchable.
 
     The paper names the mechanisms below; only its abstract and secondary write-ups could be read, so every
-    equation is moekit's reading (``spec/recsys.md`` §1.3, tags [R]). ``moe_core.reference.home_reference``
-    implements the same readings one row and one expert at a time, and the tests hold this module to it
-    (float64, 1e-10, forward and gradients). Notation: ``c(t)`` the category of task t, ``⊕`` concatenation.
+    equation is moekit's reading, tagged [R] (legend in ``docs/moe_core.md``).
+    ``moe_core.reference.home_reference`` implements the same readings one row and one expert at a time, and
+    the tests hold this module to it (float64, 1e-10, forward and gradients). Notation: ``c(t)`` the category
+    of task t, ``⊕`` concatenation.
 
     * Expert normalisation + Swish (``expert_norm``, ``activation``): ``E(x) = Swish(BN(x W + b))``. Reading:
       BN sits between the linear map and the activation, and on *every* layer of a multi-layer expert (the

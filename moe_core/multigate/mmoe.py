@@ -14,9 +14,9 @@ __all__ = ["MMoE", "SharedBottom"]
 
 
 class MMoE(nn.Module):
-    """Multi-gate Mixture-of-Experts [paper]: ``y_k = h_k(Σ_i softmax(W_gk v)_i f_i(v))``.
+    """Multi-gate Mixture-of-Experts [P]: ``y_k = h_k(Σ_i softmax(W_gk v)_i f_i(v))``.
 
-    Gates are one linear layer + softmax on the input [paper]; experts identical MLPs (ReLU by default).
+    Gates are one linear layer + softmax on the input [P]; experts identical MLPs (ReLU by default).
     With ``num_experts=1`` this is Shared-Bottom.
 
     Args:

@@ -15,10 +15,10 @@ __all__ = ["PLE", "CGCLevel"]
 
 
 class CGCLevel(nn.Module):
-    """One Customized Gate Control level [paper: PLE §4.2-4.3].
+    """One Customized Gate Control level [P: PLE §4.2-4.3].
 
     Task k's gate reads task k's stream and mixes ``[task-k experts ; shared experts]``; the shared gate
-    (every level but the last [paper]) reads the shared stream and mixes all experts. Task-k experts read
+    (every level but the last [P]) reads the shared stream and mixes all experts. Task-k experts read
     task k's stream, shared experts the shared stream. The shared-expert count is independent of the
     task-specific count (the DeepCTR-Torch bug builds shared experts with the specific count).
 
@@ -104,7 +104,7 @@ class CGCLevel(nn.Module):
 
 
 class PLE(nn.Module):
-    """Progressive Layered Extraction: stacked CGC levels [paper]. Level j's task gate reads task k's level
+    """Progressive Layered Extraction: stacked CGC levels [P]. Level j's task gate reads task k's level
     j−1 output; the last level has no shared gate.
 
     Args:

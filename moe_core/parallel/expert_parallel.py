@@ -1,6 +1,6 @@
 """Expert parallelism: experts sharded across ranks, tokens moved with all-to-all. GShard: arXiv 2006.16668.
 
-The layer follows GShard / DeepSpeed-MoE expert parallelism [paper]: every rank of the expert-parallel (EP)
+The layer follows GShard / DeepSpeed-MoE expert parallelism [P]: every rank of the expert-parallel (EP)
 group owns a contiguous block of ``E / W`` experts; each rank routes its own tokens, sends every (token, slot)
 pair to the rank that owns the chosen expert with ``all_to_all_single`` (uneven split sizes, counts exchanged
 first), the owner runs the same grouped dispatch as the single-process layer (the expert bank's ``forward``

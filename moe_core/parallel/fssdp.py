@@ -1,12 +1,12 @@
 """Fully sharded sparse data parallelism (FSSDP). Hecate: arXiv 2502.02581.
 
-From the paper [paper, abstract and summaries; no public code]: every MoE layer's expert parameters and
+From the paper [P: abstract; S: summaries; no public code]: every MoE layer's expert parameters and
 their optimizer states are fully sharded over all devices (as ZeRO-3 / FSDP), but each iteration only the
 experts a device will run are materialised on it (``SparseAllGather``), with a placement chosen from that
 iteration's load in which hot experts get replicas; ``SparseReduceScatter`` sends each materialised expert's
 gradient from exactly its hosts back to the owning shards.
 
-Our reading / choices [ours]:
+Our reading / choices [D]:
 
 * Sharding is *within* each expert: the flattened parameters of expert ``e`` (``P`` numbers) are split into
   ``W`` equal chunks (zero-padded), rank ``r`` holds chunk ``r`` of every expert: a ``(E, C)`` shard with
@@ -94,7 +94,7 @@ class PlacementPlan:
 
 
 def plan_placement(load: torch.Tensor, num_devices: int, slots: int) -> PlacementPlan:
-    """Hecate-style heterogeneous placement of experts for one iteration [ours: greedy reading].
+    """Hecate-style heterogeneous placement of experts for one iteration [D: greedy reading].
 
     Every expert with load > 0 gets one replica; extra replicas go, one at a time, to the expert with the
     largest load per replica while that exceeds the mean device load and slots remain. Replicas are then

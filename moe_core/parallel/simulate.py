@@ -14,7 +14,7 @@ sets the step time) and the expert parameters materialised, for:
   slot budget): hot experts are replicated, tokens go to a host of their expert (kept local when the device
   is itself a host, up to that host's share), parameters are sparsely gathered onto the hosts.
 
-All of this is our reading [ours]; the assumptions (bf16 payloads, re-materialisation for backward,
+All of this is our reading [D]; the assumptions (bf16 payloads, re-materialisation for backward,
 backward token traffic equal to forward, no overlap of communication and compute, a single bandwidth for
 every link) are listed in ``docs/scaleout.md``. Nothing here is measured.
 """

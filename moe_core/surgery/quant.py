@@ -3,7 +3,7 @@
 From the paper [P: abstract]: one stored INT8 code per weight serves several bit widths (the b-bit model is
 the b most significant bits), each expert gets a bit width from its importance, and a hottest-expert-bit-
 first (HEBF) loading order fits a memory budget. No public code exists: the layout below is the project's
-reading [D] (spec section 20)::
+reading [D]::
 
     q = clamp(round(W / s), -128, 127);  u = q + 128 in [0, 255]           (per-group symmetric scale s)
     u_b = u >> (8 - b);  W_b = s * ((u_b << (8 - b)) + 2^(7 - b) - 128)   (b < 8, bucket midpoint)

@@ -1,6 +1,6 @@
 """Sparse upcycling (arXiv 2212.05055) and BAM Branch-Attend-Mix (arXiv 2408.08274, after BTX 2403.07816).
 
-From the papers [P/U]: upcycled experts are exact copies of the dense MLP with a new, small random router;
+From the papers [P]: upcycled experts are exact copies of the dense MLP with a new, small random router;
 BAM turns N specialised dense models into one mixture whose FFN experts are the N FFNs and whose attention
 experts are the N attention layers (soft routing; optionally K/V shared), averaging every other parameter.
 Our reading [D]: the functions below edit module trees given dotted module names, so they work on any model

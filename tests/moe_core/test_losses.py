@@ -1,6 +1,6 @@
-"""Auxiliary losses (spec sections 2, 5, 6, 12, 13): balanced-fixture values, collapse values, closed-form
-gradients, HF transformers' Mixtral loss as an independent implementation, permutation and padding
-invariance."""
+"""Auxiliary losses (balance-loss table in docs/moe_core.md): balanced-fixture values, collapse values,
+closed-form gradients, HF transformers' Mixtral loss as an independent implementation, permutation and
+padding invariance."""
 
 from __future__ import annotations
 

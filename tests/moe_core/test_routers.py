@@ -1,5 +1,5 @@
-"""Router invariants (spec sections 1-4, 7, 8, 10, 12-14), each against an oracle: brute-force Python loops,
-closed forms, or an equivalent router."""
+"""Router invariants (papers in docs/moe_core.md), each against an oracle: brute-force Python loops, closed
+forms, or an equivalent router."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Single-process FSSDP reference: placement, sparse all-gather and reduce-scatter invariants (spec §24)."""
+"""Single-process FSSDP reference (Hecate, arXiv 2502.02581): placement, sparse all-gather and
+reduce-scatter invariants."""
 
 from __future__ import annotations
 
