@@ -1,0 +1,75 @@
+"""Every Literal argument of moe_core is resolved by check_choice: an unknown value raises a ValueError that
+names the argument and lists the allowed values; every allowed value is accepted."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import pytest
+import torch
+from torch import nn
+
+from moe_core import losses, routers
+from moe_core.experts import Activation, Backend, MLPExperts, SwiGLUExperts
+from moe_core.inference.c3po import Kernel, kernel_regression
+from moe_core.inference.offload import CachePolicy, ExpertStore, Location, offload_model
+from moe_core.layer import MoELayer
+from moe_core.multigate import Activation as DenseActivation
+from moe_core.multigate import DenseMLPExperts, HoME, Norm
+from moe_core.parallel.simulate import STRATEGIES, CostModel, simulate_step
+from moe_core.validation import check_choice
+
+
+def test_check_choice_returns_the_value_and_names_the_argument():
+    assert check_choice("mode", "b", ("a", "b")) == "b"
+    assert check_choice("levels", 2, (1, 2)) == 2
+    with pytest.raises(ValueError, match=r"^mode must be one of \('a', 'b'\), got 'c'$"):
+        check_choice("mode", "c", ("a", "b"))
+    with pytest.raises(ValueError, match=r"^levels must be one of \(1, 2\), got 3$"):
+        check_choice("levels", 3, iter((1, 2)))  # any iterable of options
+
+
+def _offload(policy: str) -> None:
+    layer = MoELayer(router=routers.TopKRouter(dim=4, num_experts=2, top_k=1),
+                     experts=SwiGLUExperts(num_experts=2, dim=4, hidden_dim=4))
+    offload_model(nn.Sequential(layer), capacity=1, policy=policy)
+
+
+def _routing() -> routers.RouterOutput:
+    return routers.TopKRouter(dim=4, num_experts=2, top_k=1)(torch.randn(3, 4))
+
+
+# argument name (/ where, when two share a name) -> (its Literal options, a call that passes the given value)
+CASES = {
+    "drop_policy": (get_args(routers.DropPolicy),
+                    lambda v: routers.TopKRouter(dim=4, num_experts=2, top_k=1, drop_policy=v)),
+    "score_func": (get_args(routers.ScoreFunc),
+                   lambda v: routers.SigmoidTopKRouter(dim=4, num_experts=2, top_k=1, score_func=v)),
+    "kind": (get_args(routers.ScheduleKind), lambda v: routers.TemperatureSchedule(decay_steps=2, kind=v)),
+    "backend": (get_args(Backend), lambda v: MLPExperts(num_experts=2, dim=4, hidden_dim=4, backend=v)),
+    "activation": (get_args(Activation),
+                   lambda v: SwiGLUExperts(num_experts=2, dim=4, hidden_dim=4, activation=v)),
+    "level": (get_args(losses.BalanceLevel),
+              lambda v: losses.deepseek_balance_loss(_routing(), level=v, num_devices=1)),
+    "kernel": (get_args(Kernel),
+               lambda v: kernel_regression(torch.randn(1, 3), torch.randn(2, 3), torch.rand(2, 1, 2), k=1,
+                                           kernel=v)),
+    "location": (get_args(Location), lambda v: ExpertStore(location=v)),
+    "policy": (get_args(CachePolicy), _offload),
+    "strategy": (STRATEGIES, lambda v: simulate_step(torch.ones(2, 4), v, CostModel())),
+    "norm": (get_args(Norm), lambda v: DenseMLPExperts(num_experts=2, dim=4, hidden_dims=(4,), norm=v)),
+    "expert_norm": (get_args(Norm), lambda v: HoME(dim=4, categories=[[0], [1]], expert_norm=v)),
+    "levels": ((1, 2), lambda v: HoME(dim=4, categories=[[0], [1]], levels=v)),
+    "activation/multigate": (get_args(DenseActivation),
+                             lambda v: DenseMLPExperts(num_experts=2, dim=4, hidden_dims=(4,), activation=v)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_option_is_accepted_and_an_unknown_one_is_named(case):
+    options, call = CASES[case]
+    for option in options:
+        call(option)
+    name = case.split("/")[0]
+    with pytest.raises(ValueError, match=rf"^{name} must be one of \(.*\), got "):
+        call("no-such-option" if isinstance(options[0], str) else 7)
