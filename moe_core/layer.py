@@ -300,7 +300,7 @@ def deepseek_moe(
     """DeepSeekMoE layer [P]: fine-grained routed experts, K_s shared experts, no top-k renormalisation.
 
     For the paper's 2B model: ``num_experts=63, top_k=7, num_shared_experts=1, hidden_dim=FFN/4``; 16B:
-    ``64, 6, 2``. See spec §9.
+    ``64, 6, 2`` (arXiv 2401.06066 section 4).
     """
     return build_moe_layer(
         dim=dim,

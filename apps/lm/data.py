@@ -4,7 +4,8 @@ split.
 Corpus: tiny shakespeare by default (``tinyshakespeare/input.txt`` in the data directory, sha256-checked), or
 any UTF-8 text file / folder of ``.txt`` files given by ``text_path``. Split [D, nanoGPT convention]: first
 ``1 - val_fraction`` of the characters train, the rest validation, by position. The char vocabulary is built
-on the whole text (``sorted(set(text))``, data spec section 4); BPE is fitted on the train part only.
+on the whole text (``sorted(set(text))``, as nanoGPT's shakespeare_char); BPE is fitted on the train
+part only.
 
 Cache: ``apps.datadir.cache_dir("lm", <key>)`` holds ``train.bin`` / ``val.bin`` (uint16 when the vocabulary
 fits, else uint32), ``tokenizer.json`` and ``meta.json``; the key hashes the text, tokenizer settings and
@@ -335,5 +336,5 @@ class LMDataModule(L.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.seed))
 
     def test_dataloader(self) -> DataLoader:
-        # tiny shakespeare has no test split (data spec section 4): test reports the validation split
+        # tiny shakespeare has no test split (datasets/tinyshakespeare.md): test reports the validation split
         return self.val_dataloader()

@@ -1,4 +1,4 @@
-"""EvoMoE schedule (arXiv 2112.14397, spec section 10): expert-diversify, then the dense-to-sparse (DTS) gate.
+"""EvoMoE schedule (arXiv 2112.14397): expert-diversify, then the dense-to-sparse (DTS) gate.
 
 Phase 1 trains one dense expert (expert 0 of each :class:`apps.lm.model.EvoMoELayer`). At ``switch_step`` the
 callback spawns E experts from it with :func:`spawn_experts` and switches the layer to phase 2, where the DTS

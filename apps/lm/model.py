@@ -218,7 +218,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MixtureOfAttentionHeads(nn.Module):
-    """MoA (arXiv 2210.05144, spec section 16): E_a query/output heads, shared K/V, top-k heads per token.
+    """MoA (arXiv 2210.05144): E_a query/output heads, shared K/V, top-k heads per token.
 
     ``y_t = sum_{i in TopK(G(x_t))} G_i(x_t) * softmax(q_t W_q^i K^T / sqrt(d_h)) V W_o^i``. K and V are one
     shared head of width ``d_h = D / n_heads`` (our reading of "shared across experts"). All E_a heads are
@@ -249,7 +249,7 @@ class MixtureOfAttentionHeads(nn.Module):
 
 
 class SelectiveMultiHeadAttention(nn.Module):
-    """SMHA (UoE, arXiv 2503.02495, spec section 15): each token selects ``attn_top_k`` of the heads; head h
+    """SMHA (UoE, arXiv 2503.02495): each token selects ``attn_top_k`` of the heads; head h
     attends only among the tokens routed to it (causal mask restricted to them), RoPE on original positions,
     and adds nothing at positions not routed to it.
 
@@ -291,7 +291,7 @@ class SelectiveMultiHeadAttention(nn.Module):
 
 
 class EvoMoELayer(nn.Module):
-    """EvoMoE FFN (arXiv 2112.14397, spec section 10) from ``moe_core`` parts: a DTS router and a SwiGLU bank.
+    """EvoMoE FFN (arXiv 2112.14397) from ``moe_core`` parts: a DTS router and a SwiGLU bank.
 
     Phase 1 trains expert 0 as a dense FFN (no routing); at the switch ``apps.lm.evomoe.spawn_experts`` copies
     it into all E experts (diversified by random masks) and the dense-to-sparse router takes over. ``phase``

@@ -56,5 +56,5 @@ def build_router(kind: RouterKind, *, dim: int, num_experts: int, top_k: int,
 
 
 def z_loss(r: RouterOutput) -> torch.Tensor:
-    """Router z-loss ``mean_t logsumexp(z_t)^2`` (ST-MoE); spec section 6."""
+    """Router z-loss ``mean_t logsumexp(z_t)^2`` (ST-MoE, arXiv 2202.08906)."""
     return _losses.router_z_loss(r)
