@@ -15,7 +15,6 @@ CLI: ``python -m apps.finance.backtest --predictions preds.parquet [--segment te
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -183,52 +182,76 @@ def backtest_predictions(
     return topk_dropout_backtest(scores, rets.loc[days], bench.loc[days], **kw)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="TopK-Dropout backtest of a predictions Parquet file")
-    p.add_argument("--predictions", required=True)
-    p.add_argument("--segment", default="test")
-    p.add_argument("--topk", type=int, default=50)
-    p.add_argument("--n_drop", type=int, default=5)
-    p.add_argument("--buy_cost", type=float, default=0.0005)
-    p.add_argument("--sell_cost", type=float, default=0.0015)
-    p.add_argument("--min_cost", type=float, default=0.0)
-    p.add_argument("--mode", choices=("sum", "compound"), default="sum")
-    p.add_argument("--days_per_year", type=int, default=252)
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--out", default=None, help="folder for report.csv, summary.json and PNG plots")
-    a = p.parse_args(argv)
-    preds = pd.read_parquet(a.predictions)
-    res = backtest_predictions(
-        preds,
-        data_dir=a.data_dir,
-        segment=a.segment,
-        topk=a.topk,
-        n_drop=a.n_drop,
-        buy_cost=a.buy_cost,
-        sell_cost=a.sell_cost,
-        min_cost=a.min_cost,
-        mode=a.mode,
-        days_per_year=a.days_per_year,
-    )
+def backtest(
+    predictions: str,
+    *,
+    segment: str = "test",
+    topk: int = 50,
+    n_drop: int = 5,
+    buy_cost: float = 0.0005,
+    sell_cost: float = 0.0015,
+    min_cost: float = 0.0,
+    mode: Literal["sum", "compound"] = "sum",
+    days_per_year: int = 252,
+    data_dir: str | None = None,
+    out: str | None = None,
+) -> BacktestResult:
+    """TopK-Dropout backtest of a predictions Parquet file; prints the IC summary and the backtest summary.
+
+    Args:
+        predictions: Parquet file with ``date, ticker, score`` (and ``segment``), e.g. written by
+            ``FinanceTask(predictions_path=...)``.
+        segment: the segment to backtest (``valid`` or ``test``).
+        topk: number of stocks held.
+        n_drop: maximum replacements per day.
+        buy_cost: cost rate of buys.
+        sell_cost: cost rate of sells.
+        min_cost: minimum cost per order (account currency).
+        mode: accumulation of the summary returns.
+        days_per_year: annualisation.
+        data_dir: folder with ``sp500_5yr/`` and ``sp500_index/`` (default ``apps.datadir.data_dir()``).
+        out: folder for report.csv, summary.json and PNG plots.
+    """
     from apps.finance.metrics import daily_ic, ic_summary
 
-    seg = preds[preds["segment"] == a.segment] if "segment" in preds.columns else preds
+    preds = pd.read_parquet(predictions)
+    res = backtest_predictions(
+        preds,
+        data_dir=data_dir,
+        segment=segment,
+        topk=topk,
+        n_drop=n_drop,
+        buy_cost=buy_cost,
+        sell_cost=sell_cost,
+        min_cost=min_cost,
+        mode=mode,
+        days_per_year=days_per_year,
+    )
+    seg = preds[preds["segment"] == segment] if "segment" in preds.columns else preds
     ic = daily_ic(seg)
     print({k: round(v, 4) for k, v in ic_summary(ic).items()})
     print(format_summary(res.summary))
-    if a.out:
+    if out:
         from pathlib import Path
 
         from apps.finance.plots import plot_daily_ic, plot_excess, plot_expert_usage
 
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        res.report.to_csv(out / "report.csv")
-        (out / "summary.json").write_text(json.dumps(res.summary, indent=1))
-        plot_excess(res.report, out / "excess.png", title=format_summary(res.summary))
-        plot_daily_ic(ic, out / "daily_ic.png")
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        res.report.to_csv(folder / "report.csv")
+        (folder / "summary.json").write_text(json.dumps(res.summary, indent=1))
+        plot_excess(res.report, folder / "excess.png", title=format_summary(res.summary))
+        plot_daily_ic(ic, folder / "daily_ic.png")
         if any(c.startswith("w_e") for c in seg.columns):
-            plot_expert_usage(seg, out / "expert_usage.png")
+            plot_expert_usage(seg, folder / "expert_usage.png")
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moekit finance backtest`` (or ``python -m apps.finance.backtest``): :func:`backtest` as a command."""
+    from jsonargparse import CLI
+
+    CLI(backtest, args=argv, as_positional=False, prog="moekit finance backtest")
 
 
 if __name__ == "__main__":

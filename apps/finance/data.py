@@ -281,6 +281,52 @@ def purged_split(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# raw panel -> network inputs (one path for training and serving)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class PanelTransform:
+    """Raw panel -> network inputs, fitted on the train window.
+
+    The one feature path of the app: :class:`SP500DataModule` builds its training inputs with it and the
+    served predictor (``apps.finance.app``) applies the same fitted object to a raw panel window, so training
+    and serving cannot drift apart.
+
+    Steps: Alpha158/Alpha360 of the validated wide panel (:func:`validate_panel`), NaN where a ticker has no
+    close that day, :class:`~apps.finance.processors.RobustZScoreNorm` fitted on the train days, NaN -> 0.
+
+    Attributes:
+        kind: ``alpha158`` (157 columns) or ``alpha360`` (300).
+        norm: the fitted normalisation (None before :meth:`fit`).
+    """
+
+    kind: Literal["alpha158", "alpha360"] = "alpha158"
+    norm: RobustZScoreNorm | None = None
+
+    def features(
+        self, wide: dict[str, pd.DataFrame], *, cache: bool = False
+    ) -> tuple[np.ndarray, list[str]]:
+        """Raw features ``(days, tickers, F)`` float32 and their names; NaN where the close is missing."""
+        x, names = cached_features(wide, kind=self.kind, cache=cache)  # (days, tickers, F)
+        present = wide["close"].notna().to_numpy()  # (days, tickers)
+        return np.where(present[..., None], x, np.nan), names
+
+    def fit(self, x: np.ndarray, fit_days: np.ndarray) -> PanelTransform:
+        """Fit the normalisation on ``x[fit_days]`` (x from :meth:`features`; fit_days ``(days,)`` bool)."""
+        self.norm = RobustZScoreNorm(clip_outlier=True).fit(x, fit_days)
+        return self
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """Features from :meth:`features` -> network inputs ``(days, tickers, F)``: normalised, NaN -> 0."""
+        if self.norm is None:
+            raise RuntimeError("PanelTransform.normalise called before fit")
+        return fillna(self.norm.transform(x))
+
+    def __call__(self, wide: dict[str, pd.DataFrame]) -> np.ndarray:
+        """Network inputs ``(days, tickers, F)`` of a validated wide panel."""
+        return self.normalise(self.features(wide)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # datasets
 # ----------------------------------------------------------------------------------------------------------
 class DayDataset(Dataset):
@@ -385,10 +431,16 @@ class SP500DataModule(L.LightningDataModule):
         )
         self.ranges, self.warmup_days, self.cache = (train, valid, test), warmup_days, cache
         self._ready = False
+        self.transform = PanelTransform(kind=features)  # fitted in setup()
 
     @property
     def num_features(self) -> int:
         return 157 if self.kind == "alpha158" else 300
+
+    @property
+    def norm(self) -> RobustZScoreNorm | None:
+        """The fitted feature normalisation (part of :attr:`transform`)."""
+        return self.transform.norm
 
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
@@ -402,7 +454,7 @@ class SP500DataModule(L.LightningDataModule):
             warnings.simplefilter("ignore")
             panel = validate_panel(raw, calendar=pd.DatetimeIndex(bench.index), max_move=self.max_move)
         self.panel, self.bench = panel, bench
-        x, self.feature_names = cached_features(panel.wide, kind=self.kind, cache=self.cache)
+        x, self.feature_names = self.transform.features(panel.wide, cache=self.cache)  # (days, tickers, F)
         if x.shape[-1] != self.num_features:
             raise ValueError(f"expected {self.num_features} features, got {x.shape[-1]}")
         self.split = purged_split(
@@ -415,10 +467,9 @@ class SP500DataModule(L.LightningDataModule):
         )
         fit_days = np.zeros(len(panel.dates), bool)
         fit_days[self.split.train] = True
+        self.transform.fit(x, fit_days)
+        self.x = self.transform.normalise(x)  # (days, tickers, F)
         present = panel.wide["close"].notna().to_numpy()
-        x = np.where(present[..., None], x, np.nan)
-        self.norm = RobustZScoreNorm(clip_outlier=True).fit(x, fit_days)
-        self.x = fillna(self.norm.transform(x))  # (days, tickers, F)
         self.y_raw = make_label(panel.wide["close"], panel.move_mask, self.horizon)  # (days, tickers)
         self.y = cs_rank_norm(self.y_raw) if self.label_norm == "csrank" else cs_zscore_norm(self.y_raw)
         self.present = present

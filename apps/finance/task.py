@@ -1,7 +1,8 @@
 """LightningModule for daily cross-sectional stock prediction (MIGA arXiv 2410.02241 and baselines).
 
 ``loss = task + w_balance * balance``; task loss is MSE on the normalised label, the negative daily IC
-(Pearson), or a pairwise ranking loss. Validation logs daily IC / RankIC on the raw label. With
+(Pearson), or a pairwise ranking loss. Validation logs daily IC / RankIC on the raw label; router models log
+the routing statistics of ``moe_core.stats`` under ``routing/`` (training-epoch means). With
 ``predictions_path`` the model's scores for the valid and test days are written to Parquet at the end of
 ``fit`` (and by ``test``), ready for ``python -m apps.finance.backtest --predictions ...``.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from apps.finance.metrics import daily_ic, ic_summary, pearson_torch
+from moe_core.stats import routing_stats
 from moe_core.types import RouterOutput
 
 log = logging.getLogger(__name__)
@@ -129,13 +131,21 @@ class FinanceTask(L.LightningModule):
             loss = loss + self.w_balance * bal
             self.log("train/balance_loss", bal, batch_size=1, on_epoch=True, on_step=False)
         if out.routing is not None:
-            load = out.routing.counts().float()
-            load = load / load.sum()
-            ent = -(out.routing.probs.clamp_min(1e-9).log() * out.routing.probs).sum(-1).mean()
-            self.log("train/router_entropy", ent, batch_size=1, on_epoch=True, on_step=False)
-            self.log("train/max_expert_load", load.max(), batch_size=1, on_epoch=True, on_step=False)
+            self.log_routing(out.routing)
         self.log("train/loss", loss, batch_size=1, on_epoch=True, on_step=False, prog_bar=True)
         return loss
+
+    def log_routing(self, routing: RouterOutput) -> None:
+        """Training-epoch means of ``moe_core.stats.routing_stats`` under ``routing/``: ``routing/entropy``,
+        ``routing/max_load``, ``routing/max_over_mean_load``, ``routing/active_experts``,
+        ``routing/dropped_fraction``, ``routing/zero_expert_tokens`` and ``routing/load_e<i>``."""
+        stats = routing_stats(routing)
+        for name, value in stats.items():
+            if name == "expert_load":
+                for e, v in enumerate(value):
+                    self.log(f"routing/load_e{e}", v, batch_size=1, on_epoch=True, on_step=False)
+            else:
+                self.log(f"routing/{name}", value, batch_size=1, on_epoch=True, on_step=False)
 
     def _frame(self, batch: dict[str, torch.Tensor]) -> pd.DataFrame:
         out = self.model(batch["x"])
