@@ -57,7 +57,9 @@ class TrainThroughput(Callback):
 class RechubNet(nn.Module):
     """torch-rechub MMOE/PLE on the same embedded features; its sigmoid outputs turned back into logits."""
 
-    def __init__(self, *, kind: str, cardinalities, num_numeric: int, num_tasks: int, hp) -> None:
+    def __init__(
+        self, *, kind: str, cardinalities, num_numeric: int, num_tasks: int, hp, backbone: dict
+    ) -> None:
         super().__init__()
         from torch_rechub.basic.features import DenseFeature, SparseFeature
         from torch_rechub.models.multi_task import MMOE, PLE
@@ -67,16 +69,18 @@ class RechubNet(nn.Module):
         ]
         self.features += [DenseFeature(f"n{j}") for j in range(num_numeric)]
         types = ["classification"] * num_tasks
-        expert = {"dims": list(hp.expert_hidden)}
+        expert = {"dims": list(backbone["expert_hidden"])}
         towers = [{"dims": list(hp.tower_hidden)} for _ in range(num_tasks)]
         if kind == "rechub_mmoe":
             self.net = MMOE(
-                self.features, types, n_expert=hp.num_experts, expert_params=expert, tower_params_list=towers
+                self.features, types, n_expert=backbone["num_experts"], expert_params=expert,
+                tower_params_list=towers,
             )
         else:
             self.net = PLE(
-                self.features, types, n_level=hp.num_levels, n_expert_specific=hp.num_specific,
-                n_expert_shared=hp.num_shared, expert_params=expert, tower_params_list=towers,
+                self.features, types, n_level=backbone["num_levels"],
+                n_expert_specific=backbone["num_specific"], n_expert_shared=backbone["num_shared"],
+                expert_params=expert, tower_params_list=towers,
             )  # fmt: skip
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> MultiTaskOutput:
@@ -97,8 +101,19 @@ class RechubTask(MultiTaskRecTask):
         hp = self.hparams
         return RechubNet(
             kind=self._kind, cardinalities=hp.cardinalities, num_numeric=hp.num_numeric,
-            num_tasks=len(hp.task_names), hp=hp,
+            num_tasks=len(hp.task_names), hp=hp, backbone=self.backbone_factory.keywords,
         )  # fmt: skip
+
+
+def build_task(name: str, margs: dict, **facts) -> MultiTaskRecTask:
+    """The task of a shipped YAML's model init_args (the backbone given by class_path, as in the CLI)."""
+    from jsonargparse import ArgumentParser
+
+    cls = RechubTask if name in RECHUB else MultiTaskRecTask
+    extra = {"rechub_kind": name} if name in RECHUB else {}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "model")
+    return parser.instantiate(parser.parse_object({"model": {**margs, **extra, **facts}})).model
 
 
 def model_args(name: str) -> tuple[dict, dict, dict]:
@@ -117,7 +132,7 @@ def model_args(name: str) -> tuple[dict, dict, dict]:
 def run_neural(name: str, seed: int, dm: CensusDataModule, max_epochs: int | None, workdir: Path) -> dict:
     margs, _, topt = model_args(name)
     L.seed_everything(seed, verbose=False)
-    task = RechubTask(rechub_kind=name, **margs) if name in RECHUB else MultiTaskRecTask(**margs)
+    task = build_task(name, margs)
     thr = TrainThroughput()
     ck = ModelCheckpoint(
         dirpath=workdir / f"{name}_s{seed}", monitor="val/auc_mean", mode="max", save_top_k=1
@@ -182,11 +197,7 @@ def interleaved_speed(dm: CensusDataModule, *, blocks: int = 6, steps: int = 3) 
     for name in ("mmoe", "ple", "rechub_mmoe", "rechub_ple"):
         margs = model_args(name)[0]
         facts = dict(cardinalities=dm.cardinalities, num_numeric=dm.num_numeric, task_names=dm.task_names)
-        task = (
-            RechubTask(rechub_kind=name, **margs, **facts)
-            if name in RECHUB
-            else MultiTaskRecTask(**margs, **facts)
-        )
+        task = build_task(name, margs, **facts)
         nets[name] = task.net
     opts = {k: torch.optim.Adam(n.parameters()) for k, n in nets.items()}
     times: dict[str, list[float]] = {k: [] for k in nets}

@@ -1,22 +1,61 @@
 """Multi-task recommendation networks: embeddings -> multi-gate backbone -> per-task towers -> logits.
 
-Backbones from ``moe_core.multigate``: Shared-Bottom, MMoE (DOI 10.1145/3219819.3220007), PLE
-(DOI 10.1145/3383313.3412236) and HoME (arXiv 2408.05430). Networks return logits and gate information,
-never probabilities or losses.
+The backbone is injected (``class_path``/``init_args`` in YAML, the way LightningCLI takes optimizers): any
+``nn.Module`` built as ``backbone(dim=D, num_tasks=M)`` that returns a ``MultiGateOutput``. The shipped ones:
+Shared-Bottom, MMoE (DOI 10.1145/3219819.3220007) and PLE (DOI 10.1145/3383313.3412236) from
+``moe_core.multigate``, and :class:`HoMEBackbone` (HoME, arXiv 2408.05430, taking the task count like the
+others). Networks return logits and gate information, never probabilities or losses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from moe_core.multigate import PLE, HoME, MMoE, MultiGateOutput, SharedBottom
+from moe_core.multigate import HoME, MultiGateOutput
 
-Backbone = Literal["shared_bottom", "mmoe", "ple", "home"]
+
+class BackboneFactory(Protocol):
+    """Builds a multi-gate backbone once the data fix its input width and task count.
+
+    In YAML: ``backbone: {class_path: moe_core.multigate.MMoE, init_args: {num_experts: 8, expert_hidden:
+    [128, 64]}}``; ``dim`` and ``num_tasks`` are supplied by :class:`MultiTaskNet`. In Python: a class or
+    ``functools.partial(MMoE, num_experts=8, expert_hidden=(128, 64))``.
+    """
+
+    def __call__(self, *, dim: int, num_tasks: int) -> nn.Module: ...
+
+
+class HoMEBackbone(HoME):
+    """:class:`moe_core.multigate.HoME` built like the other backbones, from ``dim`` and ``num_tasks``.
+
+    Args:
+        dim: D, input width (from the embedding).
+        num_tasks: M (from the data's task names).
+        categories: task groups, e.g. ``[[0], [1]]``; default one category per task.
+        **kwargs: the other :class:`~moe_core.multigate.HoME` arguments (``levels``, ``num_shared``,
+            ``num_per_category``, ``num_per_task``, ``meta_num_shared``, ``meta_num_per_category``,
+            ``expert_hidden``, ``expert_norm``, ``activation``, ``hierarchy_mask``, ``feature_gate_rank``,
+            ``self_gate``, ``dropout``).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_tasks: int,
+        categories: Sequence[Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        cats = [[t] for t in range(num_tasks)] if categories is None else [list(c) for c in categories]
+        if sum(len(c) for c in cats) != num_tasks:
+            n = sum(len(c) for c in cats)
+            raise ValueError(f"categories {cats} group {n} tasks, the data has {num_tasks}")
+        super().__init__(dim=dim, categories=cats, **kwargs)
 
 
 @dataclass
@@ -101,25 +140,16 @@ def tower(in_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
 
 
 class MultiTaskNet(nn.Module):
-    """Embedding + backbone + towers.
+    """Embedding + injected backbone + towers.
 
     Args:
         cardinalities: categorical table sizes (from the fitted preprocessor).
         num_numeric: numeric input count.
         num_tasks: M.
-        backbone: ``"shared_bottom"`` | ``"mmoe"`` | ``"ple"`` | ``"home"``.
+        backbone: builds the backbone as ``backbone(dim=D, num_tasks=M)`` (see :class:`BackboneFactory`).
         embed_dim: categorical embedding width.
-        expert_hidden: expert widths (Shared-Bottom: the bottom MLP's widths).
         tower_hidden: tower widths.
         tower_dropout: dropout inside towers.
-        expert_dropout: dropout inside experts.
-        num_experts: MMoE experts.
-        num_levels, num_shared, num_specific: PLE options.
-        categories: HoME task groups (default: one category per task).
-        home_levels, num_per_category, num_per_task, meta_num_shared, meta_num_per_category, expert_norm,
-            activation, hierarchy_mask, feature_gate_rank, self_gate: HoME options
-            (see ``moe_core.multigate.HoME``).
-        norm: expert normalisation for the non-HoME backbones.
     """
 
     def __init__(
@@ -128,56 +158,17 @@ class MultiTaskNet(nn.Module):
         cardinalities: Sequence[int],
         num_numeric: int,
         num_tasks: int,
-        backbone: Backbone = "mmoe",
+        backbone: BackboneFactory,
         embed_dim: int = 8,
-        expert_hidden: Sequence[int] = (128, 64),
         tower_hidden: Sequence[int] = (32,),
         tower_dropout: float = 0.0,
-        expert_dropout: float = 0.0,
-        num_experts: int = 8,
-        num_levels: int = 2,
-        num_shared: int = 2,
-        num_specific: int = 2,
-        categories: Sequence[Sequence[int]] | None = None,
-        home_levels: int = 2,
-        num_per_category: int = 1,
-        num_per_task: int = 1,
-        meta_num_shared: int = 2,
-        meta_num_per_category: int = 2,
-        expert_norm: Literal["none", "bn", "ln"] = "bn",
-        activation: Literal["relu", "silu"] = "silu",
-        hierarchy_mask: bool = True,
-        feature_gate_rank: int | None = None,
-        self_gate: bool = True,
-        norm: Literal["none", "bn", "ln"] = "none",
     ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
         self.embedding = FeatureEmbedding(
             cardinalities=cardinalities, num_numeric=num_numeric, embed_dim=embed_dim
         )
-        d = self.embedding.out_dim
-        common = dict(dim=d, expert_hidden=tuple(expert_hidden), dropout=expert_dropout)
-        if backbone == "shared_bottom":
-            self.backbone = SharedBottom(num_tasks=num_tasks, norm=norm, **common)
-        elif backbone == "mmoe":
-            self.backbone = MMoE(num_tasks=num_tasks, num_experts=num_experts, norm=norm, **common)
-        elif backbone == "ple":
-            self.backbone = PLE(
-                num_tasks=num_tasks, num_levels=num_levels, num_shared=num_shared, num_specific=num_specific,
-                norm=norm, **common,
-            )  # fmt: skip
-        elif backbone == "home":
-            cats = categories if categories is not None else [[t] for t in range(num_tasks)]
-            self.backbone = HoME(
-                categories=cats, levels=home_levels, num_shared=num_shared, num_per_category=num_per_category,
-                num_per_task=num_per_task, meta_num_shared=meta_num_shared,
-                meta_num_per_category=meta_num_per_category, expert_norm=expert_norm, activation=activation,
-                hierarchy_mask=hierarchy_mask, feature_gate_rank=feature_gate_rank, self_gate=self_gate,
-                **common,
-            )  # fmt: skip
-        else:
-            raise ValueError(f"backbone must be one of shared_bottom, mmoe, ple, home; got {backbone!r}")
+        self.backbone = backbone(dim=self.embedding.out_dim, num_tasks=num_tasks)
         self.towers = nn.ModuleList(
             tower(self.backbone.out_dim, tower_hidden, tower_dropout) for _ in range(num_tasks)
         )

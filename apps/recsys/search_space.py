@@ -23,7 +23,7 @@ def suggest(trial) -> dict[str, Any]:
         "model.init_args.lr": trial.suggest_float("lr", 3e-4, 1e-2, log=True),
         "model.init_args.weight_decay": trial.suggest_float("weight_decay", 1e-8, 1e-4, log=True),
         "model.init_args.embed_dim": trial.suggest_categorical("embed_dim", [4, 8, 16]),
-        "model.init_args.expert_hidden": EXPERT_HIDDEN[
+        "model.init_args.backbone.init_args.expert_hidden": EXPERT_HIDDEN[
             trial.suggest_categorical("expert_hidden", list(EXPERT_HIDDEN))
         ],
         "model.init_args.tower_hidden": TOWER_HIDDEN[

@@ -6,9 +6,11 @@ Uncertainty weighting: Kendall, Gal & Cipolla, arXiv 1705.07115, classification 
 Logged names (stable; the demo and the pipelines rely on them): ``train/loss``, ``train/loss_<task>``,
 ``val/auc_<task>``, ``val/logloss_<task>``, ``val/auc_mean`` (the early-stopping/checkpoint monitor),
 ``test/auc_<task>``, ``test/logloss_<task>``, ``test/auc_mean``, ``*/gauc_<task>`` when the data have a group
-column, and gate statistics ``gate/<task>/<group>`` (mean gate mass per expert group), ``gate/<task>/e<i>``
-(mean weight per candidate expert), ``zero_frac/<group>/e<i>`` (fraction of exactly-zero expert
-activations: HoME's "expert collapse" symptom).
+column, and, per validation epoch, routing statistics named ``routing/val/<gate>/<statistic>`` like every
+app's: ``weight_e<i>`` (mean combine weight per candidate expert; ``<gate>`` is the task name for the task
+gates), ``weight_<group>`` (a task gate's mass per expert group, HoME), ``entropy`` (mean gate entropy,
+``moe_core.stats.routing_stats``), and ``routing/val/<expert group>/zero_frac_e<i>`` (fraction of exactly-zero
+expert activations: HoME's "expert collapse" symptom).
 """
 
 from __future__ import annotations
@@ -24,17 +26,69 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from apps.recsys.model import Backbone, MultiTaskNet, MultiTaskOutput
+from apps.recsys.model import BackboneFactory, MultiTaskNet, MultiTaskOutput
+from moe_core.stats import routing_stats
+from moe_core.types import RouterOutput
 
 log = logging.getLogger(__name__)
 
-NET_ARGS = (
-    "backbone", "embed_dim", "expert_hidden", "tower_hidden", "tower_dropout", "expert_dropout",
-    "num_experts", "num_levels", "num_shared", "num_specific", "categories", "home_levels",
-    "num_per_category", "num_per_task",
-    "meta_num_shared", "meta_num_per_category", "expert_norm", "activation", "hierarchy_mask",
-    "feature_gate_rank", "self_gate", "norm",
+# arguments of the task before the backbone was injected -> where they live now (clear errors for old configs)
+MOVED_TO_BACKBONE = (
+    "expert_hidden", "expert_dropout", "num_experts", "num_levels", "num_shared", "num_specific",
+    "categories", "home_levels", "num_per_category", "num_per_task", "meta_num_shared",
+    "meta_num_per_category", "expert_norm", "activation", "hierarchy_mask", "feature_gate_rank", "self_gate",
+    "norm",
 )  # fmt: skip
+RENAMED_IN_BACKBONE = {"home_levels": "levels", "expert_dropout": "dropout"}
+BACKBONE_CLASSES = {
+    "shared_bottom": "moe_core.multigate.SharedBottom",
+    "mmoe": "moe_core.multigate.MMoE",
+    "ple": "moe_core.multigate.PLE",
+    "home": "apps.recsys.model.HoMEBackbone",
+}
+
+
+def old_backbone_error(name: str) -> str:
+    """The message for the removed ``backbone: <name>`` string form."""
+    cls = BACKBONE_CLASSES.get(name, "moe_core.multigate.MMoE")
+    return (
+        f"backbone: {name!r} is the old form: the backbone is now injected by class_path, e.g. "
+        f"`backbone: {{class_path: {cls}, init_args: {{expert_hidden: [128, 64], ...}}}}` (the network "
+        f"arguments that sat beside it, {', '.join(MOVED_TO_BACKBONE[:3])}, ..., go into its init_args; "
+        f"home_levels -> levels, expert_dropout -> dropout); see apps/recsys/configs/*.yaml"
+    )
+
+
+def moved_argument_error(keys: Sequence[str]) -> str:
+    """The message for task arguments that moved into the backbone's init_args."""
+    old = ", ".join(f"model.init_args.{k}" for k in keys)
+    new = ", ".join(f"model.init_args.backbone.init_args.{RENAMED_IN_BACKBONE.get(k, k)}" for k in keys)
+    return (
+        f"{old} moved into the injected backbone: write {new}, with backbone given as "
+        f"{{class_path: ..., init_args: {{...}}}} (see apps/recsys/configs/*.yaml)"
+    )
+
+
+def gate_routing(weights: torch.Tensor) -> RouterOutput:
+    """A dense multi-gate decision as a :class:`~moe_core.types.RouterOutput`: every candidate expert is a
+    slot carrying its gate weight; candidates masked out of the gate (weight 0) are unused slots.
+
+    Args:
+        weights: ``(B, E)`` one task gate's combine weights.
+
+    Returns:
+        RouterOutput with ``indices (B, E) = arange(E)`` and ``mask = weights > 0``.
+    """
+    w = weights.detach().float()  # (B, E)
+    n, e = w.shape
+    return RouterOutput(
+        logits=w.clamp_min(torch.finfo(w.dtype).tiny).log(),
+        probs=w,
+        weights=w,
+        indices=torch.arange(e, device=w.device).expand(n, e),  # (B, E)
+        mask=w > 0,
+    )
+
 
 LOGLOSS_EPS = 1e-7
 
@@ -76,43 +130,34 @@ class MultiTaskRecTask(L.LightningModule):
     The network is built in ``setup()`` from the datamodule's fitted preprocessor (categorical
     cardinalities, numeric count, task names) unless they are given; they are then stored in the
     hyper-parameters, so ``load_from_checkpoint`` rebuilds the same network. The fitted preprocessor's state
-    is stored in the checkpoint under ``"preprocessor"``.
+    is stored in the checkpoint under ``"preprocessor"``. A task built in Python with a
+    ``functools.partial`` backbone keeps the partial in its hyper-parameters: load its checkpoints with
+    ``weights_only=False`` (``moekit`` does by default); under ``moekit`` the hyper-parameters hold the
+    backbone's config instead.
 
     Args:
-        backbone ... norm: network options, see :class:`~apps.recsys.model.MultiTaskNet`.
+        backbone: the multi-gate backbone, injected: ``{class_path: moe_core.multigate.MMoE, init_args:
+            {num_experts: 8, expert_hidden: [128, 64]}}`` (also ``SharedBottom``, ``PLE``,
+            ``apps.recsys.model.HoMEBackbone``); built as ``backbone(dim=D, num_tasks=M)`` with D the
+            embedding width and M the data's task count.
+        embed_dim: categorical embedding width.
+        tower_hidden: per-task tower widths.
+        tower_dropout: dropout inside the towers.
         lr: Adam learning rate.
         weight_decay: Adam L2 on network weights (not on the uncertainty log-variances).
         weighting: ``"fixed"`` (``task_weights``) or ``"uncertainty"`` (Kendall et al.).
         task_weights: fixed weights per task (default all 1).
         cardinalities, num_numeric, task_names: data facts; filled from the datamodule when None.
-        gate_stats: log gate/expert statistics at each validation epoch end.
+        gate_stats: log the routing statistics (``routing/...``) at each validation epoch end.
     """
 
     def __init__(
         self,
         *,
-        backbone: Backbone = "mmoe",
+        backbone: BackboneFactory,
         embed_dim: int = 8,
-        expert_hidden: Sequence[int] = (128, 64),
         tower_hidden: Sequence[int] = (32,),
         tower_dropout: float = 0.0,
-        expert_dropout: float = 0.0,
-        num_experts: int = 8,
-        num_levels: int = 2,
-        num_shared: int = 2,
-        num_specific: int = 2,
-        categories: list[list[int]] | None = None,
-        home_levels: int = 2,
-        num_per_category: int = 1,
-        num_per_task: int = 1,
-        meta_num_shared: int = 2,
-        meta_num_per_category: int = 2,
-        expert_norm: Literal["none", "bn", "ln"] = "bn",
-        activation: Literal["relu", "silu"] = "silu",
-        hierarchy_mask: bool = True,
-        feature_gate_rank: int | None = None,
-        self_gate: bool = True,
-        norm: Literal["none", "bn", "ln"] = "none",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         weighting: Literal["fixed", "uncertainty"] = "fixed",
@@ -123,9 +168,15 @@ class MultiTaskRecTask(L.LightningModule):
         gate_stats: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(backbone, str):
+            raise ValueError(old_backbone_error(backbone))
+        if not callable(backbone):
+            raise TypeError(f"backbone must build a module as backbone(dim=D, num_tasks=M), got {backbone!r}")
         if weighting not in ("fixed", "uncertainty"):
             raise ValueError(f"weighting must be 'fixed' or 'uncertainty', got {weighting!r}")
         self.save_hyperparameters()
+        # the callable itself: under LightningCLI the hparams hold its config, not the built partial
+        self.backbone_factory = backbone
         self.net: nn.Module | None = None
         self.log_vars: nn.Parameter | None = None
         self._preprocessor_state: dict | None = None
@@ -138,7 +189,8 @@ class MultiTaskRecTask(L.LightningModule):
         hp = self.hparams
         return MultiTaskNet(
             cardinalities=hp.cardinalities, num_numeric=hp.num_numeric, num_tasks=len(hp.task_names),
-            **{k: hp[k] for k in NET_ARGS},
+            backbone=self.backbone_factory, embed_dim=hp.embed_dim, tower_hidden=hp.tower_hidden,
+            tower_dropout=hp.tower_dropout,
         )  # fmt: skip
 
     def _build(self) -> None:
@@ -289,20 +341,24 @@ class MultiTaskRecTask(L.LightningModule):
         probs = torch.sigmoid(self(batch["cat"], batch["num"]).logits.float())
         return {t: probs[:, k] for k, t in enumerate(self.task_names)}
 
-    # ------------------------------------------------------------------ gate statistics
+    # ------------------------------------------------------------------ routing statistics
     @torch.no_grad()
     def _accumulate_gate_stats(self, out: MultiTaskOutput) -> None:
         b = out.logits.shape[0]
         for name, w in out.gates.items():
-            key = f"g:{name}"
-            self._gate_sums[key] = self._gate_sums.get(key, 0) + w.float().sum(0)
+            routing = gate_routing(w)
+            self._add(f"w:{name}", routing.dense_weights().sum(0))  # (E,)
+            self._add(f"h:{name}", routing_stats(routing)["entropy"] * b)
         for name, e in out.expert_outputs.items():
-            key = f"z:{name}"
-            self._gate_sums[key] = self._gate_sums.get(key, 0) + (e == 0).float().mean(-1).sum(0)
+            self._add(f"z:{name}", (e == 0).float().mean(-1).sum(0))  # (E_group,)
         self._gate_rows += b
 
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        self._gate_sums[key] = self._gate_sums.get(key, 0) + value
+
     def _gate_stats(self) -> dict[str, float]:
-        """Mean gate weight per (task, candidate expert) and zero-activation fraction per expert."""
+        """Epoch means: weight per (gate, candidate expert) and per expert group, gate entropy, and the
+        zero-activation fraction per expert."""
         stats: dict[str, float] = {}
         names = self.task_names
         backbone = getattr(self.net, "backbone", None)
@@ -310,18 +366,20 @@ class MultiTaskRecTask(L.LightningModule):
         for key, s in self._gate_sums.items():
             mean = (s / self._gate_rows).tolist()
             kind, name = key.split(":", 1)
-            if kind == "g":
-                label = names[int(name[4:])] if name.startswith("task") and name[4:].isdigit() else name
+            label = names[int(name[4:])] if name.startswith("task") and name[4:].isdigit() else name
+            if kind == "h":
+                stats[f"routing/val/{label}/entropy"] = mean
+            elif kind == "w":
                 for i, v in enumerate(mean):
-                    stats[f"gate/{label}/e{i}"] = v
+                    stats[f"routing/val/{label}/weight_e{i}"] = v
                 if groups and name.startswith("task"):
                     start = 0
                     for gname, n in groups:
-                        stats[f"gate/{label}/{gname}"] = float(sum(mean[start : start + n]))
+                        stats[f"routing/val/{label}/weight_{gname}"] = float(sum(mean[start : start + n]))
                         start += n
             else:
                 for i, v in enumerate(mean):
-                    stats[f"zero_frac/{name}/e{i}"] = v
+                    stats[f"routing/val/{name}/zero_frac_e{i}"] = v
         return stats
 
     # ------------------------------------------------------------------ optimiser

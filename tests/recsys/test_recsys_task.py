@@ -1,8 +1,10 @@
-"""Task module: losses vs closed forms, GAUC vs a hand computation, YAML configs, end-to-end census."""
+"""Task module: losses vs closed forms, GAUC vs a hand computation, the injected backbone (and the errors
+naming it for the old string form), routing statistics of dense gates, YAML configs, end-to-end census."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +16,10 @@ from lightning.pytorch.cli import LightningCLI
 from sklearn.metrics import roc_auc_score
 
 from apps.recsys.data import CENSUS_FILE, CENSUS_FOLDER, MultiTaskDataModule
-from apps.recsys.task import MultiTaskRecTask, gauc
+from apps.recsys.model import HoMEBackbone
+from apps.recsys.task import MultiTaskRecTask, gate_routing, gauc
+from moe_core.multigate import HoME, MMoE
+from moe_core.stats import routing_stats
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "apps" / "recsys" / "configs").glob("*.yaml"))
 needs_census = pytest.mark.needs_data(f"{CENSUS_FOLDER}/{CENSUS_FILE}")
@@ -22,7 +27,7 @@ needs_census = pytest.mark.needs_data(f"{CENSUS_FOLDER}/{CENSUS_FILE}")
 
 def _task(**kw) -> MultiTaskRecTask:
     args = dict(
-        backbone="mmoe", embed_dim=4, expert_hidden=[8], tower_hidden=[4], num_experts=2,
+        backbone=partial(MMoE, num_experts=2, expert_hidden=[8]), embed_dim=4, tower_hidden=[4],
         cardinalities=[5, 7], num_numeric=2, task_names=["a", "b"],
     )  # fmt: skip
     args.update(kw)
@@ -43,6 +48,31 @@ def test_uncertainty_weighting_closed_form():
     assert abs(float(fixed.combine(losses)) - (0.6 + 0.35)) < 1e-6
     with pytest.raises(ValueError, match="weighting"):
         _task(weighting="gradnorm")
+
+
+def test_backbone_is_injected_and_old_string_form_names_the_new_one():
+    t = _task()
+    assert isinstance(t.net.backbone, MMoE) and len(t.net.backbone.gates) == 2  # num_tasks from task_names
+    assert t.net.backbone.experts.num_experts == 2
+    home = _task(backbone=partial(HoMEBackbone, expert_hidden=[8], num_per_category=1))
+    assert isinstance(home.net.backbone, HoME) and home.net.backbone.categories == [[0], [1]]
+    with pytest.raises(ValueError, match=r"class_path: apps\.recsys\.model\.HoMEBackbone"):
+        _task(backbone="home")
+    with pytest.raises(ValueError, match="group 1 tasks, the data has 2"):
+        _task(backbone=partial(HoMEBackbone, expert_hidden=[8], categories=[[0]]))
+
+
+def test_dense_gate_routing_statistics():
+    # a uniform gate over all 4 experts, and a hierarchy-masked gate uniform over its 2 candidates
+    w = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.5, 0.0]])
+    routing = gate_routing(w)
+    torch.testing.assert_close(routing.dense_weights(), w)
+    per_row = [routing_stats(gate_routing(w[i : i + 1])) for i in range(2)]
+    torch.testing.assert_close(per_row[0]["entropy"], torch.tensor(math.log(4)))
+    torch.testing.assert_close(per_row[1]["entropy"], torch.tensor(math.log(2)))
+    assert float(per_row[1]["active_experts"]) == 2.0  # masked candidates are unused slots
+    mean_entropy = torch.tensor((math.log(4) + math.log(2)) / 2)
+    torch.testing.assert_close(routing_stats(routing)["entropy"], mean_entropy)
 
 
 def test_gauc_matches_hand_computation_and_skips_single_class_groups():
@@ -76,8 +106,9 @@ def test_checkpoint_rebuilds_model_and_preprocessor(tmp_path):
         categorical=["u"], numeric=["x"], labels=["y1", "y2"], group="u", batch_size=64,
     )  # fmt: skip
     task = MultiTaskRecTask(
-        backbone="home", embed_dim=4, expert_hidden=[8], tower_hidden=[4], feature_gate_rank=2
-    )
+        backbone=partial(HoMEBackbone, expert_hidden=[8], num_per_category=1, feature_gate_rank=2),
+        embed_dim=4, tower_hidden=[4],
+    )  # fmt: skip
     trainer = L.Trainer(
         max_epochs=1, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
         enable_model_summary=False,
@@ -88,16 +119,23 @@ def test_checkpoint_rebuilds_model_and_preprocessor(tmp_path):
         "val/auc_y1",
         "val/auc_mean",
         "val/gauc_y2",
-        "gate/y1/e0",
-        "gate/y1/shared",
-        "zero_frac/meta/e0",
+        "routing/val/y1/weight_e0",
+        "routing/val/y1/weight_shared",
+        "routing/val/y1/entropy",
+        "routing/val/meta/zero_frac_e0",
     ):
         assert name in m, name
+    # the task gate's mass: its per-expert means sum to 1 and split into the HoME groups
+    # candidates: shared e0 e1, category e2 (y1's) e3 (y2's), task e4 (y1's) e5 (y2's)
+    w = [float(m[f"routing/val/y1/weight_e{i}"]) for i in range(6)]
+    assert abs(sum(w) - 1) < 1e-5 and w[3] == 0 and w[5] == 0  # y2's branch is masked for y1
+    groups = sum(float(m[f"routing/val/y1/weight_{g}"]) for g in ("shared", "category", "task"))
+    assert abs(groups - 1) < 1e-5
     res = trainer.test(task, dm, verbose=False)[0]
     assert {"test/auc_y1", "test/logloss_y2", "test/auc_mean"} <= set(res)
     ck = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ck)
-    back = MultiTaskRecTask.load_from_checkpoint(ck)
+    back = MultiTaskRecTask.load_from_checkpoint(ck, weights_only=False)  # hparams hold the partial
     back.eval(), task.eval()
     batch = next(iter(dm.test_dataloader()))
     torch.testing.assert_close(
@@ -147,14 +185,16 @@ def test_end_to_end_census_home_reaches_measured_auc(tmp_path):
     """Short real run of HoME (meta + task level, one category per task, BN + Swish experts, hierarchy mask,
     self-gate; 3 epochs on the full train split of the shipped file) reaches the measured test AUCs."""
     from apps.recsys.data import CensusDataModule
-    from moe_core.multigate import HoME
 
     L.seed_everything(0)
     dm = CensusDataModule(batch_size=2048)
     task = MultiTaskRecTask(
-        backbone="home", embed_dim=8, expert_hidden=[64], tower_hidden=[16], lr=3e-3, categories=[[0], [1]],
-        home_levels=2, meta_num_shared=2, meta_num_per_category=2, num_shared=2, num_per_category=1,
-        num_per_task=1, expert_norm="bn", activation="silu", hierarchy_mask=True, self_gate=True,
+        backbone=partial(
+            HoMEBackbone, expert_hidden=[64], categories=[[0], [1]], levels=2, meta_num_shared=2,
+            meta_num_per_category=2, num_shared=2, num_per_category=1, num_per_task=1, expert_norm="bn",
+            activation="silu", hierarchy_mask=True, self_gate=True,
+        ),
+        embed_dim=8, tower_hidden=[16], lr=3e-3,
     )  # fmt: skip
     trainer = L.Trainer(
         max_epochs=3, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
@@ -167,9 +207,10 @@ def test_end_to_end_census_home_reaches_measured_auc(tmp_path):
     trainer.fit(task, dm)
     m = trainer.callback_metrics  # last validation epoch's gate statistics
     # task-level candidates: shared e0-e1, category e2 (income's) e3 (never_married's), task e4 e5
-    assert m["gate/income/e3"] == 0 and m["gate/income/e5"] == 0, "hierarchy mask not in force"
-    assert m["gate/never_married/e2"] == 0 and m["gate/never_married/e4"] == 0, "hierarchy mask not in force"
-    zero_frac = {k: float(v) for k, v in m.items() if k.startswith("zero_frac/")}
+    w = "routing/val/{}/weight_e{}"
+    assert m[w.format("income", 3)] == 0 and m[w.format("income", 5)] == 0, "hierarchy mask not in force"
+    assert m[w.format("never_married", 2)] == 0 and m[w.format("never_married", 4)] == 0, "mask not in force"
+    zero_frac = {k: float(v) for k, v in m.items() if "/zero_frac_e" in k}
     assert zero_frac and max(zero_frac.values()) < 0.01, zero_frac  # Swish experts: no ReLU-style dead units
     res = trainer.test(task, dm, verbose=False)[0]
     for t, floor in CENSUS_HOME_MIN_AUC.items():
