@@ -3,290 +3,51 @@
 ::
 
     moekit <app> {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]
-    moekit lm generate ...          (apps.lm.generate)
-    moekit lm merge ...             (moe_core.surgery.mcsmoe: MC-SMoE merge and compress)
-    moekit lm quantize ...          (moe_core.surgery.quant: bit-nested expert quantization)
-    moekit finance backtest ...     (apps.finance.backtest)
+    moekit <app> <command> ...      the app's own commands (MoekitApp.commands), e.g.
+                                    moekit lm {generate,merge,quantize} ..., moekit finance backtest ...
     moekit tune <app> --config CONFIG.yaml --n-trials N [--storage URL] [--study NAME] [--timeout S]
     moekit register <app> --config CONFIG.yaml --ckpt PATH --name NAME
     moekit serve models:/NAME/VERSION [--port P]
     moekit ui
 
-Each app's YAML names its LightningModule and LightningDataModule by ``class_path``; LightningCLI (subclass
-mode) is the registry, so any such YAML runs and ``--model.help CLASS`` prints a class's documented arguments.
-:class:`MoekitCLI` adds: an MLflow logger by default (see :mod:`pipelines.tracking`), the resolved config,
-params and git commit logged to the run, plots/tables/preprocessing artifacts, a checkpoint folder that does
-not depend on the run id (so ``--ckpt_path last`` resumes exactly), progress bars when stderr is a
-terminal, and ``--tracking.register_as NAME`` to register the model at the end of ``fit``.
+The apps are those of the table in :mod:`pipelines.apps`; ``moekit <app> fit ...`` is :class:`MoekitCLI`
+(:mod:`pipelines.lightning_cli`); the tools are typed functions run by jsonargparse
+(:mod:`pipelines.commands`).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import Logger
 
 from moe_core.runtime import tune_cpu_allocator
-from pipelines.tracking import MlflowArtifactsCallback, MlflowSaveConfigCallback, make_logger
+from pipelines.apps import app_names, get_app, load_command
+from pipelines.commands import TOOLS, run_tool
+from pipelines.lightning_cli import ConfigError, MoekitCLI
 
-log = logging.getLogger(__name__)
+__all__ = ["MoekitCLI", "main"]
 
-APPS = ("recsys", "finance", "lm")
-_HIDDEN_APPS = ("toy",)  # pipelines._toy, used by the pipelines tests
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-APP_COMMANDS = {
-    "lm": {
-        "generate": "apps.lm.generate",
-        "merge": "moe_core.surgery.mcsmoe",
-        "quantize": "moe_core.surgery.quant",
-    },
-    "finance": {"backtest": "apps.finance.backtest"},
-}
-TOOLS = {
-    "tune": (
-        "pipelines.tune",
-        "Optuna sweep of an app config (TPE, median pruning, RDB storage, MLflow nested runs)",
-    ),
-    "register": (
-        "pipelines.registry",
-        "put a trained model (with preprocessing) in the MLflow Model Registry",
-    ),
-    "serve": ("pipelines.serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
-    "ui": ("pipelines.serve", "start the MLflow UI on the moekit tracking store"),
-}
-
-
-def _fix_checkpointing(trainer: L.Trainer, run_dir: Path) -> None:
-    """Give every ModelCheckpoint without a folder a fixed one; make sure one of them saves ``last.ckpt``."""
-    cbs = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
-    for cb in cbs:
-        if cb.dirpath is None:
-            cb.dirpath = str(run_dir)
-    if cbs and not any(cb.save_last for cb in cbs):
-        cbs[0].save_last = True
-
-
-class _CheckpointFolder(Callback):
-    """Re-applies :func:`_fix_checkpointing` at setup, after a LightningModule's ``configure_callbacks`` may
-    have replaced the trainer's checkpoint callbacks (Lightning runs ModelCheckpoint setups last)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        _fix_checkpointing(trainer, self.run_dir)
-
-
-class ResumableRng(Callback):
-    """Store the global RNG states (python, numpy, torch CPU and CUDA) in every checkpoint and restore them on
-    resume, so ``--ckpt_path last`` continues with the same data order and dropout masks as an uninterrupted
-    run (Lightning restores model, optimiser and loop state, but not the global RNGs the samplers draw from).
-
-    Restoring happens while the checkpoint is loaded, before the fit loop creates the epoch's data iterator
-    (Lightning runs the sanity check under ``isolate_rng``).
-    """
-
-    KEY = "moekit_rng_states"
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        import random
-
-        import numpy as np
-        import torch
-
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        # plain types and tensors only: Lightning loads checkpoints with ``weights_only=True``
-        states = {
-            "python": random.getstate(),
-            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-            "torch": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available():
-            states["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint[self.KEY] = states
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        import random
-
-        import numpy as np
-        import torch
-
-        states = checkpoint.get(self.KEY)
-        if not states or trainer.state.fn != "fit":
-            return
-        random.setstate(states["python"])
-        name, keys, pos, has_gauss, gauss = states["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class MoekitCLI(LightningCLI):
-    """LightningCLI for one moekit app, with MLflow tracking and resumable checkpoints by default.
-
-    Args:
-        app: app name (``recsys``, ``finance``, ``lm``); names the MLflow experiment ``moekit-<app>``.
-        args: command-line arguments (None: ``sys.argv``).
-        run: run the subcommand (False: only instantiate ``model``, ``datamodule`` and ``trainer``).
-        logger: a ready logger instead of the default MLflow logger (the tuner passes nested-run loggers).
-        extra_callbacks: callbacks appended to the trainer's (the tuner passes the pruning callback).
-    """
-
-    def __init__(
-        self,
-        *,
-        app: str,
-        args: Sequence[str] | None = None,
-        run: bool = True,
-        logger: Logger | None = None,
-        extra_callbacks: Sequence[Callback] = (),
-    ) -> None:
-        self.app = app
-        self._logger_override = logger
-        self._extra_callbacks = list(extra_callbacks)
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        super().__init__(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=MlflowSaveConfigCallback,
-            args=list(args) if args is not None else None,
-            run=run,
-            parser_kwargs={"prog": f"moekit {app}"}
-            if run
-            else {"prog": f"moekit {app}", "exit_on_error": False},
-        )
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument(
-            "--tracking.uri",
-            type=str | None,
-            default=None,
-            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite <repo>/mlflow/mlflow.db)",
-        )
-        parser.add_argument(
-            "--tracking.experiment",
-            type=str | None,
-            default=None,
-            help="MLflow experiment name (default: moekit-<app>)",
-        )
-        parser.add_argument("--tracking.run_name", type=str | None, default=None, help="MLflow run name")
-        parser.add_argument(
-            "--tracking.register_as",
-            type=str | None,
-            default=None,
-            help="register the trained model under this name in the MLflow Model Registry after fit",
-        )
-        parser.add_argument(
-            "--run_dir",
-            type=str | None,
-            default=None,
-            help="checkpoint folder (default: <trainer.default_root_dir>/runs/<app>/<config stem>); "
-            "`--ckpt_path last` resumes from its last.ckpt",
-        )
-        parser.set_defaults({"trainer.enable_progress_bar": sys.stderr.isatty()})
-        # the apps keep small python objects (configs, tokenizer JSON, preprocessor state) in their own
-        # checkpoints, which torch>=2.6's weights_only loading refuses (--weights_only true: untrusted files)
-        try:
-            parser.set_defaults({"weights_only": False})
-        except KeyError:  # run=False: no subcommand arguments
-            pass
-
-    def _add_instantiators(self) -> None:
-        """Register LightningCLI's hyper-parameter instantiator for the model only.
-
-        LightningCLI normally makes ``save_hyperparameters()`` record the *config's* init args of the class
-        it instantiates; a DataModule subclass that calls ``save_hyperparameters()`` in its own and its
-        parent's ``__init__`` (e.g. ``CensusDataModule(MultiTaskDataModule)``) then loses the parent's hparams
-        under the CLI but not in plain Python. Data modules are instantiated normally here, so they behave the
-        same both ways.
-        """
-        from lightning.pytorch.cli import _get_module_type, _InstantiatorFn
-
-        self.parser.add_instantiator(
-            _InstantiatorFn(cli=self, key="model"),
-            _get_module_type(self._model_class),
-            subclasses=self.subclass_mode_model,
-        )
-
-    # -- helpers ---------------------------------------------------------------------------------------------
-    def _cfg(self) -> Any:
-        return self.config[self.subcommand] if self.subcommand else self.config
-
-    def run_dir(self) -> Path:
-        """Checkpoint folder: ``--run_dir``, else ``<default_root_dir>/runs/<app>/<first config's stem>``."""
-        cfg = self._cfg()
-        if cfg.get("run_dir"):
-            return Path(cfg["run_dir"])
-        root = Path(cfg["trainer"].get("default_root_dir") or Path.cwd())
-        configs = cfg.get("config") or []
-        stem = Path(str(configs[0])).stem if configs else "default"
-        return root / "runs" / self.app / stem
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
-        tracking = self._cfg().get("tracking") or {}
-        if self._logger_override is not None:  # the tuner's nested trial run, whatever the config says
-            config["logger"] = self._logger_override
-        elif config.get("logger") in (None, True):
-            config["logger"] = make_logger(
-                app=self.app,
-                tracking_uri=tracking.get("uri"),
-                experiment=tracking.get("experiment"),
-                run_name=tracking.get("run_name"),
-                tags={"moekit.command": self.subcommand or "python"},
-            )
-        run_dir = self.run_dir()
-        callbacks = [
-            *callbacks,
-            MlflowArtifactsCallback(app=self.app),
-            _CheckpointFolder(run_dir),
-            ResumableRng(),
-            *self._extra_callbacks,
-        ]
-        trainer = super()._instantiate_trainer(config, callbacks)
-        _fix_checkpointing(trainer, run_dir)
-        return trainer
-
-    def after_fit(self) -> None:
-        name = (self._cfg().get("tracking") or {}).get("register_as")
-        if name:
-            from pipelines.registry import register_trained
-
-            version = register_trained(
-                app=self.app, model=self.model, datamodule=self.datamodule, trainer=self.trainer, name=name
-            )
-            log.info("registered %s as models:/%s/%s", self.app, name, version)
-            print(f"registered models:/{name}/{version}")
 
 
 def _usage() -> str:
     lines = [
         "usage: moekit <app> {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]",
+        "       moekit <app> <command> ...",
         "       moekit <tool> ...",
         "",
         "apps:",
     ]
-    for app in APPS:
-        extra = ",".join(APP_COMMANDS.get(app, {}))
-        cmds = ",".join(TRAINER_COMMANDS) + (f",{extra}" if extra else "")
-        lines.append(f"  {app:<9} {{{cmds}}}")
+    for name in app_names():
+        cmds = ",".join([*TRAINER_COMMANDS, *get_app(name).commands])
+        lines.append(f"  {name:<9} {{{cmds}}}")
     lines += ["", "tools:"]
     lines += [f"  {k:<9} {v[1]}" for k, v in TOOLS.items()]
     lines += [
         "",
         "Help: `moekit <app> fit --help`; documented arguments of a class: "
-        "`moekit <app> fit --model.help CLASS`.",
+        "`moekit <app> fit --model.help CLASS`; `moekit <tool> --help`.",
         "Tracking: MLflow, $MLFLOW_TRACKING_URI or sqlite <repo>/mlflow/mlflow.db; `moekit ui` opens it.",
     ]
     return "\n".join(lines)
@@ -302,20 +63,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     head, rest = argv[0], argv[1:]
     if head in TOOLS:
-        module = importlib.import_module(TOOLS[head][0])
-        getattr(module, "ui_main" if head == "ui" else "main")(rest)
+        run_tool(head, rest)
         return
-    if head not in APPS + _HIDDEN_APPS:
+    if head not in app_names():
         raise SystemExit(f"moekit: unknown app or tool {head!r}\n\n{_usage()}")
-    if rest and rest[0] in APP_COMMANDS.get(head, {}):
-        target = APP_COMMANDS[head][rest[0]]
+    commands = get_app(head).commands
+    if rest and rest[0] in commands:
+        target = commands[rest[0]]
         try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as e:
+            command = load_command(target)
+        except (ModuleNotFoundError, AttributeError) as e:
             raise SystemExit(f"moekit {head} {rest[0]}: {target} is not available ({e})") from e
-        module.main(rest[1:])
+        command(rest[1:])
         return
-    MoekitCLI(app=head, args=rest)
+    try:
+        MoekitCLI(app=head, args=rest)
+    except ConfigError as e:
+        raise SystemExit(f"moekit {head}: {e}") from e
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ def run_demo(
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from pipelines.adapters import get_adapter
-    from pipelines.cli import MoekitCLI
+    from pipelines.apps import get_app
+    from pipelines.lightning_cli import MoekitCLI
     from pipelines.registry import register_trained
 
     t0 = time.perf_counter()
@@ -68,10 +68,10 @@ def run_demo(
     uri = f"models:/{name}/{version}"
 
     # the registered pyfunc on the raw test rows must reproduce the in-process test AUC
-    adapter = get_adapter("recsys")
-    raw_test = adapter.raw_frame(dm, "test")
+    contract = get_app("recsys")
+    raw_test = dm.load_frames()["test"][0]
     pyfunc = mlflow.pyfunc.load_model(uri)
-    feats = adapter.input_example(dm).columns.tolist()
+    feats = contract.input_example(dm).columns.tolist()
     probs = pyfunc.predict(raw_test[feats])
     served_auc = {
         t: float(roc_auc_score(raw_test[t].to_numpy(), probs[t].to_numpy())) for t in model.task_names
@@ -96,7 +96,7 @@ def run_demo(
     print(f"  .venv/bin/moekit ui            # = mlflow ui --backend-store-uri {tracking}")
     print("Serve the registered model (raw census columns in, per-task probabilities out):")
     print(f"  .venv/bin/moekit serve {uri} --port 5001")
-    example = adapter.input_example(dm).head(1)
+    example = contract.input_example(dm).head(1)
     body = example.to_json(orient="split", index=False)
     print("  curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\")
     print(f"       -d '{{\"dataframe_split\": {body}}}'")

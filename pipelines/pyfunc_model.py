@@ -1,10 +1,10 @@
 """The MLflow pyfunc of every moekit model, logged as "model from code" (MLflow 3: a file, not a pickle of a
 ``__main__`` instance).
 
-The model's artifacts hold ``predictor`` (a pickled predictor from :mod:`pipelines.adapters`: the trained
-network plus its fitted preprocessing, taking raw inputs). Bad input raises an ``MlflowException`` with
-``INVALID_PARAMETER_VALUE``, which ``mlflow models serve`` answers with HTTP 400 and the message, and keeps
-serving.
+The model's artifacts hold ``predictor``, a pickled predictor built by the app (``MoekitApp.build_predictor``,
+:mod:`pipelines.apps`): the trained network plus its data module's fitted transform, taking raw inputs. Bad
+input raises an ``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which ``mlflow models serve`` answers
+with HTTP 400 and the message, and keeps serving.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mlflow.pyfunc import PythonModel
 
 
 class MoekitPyfunc(PythonModel):
-    """Raw inputs -> predictions through a moekit predictor (see :mod:`pipelines.adapters`)."""
+    """Raw inputs -> predictions through a moekit predictor (see :mod:`pipelines.apps`)."""
 
     def load_context(self, context) -> None:
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))

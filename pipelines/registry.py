@@ -1,4 +1,4 @@
-"""``moekit register``: put a trained model in the MLflow Model Registry as a pyfunc that includes its
+"""The MLflow Model Registry side of moekit: a trained model goes in as a pyfunc that includes its
 preprocessing (raw inputs in, predictions out), with a signature and an input example.
 
 * recsys: raw feature columns -> one probability column per task;
@@ -6,22 +6,24 @@ preprocessing (raw inputs in, predictions out), with a signature and an input ex
 * lm: a prompt -> generated text.
 
 The pyfunc is :mod:`pipelines.pyfunc_model` logged as "model from code"; its ``predictor`` artifact is built
-by the app adapter (:mod:`pipelines.adapters`). From the command line a model is rebuilt from its config and a
-checkpoint (``trainer.validate`` restores it, so the registration also logs validation metrics); during
-``moekit <app> fit --tracking.register_as NAME`` the trained model is registered directly into the fit's run.
+by the app (``MoekitApp.build_predictor``, :mod:`pipelines.apps`). During
+``moekit <app> fit --tracking.register_as NAME`` the trained model is registered into the fit's run;
+``moekit register`` (:mod:`pipelines.commands`) rebuilds a model from its config and a checkpoint first.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import pandas as pd
 import torch
 
+from pipelines.apps import Predictor, get_app
 from pipelines.tracking import default_tracking_uri, ensure_experiment, mlflow_loggers
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,13 @@ def _requirements() -> list[str]:
 def log_predictor(
     *,
     app: str,
-    predictor,
-    example,
+    predictor: Predictor,
+    example: pd.DataFrame,
     name: str | None,
     run_id: str | None,
     tracking_uri: str,
     experiment: str | None = None,
-    params: dict | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> tuple[str, str | None]:
     """Log a predictor as a pyfunc model (optionally registered as ``name``).
 
@@ -63,7 +65,7 @@ def log_predictor(
     from mlflow.models import infer_signature
 
     output = predictor.predict(example.copy())
-    signature = infer_signature(example, output, params=params)
+    signature = infer_signature(example, output, params=dict(params) if params else None)
     mlflow.set_tracking_uri(tracking_uri)
     if run_id is None:
         exp_id = ensure_experiment(experiment or f"moekit-{app}", tracking_uri)
@@ -101,17 +103,15 @@ def register_trained(
 
     Logs into the trainer's MLflow run when it has one.
     """
-    from pipelines.adapters import get_adapter
-
-    adapter = get_adapter(app)
-    predictor = adapter.build_predictor(model, datamodule)
-    example = adapter.input_example(datamodule)
+    contract = get_app(app)
+    predictor = contract.build_predictor(model, datamodule)
+    example = contract.input_example(datamodule)
     run_id, uri = None, tracking_uri
     loggers = mlflow_loggers(trainer) if trainer is not None else []
     if loggers:
         run_id, uri = loggers[0].run_id, uri or loggers[0]._tracking_uri
     _, version = log_predictor(
-        params=getattr(adapter, "params", None),
+        params=contract.predict_params,
         app=app,
         predictor=predictor,
         example=example,
@@ -120,48 +120,3 @@ def register_trained(
         tracking_uri=uri or default_tracking_uri(),
     )
     return version
-
-
-def register_checkpoint(
-    *,
-    app: str,
-    configs: Sequence[str],
-    ckpt: str,
-    name: str,
-    tracking_uri: str | None = None,
-    extra_args: Sequence[str] = (),
-) -> str:
-    """Rebuild a model from its config(s) and checkpoint, validate it, and register it; return the version."""
-    from pipelines.cli import MoekitCLI
-
-    args = [a for c in configs for a in ("--config", str(c))]
-    args += ["--trainer.enable_progress_bar=false", "--tracking.run_name=register", *extra_args]
-    if tracking_uri:
-        args.append(f"--tracking.uri={tracking_uri}")
-    cli = MoekitCLI(app=app, args=args, run=False)
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=False)
-    return register_trained(
-        app=app,
-        model=cli.model,
-        datamodule=cli.datamodule,
-        trainer=cli.trainer,
-        name=name,
-        tracking_uri=tracking_uri,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="moekit register", description=__doc__.split("\n\n")[0])
-    p.add_argument("app", help="recsys | finance | lm")
-    p.add_argument("--config", action="append", required=True, help="the training config YAML (repeatable)")
-    p.add_argument("--ckpt", required=True, help="checkpoint file (e.g. runs/<app>/<config>/last.ckpt)")
-    p.add_argument("--name", required=True, help="registered model name")
-    p.add_argument(
-        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow/mlflow.db"
-    )
-    a, extra = p.parse_known_args(argv)
-    version = register_checkpoint(
-        app=a.app, configs=a.config, ckpt=a.ckpt, name=a.name, tracking_uri=a.tracking_uri, extra_args=extra
-    )
-    print(f"registered models:/{a.name}/{version}")
-    print(f"serve it:  moekit serve models:/{a.name}/{version} --port 5001")

@@ -1,5 +1,6 @@
-"""``moekit serve models:/NAME/VERSION``: serve a registered moekit model over HTTP (``mlflow models serve
---env-manager local``, bound to 127.0.0.1 by default), and ``moekit ui``: the MLflow UI on the moekit store.
+"""Serving a registered moekit model over HTTP (``mlflow models serve --env-manager local``, bound to
+127.0.0.1 by default): the commands ``moekit serve`` and ``moekit ui`` live in :mod:`pipelines.commands`;
+here are the helpers they and the tests use to start and stop a server.
 
 Requests: ``POST /invocations`` with ``{"dataframe_split": {"columns": [...], "data": [[...]]}}`` or
 ``{"dataframe_records": [{...}]}``; ``GET /ping`` answers once the model is loaded. Malformed requests
@@ -9,7 +10,6 @@ keeps serving.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import subprocess
@@ -17,10 +17,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.tracking import DEFAULT_STORE_DIR, default_tracking_uri
+from pipelines.tracking import default_tracking_uri
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,7 +28,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _env(tracking_uri: str | None) -> dict[str, str]:
+def serve_env(tracking_uri: str | None) -> dict[str, str]:
+    """The environment of an ``mlflow`` subprocess: the tracking store and the venv's ``bin`` on PATH."""
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = tracking_uri or default_tracking_uri()
     # `mlflow models serve` execs uvicorn through a shell: the venv's bin must be on PATH
@@ -74,7 +74,7 @@ def start_server(
     out = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
         serve_command(model_uri, host=host, port=port),
-        env=_env(tracking_uri),
+        env=serve_env(tracking_uri),
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -113,42 +113,3 @@ def stop_server(proc: subprocess.Popen, *, timeout: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=timeout)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="moekit serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_uri", help="models:/NAME/VERSION (or runs:/RUN_ID/model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5001)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument(
-        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow/mlflow.db"
-    )
-    a = p.parse_args(argv)
-    cmd = serve_command(a.model_uri, host=a.host, port=a.port, workers=a.workers)
-    print(f"serving {a.model_uri} on http://{a.host}:{a.port}  (POST /invocations, GET /ping)", flush=True)
-    raise SystemExit(subprocess.call(cmd, env=_env(a.tracking_uri)))
-
-
-def ui_main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="moekit ui", description="MLflow UI on the moekit tracking store")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument(
-        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow/mlflow.db"
-    )
-    a = p.parse_args(argv)
-    uri = a.tracking_uri or default_tracking_uri()
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(a.port),
-    ]
-    if uri == f"sqlite:///{DEFAULT_STORE_DIR / 'mlflow.db'}":
-        cmd += ["--default-artifact-root", (DEFAULT_STORE_DIR / "artifacts").as_uri()]
-    print(f"MLflow UI on http://127.0.0.1:{a.port}  ({uri})", flush=True)
-    raise SystemExit(subprocess.call(cmd, env=_env(uri)))

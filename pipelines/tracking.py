@@ -23,10 +23,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from pipelines.apps import get_app
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORE_DIR = REPO_ROOT / "mlflow"
+ROUTING_PREFIX = "routing/"
+"""Every app logs its routing statistics (``moe_core.stats``) under this prefix; the routing plot uses it."""
 
 
 def default_tracking_uri() -> str:
@@ -175,12 +179,13 @@ class MlflowSaveConfigCallback(SaveConfigCallback):
 class MlflowArtifactsCallback(Callback):
     """Log plots, tables and the fitted preprocessing to the MLflow run.
 
-    * end of fit: loss curves and routing-statistics curves (PNG) from the run's metric history, and the
-      datamodule's fitted preprocessing (through the app adapter);
-    * end of test: the test metric table (JSON + Markdown) and, when AUC metrics exist, an AUC bar chart.
+    * end of fit: loss curves and routing-statistics curves (PNG; the ``routing/`` metrics) from the run's
+      metric history, and the datamodule's fitted preprocessing (``MoekitApp.save_preprocessing``);
+    * end of test: the test metric table (JSON + Markdown), the app's own test artifacts
+      (``MoekitApp.test_artifacts``) and, when AUC metrics exist, an AUC bar chart.
 
     Args:
-        app: app name, used to pick the adapter that exports preprocessing.
+        app: app name in the table of :mod:`pipelines.apps`.
     """
 
     def __init__(self, *, app: str) -> None:
@@ -216,14 +221,11 @@ class MlflowArtifactsCallback(Callback):
     def _log_app_test_artifacts(
         self, trainer: L.Trainer, pl_module: L.LightningModule, lg: MLFlowLogger
     ) -> None:
-        from pipelines.adapters import get_adapter
-
         if trainer.datamodule is None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                adapter = get_adapter(self.app)
-                files = adapter.test_artifacts(trainer, pl_module, trainer.datamodule, Path(tmp))
+                files = get_app(self.app).test_artifacts(pl_module, trainer.datamodule, Path(tmp))
             except Exception as e:  # noqa: BLE001 - reporting must never fail a test run
                 log.warning("could not make the %s test artifacts: %s", self.app, e)
                 return
@@ -231,14 +233,12 @@ class MlflowArtifactsCallback(Callback):
                 lg.experiment.log_artifact(lg.run_id, str(f), f"{self.app}_test")
 
     def _log_preprocessing(self, trainer: L.Trainer, lg: MLFlowLogger) -> None:
-        from pipelines.adapters import get_adapter
-
         dm = trainer.datamodule
         if dm is None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                files = get_adapter(self.app).save_preprocessing(dm, Path(tmp))
+                files = get_app(self.app).save_preprocessing(dm, Path(tmp))
             except Exception as e:  # noqa: BLE001
                 log.warning("could not export the fitted preprocessing: %s", e)
                 return
@@ -257,13 +257,7 @@ class MlflowArtifactsCallback(Callback):
         keys = sorted(run.data.metrics)
         groups = {
             "plots/loss_curves.png": [k for k in keys if "loss" in k and not k.startswith("test")],
-            "plots/routing_stats.png": [
-                k
-                for k in keys
-                if any(
-                    s in k for s in ("load", "entropy", "active", "dropped", "zero_frac", "gate", "expert")
-                )
-            ][:24],
+            "plots/routing_stats.png": [k for k in keys if k.startswith(ROUTING_PREFIX)][:24],
             "plots/val_metrics.png": [k for k in keys if k.startswith("val") and "loss" not in k][:24],
         }
         for path, ks in groups.items():

@@ -1,8 +1,8 @@
-"""``moekit tune``: Optuna sweeps over an app config.
+"""``moekit tune``: Optuna sweeps over an app config (the command is in :mod:`pipelines.commands`).
 
-* Search space: one function per app, ``apps/<app>/search_space.py::suggest(trial) -> {dotted.key: value}``;
-  the values are applied as command-line overrides of the base config (``--model.init_args.lr=...``).
-  The module may also define ``MONITOR`` and ``DIRECTION`` (else the app adapter's are used).
+* Search space and objective: the app's ``search_space(trial) -> {dotted.key: value}``, ``monitor`` and
+  ``direction`` (``apps/<app>/app.py``, see :mod:`pipelines.apps`); the values are applied as command-line
+  overrides of the base config (``--model.init_args.lr=...``).
 * Sampling: TPE (seeded). Pruning: Optuna's MedianPruner, fed once per validation by
   ``optuna_integration.PyTorchLightningPruningCallback`` on the monitored metric.
 * Storage: an RDB URL (default ``sqlite:///<repo>/runs/optuna/optuna.db``, git-ignored; PostgreSQL for many
@@ -18,9 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
-import copy
-import importlib
 import json
 import logging
 import math
@@ -32,7 +29,9 @@ from typing import Any
 import optuna
 import yaml
 
-from pipelines.tracking import REPO_ROOT, default_tracking_uri, ensure_experiment, git_commit
+from pipelines.apps import get_app
+from pipelines.lightning_cli import MoekitCLI, merged_config
+from pipelines.tracking import REPO_ROOT, default_tracking_uri, ensure_experiment, git_commit, make_logger
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +44,6 @@ def default_storage() -> str:
     return f"sqlite:///{path}"
 
 
-def load_search_space(app: str) -> tuple[Callable[[optuna.Trial], dict[str, Any]], str | None, str | None]:
-    """``(suggest, MONITOR or None, DIRECTION or None)`` from the app's search-space module."""
-    module = importlib.import_module("pipelines._toy" if app == "toy" else f"apps.{app}.search_space")
-    return module.suggest, getattr(module, "MONITOR", None), getattr(module, "DIRECTION", None)
-
-
 def _arg_value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
@@ -58,42 +51,6 @@ def _arg_value(v: Any) -> str:
 def overrides_to_args(overrides: Mapping[str, Any]) -> list[str]:
     """``{"model.init_args.lr": 0.1}`` -> ``["--model.init_args.lr=0.1"]``."""
     return [f"--{k}={_arg_value(v)}" for k, v in overrides.items()]
-
-
-def _deep_merge(base: dict, extra: Mapping) -> dict:
-    for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _deep_merge(base[k], v)
-        else:
-            base[k] = copy.deepcopy(v)
-    return base
-
-
-def merged_config(configs: Sequence[str | Path], overrides: Mapping[str, Any]) -> dict:
-    """Base YAML files merged in order, then dotted overrides set into the nested mapping."""
-    cfg: dict = {}
-    for c in configs:
-        with open(c) as f:
-            _deep_merge(cfg, yaml.safe_load(f) or {})
-    for key, value in overrides.items():
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {}
-            node = node[p]
-        node[parts[-1]] = value
-    return cfg
-
-
-def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        out[k.lstrip("-")] = yaml.safe_load(v)
-    return out
 
 
 class _MlflowStudy:
@@ -172,8 +129,8 @@ def run_study(
         out_dir: where trial checkpoints and ``best.yaml`` go (default ``<repo>/runs/tune/<study>``).
         tracking_uri, experiment: MLflow store and experiment (default: moekit's, ``moekit-<app>-tune``).
         seed: TPE sampler seed.
-        search_space: replaces the app's ``suggest`` (tests).
-        monitor, direction: replace the search space's / adapter's objective metric.
+        search_space: replaces the app's ``search_space`` (tests).
+        monitor, direction: replace the app's objective metric and direction.
         pruner_startup_trials, pruner_warmup_steps: MedianPruner settings.
         sampler_startup_trials: random trials before TPE starts modelling.
         enqueue: parameter sets (Optuna param names -> values) to run first, e.g. the base config's own values
@@ -185,18 +142,13 @@ def run_study(
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from pipelines.adapters import get_adapter
-    from pipelines.cli import MoekitCLI
-    from pipelines.tracking import make_logger
-
     if n_trials < 1:
         raise ValueError(f"n_trials={n_trials}: must be at least 1")
     configs = [str(c) for c in configs]
-    suggest, ss_monitor, ss_direction = load_search_space(app)
-    suggest = search_space or suggest
-    adapter = get_adapter(app)
-    monitor = monitor or ss_monitor or adapter.monitor
-    direction = direction or ss_direction or adapter.direction
+    contract = get_app(app)
+    suggest = search_space or contract.search_space
+    monitor = monitor or contract.monitor
+    direction = direction or contract.direction
     if direction not in ("maximize", "minimize"):
         raise ValueError(f"direction={direction!r}: expected 'maximize' or 'minimize'")
     study_name = study_name or f"{app}-{Path(configs[0]).stem}"
@@ -308,67 +260,3 @@ def summary_table(study: optuna.Study) -> str:
         v = "" if t.value is None else f"{t.value:.4f}"
         lines.append(f"| {t.number} | {t.state.name} | {v} | {json.dumps(t.params)} |")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="moekit tune",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("app", help="recsys | finance | lm")
-    p.add_argument("--config", action="append", required=True, help="base config YAML (repeatable)")
-    p.add_argument(
-        "--n-trials", type=int, required=True, help="target number of finished trials in the study"
-    )
-    p.add_argument(
-        "--storage", default=None, help="Optuna RDB URL (default sqlite:///<repo>/runs/optuna/optuna.db)"
-    )
-    p.add_argument("--study", default=None, help="study name (default <app>-<config stem>)")
-    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after S seconds")
-    p.add_argument("--out", default=None, help="folder for trial checkpoints and best.yaml")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fixed override for every trial, e.g. --set trainer.max_epochs=3 (repeatable)",
-    )
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default moekit-<app>-tune)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--enqueue",
-        action="append",
-        default=[],
-        metavar="JSON",
-        help="run these Optuna params first (new study only), e.g. the base config's values: "
-        '\'{"lr": 0.003, "embed_dim": 8}\' (repeatable)',
-    )
-    p.add_argument("--pruner-startup-trials", type=int, default=5)
-    p.add_argument("--pruner-warmup-steps", type=int, default=1)
-    p.add_argument("--sampler-startup-trials", type=int, default=10)
-    a = p.parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.INFO)
-    study = run_study(
-        app=a.app,
-        configs=a.config,
-        n_trials=a.n_trials,
-        storage=a.storage,
-        study_name=a.study,
-        timeout=a.timeout,
-        overrides=_parse_kv(a.set),
-        out_dir=a.out,
-        tracking_uri=a.tracking_uri,
-        experiment=a.experiment,
-        seed=a.seed,
-        pruner_startup_trials=a.pruner_startup_trials,
-        pruner_warmup_steps=a.pruner_warmup_steps,
-        sampler_startup_trials=a.sampler_startup_trials,
-        enqueue=[json.loads(e) for e in a.enqueue],
-    )
-    print(summary_table(study))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,10 @@
 """LightningModule for daily cross-sectional stock prediction (MIGA arXiv 2410.02241 and baselines).
 
 ``loss = task + w_balance * balance``; task loss is MSE on the normalised label, the negative daily IC
-(Pearson), or a pairwise ranking loss. Validation logs daily IC / RankIC on the raw label; router models log
-the routing statistics of ``moe_core.stats`` under ``routing/`` (training-epoch means). With
-``predictions_path`` the model's scores for the valid and test days are written to Parquet at the end of
-``fit`` (and by ``test``), ready for ``python -m apps.finance.backtest --predictions ...``.
+(Pearson), or a pairwise ranking loss. Validation logs daily IC / RankIC on the raw label; router models
+log the routing statistics of ``moe_core.stats`` as ``routing/train/router/<statistic>`` (training-epoch
+means). With ``predictions_path`` the model's scores for the valid and test days are written to Parquet at the
+end of ``fit`` (and by ``test``), ready for ``moekit finance backtest --predictions ...``.
 """
 
 from __future__ import annotations
@@ -136,16 +136,13 @@ class FinanceTask(L.LightningModule):
         return loss
 
     def log_routing(self, routing: RouterOutput) -> None:
-        """Training-epoch means of ``moe_core.stats.routing_stats`` under ``routing/``: ``routing/entropy``,
-        ``routing/max_load``, ``routing/max_over_mean_load``, ``routing/active_experts``,
-        ``routing/dropped_fraction``, ``routing/zero_expert_tokens`` and ``routing/load_e<i>``."""
-        stats = routing_stats(routing)
-        for name, value in stats.items():
-            if name == "expert_load":
-                for e, v in enumerate(value):
-                    self.log(f"routing/load_e{e}", v, batch_size=1, on_epoch=True, on_step=False)
-            else:
-                self.log(f"routing/{name}", value, batch_size=1, on_epoch=True, on_step=False)
+        """Training-epoch means of every ``moe_core.stats.routing_stats`` statistic, as
+        ``routing/train/router/<statistic>`` (the per-expert load as ``expert_load_e<i>``), the
+        ``routing/<stage>/<name>/<statistic>`` names every app uses."""
+        for key, value in routing_stats(routing).items():
+            names = {key: value} if value.dim() == 0 else {f"{key}_e{e}": v for e, v in enumerate(value)}
+            for name, v in names.items():
+                self.log(f"routing/train/router/{name}", v, batch_size=1, on_epoch=True, on_step=False)
 
     def _frame(self, batch: dict[str, torch.Tensor]) -> pd.DataFrame:
         out = self.model(batch["x"])

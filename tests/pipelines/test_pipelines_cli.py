@@ -1,6 +1,7 @@
-"""The ``moekit`` CLI: help lists apps and commands; a fit logs the resolved config, params, git commit, plots
-and preprocessing into the MLflow store given by MLFLOW_TRACKING_URI; ``--ckpt_path last`` resumes exactly
-(identical metrics to an uninterrupted run)."""
+"""The ``moekit`` CLI: help lists the apps of the table (the toy app too, from ``$MOEKIT_APPS``) and their
+commands; an app's command runs its function; a renamed config key stops with a message naming the new one; a
+fit logs the resolved config, params, git commit, plots and preprocessing into the MLflow store given by
+MLFLOW_TRACKING_URI; ``--ckpt_path last`` resumes exactly (identical metrics to an uninterrupted run)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.cli import APPS, MoekitCLI, main
+from pipelines.apps import APPS
+from pipelines.cli import MoekitCLI, main
+from pipelines.lightning_cli import ConfigError
 
 
 def test_help_lists_apps_and_commands(capsys: pytest.CaptureFixture) -> None:
@@ -18,6 +21,7 @@ def test_help_lists_apps_and_commands(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     for word in (
         *APPS,
+        "toy",
         "fit",
         "validate",
         "test",
@@ -26,11 +30,32 @@ def test_help_lists_apps_and_commands(capsys: pytest.CaptureFixture) -> None:
         "register",
         "serve",
         "generate",
+        "merge",
+        "quantize",
         "backtest",
     ):
         assert word in out
     with pytest.raises(SystemExit, match="unknown app"):
         main(["nope", "fit"])
+
+
+def test_app_command_runs_its_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    import apps.finance.backtest
+
+    seen = []
+    monkeypatch.setattr(apps.finance.backtest, "main", lambda argv: seen.append(argv))
+    main(["finance", "backtest", "--predictions", "p.parquet", "--topk", "3"])
+    assert seen == [["--predictions", "p.parquet", "--topk", "3"]]
+
+
+def test_renamed_config_key_names_the_new_one(toy_config: Path, tracking_uri: str) -> None:
+    # the toy app renamed model.init_args.width -> hidden_dim (its check_config says so before parsing)
+    with pytest.raises(SystemExit, match="write model.init_args.hidden_dim"):
+        main(["toy", "fit", "--config", str(toy_config), "--model.init_args.width=4"])
+    old = toy_config.with_name("old.yaml")
+    old.write_text(toy_config.read_text().replace("hidden_dim: 8", "width: 8"))
+    with pytest.raises(ConfigError, match="write model.init_args.hidden_dim"):
+        MoekitCLI(app="toy", args=["--config", str(old)], run=False)
 
 
 def _runs(uri: str, experiment: str):
@@ -52,7 +77,7 @@ def test_fit_logs_config_params_commit_and_artifacts(
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "plots", "preprocessing"} <= arts
     cfg = client.download_artifacts(run.info.run_id, "config/config.yaml", str(tmp_path))
-    assert "pipelines._toy.ToyTask" in Path(cfg).read_text()
+    assert "toy_app.ToyTask" in Path(cfg).read_text()
     # checkpoints go to a run-independent folder beside the working directory
     assert (tmp_path / "runs" / "toy" / "toy" / "last.ckpt").is_file()
 

@@ -10,9 +10,12 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
-from pipelines.cli import MoekitCLI
-from pipelines.registry import register_checkpoint, register_trained
+from pipelines.cli import main
+from pipelines.commands import register_checkpoint
+from pipelines.lightning_cli import MoekitCLI
+from pipelines.registry import register_trained
 
 
 def _fit(toy_config: Path, tmp_path: Path) -> MoekitCLI:
@@ -29,7 +32,7 @@ def _in_process(cli: MoekitCLI) -> np.ndarray:
 
 
 def test_registry_round_trip_matches_in_process_model(
-    tmp_path: Path, toy_config: Path, tracking_uri: str
+    tmp_path: Path, toy_config: Path, tracking_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
     cli = _fit(toy_config, tmp_path)
     expected = _in_process(cli)  # (N,) from the LightningModule on preprocessed test tensors
@@ -50,10 +53,17 @@ def test_registry_round_trip_matches_in_process_model(
     with pytest.raises(mlflow.exceptions.MlflowException, match="x3"):
         loaded.predict(raw.drop(columns=["x3"]))
 
-    # rebuilt from the last checkpoint by `moekit register`: version 2, same predictions
+    # rebuilt from the last checkpoint by `moekit register` (an extra config option is passed through):
+    # version 2, same predictions
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     assert ckpt.is_file()
-    version2 = register_checkpoint(app="toy", configs=[str(toy_config)], ckpt=str(ckpt), name="toy-model")
-    assert version2 == "2"
+    main([
+        "register", "toy", "--config", str(toy_config), "--ckpt", str(ckpt), "--name", "toy-model",
+        "--trainer.limit_val_batches", "2",
+    ])  # fmt: skip
+    assert "registered models:/toy-model/2" in capsys.readouterr().out
     got2 = mlflow.pyfunc.load_model("models:/toy-model/2").predict(raw)["p"].to_numpy()
     np.testing.assert_allclose(got2, expected, rtol=1e-5, atol=1e-6)
+    run = MlflowClient(tracking_uri).get_run(mlflow.models.get_model_info("models:/toy-model/2").run_id)
+    assert run.data.params["cfg.trainer.limit_val_batches"] == "2"
+    assert register_checkpoint(app="toy", configs=[str(toy_config)], ckpt=str(ckpt), name="toy-model") == "3"

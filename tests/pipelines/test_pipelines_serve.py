@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import MoekitCLI
+from pipelines.apps import get_app
+from pipelines.lightning_cli import MoekitCLI
 from pipelines.registry import register_trained
 from pipelines.serve import start_server, stop_server, wait_until_up
 
@@ -37,9 +38,7 @@ def test_serve_valid_and_malformed_requests(tmp_path: Path, toy_config: Path, tr
         app="toy", model=cli.model, datamodule=cli.datamodule, trainer=cli.trainer, name="toy-served"
     )
     raw = cli.datamodule.raw["test"].drop(columns=["y"]).head(8)
-    from pipelines.adapters import get_adapter
-
-    expected = get_adapter("toy").build_predictor(cli.model, cli.datamodule).predict(raw)["p"].to_numpy()
+    expected = get_app("toy").build_predictor(cli.model, cli.datamodule).predict(raw)["p"].to_numpy()
 
     proc, url = start_server(
         f"models:/toy-served/{version}", tracking_uri=tracking_uri, log_file=tmp_path / "server.log"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -66,7 +67,7 @@ def test_tune_sweep_prunes_resumes_and_writes_best(
     best = yaml.safe_load(best_path.read_text())
     assert best["model"]["init_args"]["lr"] == study.best_trial.params["lr"]
     assert best["model"]["init_args"]["invert"] is False
-    from pipelines.cli import MoekitCLI
+    from pipelines.lightning_cli import MoekitCLI
 
     cli = MoekitCLI(app="toy", args=["--config", str(best_path), "--trainer.logger=false"], run=False)
     assert cli.model.lr == study.best_trial.params["lr"]
@@ -83,3 +84,37 @@ def test_merged_config_sets_dotted_keys(tmp_path: Path) -> None:
         "trainer": {"max_epochs": 7},
         "data": {"init_args": {"c": [1, 2]}},
     }
+
+
+def test_tune_command_keeps_its_spellings(
+    tmp_path: Path, toy_config: Path, tracking_uri: str, capsys: pytest.CaptureFixture
+) -> None:
+    """``moekit tune`` through jsonargparse with the historical options: repeatable --config and --set,
+    dashed names, --study, --enqueue."""
+    from pipelines.cli import main
+
+    main([
+        "tune", "toy", "--config", str(toy_config), "--n-trials", "1", "--set", "trainer.max_epochs=1",
+        "--set", "data.init_args.n_samples=256", "--study", "cli-study", "--out", str(tmp_path / "out"),
+        "--storage", f"sqlite:///{tmp_path / 'o.db'}", "--tracking-uri", tracking_uri,
+        "--enqueue", '{"hidden_dim": 4, "lr": 0.01}', "--sampler-startup-trials", "3",
+    ])  # fmt: skip
+    assert "| 0 | COMPLETE |" in capsys.readouterr().out
+    study = optuna.load_study(study_name="cli-study", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert study.trials[0].params == {"hidden_dim": 4, "lr": 0.01}
+    header = (tmp_path / "out" / "best.yaml").read_text().splitlines()[1]
+    assert '"trainer.max_epochs": 1' in header and '"data.init_args.n_samples": 256' in header
+
+
+def test_legacy_spelling_of_tool_options() -> None:
+    from pipelines.commands import legacy_spelling, register, tune
+
+    argv = ["toy", "--config", "a.yaml", "--config=b.yaml", "--n-trials", "3", "--set", "x=1", "--help"]
+    assert legacy_spelling(argv, tune) == [
+        "toy", "--configs+", "a.yaml", "--configs+=b.yaml", "--n_trials", "3", "--overrides+", "x=1", "--help"
+    ]
+    argv = ["toy", "--ckpt", "c", "--trainer.max_epochs", "3", "--model.init_args.lr=0.1", "--name", "--x"]
+    assert legacy_spelling(argv, register, "cli_args") == [
+        "toy", "--ckpt", "c", "--cli_args+=--trainer.max_epochs=3", "--cli_args+=--model.init_args.lr=0.1",
+        "--name", "--x",  # a value is passed on verbatim, even one that looks like an option
+    ]

@@ -1,5 +1,7 @@
 """A tiny synthetic binary-classification app used to test the pipelines machinery (CLI, tuning, registry,
-serving) in seconds, independently of the real apps.
+serving) in seconds, independently of the real apps. It lives with the tests and joins the app table through
+``MOEKIT_APPS=toy=toy_app`` (see ``conftest.py``): adding an app is a module with an ``APP`` and one table
+entry, nothing in ``pipelines/``.
 
 Not a method file: no paper. The data are ``x ~ N(mu, sigma)`` with 4 raw columns ``x0..x3`` and a label
 ``y = 1[w . x + noise > 0]``; the fitted preprocessing is a per-column standardiser (fitted on train only),
@@ -8,7 +10,12 @@ so registry tests can check that serving applies the same transform as training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -154,9 +161,82 @@ class ToyTask(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-def suggest(trial) -> dict:
-    """Toy search space (the contract of ``apps/<app>/search_space.py``): dotted config overrides."""
-    return {
-        "model.init_args.hidden_dim": trial.suggest_categorical("hidden_dim", [4, 8, 16]),
-        "model.init_args.lr": trial.suggest_float("lr", 1e-3, 1e-1, log=True),
-    }
+def _require_columns(df: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"expected a table (DataFrame / dataframe_split / inputs records), got {type(df)}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"input: missing column(s) {missing}; expected {list(columns)}")
+
+
+def _require_numeric(df: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    for c in columns:
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            try:
+                df[c] = pd.to_numeric(df[c])
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"column {c!r} must be numeric, got values like {df[c].iloc[0]!r}") from e
+        if df[c].isna().any():
+            raise ValueError(f"column {c!r} has {int(df[c].isna().sum())} missing/NaN value(s)")
+
+
+@dataclass
+class ToyPredictor:
+    """Raw columns ``x0..x3`` -> probability ``p`` through the data module's fitted standardiser."""
+
+    net: nn.Module
+    preprocessing: ToyStandardizer
+
+    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
+        _require_columns(df, self.preprocessing.columns)
+        df = df.copy()
+        _require_numeric(df, self.preprocessing.columns)
+        with torch.no_grad():
+            p = torch.sigmoid(self.net(self.preprocessing.transform(df)).squeeze(-1))  # (N,)
+        return pd.DataFrame({"p": p.numpy().astype(np.float64)})
+
+
+@dataclass(frozen=True)
+class ToyApp:
+    """The toy app's contract (``pipelines.apps.MoekitApp``)."""
+
+    name: str = "toy"
+    monitor: str = "val/auc"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    commands: Mapping[str, str] = field(default_factory=dict)
+    predict_params: Mapping[str, Any] | None = None
+
+    def search_space(self, trial) -> dict[str, Any]:  # noqa: ANN001 - optuna.Trial
+        return {
+            "model.init_args.hidden_dim": trial.suggest_categorical("hidden_dim", [4, 8, 16]),
+            "model.init_args.lr": trial.suggest_float("lr", 1e-3, 1e-1, log=True),
+        }
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """``model.init_args.width`` was renamed ``hidden_dim`` (exercises the renamed-key path)."""
+        init = (config.get("model") or {}).get("init_args") or {}
+        if "width" in init:
+            raise ValueError("model.init_args.width was renamed: write model.init_args.hidden_dim")
+
+    def build_predictor(self, module: L.LightningModule, datamodule: L.LightningDataModule) -> ToyPredictor:
+        return ToyPredictor(
+            net=copy.deepcopy(module.net).cpu().eval().requires_grad_(False),
+            preprocessing=copy.deepcopy(datamodule.preprocessing),
+        )
+
+    def input_example(self, datamodule: L.LightningDataModule) -> pd.DataFrame:
+        return datamodule.raw["test"][list(FEATURES)].head(5).reset_index(drop=True)
+
+    def save_preprocessing(self, datamodule: L.LightningDataModule, out_dir: Path) -> list[Path]:
+        path = Path(out_dir) / "toy_preprocessing.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(datamodule.preprocessing))
+        return [path]
+
+    def test_artifacts(
+        self, module: L.LightningModule, datamodule: L.LightningDataModule, out_dir: Path
+    ) -> list[Path]:
+        return []
+
+
+APP = ToyApp()

@@ -1,0 +1,305 @@
+"""``MoekitCLI``: the LightningCLI of ``moekit <app> {fit,validate,test,predict}``.
+
+Each app's YAML names its LightningModule and LightningDataModule by ``class_path``; LightningCLI (subclass
+mode) is the registry, so any such YAML runs and ``--model.help CLASS`` prints a class's documented arguments.
+:class:`MoekitCLI` adds: the app's check for renamed config keys (``MoekitApp.check_config``, before parsing),
+an MLflow logger by default (see :mod:`pipelines.tracking`), the resolved config, params and git commit logged
+to the run, plots/tables/preprocessing artifacts, a checkpoint folder that does not depend on the run id (so
+``--ckpt_path last`` resumes exactly), progress bars when stderr is a terminal, and
+``--tracking.register_as NAME`` to register the model at the end of ``fit``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import Logger
+
+from pipelines.apps import get_app
+from pipelines.registry import register_trained
+from pipelines.tracking import MlflowArtifactsCallback, MlflowSaveConfigCallback, make_logger
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config uses a key or value its app has renamed (the message names the new form)."""
+
+
+def _deep_merge(base: dict, extra: Mapping) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def merged_config(configs: Sequence[str | Path], overrides: Mapping[str, Any]) -> dict:
+    """Base YAML files merged in order, then dotted overrides set into the nested mapping."""
+    cfg: dict = {}
+    for c in configs:
+        with open(c) as f:
+            _deep_merge(cfg, yaml.safe_load(f) or {})
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return cfg
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def raw_config(args: Sequence[str]) -> dict:
+    """The config that command-line ``args`` describe, before parsing: the ``--config`` files merged, then the
+    ``--a.b=value`` / ``--a.b value`` overrides (values read as YAML). Only used to look for renamed keys."""
+    files, overrides = [], {}
+    i = 0
+    while i < len(args):
+        tok = str(args[i])
+        i += 1
+        if not tok.startswith("--"):
+            continue
+        key, eq, value = tok[2:].partition("=")
+        if not eq and i < len(args) and not str(args[i]).startswith("--"):
+            value, i = str(args[i]), i + 1
+        if key == "config":
+            files.append(value)
+        elif "." in key:
+            overrides[key] = _yaml_value(value)
+    return merged_config([f for f in files if Path(f).is_file()], overrides)
+
+
+def _fix_checkpointing(trainer: L.Trainer, run_dir: Path) -> None:
+    """Give every ModelCheckpoint without a folder a fixed one; make sure one of them saves ``last.ckpt``."""
+    cbs = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    for cb in cbs:
+        if cb.dirpath is None:
+            cb.dirpath = str(run_dir)
+    if cbs and not any(cb.save_last for cb in cbs):
+        cbs[0].save_last = True
+
+
+class _CheckpointFolder(Callback):
+    """Re-applies :func:`_fix_checkpointing` at setup, after a LightningModule's ``configure_callbacks`` may
+    have replaced the trainer's checkpoint callbacks (Lightning runs ModelCheckpoint setups last)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        _fix_checkpointing(trainer, self.run_dir)
+
+
+class ResumableRng(Callback):
+    """Store the global RNG states (python, numpy, torch CPU and CUDA) in every checkpoint and restore them on
+    resume, so ``--ckpt_path last`` continues with the same data order and dropout masks as an uninterrupted
+    run (Lightning restores model, optimiser and loop state, but not the global RNGs the samplers draw from).
+
+    Restoring happens while the checkpoint is loaded, before the fit loop creates the epoch's data iterator
+    (Lightning runs the sanity check under ``isolate_rng``).
+    """
+
+    KEY = "moekit_rng_states"
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain types and tensors only: Lightning loads checkpoints with ``weights_only=True``
+        states = {
+            "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint[self.KEY] = states
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        states = checkpoint.get(self.KEY)
+        if not states or trainer.state.fn != "fit":
+            return
+        random.setstate(states["python"])
+        name, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class MoekitCLI(LightningCLI):
+    """LightningCLI for one moekit app, with MLflow tracking and resumable checkpoints by default.
+
+    Args:
+        app: app name in the table of :mod:`pipelines.apps`; names the MLflow experiment ``moekit-<app>``.
+        args: command-line arguments (None: ``sys.argv``).
+        run: run the subcommand (False: only instantiate ``model``, ``datamodule`` and ``trainer``).
+        logger: a ready logger instead of the default MLflow logger (the tuner passes nested-run loggers).
+        extra_callbacks: callbacks appended to the trainer's (the tuner passes the pruning callback).
+
+    Raises:
+        ConfigError: the config uses a key the app renamed (before any parsing).
+    """
+
+    def __init__(
+        self,
+        *,
+        app: str,
+        args: Sequence[str] | None = None,
+        run: bool = True,
+        logger: Logger | None = None,
+        extra_callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.app = app
+        self.contract = get_app(app)
+        self._logger_override = logger
+        self._extra_callbacks = list(extra_callbacks)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=MlflowSaveConfigCallback,
+            args=list(args) if args is not None else None,
+            run=run,
+            parser_kwargs={"prog": f"moekit {app}"}
+            if run
+            else {"prog": f"moekit {app}", "exit_on_error": False},
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--tracking.uri",
+            type=str | None,
+            default=None,
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite <repo>/mlflow/mlflow.db)",
+        )
+        parser.add_argument(
+            "--tracking.experiment",
+            type=str | None,
+            default=None,
+            help="MLflow experiment name (default: moekit-<app>)",
+        )
+        parser.add_argument("--tracking.run_name", type=str | None, default=None, help="MLflow run name")
+        parser.add_argument(
+            "--tracking.register_as",
+            type=str | None,
+            default=None,
+            help="register the trained model under this name in the MLflow Model Registry after fit",
+        )
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="checkpoint folder (default: <trainer.default_root_dir>/runs/<app>/<config stem>); "
+            "`--ckpt_path last` resumes from its last.ckpt",
+        )
+        parser.set_defaults({"trainer.enable_progress_bar": sys.stderr.isatty()})
+        # the apps keep small python objects (configs, tokenizer JSON, preprocessor state) in their own
+        # checkpoints, which torch>=2.6's weights_only loading refuses (--weights_only true: untrusted files)
+        try:
+            parser.set_defaults({"weights_only": False})
+        except KeyError:  # run=False: no subcommand arguments
+            pass
+
+    def _add_instantiators(self) -> None:
+        """Register LightningCLI's hyper-parameter instantiator for the model only.
+
+        LightningCLI normally makes ``save_hyperparameters()`` record the *config's* init args of the class
+        it instantiates; a DataModule subclass that calls ``save_hyperparameters()`` in its own and its
+        parent's ``__init__`` (e.g. ``CensusDataModule(MultiTaskDataModule)``) then loses the parent's hparams
+        under the CLI but not in plain Python. Data modules are instantiated normally here, so they behave the
+        same both ways.
+        """
+        from lightning.pytorch.cli import _get_module_type, _InstantiatorFn
+
+        self.parser.add_instantiator(
+            _InstantiatorFn(cli=self, key="model"),
+            _get_module_type(self._model_class),
+            subclasses=self.subclass_mode_model,
+        )
+
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, argv
+        if args is None or isinstance(args, (list, tuple)):
+            argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+            try:
+                self.contract.check_config(raw_config(argv))
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+        super().parse_arguments(parser, args)
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _cfg(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def run_dir(self) -> Path:
+        """Checkpoint folder: ``--run_dir``, else ``<default_root_dir>/runs/<app>/<first config's stem>``."""
+        cfg = self._cfg()
+        if cfg.get("run_dir"):
+            return Path(cfg["run_dir"])
+        root = Path(cfg["trainer"].get("default_root_dir") or Path.cwd())
+        configs = cfg.get("config") or []
+        stem = Path(str(configs[0])).stem if configs else "default"
+        return root / "runs" / self.app / stem
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+        tracking = self._cfg().get("tracking") or {}
+        if self._logger_override is not None:  # the tuner's nested trial run, whatever the config says
+            config["logger"] = self._logger_override
+        elif config.get("logger") in (None, True):
+            config["logger"] = make_logger(
+                app=self.app,
+                tracking_uri=tracking.get("uri"),
+                experiment=tracking.get("experiment"),
+                run_name=tracking.get("run_name"),
+                tags={"moekit.command": self.subcommand or "python"},
+            )
+        run_dir = self.run_dir()
+        callbacks = [
+            *callbacks,
+            MlflowArtifactsCallback(app=self.app),
+            _CheckpointFolder(run_dir),
+            ResumableRng(),
+            *self._extra_callbacks,
+        ]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        _fix_checkpointing(trainer, run_dir)
+        return trainer
+
+    def after_fit(self) -> None:
+        name = (self._cfg().get("tracking") or {}).get("register_as")
+        if name:
+            version = register_trained(
+                app=self.app, model=self.model, datamodule=self.datamodule, trainer=self.trainer, name=name
+            )
+            log.info("registered %s as models:/%s/%s", self.app, name, version)
+            print(f"registered models:/{name}/{version}")
