@@ -109,7 +109,7 @@ def nn_models(nf: int, T: int) -> dict:
             lambda: Transformer(num_features=nf, step_len=T, hidden_dim=64, num_heads=4),
             {"loss": "mse", "lr": 5e-4},
         ),
-        # MIGA ablations (spec §12 switches), run with --tag ablation
+        # MIGA ablations (docs/finance.md §12 switches), run with --tag ablation
         "MIGA-mse": (
             lambda: MIGA(
                 num_features=nf,
@@ -336,7 +336,7 @@ def main() -> None:
             "machine": f"{platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cpus (shared)",  # noqa: E501
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "commit": commit,
-            "protocol": "C (spec/finance.md): S&P 500 panel, Alpha158 w/o VWAP (157), label close[t+2]/close[t+1]-1",  # noqa: E501
+            "protocol": "C (docs/finance.md §0): S&P 500 panel, Alpha158 w/o VWAP (157), label close[t+2]/close[t+1]-1",  # noqa: E501
             "backtest": {
                 "topk": 50,
                 "n_drop": 5,

@@ -1,6 +1,6 @@
 """TopK-Dropout backtest (qlib ``contrib/strategy/signal_strategy.py``, qlib: arXiv 2009.11189).
 
-Timing (qlib, spec/finance.md §3, §6): on trading day t the strategy uses the scores predicted for the
+Timing (qlib, docs/finance.md §3, §6): on trading day t the strategy uses the scores predicted for the
 previous trading day, trades at the close of t, and the position earns ``close[t+1]/close[t] - 1``,
 the label of the signal day. Costs per order ``max(value * rate, min_cost)``: buys ``buy_cost``, sells
 ``sell_cost``.

@@ -1,6 +1,6 @@
 """S&P 500 panel loading, validation, labels, purged splits and the daily-batch DataModule.
 
-Recipe after qlib (arXiv 2009.11189) as restated in ``spec/finance.md`` §3-5 and ``spec/data.md`` §2-3:
+Recipe after qlib (arXiv 2009.11189) as restated in ``docs/finance.md`` §3-4 and ``datasets/sp500_5yr.md``:
 label ``close[t+2] / close[t+1] - 1``; processors fitted on the train window only; one trading day =
 one batch.
 """
@@ -35,7 +35,7 @@ PANEL_SHA256 = (
     "a96979217198d040e81f0af39180cd27efccd8391be73c68c552fecc29237316"  # files concatenated in name order
 )
 INDEX_SHA256 = "baf4e47ab3d5f1328ab22772a836f3579af810d861a95742fd472f33ba180a7c"
-# |r| > 30 % moves that are real market moves (spec/data.md §2.2); every other such move is masked.
+# |r| > 30 % moves that are real market moves (``datasets/sp500_5yr.md``); every other such move is masked.
 MARKET_MOVES = (
     ("STZ", "2013-02-14"),
     ("VRTX", "2013-04-19"),
@@ -259,7 +259,9 @@ def purged_split(
     purge_days: int | None = None,
     warmup_days: int = 60,
 ) -> Split:
-    """Time-ordered split, purging ``max(H, 5)`` days at the end of train and valid (spec/data.md §2.3).
+    """Time-ordered split, purging ``max(H, 5)`` days at the end of train and valid.
+
+    The protocol and its indices on the shipped panel: ``datasets/sp500_5yr.md`` (Split).
 
     The first ``warmup_days`` trading days of the calendar are feature history only.
     """
@@ -380,7 +382,7 @@ class DayDataset(Dataset):
 
 
 class SP500DataModule(L.LightningDataModule):
-    """Protocol C of the finance spec: shipped S&P 500 panel, Alpha158/Alpha360, purged daily splits.
+    """Protocol C of ``docs/finance.md`` §0: shipped S&P 500 panel, Alpha158/Alpha360, purged daily splits.
 
     Args:
         data_dir: folder with ``sp500_5yr/`` and ``sp500_index/`` (default ``apps.datadir.data_dir()``).

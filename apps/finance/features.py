@@ -1,7 +1,7 @@
 """Alpha158 / Alpha360 feature engines (qlib's factor libraries; qlib: arXiv 2009.11189).
 
 Formulas follow ``microsoft/qlib: qlib/contrib/data/loader.py`` (``Alpha158DL``, ``Alpha360DL``) as restated
-in the project spec (``spec/finance.md`` §1-2). Two implementations:
+in qlib's ``qlib/contrib/data/handler.py`` (each feature below beside its expression). Two implementations:
 
 * :func:`alpha158` — vectorised over the whole panel: every field is a ``(days, tickers)`` wide array and
   every operator is one pandas/numpy rolling call over all tickers at once (no Python loop over tickers).

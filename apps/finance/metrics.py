@@ -1,6 +1,6 @@
 """Signal metrics (qlib ``contrib/eva/alpha.py``) and portfolio risk analysis (qlib ``contrib/evaluate.py``).
 
-qlib: arXiv 2009.11189. Formulas as in spec/finance.md §8: daily Pearson IC / Spearman RankIC over the
+qlib: arXiv 2009.11189. Formulas as in docs/finance.md §8: daily Pearson IC / Spearman RankIC over the
 cross-section on the raw label; ICIR = mean/std (ddof=1, not annualised). Portfolio: ``mode`` sum or compound
 and ``days_per_year`` N are explicit and echoed in every result.
 """

@@ -2,7 +2,7 @@
 
 No official MIGA code exists. From the paper [P]: style experts selected dynamically by a router, experts
 organised in groups, **inner group attention** lets the experts of a group share information, "MIGA-Conv"
-variant. Everything else is **our reading** (spec/finance.md §12): encoder -> top-k router over G x M experts
+variant. Everything else is **our reading** (docs/finance.md §12): encoder -> top-k router over G x M experts
 (``moe_core.routers.TopKRouter``) -> small expert heads (all computed; only the combine is sparse) -> residual
 multi-head attention among the M experts of each group -> per-expert scalar read-out -> router-weighted sum.
 

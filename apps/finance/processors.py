@@ -1,6 +1,6 @@
 """qlib-style processors on ``(days, tickers, F)`` arrays (qlib: arXiv 2009.11189, ``dataset/processor.py``).
 
-Math as in the project spec (``spec/finance.md`` §4). Fitted processors take their statistics only from the
+Math as in ``docs/finance.md`` §4 (qlib's processors). Fitted processors take their statistics only from the
 days flagged in ``fit_days`` (the train window); cross-sectional processors work one day at a time and never
 mix days. NaN marks a missing (ticker, day) or feature value.
 """

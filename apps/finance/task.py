@@ -46,7 +46,7 @@ def switch_balance(routing: RouterOutput) -> torch.Tensor:
 
 
 def sq_balance(routing: RouterOutput) -> torch.Tensor:
-    """``E · Σ_e P̄_e²`` with P̄ the day-mean router probabilities (1 at uniform) — spec §12."""
+    """``E · Σ_e P̄_e²`` with P̄ the day-mean router probabilities (1 at uniform) — docs/finance.md §12."""
     p = routing.probs[:, : routing.num_experts].mean(0)
     return routing.num_experts * (p * p).sum()
 

@@ -102,7 +102,8 @@ def prepare_corpus(
     if (out / "meta.json").is_file():
         return out
     train_text, val_text = split_text(text, val_fraction)
-    # data spec: char vocabulary over the whole file (stable ids); BPE fitted on the train part only
+    # char vocabulary over the whole file (stable ids); BPE fitted on the train part only
+    # (datasets/tinyshakespeare.md)
     tok = fit_tokenizer(tokenizer, text if tokenizer == "char" else train_text, vocab_size=bpe_vocab_size)
     dtype = _dtype_for(tok.vocab_size)
     counts = {}

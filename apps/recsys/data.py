@@ -51,7 +51,7 @@ CENSUS_LOG1P = ("wage_per_hour", "capital_gains", "capital_losses", "stock_divid
 CENSUS_NOT_INPUTS = ("education", "marital_stat", "instance_weight", "income_50k")
 CENSUS_CATEGORICAL = tuple(c for c in CENSUS_COLUMNS if c not in CENSUS_NUMERIC + CENSUS_NOT_INPUTS)
 CENSUS_TASKS = ("income", "never_married")
-# split sizes of the pinned algorithm on the shipped file (spec data.md §1.4)
+# split sizes of the pinned algorithm on the shipped file (datasets/census_income_kdd.md, Split)
 CENSUS_SPLIT_SIZES = (69_835, 14_965, 14_962)
 
 
@@ -116,7 +116,8 @@ def stratified_unit_split(
     seed: int = 42,
     unit_columns: tuple[str, ...] = CENSUS_COLUMNS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pinned split (spec data.md §1.4): exact-duplicate rows form units, stratified on the joint label.
+    """Pinned split (``datasets/census_income_kdd.md``, Split): exact-duplicate rows form units, stratified on
+    the joint label.
 
     Units are numbered in order of first appearance; one ``numpy.random.default_rng(seed)``; strata visited
     in sorted order of the joint label; per stratum its units are permuted and the first

@@ -1,4 +1,4 @@
-"""MIGA invariants (spec/finance.md §12), baselines' shapes, task losses."""
+"""MIGA invariants (docs/finance.md §12), baselines' shapes, task losses."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Tokenizers and token shards: round trips, the data spec's split sizes, clear errors, deterministic
-windows."""
+"""Tokenizers and token shards: round trips, the split sizes of datasets/tinyshakespeare.md, clear errors,
+deterministic windows."""
 
 from __future__ import annotations
 
