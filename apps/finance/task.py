@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from apps.finance.metrics import daily_ic, ic_summary, pearson_torch
+from moe_core.losses import switch_balance_loss
 from moe_core.stats import routing_stats
 from moe_core.types import RouterOutput
 
@@ -27,22 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def switch_balance(routing: RouterOutput) -> torch.Tensor:
-    """Switch-Transformer balance ``E · Σ_e f_e · P_e`` (1 at uniform); moe_core's version when available."""
-    try:  # moe_core.losses is being written by another helper; fall back to the same formula locally
-        from moe_core.losses import switch_balance_loss
-
-        return switch_balance_loss(routing)
-    except ImportError:
-        E = routing.num_experts
-        f = (
-            torch.zeros(E, device=routing.probs.device).scatter_add(
-                0,
-                routing.indices.reshape(-1),
-                torch.ones(routing.indices.numel(), device=routing.probs.device),
-            )
-            / routing.indices.numel()
-        )  # (E,) fraction of slots per expert
-        return E * (f * routing.probs[:, :E].mean(0)).sum()
+    """Switch-Transformer balance ``E · Σ_e f_e · P_e`` (1 at uniform); ``moe_core.losses``' function."""
+    return switch_balance_loss(routing)
 
 
 def sq_balance(routing: RouterOutput) -> torch.Tensor:

@@ -29,7 +29,8 @@ class DenseMLPExperts(nn.Module):
 
     Each layer is ``act(norm(x @ W_e + b_e))``; ``W`` is stored stacked as ``(E, D_in, D_out)``.
     ``norm="bn"`` is a BatchNorm over each expert's units (HoME's "expert normalisation"; our reading puts
-    it between the linear map and the activation [R]); ``"ln"`` a per-expert LayerNorm.
+    it between the linear map and the activation [R]); ``"ln"`` a LayerNorm of each expert's
+    output (statistics per expert and row; its affine scale and shift are shared by the experts of the bank).
 
     Args:
         num_experts: E.
