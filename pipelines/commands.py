@@ -151,8 +151,12 @@ def serve(
     port: int = 5001,
     workers: int = 1,
     tracking_uri: str | None = None,
+    max_body_bytes: int = 8 * 1024 * 1024,
 ) -> None:
-    """Serve a registered model over HTTP (mlflow models serve, bound to 127.0.0.1 by default).
+    """Serve a registered model over HTTP (MLflow's scoring server under uvicorn, 127.0.0.1 by default).
+
+    Stops its whole process tree on SIGTERM/SIGINT/SIGHUP. Bodies over ``max_body_bytes`` get 413; a ``Host``
+    header that is not loopback/private (or in $MLFLOW_SERVER_ALLOWED_HOSTS) gets 403, as in the MLflow UI.
 
     Args:
         model_uri: ``models:/NAME/VERSION`` (or ``runs:/RUN_ID/model``).
@@ -161,12 +165,20 @@ def serve(
         workers: server workers.
         tracking_uri: MLflow store (``--tracking-uri``; default $MLFLOW_TRACKING_URI, else
             <repo>/mlflow/mlflow.db).
+        max_body_bytes: largest request body accepted (``--max-body-bytes``); larger ones are answered 413.
     """
-    from pipelines.serve import serve_command, serve_env
+    from pipelines.serve import serve_forever
 
-    cmd = serve_command(model_uri, host=host, port=port, workers=workers)
-    print(f"serving {model_uri} on http://{host}:{port}  (POST /invocations, GET /ping)", flush=True)
-    raise SystemExit(subprocess.call(cmd, env=serve_env(tracking_uri)))
+    raise SystemExit(
+        serve_forever(
+            model_uri,
+            host=host,
+            port=port,
+            workers=workers,
+            tracking_uri=tracking_uri,
+            max_body_bytes=max_body_bytes,
+        )
+    )
 
 
 def ui(*, port: int = 5000, tracking_uri: str | None = None) -> None:

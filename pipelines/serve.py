@@ -1,25 +1,46 @@
-"""Serving a registered moekit model over HTTP (``mlflow models serve --env-manager local``, bound to
-127.0.0.1 by default): the commands ``moekit serve`` and ``moekit ui`` live in :mod:`pipelines.commands`;
-here are the helpers they and the tests use to start and stop a server.
+"""Serving a registered moekit model over HTTP, bound to 127.0.0.1 by default: the commands ``moekit serve``
+and ``moekit ui`` live in :mod:`pipelines.commands`; here are the server, and the helpers they and the tests
+use to start and stop it.
+
+The server is MLflow's own scoring app (``mlflow.pyfunc.scoring_server``, what ``mlflow models serve
+--env-manager local`` runs under uvicorn) wrapped in two guards (:class:`RequestGuard`):
+
+- a request body limit (``max_body_bytes``, default 8 MiB): a larger body is answered 413 before the model
+  sees it, whether it announces its size (``Content-Length``) or not (chunked);
+- the Host check the MLflow UI does (``mlflow.server``'s ``HostValidationMiddleware``): a ``Host`` header
+  that is not loopback or a private address (or one of ``$MLFLOW_SERVER_ALLOWED_HOSTS``, comma-separated
+  fnmatch patterns) is answered 403 (DNS rebinding); ``/ping`` and ``/health`` are exempt.
 
 Requests: ``POST /invocations`` with ``{"dataframe_split": {"columns": [...], "data": [[...]]}}`` or
 ``{"dataframe_records": [{...}]}``; ``GET /ping`` answers once the model is loaded. Malformed requests
-(bad JSON, a missing column, a wrong type) get HTTP 400 with a message naming the problem, and the server
-keeps serving.
+(bad JSON, a missing column, a wrong type, a value out of range) get HTTP 400 with a message naming the
+problem, and the server keeps serving.
+
+Processes: :func:`start_server` starts uvicorn in its own session (process group); :func:`stop_server` and
+``moekit serve`` (on SIGTERM/SIGINT, :func:`serve_forever`) stop that whole group, workers included.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from pipelines.tracking import default_tracking_uri
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# read by create_app in the uvicorn process (and its workers)
+ENV_MODEL_PATH = "MOEKIT_SERVE_MODEL_PATH"
+ENV_MAX_BODY = "MOEKIT_SERVE_MAX_BODY_BYTES"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,32 +50,114 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def serve_env(tracking_uri: str | None) -> dict[str, str]:
-    """The environment of an ``mlflow`` subprocess: the tracking store and the venv's ``bin`` on PATH."""
+    """The environment of a server or ``mlflow`` subprocess: tracking store, the venv's ``bin`` on PATH."""
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = tracking_uri or default_tracking_uri()
-    # `mlflow models serve` execs uvicorn through a shell: the venv's bin must be on PATH
+    # `mlflow ui` execs uvicorn/gunicorn through a shell: the venv's bin must be on PATH
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
 
 
-def serve_command(
-    model_uri: str, *, host: str = "127.0.0.1", port: int = 5001, workers: int = 1
-) -> list[str]:
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
+# ---------------------------------------------------------------------------------------------- the server
+class RequestGuard:
+    """ASGI middleware: answer 413 to a request body over ``max_body_bytes``, else pass the request on.
+
+    A body announced larger (``Content-Length``) is refused without reading it; otherwise the body is read
+    (at most ``max_body_bytes + 1`` bytes are kept) and replayed to ``app``.
+    """
+
+    def __init__(self, app: Any, *, max_body_bytes: int) -> None:
+        if max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def _refuse(self, send: Any, size: str) -> None:
+        msg = f"request body {size} exceeds the limit of {self.max_body_bytes} bytes".encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(msg)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": msg})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n > self.max_body_bytes:
+                return await self._refuse(send, f"of {n} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return await self._refuse(send, "of more bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def create_app() -> Any:
+    """The ASGI app uvicorn runs (``--factory``): MLflow's scoring app for the model at
+    ``$MOEKIT_SERVE_MODEL_PATH`` behind the Host check of the MLflow UI and the body limit
+    ``$MOEKIT_SERVE_MAX_BODY_BYTES``."""
+    from mlflow.pyfunc import scoring_server
+    from mlflow.server.fastapi_security import HostValidationMiddleware, get_allowed_hosts
+
+    model = scoring_server.load_model_with_mlflow_config(os.environ[ENV_MODEL_PATH])
+    app = scoring_server.init(model)
+    max_body = int(os.environ.get(ENV_MAX_BODY, DEFAULT_MAX_BODY_BYTES))
+    return HostValidationMiddleware(RequestGuard(app, max_body_bytes=max_body), get_allowed_hosts())
+
+
+def download_model(model_uri: str, tracking_uri: str | None = None) -> Path:
+    """Copy the model's files (``models:/NAME/VERSION``, ``runs:/...`` or a path) into a new temp folder."""
+    import mlflow
+    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    dst = Path(tempfile.mkdtemp(prefix="moekit-serve-"))
+    return Path(_download_artifact_from_uri(model_uri, output_path=str(dst)))
+
+
+def serve_command(*, host: str = "127.0.0.1", port: int = 5001, workers: int = 1) -> list[str]:
+    """The uvicorn command line of the server (the model is named by :data:`ENV_MODEL_PATH`)."""
     return [
-        str(mlflow_bin),
-        "models",
-        "serve",
+        sys.executable,
         "-m",
-        model_uri,
-        "--env-manager",
-        "local",
-        "-h",
+        "uvicorn",
+        "--factory",
+        "pipelines.serve:create_app",
+        "--host",
         host,
-        "-p",
+        "--port",
         str(port),
-        "-w",
+        "--workers",
         str(workers),
+        "--no-access-log",
     ]
 
 
@@ -63,22 +166,33 @@ def start_server(
     *,
     host: str = "127.0.0.1",
     port: int | None = None,
+    workers: int = 1,
     tracking_uri: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     log_file: str | os.PathLike | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """Start ``mlflow models serve`` in the background; return (process, base URL).
+    """Start the server in the background, in its own session; return (process, base URL).
 
-    Stop it with :func:`stop_server`.
+    Stop it with :func:`stop_server` (the model's temp copy is removed then).
     """
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
     port = port or free_port(host)
+    local = download_model(model_uri, tracking_uri)
+    env = serve_env(tracking_uri)
+    env[ENV_MODEL_PATH] = str(local)
+    env[ENV_MAX_BODY] = str(max_body_bytes)
+    repo = str(Path(__file__).resolve().parent.parent)  # `pipelines` importable by uvicorn from any cwd
+    env["PYTHONPATH"] = os.pathsep.join([repo, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
     out = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        serve_command(model_uri, host=host, port=port),
-        env=serve_env(tracking_uri),
+        serve_command(host=host, port=port, workers=workers),
+        env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    proc.moekit_model_dir = local  # type: ignore[attr-defined] - removed by stop_server
     return proc, f"http://{host}:{port}"
 
 
@@ -98,18 +212,69 @@ def wait_until_up(proc: subprocess.Popen, url: str, *, timeout: float = 120.0) -
     raise TimeoutError(f"model server at {url} did not answer /ping within {timeout:.0f} s")
 
 
-def stop_server(proc: subprocess.Popen, *, timeout: float = 20.0) -> None:
-    """SIGTERM the server's process group (mlflow and its uvicorn), then SIGKILL after ``timeout``."""
-    import signal
-
-    if proc.poll() is not None:
-        return
+def _group_alive(pgid: int) -> bool:
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(pgid, 0)
     except ProcessLookupError:
-        return
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_server(proc: subprocess.Popen, *, timeout: float = 20.0) -> None:
+    """SIGTERM the server's process group (uvicorn, its workers); SIGKILL what is left after ``timeout``."""
+    pgid = proc.pid  # start_new_session: the group id is the leader's pid
     try:
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + timeout
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
         proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    finally:
+        model_dir = getattr(proc, "moekit_model_dir", None)
+        if model_dir is not None:
+            shutil.rmtree(Path(model_dir).parent, ignore_errors=True)
+
+
+def serve_forever(
+    model_uri: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 5001,
+    workers: int = 1,
+    tracking_uri: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> int:
+    """Run the server in the foreground until it exits or this process gets SIGTERM/SIGINT/SIGHUP; then stop
+    its whole process group. Returns the exit code."""
+    proc, url = start_server(
+        model_uri, host=host, port=port, workers=workers, tracking_uri=tracking_uri,
+        max_body_bytes=max_body_bytes, log_file=None,
+    )  # fmt: skip
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        print(f"serving {model_uri} on {url}  (POST /invocations, GET /ping)", flush=True)
+        while not stopping and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        stop_server(proc)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if stopping:
+        return 128 + stopping[0]
+    return proc.returncode or 0
