@@ -27,7 +27,13 @@ from lightning.pytorch.loggers import Logger
 
 from pipelines.apps import get_app
 from pipelines.registry import register_trained
-from pipelines.tracking import MlflowArtifactsCallback, MlflowSaveConfigCallback, make_logger
+from pipelines.tracking import (
+    MlflowArtifactsCallback,
+    MlflowRunLifecycle,
+    MlflowSaveConfigCallback,
+    checkpoint_run_id,
+    make_logger,
+)
 
 log = logging.getLogger(__name__)
 
@@ -276,17 +282,24 @@ class MoekitCLI(LightningCLI):
         if self._logger_override is not None:  # the tuner's nested trial run, whatever the config says
             config["logger"] = self._logger_override
         elif config.get("logger") in (None, True):
+            # a checkpoint names the run that wrote it: a resumed fit (or a test of it) continues that run
+            run_id = checkpoint_run_id(self._cfg().get("ckpt_path"), self.run_dir())
+            configs = self._cfg().get("config") or []
             config["logger"] = make_logger(
                 app=self.app,
                 tracking_uri=tracking.get("uri"),
                 experiment=tracking.get("experiment"),
                 run_name=tracking.get("run_name"),
+                run_id=run_id,
+                reopen=run_id is not None,
+                config_stem=Path(str(configs[0])).stem if configs else None,
                 tags={"moekit.command": self.subcommand or "python"},
             )
         run_dir = self.run_dir()
         callbacks = [
             *callbacks,
             MlflowArtifactsCallback(app=self.app),
+            MlflowRunLifecycle(checkpoint_dir=run_dir),
             _CheckpointFolder(run_dir),
             ResumableRng(),
             *self._extra_callbacks,

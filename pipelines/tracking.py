@@ -5,16 +5,35 @@ Where runs go (first that applies): an explicit ``tracking.uri`` in the config, 
 else the embedded sqlite store ``<repo>/mlflow/mlflow.db`` with artifacts beside it in
 ``<repo>/mlflow/artifacts`` (both git-ignored). MLflow 3.17 refuses the old file store, so a URI is
 always given.
+
+Run lifecycle (:class:`MoekitMLFlowLogger`, :class:`MlflowRunLifecycle`):
+
+* every run gets a unique name, ``<app>-<config stem>-<yyyymmdd-hhmmss>-<4 hex>`` (:func:`unique_run_name`),
+  drawn from ``os.urandom``: MLflow's own generated names come from ``random``, which LightningCLI seeds
+  first, so every ``seed_everything: 0`` run used to get the same name;
+* each checkpoint carries its run id (``checkpoint[RUN_ID_KEY]``); a command given ``--ckpt_path`` (a resumed
+  ``fit``, a ``test`` of a trained model) logs into that run (:func:`checkpoint_run_id`), set RUNNING again;
+* a fit stopped by a signal (SIGTERM, Ctrl+C: Lightning raises ``SystemExit``/``KeyboardInterrupt`` in the
+  loop) ends KILLED; any other exception ends FAILED with an ``error`` tag (``<type>: <message>``), also when
+  it comes before training (data setup, sanity check); a run left open when the process exits (an exception
+  outside the trainer) is marked FAILED at exit. A process killed with SIGKILL cannot mark anything: its run
+  stays RUNNING until a resume reopens it;
+* the training run records its checkpoint folder (tag ``moekit.checkpoint_dir``) and, at the end of ``fit``,
+  the ``last``/``best`` checkpoint paths (tags ``moekit.checkpoint.last``, ``moekit.checkpoint.best``).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import secrets
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +48,8 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORE_DIR = REPO_ROOT / "mlflow"
+RUN_ID_KEY = "moekit_mlflow_run_id"
+"""Checkpoint key holding the MLflow run id of the run that wrote it."""
 ROUTING_PREFIX = "routing/"
 """Every app logs its routing statistics (``moe_core.stats``) under this prefix; the routing plot uses it."""
 
@@ -86,6 +107,127 @@ def git_commit() -> str | None:
         return None
 
 
+def unique_run_name(app: str, stem: str | None = None) -> str:
+    """``<app>-<stem>-<yyyymmdd-hhmmss>-<4 hex>``; the hex comes from ``os.urandom``, so seeding does not
+    repeat it."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return "-".join(p for p in (app, stem, stamp, secrets.token_hex(2)) if p)
+
+
+def checkpoint_run_id(
+    ckpt_path: str | os.PathLike | None, run_dir: str | os.PathLike | None = None
+) -> str | None:
+    """The MLflow run id stored in a checkpoint (``RUN_ID_KEY``), or None.
+
+    ``ckpt_path`` may be a file or ``"last"`` (``<run_dir>/last.ckpt``); Lightning's other keywords (``best``,
+    ``hpc``) and missing files give None. Only that key is read: the file is opened with
+    ``torch.load(weights_only=True, mmap=True)``, so an untrusted pickle runs nothing; a checkpoint that only
+    loads with ``weights_only=False`` (Python objects of an app) is read through the same restricted unpickler
+    with those objects replaced by placeholders.
+    """
+    if ckpt_path is None:
+        return None
+    path = (
+        Path(run_dir) / "last.ckpt" if str(ckpt_path) == "last" and run_dir is not None else Path(ckpt_path)
+    )
+    if not path.is_file():
+        return None
+    try:
+        ckpt = _load_placeholders(path)
+    except Exception as e:  # noqa: BLE001 - an unreadable file is Lightning's error to report, not ours
+        log.warning("could not read the MLflow run id from %s: %s", path, e)
+        return None
+    run_id = ckpt.get(RUN_ID_KEY) if isinstance(ckpt, Mapping) else None
+    return str(run_id) if run_id else None
+
+
+def _load_placeholders(path: Path) -> Any:
+    """``torch.load`` of a checkpoint where every global outside torch's weights-only allow-list becomes an
+    inert placeholder (nothing is imported or called)."""
+    import pickle
+
+    import torch
+
+    class _Placeholder:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def __setstate__(self, state: Any) -> None:
+            pass
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            pass
+
+        def append(self, value: Any) -> None:
+            pass
+
+        def extend(self, values: Any) -> None:
+            pass
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (
+                module.startswith(("torch", "collections", "builtins", "_codecs"))
+                or module == "numpy.core.multiarray"
+            ):
+                return super().find_class(module, name)
+            return _Placeholder
+
+    class _Module:  # torch.load's pickle_module protocol
+        Unpickler = _Unpickler
+
+        @staticmethod
+        def load(f: Any, **kw: Any) -> Any:
+            return _Unpickler(f, **kw).load()
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_Module)
+
+
+_OPEN_LOGGERS: weakref.WeakSet[MoekitMLFlowLogger] = weakref.WeakSet()
+
+
+class MoekitMLFlowLogger(MLFlowLogger):
+    """``MLFlowLogger`` that ends a run KILLED (instead of FAILED) when :class:`MlflowRunLifecycle` saw a
+    signal, and whose run, if still open when the process exits, is marked FAILED then (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failure_status = "FAILED"
+        self._open = False
+        _OPEN_LOGGERS.add(self)
+
+    @property
+    def experiment(self):  # noqa: ANN201 - MlflowClient, as the parent's
+        client = super().experiment
+        if client is not None and not self._open and self._initialized:
+            self._open = True
+        return client
+
+    def finalize(self, status: str = "success") -> None:
+        if status == "failed":
+            status = self.failure_status
+        super().finalize(status)
+        self._open = False
+        self.failure_status = "FAILED"
+
+
+@atexit.register
+def _fail_open_runs() -> None:
+    for lg in list(_OPEN_LOGGERS):
+        if not lg._open:
+            continue
+        try:
+            client = lg._mlflow_client
+            if client.get_run(lg._run_id).info.status == "RUNNING":
+                client.set_tag(lg._run_id, "error", "the process exited while the run was open")
+                client.set_terminated(lg._run_id, "FAILED")
+        except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit (the store may be gone)
+            pass
+
+
 def make_logger(
     *,
     app: str,
@@ -94,16 +236,21 @@ def make_logger(
     run_name: str | None = None,
     run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
-) -> MLFlowLogger:
+    config_stem: str | None = None,
+    reopen: bool = False,
+) -> MoekitMLFlowLogger:
     """The default moekit logger: an ``MLFlowLogger`` on the resolved store, experiment ``moekit-<app>``.
 
     Args:
         app: app name (used for the default experiment and a ``moekit.app`` tag).
         tracking_uri: store URI; None -> :func:`default_tracking_uri`.
         experiment: experiment name; None -> ``moekit-<app>``.
-        run_name: MLflow run name.
-        run_id: log into this existing run (used by the tuner for nested trial runs).
-        tags: extra run tags.
+        run_name: MLflow run name; None -> :func:`unique_run_name` ``(app, config_stem)``.
+        run_id: log into this existing run (the tuner's nested trial runs; the run a checkpoint came from).
+        tags: extra run tags (set on the existing run too when ``run_id`` is given).
+        config_stem: the config file's stem, part of the generated run name.
+        reopen: with ``run_id``: set that run's status back to RUNNING (a resumed fit, a test of its
+            checkpoint).
     """
     uri = tracking_uri or default_tracking_uri()
     name = experiment or f"moekit-{app}"
@@ -113,9 +260,16 @@ def make_logger(
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
     all_tags.update(tags or {})
-    return MLFlowLogger(
+    if run_id is not None and reopen:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        client.update_run(run_id, status="RUNNING")
+        for k, v in (tags or {}).items():
+            client.set_tag(run_id, k, v)
+    return MoekitMLFlowLogger(
         experiment_name=name,
-        run_name=run_name,
+        run_name=run_name or (unique_run_name(app, config_stem) if run_id is None else None),
         tracking_uri=uri,
         tags=all_tags if run_id is None else None,
         artifact_location=artifact_location_for(uri),
@@ -149,6 +303,69 @@ def log_params(logger: MLFlowLogger, params: Mapping[str, Any], *, max_len: int 
             client.log_batch(logger.run_id, params=items[i : i + 100])
         except Exception as e:  # noqa: BLE001 - params are immutable in MLflow; a re-logged run keeps the first
             log.warning("could not log some params: %s", e)
+
+
+class MlflowRunLifecycle(Callback):
+    """Ties the MLflow run to the training lifecycle (see the module docstring).
+
+    * ``on_save_checkpoint``: the run id goes into the checkpoint (``RUN_ID_KEY``);
+    * ``setup``: tag ``moekit.checkpoint_dir`` (the fixed checkpoint folder) when fitting;
+    * ``on_fit_end``: tags ``moekit.checkpoint.last`` and ``moekit.checkpoint.best``;
+    * ``on_exception``: a signal (``KeyboardInterrupt``, a ``SystemExit`` such as Lightning's
+      ``SIGTERMException``) makes the logger end the run KILLED; any other exception FAILED, tagged ``error``.
+
+    Args:
+        checkpoint_dir: the checkpoint folder of the run, or None.
+    """
+
+    def __init__(self, *, checkpoint_dir: str | os.PathLike | None = None) -> None:
+        self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero or self.checkpoint_dir is None:
+            return
+        for lg in mlflow_loggers(trainer):
+            lg.experiment.set_tag(lg.run_id, "moekit.checkpoint_dir", self.checkpoint_dir)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        loggers = mlflow_loggers(trainer)
+        if loggers and trainer.is_global_zero:
+            checkpoint[RUN_ID_KEY] = loggers[0].run_id
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        paths: dict[str, str] = {}
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                if cb.last_model_path and "last" not in paths:
+                    paths["last"] = str(Path(cb.last_model_path).resolve())
+                if cb.best_model_path and "best" not in paths:
+                    paths["best"] = str(Path(cb.best_model_path).resolve())
+        for lg in mlflow_loggers(trainer):
+            for k, v in paths.items():
+                lg.experiment.set_tag(lg.run_id, f"moekit.checkpoint.{k}", v)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        killed = isinstance(exception, (KeyboardInterrupt, SystemExit))
+        for lg in mlflow_loggers(trainer):
+            try:
+                if killed:
+                    lg.experiment.set_tag(lg.run_id, "moekit.interrupted", type(exception).__name__)
+                else:
+                    lg.experiment.set_tag(
+                        lg.run_id, "error", f"{type(exception).__name__}: {exception}"[:5000]
+                    )
+            except Exception as e:  # noqa: BLE001 - never hide the training error behind a tracking one
+                log.warning("could not tag the MLflow run with the error: %s", e)
+            if isinstance(lg, MoekitMLFlowLogger):
+                lg.failure_status = "KILLED" if killed else "FAILED"
 
 
 class MlflowSaveConfigCallback(SaveConfigCallback):
