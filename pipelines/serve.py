@@ -62,9 +62,13 @@ def serve_env(tracking_uri: str | None) -> dict[str, str]:
 class RequestGuard:
     """ASGI middleware: answer 413 to a request body over ``max_body_bytes``, else pass the request on.
 
-    A body announced larger (``Content-Length``) is refused without reading it; otherwise the body is read
-    (at most ``max_body_bytes + 1`` bytes are kept) and replayed to ``app``.
+    The body is read (at most ``max_body_bytes`` bytes are kept) and replayed to ``app``. Past the limit the
+    rest is read and dropped, up to ``DRAIN_FACTOR`` times the limit, so that an ordinary client still sending
+    gets the 413 rather than a broken pipe; a body announced (``Content-Length``) larger than that is refused
+    without reading it.
     """
+
+    DRAIN_FACTOR = 16
 
     def __init__(self, app: Any, *, max_body_bytes: int) -> None:
         if max_body_bytes <= 0:
@@ -87,13 +91,9 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                n = -1
-            if n > self.max_body_bytes:
-                return await self._refuse(send, f"of {n} bytes")
+        n = int(length) if length is not None and length.isdigit() else -1
+        if n > self.DRAIN_FACTOR * self.max_body_bytes:
+            return await self._refuse(send, f"of {n} bytes")
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -102,8 +102,15 @@ class RequestGuard:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                return await self._refuse(send, "of more bytes")
+            if size > self.max_body_bytes:  # drop the rest, within bounds, then answer
+                more = message.get("more_body", False)
+                while more and size <= self.DRAIN_FACTOR * self.max_body_bytes:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    size += len(message.get("body", b""))
+                    more = message.get("more_body", False)
+                return await self._refuse(send, f"of {n if n >= 0 else size} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -133,14 +140,18 @@ def create_app() -> Any:
     return HostValidationMiddleware(RequestGuard(app, max_body_bytes=max_body), get_allowed_hosts())
 
 
-def download_model(model_uri: str, tracking_uri: str | None = None) -> Path:
-    """Copy the model's files (``models:/NAME/VERSION``, ``runs:/...`` or a path) into a new temp folder."""
+def download_model(model_uri: str, tracking_uri: str | None = None) -> tuple[Path, Path]:
+    """Copy the model's files (``models:/NAME/VERSION``, ``runs:/...`` or a path) into a new temp folder.
+
+    Returns:
+        (the new temp folder, which the caller removes; the model's folder, inside it or the folder itself).
+    """
     import mlflow
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
-    dst = Path(tempfile.mkdtemp(prefix="moekit-serve-"))
-    return Path(_download_artifact_from_uri(model_uri, output_path=str(dst)))
+    root = Path(tempfile.mkdtemp(prefix="moekit-serve-"))
+    return root, Path(_download_artifact_from_uri(model_uri, output_path=str(root)))
 
 
 def serve_command(*, host: str = "127.0.0.1", port: int = 5001, workers: int = 1) -> list[str]:
@@ -178,7 +189,7 @@ def start_server(
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
     port = port or free_port(host)
-    local = download_model(model_uri, tracking_uri)
+    tmp_root, local = download_model(model_uri, tracking_uri)
     env = serve_env(tracking_uri)
     env[ENV_MODEL_PATH] = str(local)
     env[ENV_MAX_BODY] = str(max_body_bytes)
@@ -192,7 +203,7 @@ def start_server(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    proc.moekit_model_dir = local  # type: ignore[attr-defined] - removed by stop_server
+    proc.moekit_tmp_root = tmp_root  # type: ignore[attr-defined] - removed by stop_server
     return proc, f"http://{host}:{port}"
 
 
@@ -241,9 +252,10 @@ def stop_server(proc: subprocess.Popen, *, timeout: float = 20.0) -> None:
     except ProcessLookupError:
         pass
     finally:
-        model_dir = getattr(proc, "moekit_model_dir", None)
-        if model_dir is not None:
-            shutil.rmtree(Path(model_dir).parent, ignore_errors=True)
+        # only the folder download_model made (the model's own folder may be that folder itself)
+        root = getattr(proc, "moekit_tmp_root", None)
+        if root is not None and Path(root).name.startswith("moekit-serve-"):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def serve_forever(
