@@ -3,7 +3,9 @@ served predictor, the input example and the saved preprocessing. Imports nothing
 
 Serving reuses training: the predictor holds the data module's fitted
 :class:`~apps.recsys.schema.TabularPreprocessor` and turns raw rows into network inputs with the same
-``transform`` the data module applied to every split.
+``transform`` the data module applied to every split. Requests are checked first, not coerced
+(``TabularPreprocessor.check_request``): a value of the wrong type, a non-integral value in an integer column,
+a value out of range or a null raises a ``ValueError`` naming column, row and value (HTTP 400 when served).
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ class RecsysPredictor:
         return [*s.categorical, *s.numeric]
 
     def inputs(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
-        """Network inputs ``cat (B, C)``, ``num (B, F)`` of raw rows: the data module's own transform."""
+        """Network inputs ``cat (B, C)``, ``num (B, F)`` of raw rows: the request check, then the data
+        module's own transform."""
         if not isinstance(df, pd.DataFrame):
             raise ValueError(f"expected a table of raw feature columns, got {type(df).__name__}")
-        return self.preprocessor.transform(df, source="request", with_labels=False)
+        checked = self.preprocessor.check_request(df, source="request")
+        return self.preprocessor.transform(checked, source="request", with_labels=False)
 
     def predict(self, df: pd.DataFrame) -> pd.DataFrame:
         x = self.inputs(df)
@@ -114,13 +118,19 @@ class RecsysApp:
         )
 
     def input_example(self, datamodule: L.LightningDataModule) -> pd.DataFrame:
-        # raw dtypes of the training file (census codes and counts are integers): the preprocessor keys
-        # its vocabularies on str(raw value), so a served 35.0 must not silently become another category
+        # the signature is inferred from this frame: text columns are strings, every number is a double.
+        # Integer columns (census codes and counts) are doubles too, because MLflow casts a double sent to
+        # a long column (38.9 -> 38, 1e308 -> -2**63) before the predictor can see it; the predictor's
+        # check_request then rejects non-integral values and casts back, so 35.0 is the category "35".
         s = datamodule.preprocessor.schema
         cols = list(dict.fromkeys([*s.categorical, *s.numeric]))
         frames = datamodule.load_frames()
         raw = frames["test" if "test" in frames else "val"][0]
-        return raw[cols].head(5).reset_index(drop=True)
+        example = raw[cols].head(5).reset_index(drop=True)
+        for c in cols:
+            if pd.api.types.is_integer_dtype(example[c]) and not pd.api.types.is_bool_dtype(example[c]):
+                example[c] = example[c].astype(np.float64)
+        return example
 
     def save_preprocessing(self, datamodule: L.LightningDataModule, out_dir: Path) -> list[Path]:
         pre = getattr(datamodule, "preprocessor", None)

@@ -5,16 +5,24 @@ out-of-vocabulary bucket), numeric columns (optionally ``log1p``, then standardi
 binary label columns (one per task) and an optional group column (e.g. a user id, for GAUC).
 
 :class:`TabularPreprocessor` is fitted once on the train split, saved as JSON (``save``/``load``) and used
-unchanged at train, test and serving time: ``transform(DataFrame) -> dict[str, Tensor]``.
+unchanged at train, test and serving time: ``transform(DataFrame) -> dict[str, Tensor]``. Categorical values
+are keys ``normalise_category(value)`` (``str``, surrounding blanks stripped) at fit and transform alike.
+
+Served requests first go through :meth:`TabularPreprocessor.check_request`, which checks instead of coercing:
+string columns take strings only, integer columns integral numbers (``|x| <= 2**53``), float columns finite
+numbers whose standardised value is a finite float32; the first violation raises a ``ValueError`` naming the
+column, row and value.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -22,6 +30,28 @@ import torch
 
 PREPROCESSOR_FORMAT_VERSION = 1
 OOV_INDEX = 0  # index 0 of every vocabulary is the out-of-vocabulary bucket
+MAX_EXACT_INT = 2**53  # integers beyond this are not exact in float64 (nor in a JSON double)
+RawKind = Literal["string", "integer", "float", "any"]
+
+
+def normalise_category(values: pd.Series) -> pd.Series:
+    """Category keys of raw categorical values, at fit, transform and serving time alike: ``str(value)`` with
+    surrounding blanks stripped (the census files are ``", "``-separated; a served ``" Private"`` is the
+    training's ``"Private"``)."""
+    return values.astype(str).str.strip()
+
+
+def raw_kind(values: pd.Series) -> RawKind:
+    """The raw type of a training column: ``string``, ``integer`` or ``float`` (``any`` for other dtypes)."""
+    if pd.api.types.is_bool_dtype(values):
+        return "any"
+    if pd.api.types.is_integer_dtype(values):
+        return "integer"
+    if pd.api.types.is_float_dtype(values):
+        return "float"
+    if pd.api.types.is_string_dtype(values) or values.dtype == object:
+        return "string"
+    return "any"
 
 
 @dataclass(frozen=True)
@@ -166,6 +196,8 @@ class TabularPreprocessor:
         vocabularies: per categorical column, the list of known values; value ``vocab[i]`` maps to index
             ``i + 1`` and anything else to ``OOV_INDEX`` (0).
         means, stds: per numeric column, train mean and std (after ``log1p`` where configured).
+        kinds: raw type of each feature column on train (``string``, ``integer``, ``float``), checked on
+            served requests (:meth:`check_request`); empty for preprocessors fitted before it existed.
         version: format version, checked on load.
     """
 
@@ -173,6 +205,7 @@ class TabularPreprocessor:
     vocabularies: dict[str, list[str]] = field(default_factory=dict)
     means: dict[str, float] = field(default_factory=dict)
     stds: dict[str, float] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
     version: int = PREPROCESSOR_FORMAT_VERSION
     _lookup: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -193,13 +226,14 @@ class TabularPreprocessor:
             means[c] = float(x.mean())
             sd = float(x.std())
             stds[c] = sd if sd > 0 and math.isfinite(sd) else 1.0
-        return cls(schema=schema, vocabularies=vocabs, means=means, stds=stds)
+        kinds = {c: raw_kind(df[c]) for c in dict.fromkeys([*schema.categorical, *schema.numeric])}
+        return cls(schema=schema, vocabularies=vocabs, means=means, stds=stds, kinds=kinds)
 
     @staticmethod
     def _cat_strings(df: pd.DataFrame, name: str) -> pd.Series:
         if name.endswith("#cat"):
             return pd.to_numeric(df[name[:-4]]).map(lambda x: f"{x:g}")
-        return df[name].astype(str)
+        return normalise_category(df[name])
 
     @staticmethod
     def _numeric_raw(s: pd.Series, *, log: bool) -> np.ndarray:
@@ -261,6 +295,61 @@ class TabularPreprocessor:
             out["group"] = torch.from_numpy(codes.astype(np.int64))
         return out
 
+    def check_request(self, df: pd.DataFrame, *, source: str = "request") -> pd.DataFrame:
+        """Check served raw rows against the training types; return them ready for :meth:`transform`.
+
+        String columns take ``str`` values only (no numbers, no nulls: the training files have none); integer
+        columns take integral numbers with ``|x| <= 2**53`` (returned as int64, so ``35.0`` is the category
+        ``"35"`` as in training); float columns take finite numbers. Every numeric value must standardise to
+        a finite float32. Booleans are not numbers here.
+
+        Raises:
+            ValueError: a missing column, or the first bad value, naming column, row (position) and value.
+        """
+        s = self.schema
+        missing = [c for c in dict.fromkeys([*s.categorical, *s.numeric]) if c not in df.columns]
+        if missing:
+            raise ValueError(f"{source}: missing column(s) {missing}; found {list(df.columns)[:50]}")
+        kinds = getattr(self, "kinds", None) or {}  # predictors pickled before `kinds` existed
+        out = df.copy()
+        for c in dict.fromkeys([*s.categorical, *s.numeric]):
+            kind = kinds.get(c, "float" if c in s.numeric else "any")
+            values = df[c].tolist()
+            if kind == "string":
+                for i, v in enumerate(values):
+                    if not isinstance(v, str):
+                        raise ValueError(f"{source}: column {c!r} row {i}: expected a string, got {v!r}")
+            elif kind in ("integer", "float"):
+                for i, v in enumerate(values):
+                    if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real):
+                        raise ValueError(f"{source}: column {c!r} row {i}: expected a number, got {v!r}")
+                    if not math.isfinite(v):
+                        raise ValueError(f"{source}: column {c!r} row {i}: value {v!r} is not finite")
+                    if kind == "integer":
+                        if v != int(v):
+                            raise ValueError(
+                                f"{source}: column {c!r} row {i}: expected an integer, got {v!r}"
+                            )
+                        if abs(v) > MAX_EXACT_INT:
+                            raise ValueError(
+                                f"{source}: column {c!r} row {i}: value {v!r} is out of range "
+                                f"(|x| <= 2**53 for an integer column)"
+                            )
+                dtype = np.int64 if kind == "integer" else np.float64
+                out[c] = pd.Series(np.asarray(values, dtype=dtype), index=df.index)
+            if c in s.numeric:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    x = self._numeric_raw(out[c], log=c in s.log1p)
+                    z = ((x - self.means[c]) / self.stds[c]).astype(np.float32)
+                bad = ~np.isfinite(z)
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    raise ValueError(
+                        f"{source}: column {c!r} row {i}: value {values[i]!r} is out of range "
+                        f"(its standardised value overflows float32)"
+                    )
+        return out
+
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """JSON-serialisable state (schema, vocabularies, statistics, version)."""
@@ -271,6 +360,7 @@ class TabularPreprocessor:
             "vocabularies": self.vocabularies,
             "means": self.means,
             "stds": self.stds,
+            "kinds": self.kinds,
         }
 
     @classmethod
@@ -287,6 +377,7 @@ class TabularPreprocessor:
             vocabularies={k: list(v) for k, v in state["vocabularies"].items()},
             means={k: float(v) for k, v in state["means"].items()},
             stds={k: float(v) for k, v in state["stds"].items()},
+            kinds=dict(state.get("kinds", {})),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
