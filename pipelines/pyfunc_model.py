@@ -5,6 +5,10 @@ The model's artifacts hold ``predictor``, a pickled predictor built by the app (
 :mod:`pipelines.apps`): the trained network plus its data module's fitted transform, taking raw inputs. Bad
 input raises an ``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which ``mlflow models serve`` answers
 with HTTP 400 and the message, and keeps serving.
+
+This file imports only mlflow, pandas and torch: the code the pickled predictor needs (``apps``, ``moe_core``,
+an out-of-tree app module) is in the model's ``code/`` folder (``code_paths``, :mod:`pipelines.registry`),
+which MLflow puts on ``sys.path`` before this file runs, so the model loads where moekit is not installed.
 """
 
 from __future__ import annotations

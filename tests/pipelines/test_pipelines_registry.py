@@ -64,6 +64,52 @@ def test_registry_round_trip_matches_in_process_model(
     assert "registered models:/toy-model/2" in capsys.readouterr().out
     got2 = mlflow.pyfunc.load_model("models:/toy-model/2").predict(raw)["p"].to_numpy()
     np.testing.assert_allclose(got2, expected, rtol=1e-5, atol=1e-6)
-    run = MlflowClient(tracking_uri).get_run(mlflow.models.get_model_info("models:/toy-model/2").run_id)
-    assert run.data.params["cfg.trainer.limit_val_batches"] == "2"
     assert register_checkpoint(app="toy", configs=[str(toy_config)], ckpt=str(ckpt), name="toy-model") == "3"
+
+
+def test_register_links_the_version_to_its_training_run(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
+    """`moekit register` logs the model into the run that wrote the checkpoint (no separate run), and the
+    version carries a description, tags and that run's test metrics."""
+    run_dir = tmp_path / "ckpt"
+    main(["toy", "fit", "--config", str(toy_config), f"--run_dir={run_dir}"])
+    ckpt = run_dir / "last.ckpt"
+    main(["toy", "test", "--config", str(toy_config), f"--run_dir={run_dir}", "--ckpt_path", str(ckpt)])
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("moekit-toy")
+    (train,) = client.search_runs([exp.experiment_id])
+    test_auc = train.data.metrics["test/auc"]
+
+    main(["register", "toy", "--config", str(toy_config), "--ckpt", str(ckpt), "--name", "toy-model"])
+    (run,) = client.search_runs([exp.experiment_id])  # still one run: nothing called "register"
+    assert run.info.run_id == train.info.run_id
+    assert run.info.status == "FINISHED"
+    mv = client.get_model_version("toy-model", "1")
+    assert mv.run_id == train.info.run_id
+    assert mv.tags["moekit.source_run_id"] == train.info.run_id
+    assert mv.tags["moekit.app"] == "toy"
+    assert Path(mv.tags["moekit.checkpoint"]) == ckpt.resolve()
+    assert float(mv.tags["test/auc"]) == pytest.approx(test_auc, rel=1e-5)
+    assert train.info.run_id in mv.description and f"test/auc={test_auc:.4f}" in mv.description
+    assert Path(run.data.tags["moekit.checkpoint.last"]) == ckpt.resolve()  # the run names its checkpoint
+
+
+def test_registered_model_requirements_install_from_a_public_index(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
+    """Pinned public versions (no `+cpu` local suffix), the packages the bundled code imports, no moekit;
+    the predictor's code travels in the model (code_paths)."""
+    from packaging.requirements import Requirement
+
+    cli = _fit(toy_config, tmp_path)
+    register_trained(app="toy", model=cli.model, datamodule=cli.datamodule, trainer=cli.trainer, name="m")
+    local = Path(mlflow.artifacts.download_artifacts("models:/m/1", dst_path=str(tmp_path / "model")))
+    reqs = [Requirement(line) for line in (local / "requirements.txt").read_text().split() if line.strip()]
+    names = {r.name.lower() for r in reqs}
+    assert {"torch", "pandas", "numpy", "mlflow", "lightning", "torchmetrics"} <= names
+    assert "moekit" not in names
+    for r in reqs:
+        (spec,) = r.specifier
+        assert spec.operator == "==" and "+" not in spec.version, r
+    assert (local / "code" / "toy_app.py").is_file()
