@@ -127,6 +127,33 @@ class RequestGuard:
         return await self.app(scope, replay, send)
 
 
+class _ParseWithoutSchema:
+    """The model as the scoring app sees it, minus the input schema at parse time.
+
+    MLflow's scoring app casts the parsed JSON to the signature's types (38.9 in a ``long`` column becomes
+    38, 1e308 becomes -2**63) before ``predict`` checks them. Without a schema at parse time the JSON keeps
+    its own types and ``predict`` enforces the signature as it does in process: 38.9 for a ``long`` is a 400.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.metadata = _MetadataWithoutInputSchema(model.metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class _MetadataWithoutInputSchema:
+    def __init__(self, metadata: Any) -> None:
+        self._metadata = metadata
+
+    def get_input_schema(self) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._metadata, name)
+
+
 def create_app() -> Any:
     """The ASGI app uvicorn runs (``--factory``): MLflow's scoring app for the model at
     ``$MOEKIT_SERVE_MODEL_PATH`` behind the Host check of the MLflow UI and the body limit
@@ -135,7 +162,7 @@ def create_app() -> Any:
     from mlflow.server.fastapi_security import HostValidationMiddleware, get_allowed_hosts
 
     model = scoring_server.load_model_with_mlflow_config(os.environ[ENV_MODEL_PATH])
-    app = scoring_server.init(model)
+    app = scoring_server.init(_ParseWithoutSchema(model))
     max_body = int(os.environ.get(ENV_MAX_BODY, DEFAULT_MAX_BODY_BYTES))
     return HostValidationMiddleware(RequestGuard(app, max_body_bytes=max_body), get_allowed_hosts())
 

@@ -118,19 +118,15 @@ class RecsysApp:
         )
 
     def input_example(self, datamodule: L.LightningDataModule) -> pd.DataFrame:
-        # the signature is inferred from this frame: text columns are strings, every number is a double.
-        # Integer columns (census codes and counts) are doubles too, because MLflow casts a double sent to
-        # a long column (38.9 -> 38, 1e308 -> -2**63) before the predictor can see it; the predictor's
-        # check_request then rejects non-integral values and casts back, so 35.0 is the category "35".
+        # raw dtypes of the training file: the signature says string for text columns and long for the census
+        # codes and counts (integers), double for real columns. The server parses JSON without casting to
+        # these types (pipelines.serve.create_app), so MLflow's check answers 38.9 in a long column with 400
+        # instead of scoring 38; check_request does the rest (nulls, numbers in string columns, ranges).
         s = datamodule.preprocessor.schema
         cols = list(dict.fromkeys([*s.categorical, *s.numeric]))
         frames = datamodule.load_frames()
         raw = frames["test" if "test" in frames else "val"][0]
-        example = raw[cols].head(5).reset_index(drop=True)
-        for c in cols:
-            if pd.api.types.is_integer_dtype(example[c]) and not pd.api.types.is_bool_dtype(example[c]):
-                example[c] = example[c].astype(np.float64)
-        return example
+        return raw[cols].head(5).reset_index(drop=True)
 
     def save_preprocessing(self, datamodule: L.LightningDataModule, out_dir: Path) -> list[Path]:
         pre = getattr(datamodule, "preprocessor", None)

@@ -300,7 +300,8 @@ class TabularPreprocessor:
 
         String columns take ``str`` values only (no numbers, no nulls: the training files have none); integer
         columns take integral numbers with ``|x| <= 2**53`` (returned as int64, so ``35.0`` is the category
-        ``"35"`` as in training); float columns take finite numbers. Every numeric value must standardise to
+        ``"35"`` as in training; a categorical integer column also takes strings, keyed as in training);
+        float columns take finite numbers. Every numeric value must standardise to
         a finite float32. Booleans are not numbers here.
 
         Raises:
@@ -320,7 +321,10 @@ class TabularPreprocessor:
                     if not isinstance(v, str):
                         raise ValueError(f"{source}: column {c!r} row {i}: expected a string, got {v!r}")
             elif kind in ("integer", "float"):
+                keyed = c in s.categorical  # integer codes embedded by str(value): a string is a key too
                 for i, v in enumerate(values):
+                    if keyed and isinstance(v, str):
+                        continue
                     if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real):
                         raise ValueError(f"{source}: column {c!r} row {i}: expected a number, got {v!r}")
                     if not math.isfinite(v):
@@ -335,8 +339,12 @@ class TabularPreprocessor:
                                 f"{source}: column {c!r} row {i}: value {v!r} is out of range "
                                 f"(|x| <= 2**53 for an integer column)"
                             )
-                dtype = np.int64 if kind == "integer" else np.float64
-                out[c] = pd.Series(np.asarray(values, dtype=dtype), index=df.index)
+                if keyed and any(isinstance(v, str) for v in values):
+                    cast = [v if isinstance(v, str) else int(v) for v in values]
+                    out[c] = pd.Series(cast, index=df.index, dtype=object)
+                else:
+                    dtype = np.int64 if kind == "integer" else np.float64
+                    out[c] = pd.Series(np.asarray(values, dtype=dtype), index=df.index)
             if c in s.numeric:
                 with np.errstate(over="ignore", invalid="ignore"):
                     x = self._numeric_raw(out[c], log=c in s.log1p)
