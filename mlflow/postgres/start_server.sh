@@ -15,14 +15,16 @@ port="${MOEKIT_MLFLOW_PORT:-5000}"
 artifacts="${MOEKIT_MLFLOW_ARTIFACTS:-$repo/mlflow/artifacts}"
 mlflow_bin="${MLFLOW_BIN:-$repo/.venv/bin/mlflow}"
 
-url="$("$repo/scripts/postgres.sh" | tail -n 1)"   # postgresql://moekit:moekit@127.0.0.1:PORT/moekit
+# postgresql://moekit:<password>@127.0.0.1:PORT/moekit; the password never goes on a command line (ps)
+url="$("$repo/scripts/postgres.sh" | tail -n 1)"
 base="${url%/*}"
-"$repo/.venv/bin/python" - "$url" "$db" <<'PY'
+MOEKIT_PG_URL="$url" "$repo/.venv/bin/python" - "$db" <<'PY'
+import os
 import sys
 
 import psycopg
 
-url, db = sys.argv[1], sys.argv[2]
+url, db = os.environ["MOEKIT_PG_URL"], sys.argv[1]
 conn = psycopg.connect(url)
 conn.autocommit = True
 with conn.cursor() as cur:
@@ -33,8 +35,8 @@ conn.close()
 PY
 mkdir -p "$artifacts"
 export PATH="$(dirname "$mlflow_bin"):$PATH"
+export MLFLOW_BACKEND_STORE_URI="$base/$db"   # mlflow server's --backend-store-uri, kept out of `ps`
 exec "$mlflow_bin" server \
-  --backend-store-uri "$base/$db" \
   --artifacts-destination "$artifacts" \
   --serve-artifacts \
   --host 127.0.0.1 --port "$port" --workers 1 "$@"

@@ -23,8 +23,9 @@ def _connect(url: str):
 def pg_url(require_postgres) -> str:
     """Connection URL of a running PostgreSQL (env MOEKIT_PG_URL, else the cluster of scripts/postgres.sh).
 
-    If nothing answers, runs ``scripts/postgres.sh`` without installing packages; skips (with the reason)
-    only when PostgreSQL or psycopg is not available.
+    Runs ``scripts/postgres.sh start --test`` without installing packages (idempotent: creates or migrates the
+    cluster and starts it, with fsync=off only if this call starts it) and takes the URL, with the cluster's
+    password, from its last line; skips (with the reason) only when PostgreSQL or psycopg is not available.
     """
     try:
         import psycopg  # noqa: F401
@@ -32,19 +33,19 @@ def pg_url(require_postgres) -> str:
         require_postgres("psycopg is not installed (pip install 'psycopg[binary]')")
     url = os.environ.get("MOEKIT_PG_URL")
     if url is None:
-        url = subprocess.run([str(SCRIPT), "url"], capture_output=True, text=True, check=True).stdout.strip()
+        env = dict(os.environ, MOEKIT_PG_NO_INSTALL="1")
+        proc = subprocess.run(
+            [str(SCRIPT), "start", "--test"], capture_output=True, text=True, env=env, timeout=120
+        )
+        if proc.returncode != 0:
+            require_postgres(f"scripts/postgres.sh start --test failed: {proc.stderr.strip()}")
+        url = proc.stdout.strip().splitlines()[-1]
     try:
         _connect(url).close()
-        return url
-    except Exception as first:  # noqa: BLE001 - any connection failure: try starting the local cluster
-        env = dict(os.environ, MOEKIT_PG_NO_INSTALL="1")
-        proc = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, env=env, timeout=120)
-        if proc.returncode != 0:
-            require_postgres(
-                f"PostgreSQL not available at {url} ({first}); scripts/postgres.sh: {proc.stderr.strip()}"
-            )
-        _connect(url).close()
-        return url
+    except Exception as e:  # noqa: BLE001 - any connection failure
+        host = url.rsplit("@", 1)[-1]  # the message must not print the password
+        require_postgres(f"PostgreSQL not reachable at {host} ({type(e).__name__})")
+    return url
 
 
 @pytest.fixture
