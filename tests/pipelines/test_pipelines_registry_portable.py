@@ -116,3 +116,60 @@ def test_recsys_model_predicts_in_an_environment_without_moekit(tmp_path: Path, 
     got = _predict_outside(tmp_path, "models:/rec/1", raw)
     for t in cli.model.task_names:
         np.testing.assert_allclose(got[t].to_numpy(), expected[t].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _types(schema) -> dict[str, str]:  # noqa: ANN001 - mlflow Schema
+    return {c.name: str(c.type) for c in schema.inputs}
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data("tinyshakespeare/input.txt")
+def test_lm_model_generates_in_an_environment_without_moekit(tmp_path: Path, tracking_uri: str) -> None:
+    """docs/pipelines.md: input ``prompt`` (string), generation params, output ``text`` (string)."""
+    cfg = REPO / "apps" / "lm" / "configs" / "tiny.yaml"
+    args = ["--config", str(cfg), "--trainer.max_steps=4", f"--run_dir={tmp_path / 'ck'}"]
+    cli = MoekitCLI(app="lm", args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    app = get_app("lm")
+    raw = app.input_example(cli.datamodule)
+    expected = app.build_predictor(cli.model, cli.datamodule).predict(raw.copy())
+    register_trained(app="lm", model=cli.model, datamodule=cli.datamodule, trainer=cli.trainer, name="lm")
+
+    sig = mlflow.models.get_model_info("models:/lm/1").signature
+    assert _types(sig.inputs) == {"prompt": "DataType.string"}
+    assert _types(sig.outputs) == {"text": "DataType.string"}
+    assert {p.name for p in sig.params.params} == {
+        "max_new_tokens", "temperature", "top_k", "top_p", "greedy", "seed",
+    }  # fmt: skip
+
+    got = _predict_outside(tmp_path, "models:/lm/1", raw)
+    assert got["text"].tolist() == expected["text"].tolist()  # seeded generation: identical text
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data("sp500_5yr/individual_stocks_5yr", "sp500_index/GSPC.csv")
+def test_finance_model_scores_in_an_environment_without_moekit(tmp_path: Path, tracking_uri: str) -> None:
+    """docs/pipelines.md: a long OHLCV panel window in, ``ticker, score, rank`` for the last date out."""
+    cfg = REPO / "apps" / "finance" / "configs" / "tiny.yaml"
+    args = ["--config", str(cfg), f"--run_dir={tmp_path / 'ck'}"]
+    cli = MoekitCLI(app="finance", args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    app = get_app("finance")
+    raw = app.input_example(cli.datamodule)
+    expected = app.build_predictor(cli.model, cli.datamodule).predict(raw.copy())
+    register_trained(
+        app="finance", model=cli.model, datamodule=cli.datamodule, trainer=cli.trainer, name="fin"
+    )
+
+    sig = mlflow.models.get_model_info("models:/fin/1").signature
+    inputs = _types(sig.inputs)
+    assert list(inputs) == ["date", "ticker", "open", "high", "low", "close", "volume"]
+    assert inputs["date"] == inputs["ticker"] == "DataType.string"
+    assert {inputs[c] for c in ("open", "high", "low", "close", "volume")} == {"DataType.double"}
+    outputs = _types(sig.outputs)
+    assert list(outputs) == ["ticker", "score", "rank"]
+    assert outputs == {"ticker": "DataType.string", "score": "DataType.double", "rank": "DataType.long"}
+
+    got = _predict_outside(tmp_path, "models:/fin/1", raw)
+    assert got["ticker"].tolist() == expected["ticker"].tolist()
+    np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5, atol=1e-6)
