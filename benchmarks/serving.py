@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         assert proc.poll() is None, "the server died during the benchmark"
     finally:
         stop_server(proc)
+        os.chdir(ROOT)
+        shutil.rmtree(tmp, ignore_errors=True)  # the temp store and the model copy
 
     meta = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
