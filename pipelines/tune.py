@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -314,7 +315,7 @@ def run_study(
         ValueError: ``n_trials < 1``, a bad direction, or an existing study made with another direction,
             other fixed overrides or another base config.
     """
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna_integration import PyTorchLightningPruningCallback
 
     if n_trials < 1:
@@ -340,7 +341,7 @@ def run_study(
             storage or default_storage(),
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     study = optuna.create_study(
         study_name=study_name,
@@ -380,6 +381,7 @@ def run_study(
             )
             study.stop()
             raise _BudgetReached(f"trial {trial.number} not run: the study's {n_trials} trial(s) are taken")
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         params = dict(suggest(trial))
         trial.set_user_attr("overrides", json.dumps(params))
         run_id = tracker.trial_run(trial)

@@ -1,9 +1,14 @@
 """Optuna sweeps through ``pipelines.tune``: a 3-trial study completes, a deliberately bad trial is pruned by
-the median pruner, the study resumes (a second call continues the trial count), trials are nested MLflow runs,
-and the best trial's YAML is a runnable config."""
+the median pruner, the study resumes (a second call continues the trial count), trials are nested MLflow runs
+that end FINISHED, and the best trial's YAML is a runnable config; parallel workers and a resumed worker draw
+only distinct configurations and finish exactly ``n_trials``; a rerun with other budget overrides is
+refused; an interrupted trial and its sweep end FAIL/KILLED."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -22,9 +27,14 @@ def _space(trial: optuna.Trial) -> dict:
     }
 
 
+HERE = Path(__file__).resolve().parent
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
 def test_tune_sweep_prunes_resumes_and_writes_best(
-    tmp_path: Path, toy_config: Path, tracking_uri: str
+    tmp_path: Path, toy_config: Path, tracking_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="pipelines.tune")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     kw = dict(
         app="toy",
@@ -61,6 +71,13 @@ def test_tune_sweep_prunes_resumes_and_writes_best(
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["optuna.state"] for r in children) == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert all("val/auc" in r.data.metrics for r in children)
+    assert [r.info.status for r in runs] == ["FINISHED"] * 4  # the parent too, not RUNNING forever
+    assert study.metric_names == ["val/auc"]  # the objective is named (optuna-dashboard)
+    # progress: one line per finished trial, with its value and the best so far
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial ")]
+    assert len(lines) == 3 and lines[1].startswith("trial 1 COMPLETE val/auc=")
+    assert lines[2].startswith("trial 2 PRUNED at step 0") and lines[2].endswith("3/3 finished")
+    assert f"best {study.best_value:.6g} (trial {study.best_trial.number})" in lines[2]
 
     # best.yaml: the base config with the best trial's lr, and it parses/instantiates through the CLI
     best_path = tmp_path / "tune" / "best.yaml"
@@ -71,6 +88,143 @@ def test_tune_sweep_prunes_resumes_and_writes_best(
 
     cli = MoekitCLI(app="toy", args=["--config", str(best_path), "--trainer.logger=false"], run=False)
     assert cli.model.lr == study.best_trial.params["lr"]
+
+
+def _worker(config: Path, storage: str, study: str, n_trials: int, out: Path, seed: int) -> subprocess.Popen:
+    cmd = [sys.executable, str(HERE / "tune_worker.py"), str(config), storage, study, str(n_trials), str(out)]
+    return subprocess.Popen([*cmd, str(seed)])
+
+
+def _configs(study: optuna.Study) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in study.get_trials(states=FINISHED)]
+
+
+def test_parallel_workers_and_a_resumed_worker_draw_distinct_configs_and_finish_n_trials(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
+    """Two workers started together with the same seed, then a resumed worker with a larger target: every
+    configuration is new and the study holds exactly the requested number of finished trials. (Before: the
+    sampler was seeded with the same value in each process, so the workers ran identical pairs, and each ran
+    ``n_trials`` on its own: 8 trials for 4.)"""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}?timeout=60"
+    out = tmp_path / "tune"
+    # both stores exist before the workers start (two processes migrating one new sqlite file at once collide)
+    from pipelines.tracking import ensure_experiment
+
+    ensure_experiment("moekit-toy-tune", tracking_uri)
+    optuna.storages.RDBStorage(storage)
+    workers = [_worker(toy_config, storage, "par", 4, out, seed=0) for _ in range(2)]
+    assert [w.wait(timeout=600) for w in workers] == [0, 0]
+    study = optuna.load_study(study_name="par", storage=storage)
+    assert len(study.get_trials(states=FINISHED)) == 4
+    assert len(set(_configs(study))) == 4
+    assert len({t.user_attrs["worker"] for t in study.get_trials(states=FINISHED)}) == 2  # both took part
+
+    # resumed: the same command with a larger total (4 -> 6) runs exactly two more, new configurations
+    from pipelines.tune import run_study
+
+    study = run_study(
+        app="toy", configs=[toy_config], n_trials=6, storage=storage, study_name="par", out_dir=out,
+        overrides={"trainer.max_epochs": 1}, seed=0, tracking_uri=tracking_uri,
+    )  # fmt: skip
+    assert len(study.get_trials(states=FINISHED)) == 6
+    assert len(set(_configs(study))) == 6
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("moekit-toy-tune").experiment_id])
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    trial_runs = [r for r in runs if "optuna.trial_number" in r.data.tags]
+    assert len(trial_runs) == 6
+
+
+def test_rerun_with_other_budget_overrides_or_config_is_refused(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
+    from pipelines.tune import run_study
+
+    kw = dict(
+        app="toy", configs=[toy_config], storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="budget",
+        out_dir=tmp_path / "tune", tracking_uri=tracking_uri, seed=0,
+    )  # fmt: skip
+    run_study(n_trials=1, overrides={"trainer.max_epochs": 1}, **kw)
+    with pytest.raises(ValueError, match="--study NAME") as err:
+        run_study(n_trials=2, overrides={"trainer.max_epochs": 2}, **kw)
+    assert '{"trainer.max_epochs": 1}' in str(err.value) and '{"trainer.max_epochs": 2}' in str(err.value)
+    toy_config.write_text(toy_config.read_text().replace("hidden_dim: 8", "hidden_dim: 16"))
+    with pytest.raises(ValueError, match="base config"):
+        run_study(n_trials=2, overrides={"trainer.max_epochs": 1}, **kw)
+    study = optuna.load_study(study_name="budget", storage=kw["storage"])
+    assert len(study.trials) == 1  # nothing ran with the other budget
+
+
+def test_interrupted_trial_ends_failed_and_its_runs_killed(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
+    """Ctrl+C inside a trial (Lightning turns it into ``SystemExit(1)``): the trial is FAIL, not RUNNING, and
+    the trial's and the sweep's MLflow runs end KILLED."""
+    from pipelines.tune import run_study
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    interrupt = [{"class_path": "tune_worker.InterruptAtFirstBatch"}]
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run_study(
+            app="toy", configs=[toy_config], n_trials=2, storage=storage, study_name="ctrl-c",
+            out_dir=tmp_path / "tune", tracking_uri=tracking_uri, seed=0,
+            overrides={"trainer.max_epochs": 1, "trainer.callbacks": interrupt},
+        )  # fmt: skip
+    study = optuna.load_study(study_name="ctrl-c", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("moekit-toy-tune").experiment_id])
+    status = {r.data.tags.get("moekit.role", "trial"): r.info.status for r in runs}
+    assert status == {"study": "KILLED", "trial": "KILLED"}
+
+
+def test_trial_of_a_killed_worker_is_failed_retried_and_its_run_closed(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
+    """SIGKILL (nothing can be cleaned up) in the middle of a trial: the next sweep on the study fails the
+    trial once its heartbeat is stale, retries it, and ends its MLflow run KILLED, not RUNNING forever."""
+    import os
+    import signal
+    import time
+
+    from pipelines.tracking import ensure_experiment
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}?timeout=60"
+    ensure_experiment("moekit-toy-tune", tracking_uri)
+    optuna.storages.RDBStorage(storage)
+    cmd = [sys.executable, str(HERE / "tune_worker.py"), str(toy_config), storage, "kill", "2", str(tmp_path)]
+    worker = subprocess.Popen([*cmd, "0", "2"])
+    deadline = time.time() + 300
+    victim = None
+    while victim is None and time.time() < deadline and worker.poll() is None:
+        try:
+            trials = optuna.load_study(study_name="kill", storage=storage).get_trials(deepcopy=False)
+        except KeyError:  # the study is not created yet
+            trials = []
+        victim = next(
+            (t for t in trials if "mlflow_run_id" in t.user_attrs and t.state.name == "RUNNING"), None
+        )
+        time.sleep(0.05)
+    assert victim is not None, "the worker never had a trial running"
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=30)
+    time.sleep(3)  # past the 2 s grace period
+
+    resumed = subprocess.run([*cmd, "0", "2"], timeout=300)
+    assert resumed.returncode == 0
+    study = optuna.load_study(study_name="kill", storage=storage)
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[victim.number] == "FAIL" and "RUNNING" not in states.values()
+    assert len(study.get_trials(states=FINISHED)) == 2
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retry) == 1 and retry[0].params == study.trials[victim.number].params
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    runs = client.search_runs([client.get_experiment_by_name("moekit-toy-tune").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3 + [
+        "KILLED"
+    ]  # parent, 2 trials; the victim
 
 
 def test_merged_config_sets_dotted_keys(tmp_path: Path) -> None:
@@ -111,10 +265,23 @@ def test_legacy_spelling_of_tool_options() -> None:
 
     argv = ["toy", "--config", "a.yaml", "--config=b.yaml", "--n-trials", "3", "--set", "x=1", "--help"]
     assert legacy_spelling(argv, tune) == [
-        "toy", "--configs+", "a.yaml", "--configs+=b.yaml", "--n_trials", "3", "--overrides+", "x=1", "--help"
+        "toy",
+        "--configs+",
+        "a.yaml",
+        "--configs+=b.yaml",
+        "--n_trials",
+        "3",
+        "--overrides+",
+        "x=1",
+        "--help",
     ]
     argv = ["toy", "--ckpt", "c", "--trainer.max_epochs", "3", "--model.init_args.lr=0.1", "--name", "--x"]
     assert legacy_spelling(argv, register, "cli_args") == [
-        "toy", "--ckpt", "c", "--cli_args+=--trainer.max_epochs=3", "--cli_args+=--model.init_args.lr=0.1",
-        "--name", "--x",  # a value is passed on verbatim, even one that looks like an option
+        "toy",
+        "--ckpt",
+        "c",
+        "--cli_args+=--trainer.max_epochs=3",
+        "--cli_args+=--model.init_args.lr=0.1",
+        "--name",
+        "--x",  # a value is passed on verbatim, even one that looks like an option
     ]
