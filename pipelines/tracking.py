@@ -143,7 +143,7 @@ def checkpoint_run_id(
 
 def _load_placeholders(path: Path) -> Any:
     """``torch.load`` of a checkpoint where every global outside torch's weights-only allow-list becomes an
-    inert placeholder (nothing is imported or called)."""
+    inert placeholder (nothing is imported or called; the allow-list is torch's own)."""
     import pickle
 
     import torch
@@ -164,14 +164,14 @@ def _load_placeholders(path: Path) -> Any:
         def extend(self, values: Any) -> None:
             pass
 
+    from torch import _weights_only_unpickler as wou
+
+    # exactly what torch.load(weights_only=True) would accept; everything else is a placeholder
+    allowed = {**wou._get_allowed_globals(), **wou._get_user_allowed_globals()}
+
     class _Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
-            if (
-                module.startswith(("torch", "collections", "builtins", "_codecs"))
-                or module == "numpy.core.multiarray"
-            ):
-                return super().find_class(module, name)
-            return _Placeholder
+            return allowed.get(f"{module}.{name}", _Placeholder)
 
     class _Module:  # torch.load's pickle_module protocol
         Unpickler = _Unpickler

@@ -128,3 +128,33 @@ def test_run_left_open_at_exit_is_marked_failed(tracking_uri: str) -> None:
     (run,) = _runs(tracking_uri)
     assert run.data.metrics["x"] == 1.0
     assert run.info.status == "FAILED"
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _EvilTorch(_Evil):
+    def __reduce__(self):  # noqa: ANN204 - a torch function is no more allowed than any other
+        return (torch.save, ({}, str(self.marker)))
+
+
+def test_run_id_is_read_without_running_the_checkpoint_pickle(tmp_path: Path) -> None:
+    """A checkpoint holding Python objects (as the apps' do) gives its run id; a hostile one runs nothing."""
+    marker = tmp_path / "ran"
+    ckpt = {
+        "state_dict": {"w": torch.ones(2)},
+        RUN_ID_KEY: "abc123",
+        "obj": _Evil(marker),
+        "obj2": _EvilTorch(tmp_path / "ran2"),
+    }
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    assert checkpoint_run_id(tmp_path / "x.ckpt") == "abc123"
+    assert not marker.exists() and not (tmp_path / "ran2").exists()
+    torch.save({"state_dict": {}}, tmp_path / "old.ckpt")
+    assert checkpoint_run_id(tmp_path / "old.ckpt") is None  # written before run ids were stored
+    assert checkpoint_run_id("best", tmp_path) is None
