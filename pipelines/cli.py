@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from moe_core.runtime import tune_cpu_allocator
 from pipelines.apps import app_names, get_app, load_command
+from pipelines.checkpointing import CheckpointError
 from pipelines.commands import TOOLS, run_tool
 from pipelines.lightning_cli import ConfigError, MoekitCLI
 
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         MoekitCLI(app=head, args=rest)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         raise SystemExit(f"moekit {head}: {e}") from e
 
 

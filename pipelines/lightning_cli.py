@@ -26,6 +26,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
 
 from pipelines.apps import get_app
+from pipelines.checkpointing import AtomicCheckpointIO, remove_stale_temporaries
+from pipelines.interrupts import InterruptCheckpoint
 from pipelines.registry import register_trained
 from pipelines.tracking import (
     MlflowArtifactsCallback,
@@ -114,6 +116,10 @@ class _CheckpointFolder(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         _fix_checkpointing(trainer, self.run_dir)
+        if trainer.is_global_zero:  # temporaries of saves that a crash or kill -9 interrupted
+            for cb in trainer.checkpoint_callbacks:
+                if cb.dirpath and Path(cb.dirpath).is_dir():
+                    remove_stale_temporaries(cb.dirpath)
 
 
 class ResumableRng(Callback):
@@ -230,12 +236,8 @@ class MoekitCLI(LightningCLI):
             "`--ckpt_path last` resumes from its last.ckpt",
         )
         parser.set_defaults({"trainer.enable_progress_bar": sys.stderr.isatty()})
-        # the apps keep small python objects (configs, tokenizer JSON, preprocessor state) in their own
-        # checkpoints, which torch>=2.6's weights_only loading refuses (--weights_only true: untrusted files)
-        try:
-            parser.set_defaults({"weights_only": False})
-        except KeyError:  # run=False: no subcommand arguments
-            pass
+        # checkpoints are always read with weights_only=True by AtomicCheckpointIO (allow-listed moekit types
+        # only): nothing in a checkpoint file runs code
 
     def _add_instantiators(self) -> None:
         """Register LightningCLI's hyper-parameter instantiator for the model only.
@@ -296,12 +298,21 @@ class MoekitCLI(LightningCLI):
                 tags={"moekit.command": self.subcommand or "python"},
             )
         run_dir = self.run_dir()
+        ckpt_path = self._cfg().get("ckpt_path")
+        if str(ckpt_path) == "last" and not (run_dir / "last.ckpt").is_file():
+            raise ConfigError(
+                f"--ckpt_path last: no last.ckpt in {run_dir} (the run folder of this config; pass --run_dir "
+                "FOLDER or --ckpt_path FILE to resume another run, or drop --ckpt_path to start anew)"
+            )
+        # atomic, app-stamped checkpoint writes; weights_only loads that refuse other apps' checkpoints
+        config["plugins"] = [*(config.get("plugins") or []), AtomicCheckpointIO(app=self.app)]
         callbacks = [
             *callbacks,
             MlflowArtifactsCallback(app=self.app),
             MlflowRunLifecycle(checkpoint_dir=run_dir),
             _CheckpointFolder(run_dir),
             ResumableRng(),
+            InterruptCheckpoint(dirpath=run_dir),  # SIGINT/SIGTERM: save last.ckpt, exit 128 + signum
             *self._extra_callbacks,
         ]
         trainer = super()._instantiate_trainer(config, callbacks)
