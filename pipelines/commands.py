@@ -96,7 +96,14 @@ def register_checkpoint(
     tracking_uri: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> str:
-    """Rebuild a model from its config(s) and checkpoint, validate it, and register it; return the version."""
+    """Rebuild a model from its config(s) and checkpoint, validate it, and register it; return the version.
+
+    The checkpoint is first read by :func:`pipelines.checkpointing.load_checkpoint_file`
+    (``weights_only=True``, moekit's stamp for ``app``): a file that names anything outside the allow-list,
+    is not moekit's, or is another app's raises :class:`~pipelines.checkpointing.CheckpointError` before any
+    model is restored.
+    """
+    from pipelines.checkpointing import load_checkpoint_file
     from pipelines.lightning_cli import MoekitCLI
     from pipelines.registry import register_trained
 
@@ -104,8 +111,9 @@ def register_checkpoint(
     args += ["--trainer.enable_progress_bar=false", "--tracking.run_name=register", *extra_args]
     if tracking_uri:
         args.append(f"--tracking.uri={tracking_uri}")
-    cli = MoekitCLI(app=app, args=args, run=False)
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=False)
+    cli = MoekitCLI(app=app, args=args, run=False)  # imports the app: its checkpoint types are registered
+    load_checkpoint_file(ckpt, app=app)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     return register_trained(
         app=app,
         model=cli.model,

@@ -182,7 +182,8 @@ class FinanceTask(L.LightningModule):
         if self.predictions_path and getattr(self.trainer, "datamodule", None) is not None:
             ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") if self.trainer else ""
             if ckpt:  # predict with the best validation checkpoint, not the last epoch
-                state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+                # weights only: tensors and plain data (the trainer's own loads are weights-only too)
+                state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
                 self.load_state_dict(state)
                 log.info("predictions from best checkpoint %s", ckpt)
             write_predictions(self, self.trainer.datamodule, self.predictions_path)

@@ -15,13 +15,18 @@ a bare flag (``--greedy``) or with a value (``--greedy true``)::
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
+import pickle
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from jsonargparse import CLI
+from torch import nn
 
 from apps.lm.generate import generate as generate_text
 from apps.lm.generate import load_checkpoint
@@ -93,7 +98,8 @@ def merge_saved_model(
     """MC-SMoE merge (arXiv 2310.01334) of a saved MoE model, then optional low-rank + sparse compression.
 
     Args:
-        model: a whole pickled ``nn.Module`` (``torch.save(model)``) with moekit or HF MoE blocks.
+        model: a whole pickled ``nn.Module`` (``torch.save(model)``) built from moekit and ``torch.nn``
+            modules (read with ``torch.load(weights_only=True)``; see :func:`load_saved_model`).
         calib: a saved ``(B, T)`` long tensor of calibration token ids fed to ``model(ids)``.
         num_groups: experts left per MoE block after merging.
         out: where to ``torch.save`` the merged model.
@@ -101,8 +107,8 @@ def merge_saved_model(
         keep_ratio: fraction of sparse entries kept by the compression.
         batch_size: calibration sequences per forward pass.
     """
-    net = torch.load(model, weights_only=False).eval()
-    ids = torch.load(calib)
+    net = load_saved_model(model).eval()
+    ids = _load_tensor(calib)
     merge_model(net, collect_routing_stats(net, ids.split(batch_size)), num_groups=num_groups)
     if rank > 0:
         compress_model(net, rank=rank, keep_ratio=keep_ratio)
@@ -114,15 +120,94 @@ def quantize_saved_model(*, model: str, out: str, bits: int = 8, group_size: int
     """Bit-nested INT8 quantisation of a saved MoE model's experts (every bit width read from one code).
 
     Args:
-        model: a whole pickled ``nn.Module`` (``torch.save(model)``) with moekit or HF MoE blocks.
+        model: a whole pickled ``nn.Module`` (``torch.save(model)``) built from moekit and ``torch.nn``
+            modules (read with ``torch.load(weights_only=True)``; see :func:`load_saved_model`).
         out: where to ``torch.save`` the quantised model.
         bits: bit width the experts run at (1..8).
         group_size: quantisation group along the input dimension (null: one scale per output row).
     """
-    net = torch.load(model, weights_only=False).eval()
+    net = load_saved_model(model).eval()
     banks = quantize_model_experts(net, bits=bits, group_size=group_size)
     log.info("expert storage at %d bits: %d bytes", bits, sum(b.storage_bytes() for b in banks))
     torch.save(net, out)
+
+
+# a saved model may name these modules' nn.Module classes and dataclasses, and these activation functions;
+# anything else (os.system, builtins.eval, another library's classes ...) is refused before unpickling
+_MODULE_PREFIXES = ("torch.nn.", "moe_core.", "apps.lm.")
+_ACTIVATIONS = frozenset({F.silu, F.gelu, F.relu, F.sigmoid, F.tanh})
+
+
+def _allowed_global(name: str) -> object | None:
+    """The object a pickle's ``module.qualname`` names if it is on the allow-list, else None (the module is
+    imported only when it is one of the allowed packages, so nothing from the file chooses what runs)."""
+    if not name.startswith(_MODULE_PREFIXES):
+        return None
+    module, _, qualname = name.rpartition(".")
+    try:
+        obj: object = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    if isinstance(obj, type) and (issubclass(obj, nn.Module) or hasattr(obj, "__dataclass_fields__")):
+        return obj
+    return obj if any(obj is f for f in _ACTIVATIONS) else None
+
+
+def load_saved_model(path: str | Path) -> nn.Module:
+    """A whole ``nn.Module`` saved with ``torch.save(model)``, read with ``torch.load(weights_only=True)``.
+
+    The pickle may name ``nn.Module`` subclasses and dataclasses of ``torch.nn``, ``moe_core`` and
+    ``apps.lm``, and common activation functions; a file naming anything else is refused with a
+    ``ValueError`` before any of it is unpickled, so a crafted file runs no code.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file names globals outside the allow-list, or does not hold an ``nn.Module``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model file {p} not found")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(p)
+    except Exception as e:  # noqa: BLE001 - not a torch.save zip archive: refused below by torch.load
+        log.debug("cannot list the globals of %s: %s", p, e)
+        names = []
+    allowed, refused = [], []
+    for name in names:
+        obj = _allowed_global(name)
+        if obj is None:
+            refused.append(name)
+        else:
+            allowed.append(obj)
+    if refused:
+        raise ValueError(
+            f"model file {p}: refused, it names {', '.join(sorted(refused))}, outside the allow-list "
+            f"(nn.Module classes of {', '.join(m.rstrip('.') for m in _MODULE_PREFIXES)}); unpickling it "
+            "could run code from the file, so nothing of it was loaded"
+        )
+    try:
+        with torch.serialization.safe_globals(allowed):
+            net = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"model file {p}: refused by torch.load(weights_only=True) ({str(e).strip().splitlines()[-1]}); "
+            "nothing of it was loaded"
+        ) from e
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"model file {p} holds a {type(net).__name__}, not a torch.save(model) nn.Module")
+    return net
+
+
+def _load_tensor(path: str | Path) -> torch.Tensor:
+    try:
+        ids = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"calibration file {path}: refused by torch.load(weights_only=True): {e}") from e
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"calibration file {path} holds a {type(ids).__name__}, not a (B, T) tensor")
+    return ids
 
 
 def _run(fn: Callable[..., object], argv: list[str] | None, *, prog: str) -> None:

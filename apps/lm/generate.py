@@ -5,6 +5,7 @@ seeded. The command line is ``moekit lm generate`` (:func:`apps.lm.commands.gene
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -86,13 +87,25 @@ def generate(
 
 
 def load_checkpoint(path: str | Path):
-    """Model and tokenizer from a checkpoint written by :class:`apps.lm.task.LMTask`."""
+    """Model and tokenizer from a checkpoint written by :class:`apps.lm.task.LMTask`.
+
+    The file is read with ``torch.load(weights_only=True)``: plain data, tensors and the types the lm app
+    registers with ``torch.serialization.add_safe_globals`` (its :class:`~apps.lm.model.LMConfig`); a file
+    whose pickle names anything else is refused with a ``ValueError`` and nothing of it runs.
+    """
     from apps.lm.task import LMTask
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} not found")
-    task = LMTask.load_from_checkpoint(p, map_location="cpu", weights_only=False)
+    try:
+        task = LMTask.load_from_checkpoint(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"checkpoint {p}: refused by torch.load(weights_only=True) "
+            f"({str(e).strip().splitlines()[-1]}); unpickling it could run code from the file, so nothing of "
+            "it was loaded"
+        ) from e
     if task.model is None or task.tokenizer is None:
         raise ValueError(
             f"checkpoint {p} carries no model config or tokenizer (was it written by apps.lm.task.LMTask?)"
