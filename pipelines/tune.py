@@ -166,11 +166,25 @@ class _MlflowStudy:
             if commit := git_commit():
                 tags["mlflow.source.git.commit"] = commit
             run = self.client.create_run(self.experiment_id, run_name=f"study-{study.study_name}", tags=tags)
-            parent = run.info.run_id
+            parent = self._first_parent(study.study_name, run)
+            if parent != run.info.run_id:
+                self.client.delete_run(run.info.run_id)
             study.set_user_attr("mlflow_parent_run_id", parent)
         else:
             self.client.update_run(parent, status="RUNNING")  # resumed
         self.parent_run_id = parent
+
+    def _first_parent(self, study_name: str, run: Any) -> str:
+        """Workers that start a new study together each create a parent run; all of them keep the first one
+        created (the others are deleted), so the study has one parent. Candidates: RUNNING parent runs of the
+        study started within a minute of ``run``."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`moekit.study` = '{study_name}' and tags.`moekit.role` = 'study' "
+            f"and attributes.status = 'RUNNING' and attributes.start_time >= {run.info.start_time - 60_000}",
+        )
+        first = min((r.info.start_time, r.info.run_id) for r in [run, *found])
+        return first[1]
 
     def trial_run(self, trial: optuna.Trial) -> str:
         tags = {

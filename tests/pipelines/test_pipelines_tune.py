@@ -134,6 +134,9 @@ def test_parallel_workers_and_a_resumed_worker_draw_distinct_configs_and_finish_
     assert runs and all(r.info.status == "FINISHED" for r in runs)
     trial_runs = [r for r in runs if "optuna.trial_number" in r.data.tags]
     assert len(trial_runs) == 6
+    # one parent run, although both workers created the study at once
+    parents = [r.info.run_id for r in runs if r.data.tags.get("moekit.role") == "study"]
+    assert len(parents) == 1 and {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == set(parents)
 
 
 def test_rerun_with_other_budget_overrides_or_config_is_refused(
