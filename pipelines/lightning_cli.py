@@ -306,6 +306,8 @@ class MoekitCLI(LightningCLI):
             )
         # atomic, app-stamped checkpoint writes; weights_only loads that refuse other apps' checkpoints
         config["plugins"] = [*(config.get("plugins") or []), AtomicCheckpointIO(app=self.app)]
+        from pipelines.predictions import PredictionsWriter
+
         callbacks = [
             *callbacks,
             MlflowArtifactsCallback(app=self.app),
@@ -313,6 +315,7 @@ class MoekitCLI(LightningCLI):
             _CheckpointFolder(run_dir),
             ResumableRng(),
             InterruptCheckpoint(dirpath=run_dir),  # SIGINT/SIGTERM: save last.ckpt, exit 128 + signum
+            PredictionsWriter(run_dir),  # predict: <run_dir>/predictions.parquet, its path printed
             *self._extra_callbacks,
         ]
         trainer = super()._instantiate_trainer(config, callbacks)
