@@ -12,8 +12,11 @@ module must be importable, also by the ``mlflow models serve`` process that unpi
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -121,6 +124,33 @@ def get_app(name: str) -> MoekitApp:
     if app.name != name:
         raise ValueError(f"{table[name]}.APP.name is {app.name!r}, but the table names it {name!r}")
     return app
+
+
+def app_commands(name: str) -> list[str]:
+    """The names of app ``name``'s extra commands, for ``moekit --help``, without importing its module.
+
+    Read from a literal top-level ``COMMANDS = {...}`` in the module's source when it has one (the built-in
+    apps do, so the listing imports no torch or lightning); else from the imported ``APP.commands``.
+    """
+    module = app_table().get(name)
+    if module is None:
+        raise ValueError(f"unknown app {name!r}; known apps: {sorted(app_table())}")
+    if module not in sys.modules:
+        try:
+            spec = importlib.util.find_spec(module)
+            source = Path(spec.origin).read_text() if spec and spec.origin else ""
+        except (ImportError, OSError, ValueError):
+            source = ""
+        for node in ast.parse(source).body if source else ():
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
+            if isinstance(node, ast.AnnAssign):
+                target = node.target
+            if isinstance(target, ast.Name) and target.id == "COMMANDS" and node.value is not None:
+                try:
+                    return list(ast.literal_eval(node.value))
+                except ValueError:
+                    break
+    return list(get_app(name).commands)
 
 
 def load_command(target: str) -> Callable[[Sequence[str] | None], None]:

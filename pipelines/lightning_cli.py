@@ -34,6 +34,7 @@ from pipelines.tracking import (
     MlflowRunLifecycle,
     MlflowSaveConfigCallback,
     checkpoint_run_id,
+    default_tracking_uri,
     make_logger,
 )
 
@@ -323,6 +324,7 @@ class MoekitCLI(LightningCLI):
         return trainer
 
     def after_fit(self) -> None:
+        print(fit_summary(self.trainer, monitor=self.contract.monitor, run_dir=self.run_dir()), flush=True)
         name = (self._cfg().get("tracking") or {}).get("register_as")
         if name:
             version = register_trained(
@@ -330,3 +332,32 @@ class MoekitCLI(LightningCLI):
             )
             log.info("registered %s as models:/%s/%s", self.app, name, version)
             print(f"registered models:/{name}/{version}")
+
+
+def fit_summary(trainer: L.Trainer, *, monitor: str, run_dir: Path) -> str:
+    """The lines printed at the end of ``moekit <app> fit`` (to stdout, terminal or not): the best value of
+    the monitored metric, the checkpoint to use, the MLflow run and how to open it."""
+    lines = ["fit done"]
+    ckpt = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
+    if ckpt is not None and ckpt.best_model_score is not None:
+        lines.append(f"  best {ckpt.monitor}: {float(ckpt.best_model_score):.6g}")
+    elif monitor in trainer.callback_metrics:
+        lines.append(f"  last {monitor}: {float(trainer.callback_metrics[monitor]):.6g}")
+    best = ckpt.best_model_path if ckpt is not None else ""
+    if best:
+        lines.append(f"  best checkpoint: {best}")
+    if (run_dir / "last.ckpt").is_file():
+        lines.append(f"  last checkpoint: {run_dir / 'last.ckpt'}  (resume: --ckpt_path last)")
+    logger = trainer.logger
+    run_id = getattr(logger, "run_id", None)
+    if run_id:
+        uri = getattr(logger, "_tracking_uri", None) or ""
+        exp = getattr(logger, "experiment_id", None)
+        lines.append(
+            f"  MLflow run: {run_id}  (experiment {getattr(logger, '_experiment_name', exp)}, {uri})"
+        )
+        ui = "moekit ui" if not uri or uri == default_tracking_uri() else f"moekit ui --tracking-uri {uri}"
+        lines.append(f"  open it: {ui}, then http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}")
+    else:
+        lines.append("  MLflow: not logged (trainer.logger is off)")
+    return "\n".join(lines)

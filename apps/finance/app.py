@@ -95,6 +95,10 @@ class FinancePredictor:
         return out
 
 
+COMMANDS = {"backtest": "apps.finance.backtest:main"}
+"""The app's extra commands, a literal: ``moekit --help`` reads it without importing this module."""
+
+
 @dataclass(frozen=True)
 class FinanceApp:
     """Daily cross-sectional stock scoring: MIGA and baselines on the S&P 500 panel (:mod:`apps.finance`)."""
@@ -102,7 +106,7 @@ class FinanceApp:
     name: str = "finance"
     monitor: str = "val/RankIC"
     direction: Literal["maximize", "minimize"] = "maximize"
-    commands: Mapping[str, str] = field(default_factory=lambda: {"backtest": "apps.finance.backtest:main"})
+    commands: Mapping[str, str] = field(default_factory=lambda: dict(COMMANDS))
     predict_params: Mapping[str, Any] | None = None
 
     def search_space(self, trial) -> dict[str, Any]:  # noqa: ANN001 - optuna.Trial

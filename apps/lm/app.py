@@ -69,6 +69,14 @@ class LMPredictor:
         return {k: v for k, v in self.__dict__.items() if k != "_tok"}
 
 
+COMMANDS = {
+    "generate": "apps.lm.commands:generate",
+    "merge": "apps.lm.commands:merge",
+    "quantize": "apps.lm.commands:quantize",
+}
+"""The app's extra commands, a literal: ``moekit --help`` reads it without importing this module."""
+
+
 @dataclass(frozen=True)
 class LMApp:
     """MoE language-model pretraining (:mod:`apps.lm`)."""
@@ -76,13 +84,7 @@ class LMApp:
     name: str = "lm"
     monitor: str = "val/loss"
     direction: Literal["maximize", "minimize"] = "minimize"
-    commands: Mapping[str, str] = field(
-        default_factory=lambda: {
-            "generate": "apps.lm.commands:generate",
-            "merge": "apps.lm.commands:merge",
-            "quantize": "apps.lm.commands:quantize",
-        }
-    )
+    commands: Mapping[str, str] = field(default_factory=lambda: dict(COMMANDS))
     predict_params: Mapping[str, Any] | None = field(default_factory=lambda: dict(PREDICT_PARAMS))
 
     def search_space(self, trial) -> dict[str, Any]:  # noqa: ANN001 - optuna.Trial

@@ -66,6 +66,10 @@ class RecsysPredictor:
         )
 
 
+COMMANDS: dict[str, str] = {}
+"""The app's extra commands, a literal: ``moekit --help`` reads it without importing this module."""
+
+
 @dataclass(frozen=True)
 class RecsysApp:
     """Multi-task recommendation: Shared-Bottom, MMoE, PLE, HoME (:mod:`apps.recsys.task`)."""
@@ -73,7 +77,7 @@ class RecsysApp:
     name: str = "recsys"
     monitor: str = "val/auc_mean"
     direction: Literal["maximize", "minimize"] = "maximize"
-    commands: Mapping[str, str] = field(default_factory=dict)
+    commands: Mapping[str, str] = field(default_factory=lambda: dict(COMMANDS))
     predict_params: Mapping[str, Any] | None = None
 
     def search_space(self, trial) -> dict[str, Any]:  # noqa: ANN001 - optuna.Trial
