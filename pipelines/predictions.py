@@ -59,9 +59,9 @@ def _batch_frame(out: Any) -> pd.DataFrame:
             return pd.DataFrame({"prediction": arr})
         if arr.ndim == 2:  # (B, C)
             return pd.DataFrame({f"prediction_{c}": arr[:, c] for c in range(arr.shape[1])})
-        raise ValueError(f"predict_step returned a tensor of shape {tuple(arr.shape)}; expected (B,) or (B, C)")
+        raise ValueError(f"predict_step returned a tensor of shape {tuple(arr.shape)}, not (B,) or (B, C)")
     raise TypeError(
-        f"predict_step returned a {type(out).__name__}; expected a DataFrame, a mapping of columns or a tensor"
+        f"predict_step returned a {type(out).__name__}, not a DataFrame, a mapping of columns or a tensor"
     )
 
 

@@ -170,6 +170,22 @@ class FinanceTask(L.LightningModule):
             self.log(f"test/{k}", float(np.nan_to_num(v)))
 
     @torch.no_grad()
+    def predict_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> pd.DataFrame:
+        """Scores of one day's cross-section (``moekit finance predict``; no label needed): ``date, ticker,
+        day, ticker_id, score``, the names from the data module's panel when it has one."""
+        score = self.model(batch["x"]).score.detach().float().cpu().numpy()  # (N,)
+        day = int(batch["day"])
+        tickers = batch["tickers"].cpu().numpy()  # (N,)
+        f = pd.DataFrame({"day": np.full(len(tickers), day), "ticker_id": tickers, "score": score})
+        panel = getattr(getattr(self.trainer, "datamodule", None), "panel", None)
+        if panel is not None:
+            f.insert(0, "date", panel.dates[day])
+            f.insert(1, "ticker", np.asarray(panel.tickers)[tickers])
+        return f
+
+    @torch.no_grad()
     def predict_frame(self, loader) -> pd.DataFrame:  # noqa: ANN001 - DataLoader
         """Scores for every day of a loader as a long table (``day, ticker_id, score, label, w_e*``)."""
         was = self.training

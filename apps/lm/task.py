@@ -202,6 +202,24 @@ class LMTask(L.LightningModule):
         ce = self._losses(self(x), y)["ce"]
         self.log("test/loss", ce, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
 
+    # -- predict: ``moekit lm predict`` scores held-out text; ``moekit lm generate`` continues a prompt
+    @torch.no_grad()
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Per-window scores: mean next-token ``nll`` (nats), ``perplexity`` = exp(nll), ``tokens`` scored
+        and the window's ``text`` (decoded input, when the tokenizer is known). Text continuation is
+        ``moekit lm generate``."""
+        x, y = batch if isinstance(batch, list | tuple) else (batch[:, :-1], batch[:, 1:])  # (B, T)
+        logits = self(x).logits.float()  # (B, T, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(-1)  # (B,)
+        out: dict[str, Any] = {
+            "nll": nll,
+            "perplexity": nll.exp(),
+            "tokens": torch.full_like(nll, y.shape[1], dtype=torch.long),
+        }
+        if self.tokenizer is not None:
+            out["text"] = [self.tokenizer.decode(row) for row in x.tolist()]
+        return out
+
     # -- optimisation
     # -----------------------------------------------------------------------------------------
     def _param_groups(self) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
