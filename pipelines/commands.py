@@ -35,7 +35,7 @@ def tune(
     overrides: list[str] | None = None,
     tracking_uri: str | None = None,
     experiment: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     enqueue: list[str] | None = None,
     pruner_startup_trials: int = 5,
     pruner_warmup_steps: int = 1,
@@ -46,16 +46,19 @@ def tune(
     Args:
         app: the app (``recsys``, ``finance``, ``lm``).
         configs: base config YAML (``--config FILE``, repeatable).
-        n_trials: target number of finished trials in the study (``--n-trials``).
+        n_trials: the study's TOTAL number of finished (complete + pruned) trials over all runs and parallel
+            workers, not a number to add: a rerun tops the study up to N (``--n-trials``).
         storage: Optuna RDB URL (default sqlite:///<repo>/runs/optuna/optuna.db).
         study: study name (default <app>-<config stem>).
         timeout: stop starting trials after this many seconds.
         out: folder for trial checkpoints and best.yaml.
-        overrides: fixed override for every trial (``--set trainer.max_epochs=3``, repeatable).
+        overrides: fixed override for every trial (``--set trainer.max_epochs=3``, repeatable); stored in the
+            study: a rerun with other values is refused (start a new study with ``--study NAME``).
         tracking_uri: MLflow store (``--tracking-uri``; default $MLFLOW_TRACKING_URI, else
             <repo>/mlflow/mlflow.db).
         experiment: MLflow experiment (default moekit-<app>-tune).
-        seed: TPE sampler seed.
+        seed: base of the per-trial TPE seeds (default: random in each process); with a seed a
+            single-process sweep is reproducible; no worker or rerun repeats a configuration either way.
         enqueue: Optuna params (JSON) to run first in a new study, e.g. the base config's values:
             ``'{"lr": 0.003, "embed_dim": 8}'`` (repeatable).
         pruner_startup_trials: MedianPruner ``n_startup_trials``.
