@@ -179,7 +179,7 @@ class FinanceTask(L.LightningModule):
         day = int(batch["day"])
         tickers = batch["tickers"].cpu().numpy()  # (N,)
         f = pd.DataFrame({"day": np.full(len(tickers), day), "ticker_id": tickers, "score": score})
-        panel = getattr(getattr(self.trainer, "datamodule", None), "panel", None)
+        panel = getattr(getattr(self._trainer, "datamodule", None), "panel", None)  # None: not attached
         if panel is not None:
             f.insert(0, "date", panel.dates[day])
             f.insert(1, "ticker", np.asarray(panel.tickers)[tickers])
