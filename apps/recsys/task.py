@@ -131,9 +131,10 @@ class MultiTaskRecTask(L.LightningModule):
     cardinalities, numeric count, task names) unless they are given; they are then stored in the
     hyper-parameters, so ``load_from_checkpoint`` rebuilds the same network. The fitted preprocessor's state
     is stored in the checkpoint under ``"preprocessor"``. A task built in Python with a
-    ``functools.partial`` backbone keeps the partial in its hyper-parameters: load its checkpoints with
-    ``weights_only=False`` (``moekit`` does by default); under ``moekit`` the hyper-parameters hold the
-    backbone's config instead.
+    ``functools.partial`` backbone keeps the partial in its hyper-parameters, which
+    ``torch.load(weights_only=True)`` refuses (a pickled callable could run code): restore such a checkpoint
+    with ``load_state_dict`` into a task built the same way. Under ``moekit`` the hyper-parameters hold the
+    backbone's config instead, and every checkpoint is read weights-only.
 
     Args:
         backbone: the multi-gate backbone, injected: ``{class_path: moe_core.multigate.MMoE, init_args:
@@ -337,7 +338,8 @@ class MultiTaskRecTask(L.LightningModule):
         self._epoch_end("test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        """Per-task probabilities ``{task: (B,)}``."""
+        """Per-task probabilities ``{task: (B,)}`` (``moekit recsys predict`` writes them as columns); reads
+        only ``cat`` and ``num``, so unlabelled rows work."""
         probs = torch.sigmoid(self(batch["cat"], batch["num"]).logits.float())
         return {t: probs[:, k] for k, t in enumerate(self.task_names)}
 
