@@ -115,18 +115,38 @@ QUIET_WARNINGS = (
 )
 
 
+PROGRESS_LOGGER = "moekit.progress"
+"""Stage lines of long steps outside the training loop (feature computation, tokenisation), shown as plain
+lines on stderr at the default level; ``MOEKIT_LOG_LEVEL=WARNING`` or higher hides them too."""
+
+
 def _quiet_output(level: int | str) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     _third_party_levels()
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
+    progress = logging.getLogger(PROGRESS_LOGGER)
+    explicit = os.environ.get(LOG_LEVEL_ENV)
+    progress.setLevel(
+        logging.getLevelName(explicit.upper()) if explicit else min(logging.INFO, _level(level))
+    )
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(handler)
+    progress.propagate = False
+
+
+def _level(level: int | str) -> int:
+    return level if isinstance(level, int) else logging.getLevelName(level)
 
 
 def _third_party_levels() -> None:
-    """Give the third-party loggers moekit's level; again after importing them (they set theirs on import)."""
+    """Give the third-party loggers moekit's level and put moekit's warning filters first; again after
+    importing lightning and mlflow (they set their loggers' levels and add warning filters on import)."""
     level = logging.getLogger().level
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def _debug_requested(argv: list[str]) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from apps.finance.features import FIELDS, cached_features
 from apps.finance.processors import RobustZScoreNorm, cs_rank_norm, cs_zscore_norm, fillna
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("moekit.progress")  # stage lines of long steps; the moekit CLI shows them
 
 PANEL_URL = "https://github.com/CNuge/kaggle-code/tree/f1109438d6cfb3ffdaa7d4480437cfbaaedd3236/stock_data/individual_stocks_5yr"
 INDEX_URL = "https://github.com/fja05680/stock_market_calendar/blob/7041e86bf1f3a18c7b0a24a2fbb27031dc1388c5/%5EGSPC.csv"
@@ -304,9 +306,7 @@ class PanelTransform:
     kind: Literal["alpha158", "alpha360"] = "alpha158"
     norm: RobustZScoreNorm | None = None
 
-    def features(
-        self, wide: dict[str, pd.DataFrame], *, cache: bool = False
-    ) -> tuple[np.ndarray, list[str]]:
+    def features(self, wide: dict[str, pd.DataFrame], *, cache: bool = False) -> tuple[np.ndarray, list[str]]:
         """Raw features ``(days, tickers, F)`` float32 and their names; NaN where the close is missing."""
         x, names = cached_features(wide, kind=self.kind, cache=cache)  # (days, tickers, F)
         present = wide["close"].notna().to_numpy()  # (days, tickers)
@@ -456,7 +456,11 @@ class SP500DataModule(L.LightningDataModule):
             warnings.simplefilter("ignore")
             panel = validate_panel(raw, calendar=pd.DatetimeIndex(bench.index), max_move=self.max_move)
         self.panel, self.bench = panel, bench
+        start = time.perf_counter()
+        days, tickers = panel.wide["close"].shape
+        progress.info("finance: %s features for %d days x %d tickers ...", self.kind, days, tickers)
         x, self.feature_names = self.transform.features(panel.wide, cache=self.cache)  # (days, tickers, F)
+        progress.info("finance: features ready (%.1f s)", time.perf_counter() - start)
         if x.shape[-1] != self.num_features:
             raise ValueError(f"expected {self.num_features} features, got {x.shape[-1]}")
         self.split = purged_split(

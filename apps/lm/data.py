@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from apps.datadir import cache_dir, data_dir, require_file
 from apps.lm.tokenizers import fit_tokenizer, tokenizer_from_json
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("moekit.progress")  # stage lines of long steps; the moekit CLI shows them
 
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -102,6 +104,8 @@ def prepare_corpus(
     if (out / "meta.json").is_file():
         return out
     train_text, val_text = split_text(text, val_fraction)
+    start = time.perf_counter()
+    progress.info("lm: tokenising %s (%d chars) with %s into %s ...", text_path, len(text), tokenizer, out)
     # char vocabulary over the whole file (stable ids); BPE fitted on the train part only
     # (datasets/tinyshakespeare.md)
     tok = fit_tokenizer(tokenizer, text if tokenizer == "char" else train_text, vocab_size=bpe_vocab_size)
@@ -111,6 +115,7 @@ def prepare_corpus(
         ids = np.asarray(tok.encode(part), dtype=dtype)
         ids.tofile(out / f"{name}.bin")
         counts[name] = int(ids.size)
+        progress.info("lm: %s split: %d tokens (%.1f s)", name, counts[name], time.perf_counter() - start)
     (out / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
     meta = {"dtype": dtype.name, "vocab_size": tok.vocab_size, "tokens": counts, "source": str(text_path),
             "sha256": digest, "tokenizer": tokenizer, "val_fraction": val_fraction,

@@ -127,3 +127,27 @@ def test_shipped_configs_leave_accelerator_and_keep_logging_and_progress(path: P
 
 def test_configs_found() -> None:
     assert {p.parent.parent.name for p in CONFIGS} == {"recsys", "finance", "lm"}
+
+
+def test_tokenisation_shows_progress_lines(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 200)
+    code = (
+        "import sys; from pathlib import Path; from pipelines.cli import _quiet_output; "
+        "_quiet_output('WARNING'); "
+        "from apps.lm.data import prepare_corpus; "
+        "prepare_corpus(text_path=Path(sys.argv[1]), sha256=None, tokenizer='char', bpe_vocab_size=0, "
+        "val_fraction=0.1, cache=Path(sys.argv[2]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(corpus), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MOEKIT_LOG_LEVEL": ""},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith(f"lm: tokenising {corpus} (8200 chars) with char")
+    assert lines[1].startswith("lm: train split: ") and lines[2].startswith("lm: val split: ")
+    assert "INFO" not in proc.stderr
