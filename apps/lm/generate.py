@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -101,10 +102,11 @@ def load_checkpoint(path: str | Path):
     try:
         task = LMTask.load_from_checkpoint(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))  # torch names the first global it refused
+        detail = f"it names {found.group(1)}" if found else str(e).strip().splitlines()[0]
         raise ValueError(
-            f"checkpoint {p}: refused by torch.load(weights_only=True) "
-            f"({str(e).strip().splitlines()[-1]}); unpickling it could run code from the file, so nothing of "
-            "it was loaded"
+            f"checkpoint {p}: refused by torch.load(weights_only=True): {detail}, outside the allow-list; "
+            "unpickling it could run code from the file, so nothing of it was loaded"
         ) from e
     if task.model is None or task.tokenizer is None:
         raise ValueError(

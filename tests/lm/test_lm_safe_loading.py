@@ -33,7 +33,7 @@ def test_generate_refuses_a_checkpoint_that_runs_code(tmp_path: Path) -> None:
     ckpt = _crafted(
         tmp_path, {"state_dict": {}, "hyper_parameters": {"config": _Evil(marker)}, "lm_tokenizer": "{}"}
     )
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match=r"weights_only=True.*names \w+\.system"):
         commands.generate(["--ckpt", str(ckpt), "--prompt", "a", "--max-new-tokens", "2"])
     assert not marker.exists()
 
