@@ -135,6 +135,13 @@ def _quiet_output(level: int | str) -> None:
     progress.propagate = False
 
 
+def configure_output(*, debug: bool = False) -> None:
+    """What ``moekit`` does to its output, for other moekit programs (``python -m pipelines.demo``): logging
+    at WARNING (``$MOEKIT_LOG_LEVEL``; DEBUG with ``debug``), third-party INFO chatter and the warnings of
+    :data:`QUIET_WARNINGS` off, progress lines on. Call it at start and again after importing lightning."""
+    _quiet_output(logging.DEBUG if debug else os.environ.get(LOG_LEVEL_ENV, "WARNING").upper())
+
+
 def _level(level: int | str) -> int:
     return level if isinstance(level, int) else logging.getLevelName(level)
 
@@ -230,6 +237,8 @@ def _fail(message: str, exc: BaseException, debug: bool, *, hint: bool = True) -
 
 def _dispatch(head: str, rest: list[str]) -> None:
     if head in _tools():
+        if head in ("tune", "register"):  # MLflow's INFO lines at moekit's level (serve and ui keep theirs)
+            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(logging.getLogger().level))
         from pipelines.commands import run_tool
 
         _third_party_levels()
