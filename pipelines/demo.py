@@ -12,7 +12,6 @@ Usage: ``python -m pipelines.demo [--config CFG] [--max-epochs N] [--name NAME]`
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--name", default="moekit-census-home", help="registered model name")
     p.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs")
     a, extra = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from pipelines.cli import configure_output
+
+    configure_output()  # moekit's quiet output: warnings only, no third-party INFO chatter
     run_demo(config=a.config, name=a.name, max_epochs=a.max_epochs, extra_args=extra)
 
 

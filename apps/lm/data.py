@@ -344,3 +344,8 @@ class LMDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         # tiny shakespeare has no test split (datasets/tinyshakespeare.md): test reports the validation split
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """``moekit lm predict`` scores the held-out windows (per-window NLL / perplexity); to continue a
+        prompt use ``moekit lm generate``."""
+        return self.val_dataloader()
