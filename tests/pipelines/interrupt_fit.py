@@ -10,6 +10,7 @@ and sleeps in ``LightningModule.setup`` (a signal before training); ``--no-callb
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 
 import lightning as L
@@ -55,6 +56,11 @@ def main() -> None:
     p.add_argument("--slow-setup", type=float, default=0.0)
     p.add_argument("--no-callback", action="store_true")
     args = p.parse_args()
+    # act like a process started from a terminal: a shell that runs the test suite in the background (nohup,
+    # `cmd &` in CI) starts children with SIGINT ignored, and InterruptCheckpoint rightly leaves ignored
+    # signals alone
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
     x = torch.randn(4000, 4, generator=torch.Generator().manual_seed(0))
     data = TensorDataset(x, x.sum(-1))

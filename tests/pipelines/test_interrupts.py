@@ -59,8 +59,13 @@ def test_signal_during_fit_saves_resumable_last_ckpt_and_exits_128_plus_signum(
     proc = _start(out, log=tmp_path / "fit.log")
     lines = _read_until(proc, r"step 20")
     proc.send_signal(signum)
-    lines += [ln.strip() for ln in proc.stdout]
-    rc = proc.wait(timeout=60)
+    try:
+        rest, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the child did not stop within 90 s of {signum.name}") from None
+    lines += [ln.strip() for ln in rest.splitlines()]
+    rc = proc.returncode
     log = (tmp_path / "fit.log").read_text()
     assert rc == 128 + signum, log[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["last.ckpt"]  # before the first validation's save
@@ -71,8 +76,9 @@ def test_signal_during_fit_saves_resumable_last_ckpt_and_exits_128_plus_signum(
 
     saved = ck["global_step"]
     proc = _start(out, "--resume", "--max-steps", str(saved + 3), log=tmp_path / "resume.log")
-    resumed = [ln.strip() for ln in proc.stdout]
-    assert proc.wait(timeout=120) == 0, (tmp_path / "resume.log").read_text()[-2000:]
+    out_text, _ = proc.communicate(timeout=180)
+    resumed = [ln.strip() for ln in out_text.splitlines()]
+    assert proc.returncode == 0, (tmp_path / "resume.log").read_text()[-2000:]
     assert _steps(resumed) == [saved, saved + 1, saved + 2]
     assert load_checkpoint_file(out / "last.ckpt", app="toy")["global_step"] == saved + 3
 
