@@ -55,7 +55,7 @@ def run_demo(
     t_fit = time.perf_counter() - t0
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    (test,) = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False, weights_only=False)
+    (test,) = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
     # validation metrics of the *best* checkpoint (the last epoch's may be worse)
     (val_best,) = trainer.validate(
         model, datamodule=dm, verbose=False, ckpt_path=best or None, weights_only=False
