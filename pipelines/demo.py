@@ -57,9 +57,7 @@ def run_demo(
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     (test,) = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
     # validation metrics of the *best* checkpoint (the last epoch's may be worse)
-    (val_best,) = trainer.validate(
-        model, datamodule=dm, verbose=False, ckpt_path=best or None, weights_only=False
-    )
+    (val_best,) = trainer.validate(model, datamodule=dm, verbose=False, ckpt_path=best or None)
     val.update({k: float(v) for k, v in val_best.items()})
 
     print("[demo] registering the best model", flush=True)
