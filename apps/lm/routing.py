@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
-from moe_core import losses as _losses
 from moe_core import routers as _routers
-from moe_core.types import RouterOutput
 
 RouterKind = Literal[
     "topk", "noisy_topk", "expert_choice", "top_p", "null_expert", "grouped", "sigmoid_topk", "dts"
@@ -54,7 +51,3 @@ def build_router(kind: RouterKind, *, dim: int, num_experts: int, top_k: int,
         return cls(dim=dim, num_experts=num_experts, **kw)
     return cls(dim=dim, num_experts=num_experts, top_k=top_k, **kw)
 
-
-def z_loss(r: RouterOutput) -> torch.Tensor:
-    """Router z-loss ``mean_t logsumexp(z_t)^2`` (ST-MoE, arXiv 2202.08906)."""
-    return _losses.router_z_loss(r)

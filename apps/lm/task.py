@@ -30,7 +30,7 @@ from torch import nn
 
 from apps.lm.callbacks import RouterBiasUpdate, biased_routers
 from apps.lm.model import LMConfig, LMOutput, TransformerLM, count_parameters, upgrade_state_dict
-from apps.lm.routing import z_loss
+from moe_core.losses import router_z_loss, sum_aux_losses
 from moe_core.stats import routing_stats
 
 
@@ -137,14 +137,11 @@ class LMTask(L.LightningModule):
     def _losses(self, out: LMOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))  # (B*T, V)
         zero = ce.new_zeros(())
-        bal, ent = zero, zero
         routers = self.model.routers_by_name() if out.routings else {}
-        for name, r in out.routings:
-            # the loss the router's paper defines; the N = B*T routed tokens are B sequences (sequence-wise)
-            declared = routers[name].aux_losses(r, batch_size=y.shape[0])
-            bal = bal + declared.get("balance", zero)
-            ent = ent + declared.get("entropy", zero)
-        zl = sum((z_loss(r) for _, r in out.routings), zero)
+        # the loss each router's paper defines; the N = B*T routed tokens are B sequences (sequence-wise)
+        declared = sum_aux_losses(((routers[name], r) for name, r in out.routings), batch_size=y.shape[0])
+        bal, ent = declared.get("balance", zero), declared.get("entropy", zero)
+        zl = sum((router_z_loss(r) for _, r in out.routings), zero)
         loss = ce + self.w_balance * bal + self.w_z * zl + self.w_entropy * ent
         return {"loss": loss, "ce": ce, "balance": bal, "z": zl, "entropy": ent}
 
