@@ -84,7 +84,6 @@ VARIANTS: dict[str, dict] = {
         ffn="moe", num_experts=8, top_k=2, expert_hidden=176, router="top_p", router_kwargs={"threshold": 0.4}
     ),
 }
-EXTRA_LOSS: dict[str, dict] = {}
 
 
 def unigram_entropy(tokens) -> float:
@@ -135,8 +134,7 @@ def run_variant(
         weight_decay=0.1,
         betas=(0.9, 0.99),
         w_balance=0.01,
-        w_z=0.001,
-        **EXTRA_LOSS.get(name, {}),
+        w_z=0.001,  # w_entropy: LMTask's default 1e-4 (the top-p paper's beta; only top-p declares it)
     )
     opt = task.configure_optimizers()["optimizer"]
     loader = dm.train_dataloader()
