@@ -81,6 +81,7 @@ def _grouped_mm_op() -> Callable[..., torch.Tensor] | None:
 
 _GMM = _grouped_mm_op()
 _PROBED: dict[tuple[str, torch.dtype], bool] = {}
+_BACKENDS_SEEN: set[tuple] = set()
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -136,7 +137,10 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     key = (str(device), dtype)
     if key not in _PROBED:
         try:
-            with torch.enable_grad():
+            # the probe needs autograd: leave inference mode / no_grad for it (a probe run during
+            # ``Trainer.validate``/``test`` under ``torch.inference_mode`` used to fail, and its False was
+            # cached for the process: evaluation, then training, silently took a slower backend)
+            with torch.inference_mode(False), torch.enable_grad():
                 a = torch.ones(6, 8, device=device, dtype=dtype, requires_grad=True)
                 b = torch.ones(3, 8, 8, device=device, dtype=dtype, requires_grad=True)
                 offs = torch.tensor([2, 2, 5], device=device, dtype=torch.int32)
@@ -223,6 +227,7 @@ class _ExpertBank(nn.Module):
         self.act = _resolve_activation(activation)
         self.activation = activation
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.last_backend: str | None = None  # the backend the last forward ran (see _note_backend)
 
     def _weights3d(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
@@ -290,11 +295,24 @@ class _ExpertBank(nn.Module):
             return self._zeros_connected(x, weights)
         pairs = _sort_pairs(indices, weights.to(x.dtype), mask, e)
         backend, counts_host = self._select_backend(x, pairs.counts)
+        self._note_backend(backend, x)
         if backend == "grouped_mm":
             return self._forward_grouped_mm(x, pairs, masked=mask is not None)
         if backend == "padded":
             return self._forward_padded(x, pairs, counts_host)
         return self._forward_loop(x, pairs, counts_host)
+
+    def _note_backend(self, backend: str, x: torch.Tensor) -> None:
+        """Record the backend that ran (``last_backend``) and log each new (backend, device, dtype, grad mode)
+        once at INFO on ``moe_core.experts``, so that a run can tell which dispatch path it took."""
+        key = (backend, x.device.type, x.dtype, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        self.last_backend = backend
+        if key not in _BACKENDS_SEEN:
+            _BACKENDS_SEEN.add(key)
+            log.info(
+                "expert dispatch: backend %s (requested %s) on %s/%s, grad %s, inference mode %s",
+                backend, self.backend, *key[1:],
+            )  # fmt: skip
 
     def _zeros_connected(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` zeros that keep the graph connected, so every parameter gets a (zero) gradient."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import moe_core.experts as experts_mod
 from moe_core.experts import MLPExperts, SwiGLUExperts, grouped_mm_works
 from moe_core.reference import mlp_expert_fn, reference_moe, swiglu_expert_fn
 
@@ -275,3 +277,23 @@ def test_contiguous_grad_wrapper_fixes_stride0_backward():
     torch.cat([a2[:2] @ b2[0], a2[2:] @ b2[2]]).sum().backward()
     torch.testing.assert_close(a.grad, a2.grad)
     torch.testing.assert_close(b.grad, b2.grad)
+
+
+@pytest.mark.skipif(experts_mod._GMM is None, reason="this torch has no grouped_mm kernel")
+def test_inference_mode_takes_the_grouped_mm_path_and_records_it(monkeypatch, caplog):
+    """Issue 17: the grouped_mm probe ran backward under ``torch.inference_mode`` (Trainer.validate/test),
+    failed, and cached False for the process: evaluation silently fell back to the loop backend."""
+    monkeypatch.setattr(experts_mod, "_PROBED", {})  # as in a fresh process whose first forward is an eval
+    monkeypatch.setattr(experts_mod, "_BACKENDS_SEEN", set())
+    torch.manual_seed(0)
+    bank = SwiGLUExperts(num_experts=8, dim=32, hidden_dim=16)  # auto
+    x = torch.randn(64, 32)
+    idx = torch.stack([torch.randint(0, 2, (64,)), torch.randint(2, 4, (64,))], 1)  # skewed: not padded
+    w = torch.rand(64, 2)
+    with caplog.at_level(logging.INFO, logger="moe_core.experts"), torch.inference_mode():
+        y = bank(x, idx, w)
+    assert bank.last_backend == "grouped_mm"
+    assert "backend grouped_mm" in caplog.text and "inference mode True" in caplog.text
+    ref = SwiGLUExperts(num_experts=8, dim=32, hidden_dim=16, backend="loop")
+    ref.load_state_dict(bank.state_dict())
+    torch.testing.assert_close(y, ref(x, idx, w).detach(), rtol=1e-5, atol=1e-6)
