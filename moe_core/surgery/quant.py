@@ -10,10 +10,19 @@ reading [D]::
     W_8 = s * q
 
 Per-expert bit widths come from usage frequencies with a greedy budget planner [D].
+
+Dual routing [P: the paper's title and abstract name it; the rule is our reading, D]: besides the router's
+expert choice, each (token, expert) pair gets its own bit width from its combine weight:
+``bits = candidates[#{thresholds <= weight}]`` (:func:`bits_from_weights`), capped by the planes of that
+expert that are loaded; :class:`DualRoutedQuantExperts` computes each pair at its width from the one nested
+code. HEBF [P: abstract]: :func:`hebf_load_order` orders bit-planes coarse-first, hottest expert first within
+a plane; :func:`simulate_loading` replays an order through a one-queue I/O + one-queue compute pipeline and
+reports the compute stall (the "bubbles" HEBF minimises) and the peak resident bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -256,15 +265,178 @@ def choose_bits(
     return torch.tensor([cands[lv] for lv in level], dtype=torch.long)
 
 
-def hebf_load_order(bits: list[torch.Tensor], usage: list[torch.Tensor]) -> list[tuple[int, int, int]]:
-    """Hottest-expert-bit-first load order: ``(layer, expert, bit_plane)`` sorted so that every expert's
-    high planes (coarse model) come before any expert's low planes, hottest experts first within a plane.
+def hebf_load_order(
+    bits: list[torch.Tensor], usage: list[torch.Tensor], *, layerwise: bool = False
+) -> list[tuple[int, int, int]]:
+    """Hottest-expert-bit-first load order of ``(layer, expert, bit_plane)`` triples.
+
+    Args:
+        bits: per layer ``(E,)`` planes to load per expert.
+        usage: per layer ``(E,)`` hotness (tokens routed, usage frequency).
+        layerwise: False (whole-model preload): every expert's high planes (coarse model) before any
+            expert's low planes, hottest experts first within a plane. True (the per-layer I/O pipeline of
+            decoding): layer by layer, and within a layer the hottest expert's planes first, so its long
+            compute overlaps the loading of colder experts.
     """
     items = []
     for layer, (b, u) in enumerate(zip(bits, usage)):
         for e in range(b.numel()):
             for plane in range(int(b[e])):
-                items.append((plane, -float(u[e]), layer, e))
+                key = (layer, -float(u[e]), e, plane) if layerwise else (plane, -float(u[e]), layer, e)
+                items.append((key, (layer, e, plane)))
     items.sort()
-    return [(layer, e, plane) for plane, _, layer, e in items]
+    return [triple for _, triple in items]
 
+
+def bits_from_weights(
+    weights: torch.Tensor, *, thresholds: Sequence[float], candidates: Sequence[int]
+) -> torch.Tensor:
+    """Dual routing's second decision: a bit width per (token, expert) pair from its combine weight [D].
+
+    Args:
+        weights: ``(N, K)`` combine weights of the selected experts.
+        thresholds: ascending weight thresholds, ``len(candidates) - 1`` of them.
+        candidates: ascending widths; a pair with weight ``w`` gets ``candidates[#{t <= w}]``.
+
+    Returns:
+        ``(N, K)`` long widths.
+    """
+    if len(thresholds) != len(candidates) - 1:
+        raise ValueError(f"need len(candidates) - 1 thresholds, got {len(thresholds)} for {len(candidates)}")
+    if list(thresholds) != sorted(thresholds) or list(candidates) != sorted(candidates):
+        raise ValueError(f"thresholds {thresholds} and candidates {candidates} must be ascending")
+    for b in candidates:
+        _check_bits(b)
+    th = torch.tensor(list(thresholds), dtype=torch.float32, device=weights.device)
+    level = torch.bucketize(weights.float().contiguous(), th, right=True)  # (N, K) number of t <= w
+    return torch.tensor(list(candidates), dtype=torch.long, device=weights.device)[level]
+
+
+class DualRoutedQuantExperts(NestedQuantExperts):
+    """Nested-INT8 bank with dual routing: each (token, expert) pair runs at its own bit width.
+
+    ``self.bits`` (``(E,)``) is the number of planes loaded per expert (a pair never uses more);
+    the pair's requested width comes from :func:`bits_from_weights`. With one candidate, every pair runs at
+    ``min(candidate, bits[e])`` — the static plan.
+
+    Args:
+        gate, up, down, bits, group_size, act: as :class:`NestedQuantExperts`.
+        thresholds, candidates: the dual-routing rule (see :func:`bits_from_weights`).
+    """
+
+    def __init__(
+        self,
+        *,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        thresholds: Sequence[float] = (0.5,),
+        candidates: Sequence[int] = (4, 8),
+        bits: int | torch.Tensor = 8,
+        group_size: int | None = None,
+        act=None,
+    ) -> None:
+        super().__init__(gate=gate, up=up, down=down, bits=bits, group_size=group_size, act=act)
+        self.set_rule(thresholds=thresholds, candidates=candidates)
+
+    def set_rule(self, *, thresholds: Sequence[float], candidates: Sequence[int]) -> None:
+        """Change the dual-routing rule (validated on a dummy weight)."""
+        bits_from_weights(torch.zeros(1, 1), thresholds=thresholds, candidates=candidates)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.candidates = tuple(int(c) for c in candidates)
+
+    def pair_bits(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``(N, K)`` width each pair runs at: the rule's width capped by the expert's loaded planes."""
+        want = bits_from_weights(weights, thresholds=self.thresholds, candidates=self.candidates)
+        return torch.minimum(want, self.bits.to(indices.device)[indices])
+
+    def _expert_at(self, e: int, bits: int) -> ExpertWeightsT:
+        out = []
+        for n in ("gate", "up", "down"):
+            codes, scale = getattr(self, f"{n}_codes")[e], getattr(self, f"{n}_scale")[e]
+            out.append(NestedInt8(codes, scale, self.shapes[n][1:]).dequantize(bits).to(self.dtype))
+        return out[0], out[1], out[2]
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        n, k = indices.shape
+        bits = self.pair_bits(indices, weights).reshape(-1)  # (N*K,)
+        flat = indices.reshape(-1)  # (N*K,)
+        w = weights.reshape(-1).to(x.dtype)  # (N*K,)
+        tok = torch.arange(n, device=x.device).repeat_interleave(k)  # (N*K,)
+        keep = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.reshape(-1)
+        out = x.new_zeros(n, x.shape[-1])
+        key = flat * 16 + bits  # one group per (expert, width)
+        for kk in torch.unique(key[keep]).tolist():
+            e, b = divmod(int(kk), 16)
+            sel = keep & (key == kk)
+            g, u, d = self._expert_at(e, b)
+            xe = x[tok[sel]]  # (P, D)
+            ye = (self.act_fn(xe @ g) * (xe @ u)) @ d  # (P, D)
+            out.index_add_(0, tok[sel], ye * w[sel, None])
+        return out
+
+
+def dual_routing_bytes(
+    pair_bits: torch.Tensor, indices: torch.Tensor, *, num_experts: int, expert_numel: int
+) -> dict[str, float]:
+    """Memory and compute-precision summary of one batch under dual routing.
+
+    Args:
+        pair_bits: ``(N, K)`` widths the pairs ran at; indices: ``(N, K)`` their experts.
+        num_experts: E; expert_numel: weights per expert.
+
+    Returns:
+        ``resident_bytes``: codes that must be loaded (each expert up to the widest pair that used it; unused
+        experts load nothing); ``mean_pair_bits``: average width over pairs.
+    """
+    need = torch.zeros(num_experts, dtype=torch.long, device=indices.device)
+    need.scatter_reduce_(0, indices.reshape(-1), pair_bits.reshape(-1), reduce="amax")
+    resident = sum((expert_numel * int(b) + 7) // 8 for b in need.tolist())
+    return {"resident_bytes": float(resident), "mean_pair_bits": float(pair_bits.float().mean())}
+
+
+def simulate_loading(
+    order: Sequence[tuple[int, int, int]],
+    *,
+    plane_seconds: float,
+    compute_seconds: dict[tuple[int, int], float],
+    needed: dict[tuple[int, int], int],
+) -> dict[str, float]:
+    """Replay a bit-plane load order through one I/O queue and one compute queue [D].
+
+    Loads run back to back in ``order`` (``plane_seconds`` each; planes not in ``needed`` are skipped, they
+    cost nothing). An expert ``(layer, e)`` can compute once its first ``needed[(layer, e)]`` planes are
+    loaded and every expert of earlier layers has finished; the compute queue takes ready experts in the
+    order they became ready and runs each for ``compute_seconds[(layer, e)]`` (e.g. proportional to its
+    tokens: hot experts compute longest, which is why HEBF loads them first).
+
+    Returns:
+        ``finish_seconds`` (makespan) and ``stall_seconds`` (compute idle while waiting for I/O).
+    """
+    loaded_at: dict[tuple[int, int, int], float] = {}
+    t_io = 0.0
+    for layer, e, plane in order:
+        if plane < needed.get((layer, e), 0) and (layer, e, plane) not in loaded_at:
+            t_io += plane_seconds
+            loaded_at[(layer, e, plane)] = t_io
+    ready = {}
+    for (layer, e), nb in needed.items():
+        missing = [p for p in range(nb) if (layer, e, p) not in loaded_at]
+        if missing:
+            raise ValueError(f"order never loads plane {missing[0]} that expert ({layer}, {e}) needs")
+        ready[(layer, e)] = max((loaded_at[(layer, e, p)] for p in range(nb)), default=0.0)
+    t, stall = 0.0, 0.0
+    for layer in sorted({lay for lay, _ in needed}):
+        for key in sorted((k for k in needed if k[0] == layer), key=lambda k: (ready[k], k)):
+            if ready[key] > t:
+                stall += ready[key] - t
+                t = ready[key]
+            t += compute_seconds[key]
+    return {"finish_seconds": t, "stall_seconds": stall}
+
+
+def expert_order(bits: list[torch.Tensor]) -> list[tuple[int, int, int]]:
+    """Baseline load order: layer by layer, expert by expert, all of an expert's planes together."""
+    return [(layer, e, p) for layer, b in enumerate(bits) for e in range(b.numel()) for p in range(int(b[e]))]

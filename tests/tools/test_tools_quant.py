@@ -133,3 +133,98 @@ def test_expert_errors_fall_with_bits():
     q = NestedQuantExperts(gate=ref[0], up=ref[1], down=ref[2])
     err = q.expert_errors((2, 4, 8), reference=ref)
     assert err.shape == (3, 3) and (err[:, :-1] > err[:, 1:]).all()
+
+
+# ---- dual routing (per-pair bit widths) and the HEBF pipeline
+
+
+def _bank_weights(e=4, d=16, h=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(e, d, h, generator=g) * 0.3,
+        torch.randn(e, d, h, generator=g) * 0.3,
+        torch.randn(e, h, d, generator=g) * 0.3,
+    )
+
+
+def test_bits_from_weights_thresholds():
+    from moe_core.surgery.quant import bits_from_weights
+
+    w = torch.tensor([[0.1, 0.3], [0.5, 0.9]])
+    got = bits_from_weights(w, thresholds=(0.3, 0.6), candidates=(2, 4, 8))
+    assert got.tolist() == [[2, 4], [4, 8]]
+    with pytest.raises(ValueError, match="thresholds"):
+        bits_from_weights(w, thresholds=(0.3,), candidates=(2, 4, 8))
+
+
+def test_dual_routing_matches_per_pair_dense_oracle():
+    from moe_core.surgery.quant import DualRoutedQuantExperts, bits_from_weights
+
+    gate, up, down = _bank_weights()
+    bank = DualRoutedQuantExperts(
+        gate=gate, up=up, down=down, thresholds=(0.5,), candidates=(3, 8), bits=torch.tensor([8, 8, 2, 8])
+    )
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 16, generator=g)
+    probs = torch.randn(10, 4, generator=g).softmax(-1)
+    w, idx = probs.topk(2, -1)
+    w = w / w.sum(-1, keepdim=True)
+    got = bank(x, idx, w)
+    want_bits = torch.minimum(bits_from_weights(w, thresholds=(0.5,), candidates=(3, 8)), bank.bits[idx])
+    codes = {n: quantize_nested(t) for n, t in (("g", gate), ("u", up), ("d", down))}
+    want = torch.zeros_like(x)
+    for t in range(10):  # loop oracle: each pair at its own width
+        for k in range(2):
+            e, b = int(idx[t, k]), int(want_bits[t, k])
+            ge, ue, de = (codes[n].dequantize(b)[e] for n in ("g", "u", "d"))
+            want[t] += w[t, k] * ((torch.nn.functional.silu(x[t] @ ge) * (x[t] @ ue)) @ de)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert (want_bits[idx == 2] <= 2).all() and (want_bits == 3).any() and (want_bits == 8).any()
+
+
+def test_dual_routing_with_one_candidate_equals_static_plan():
+    from moe_core.surgery.quant import DualRoutedQuantExperts
+
+    gate, up, down = _bank_weights(seed=2)
+    static = NestedQuantExperts(gate=gate, up=up, down=down, bits=4)
+    dual = DualRoutedQuantExperts(gate=gate, up=up, down=down, thresholds=(), candidates=(4,), bits=8)
+    x = torch.randn(12, 16)
+    w, idx = torch.randn(12, 4).softmax(-1).topk(2, -1)
+    assert torch.allclose(dual(x, idx, w), static(x, idx, w), atol=1e-6)
+
+
+def test_dual_routing_bytes_counts_widest_pair_per_used_expert():
+    from moe_core.surgery.quant import dual_routing_bytes
+
+    idx = torch.tensor([[0, 1], [0, 2]])
+    bits = torch.tensor([[2, 8], [4, 2]])
+    got = dual_routing_bytes(bits, idx, num_experts=4, expert_numel=100)
+    assert got["resident_bytes"] == (4 + 8 + 2) * 100 / 8  # expert 3 unused: nothing loaded
+    assert got["mean_pair_bits"] == 4.0
+
+
+def test_hebf_layerwise_order_and_pipeline_beats_cold_first():
+    from moe_core.surgery.quant import expert_order, simulate_loading
+
+    bits = [torch.tensor([2, 2, 2])]
+    usage = [torch.tensor([1.0, 10.0, 3.0])]
+    order = hebf_load_order(bits, usage, layerwise=True)
+    assert order == [(0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (0, 0, 0), (0, 0, 1)]
+    needed = {(0, e): 2 for e in range(3)}
+    compute = {(0, e): 0.5 * float(usage[0][e]) for e in range(3)}  # compute time ~ tokens routed
+    hebf = simulate_loading(order, plane_seconds=1.0, compute_seconds=compute, needed=needed)
+    cold = simulate_loading(
+        hebf_load_order(bits, [-usage[0]], layerwise=True),
+        plane_seconds=1.0,
+        compute_seconds=compute,
+        needed=needed,
+    )
+    # hottest first: loads 2 s, then 5 s of compute overlaps the remaining 4 s of loads; 1.5 + 0.5 after
+    assert hebf["finish_seconds"] == pytest.approx(2 + 5 + 1.5 + 0.5)
+    # coldest first: the hot expert's planes arrive last (t = 6) and its 5 s of compute run after them
+    assert cold["finish_seconds"] == pytest.approx(6 + 5)
+    assert hebf["stall_seconds"] < cold["stall_seconds"]
+    naive = simulate_loading(expert_order(bits), plane_seconds=1.0, compute_seconds=compute, needed=needed)
+    assert naive["finish_seconds"] >= hebf["finish_seconds"]
+    with pytest.raises(ValueError, match="never loads"):
+        simulate_loading(order[:3], plane_seconds=1.0, compute_seconds=compute, needed=needed)
