@@ -1,14 +1,17 @@
 """The MLflow pyfunc of every moekit model, logged as "model from code" (MLflow 3: a file, not a pickle of a
 ``__main__`` instance).
 
-The model's artifacts hold ``predictor``, a pickled predictor built by the app (``MoekitApp.build_predictor``,
-:mod:`pipelines.apps`): the trained network plus its data module's fitted transform, taking raw inputs. Bad
-input raises an ``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which ``mlflow models serve`` answers
-with HTTP 400 and the message, and keeps serving.
+The model's artifacts hold ``predictor``, a folder with the predictor built by the app
+(``MoekitApp.build_predictor``, :mod:`pipelines.apps`) as ``predictor.safetensors`` + ``predictor.json``
+(:mod:`pipelines.portable`; no pickle, nothing in the files runs as code): the trained network plus its
+data module's fitted transform, taking raw inputs. Bad input raises an ``MlflowException`` with
+``INVALID_PARAMETER_VALUE``, which ``mlflow models serve`` answers with HTTP 400 and the message, and keeps
+serving.
 
-This file imports only mlflow, pandas and torch: the code the pickled predictor needs (``apps``, ``moe_core``,
-an out-of-tree app module) is in the model's ``code/`` folder (``code_paths``, :mod:`pipelines.registry`),
-which MLflow puts on ``sys.path`` before this file runs, so the model loads where moekit is not installed.
+This file imports only mlflow, pandas and torch: the code the predictor needs (``apps``, ``moe_core``, an
+out-of-tree app module, ``pipelines.portable`` to read it) is in the model's ``code/`` folder
+(``code_paths``, :mod:`pipelines.registry`), which MLflow puts on ``sys.path`` before this file runs, so the
+model loads where moekit is not installed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ class MoekitPyfunc(PythonModel):
 
     def load_context(self, context) -> None:
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-        self.predictor = torch.load(context.artifacts["predictor"], map_location="cpu", weights_only=False)
+        from pipelines.portable import load_portable  # from the model's code/ folder
+
+        packages = (context.model_config or {}).get("packages", [])
+        self.predictor = load_portable(context.artifacts["predictor"], extra_packages=packages)
 
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, dict):

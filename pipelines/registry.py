@@ -6,11 +6,13 @@ preprocessing (raw inputs in, predictions out), with a signature and an input ex
 * lm: a prompt -> generated text.
 
 The pyfunc is :mod:`pipelines.pyfunc_model` logged as "model from code"; its ``predictor`` artifact is built
-by the app (``MoekitApp.build_predictor``, :mod:`pipelines.apps`).
+by the app (``MoekitApp.build_predictor``, :mod:`pipelines.apps`) and stored as tensors (safetensors) plus
+JSON by :mod:`pipelines.portable`, never as a pickle.
 
-A registered model works outside this repository: the source of every local package the pickled predictor
-needs (its classes' modules and, transitively, what those import at module level: ``apps``, ``moe_core``, an
-out-of-tree app module) travels in the model as ``code_paths``, and its pip requirements are the packages that
+A registered model works outside this repository: the source of every local package the predictor needs (the
+modules of the classes and functions its JSON names and, transitively, what those import at module level:
+``apps``, ``moe_core``, an out-of-tree app module, and ``pipelines`` for the reader) travels in the model as
+``code_paths``, and its pip requirements are the packages that
 code imports (torch, lightning, pandas, numpy, mlflow, ...), pinned to the installed versions without local
 suffixes (``torch==2.13.0``, never ``2.13.0+cpu``), so they install from a public index. moekit itself is
 never a requirement.
@@ -30,21 +32,21 @@ import ast
 import importlib.metadata as md
 import importlib.util
 import logging
-import pickletools
 import shutil
 import sys
 import sysconfig
 import tempfile
-import zipfile
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pandas as pd
-import torch
 
+from pipelines import portable
 from pipelines.apps import Predictor, get_app
+from pipelines.portable import save_portable
 from pipelines.tracking import (
     RUN_ID_KEY,
     checkpoint_run_id,
@@ -57,30 +59,14 @@ from pipelines.tracking import (
 log = logging.getLogger(__name__)
 
 PYFUNC_FILE = Path(__file__).resolve().parent / "pyfunc_model.py"
-BASE_REQUIREMENTS = ("mlflow", "torch", "pandas", "numpy")
-"""Distributions every registered model needs (the pyfunc file imports mlflow, torch and pandas)."""
+BASE_REQUIREMENTS = ("mlflow", "torch", "pandas", "numpy", "safetensors")
+"""Distributions every registered model needs (the pyfunc file imports mlflow, torch and pandas; the
+predictor is read back with safetensors)."""
 
 __all__ = ["RUN_ID_KEY", "bundle_code", "log_predictor", "register_trained", "requirements_for"]
 
 
 # -- the code a predictor needs ------------------------------------------------------------------------------
-def pickled_modules(path: str | Path) -> set[str]:
-    """Modules named by the globals of a ``torch.save`` file (protocol 2: ``GLOBAL "module name"``)."""
-    out: set[str] = set()
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            if not info.filename.endswith(".pkl"):
-                continue
-            for op, arg, _ in pickletools.genops(zf.read(info)):
-                if op.name == "GLOBAL":
-                    out.add(str(arg).split(" ", 1)[0])
-                elif op.name == "STACK_GLOBAL":
-                    raise ValueError(
-                        f"{path}: protocol >= 4 pickle; save it with torch.save's default protocol"
-                    )
-    return out
-
-
 def _installed_roots() -> list[Path]:
     paths = sysconfig.get_paths()
     roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
@@ -259,7 +245,12 @@ def log_predictor(
     from mlflow.models import infer_signature
 
     output = predictor.predict(example.copy())
-    signature = infer_signature(example, output, params=dict(params) if params else None)
+    with warnings.catch_warnings():
+        # MLflow's hint that integer columns cannot hold missing values: moekit's request check answers a
+        # missing or fractional value in an integer column with a 400 naming the column, so the hint (with its
+        # raw colour codes) is nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*[Ii]nferred schema contains integer column")
+        signature = infer_signature(example, output, params=dict(params) if params else None)
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     if run_id is None:
@@ -270,15 +261,18 @@ def log_predictor(
         run_id = run.info.run_id
     status = client.get_run(run_id).info.status
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "predictor.pt"
-        torch.save(predictor, path)
-        code_paths, requirements = bundle_code(pickled_modules(path), Path(tmp) / "code")
+        folder = Path(tmp) / "predictor"
+        _, _, modules = save_portable(predictor, folder)
+        # the pyfunc rebuilds the predictor with pipelines.portable: it travels with the code it names
+        code_paths, requirements = bundle_code({*modules, portable.__name__}, Path(tmp) / "code")
+        packages = sorted({m.split(".")[0] for m in modules} - {"torch", "math", "builtins"})
         # start_run(run_id=...) reopens the run and ends it FINISHED: give it back the status it had
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_FILE),
-                artifacts={"predictor": str(path)},
+                artifacts={"predictor": str(folder)},
+                model_config={"packages": packages},
                 code_paths=code_paths,
                 signature=signature,
                 input_example=example,

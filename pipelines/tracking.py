@@ -122,8 +122,8 @@ def checkpoint_run_id(
     ``ckpt_path`` may be a file or ``"last"`` (``<run_dir>/last.ckpt``); Lightning's other keywords (``best``,
     ``hpc``) and missing files give None. Only that key is read: the file is opened with
     ``torch.load(weights_only=True, mmap=True)``, so an untrusted pickle runs nothing; a checkpoint that only
-    loads with ``weights_only=False`` (Python objects of an app) is read through the same restricted unpickler
-    with those objects replaced by placeholders.
+    names Python objects of an app has them replaced by inert placeholders, still read by torch's weights-only
+    unpickler.
     """
     if ckpt_path is None:
         return None
@@ -141,49 +141,26 @@ def checkpoint_run_id(
     return str(run_id) if run_id else None
 
 
-def _load_placeholders(path: Path) -> Any:
-    """``torch.load`` of a checkpoint where every global outside torch's weights-only allow-list becomes an
-    inert placeholder (nothing is imported or called; the allow-list is torch's own)."""
-    import pickle
+class _Placeholder:
+    """Stands in for any global a checkpoint names outside the allow-list: takes any arguments and state,
+    does nothing (it is all ``checkpoint_run_id`` needs: the run id is a plain string beside them)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _load_placeholders(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint where every global outside torch's weights-only
+    allow-list is mapped to the inert :class:`_Placeholder` (``safe_globals`` with ``(class, name)`` pairs):
+    nothing named by the file is imported or called, and torch's own weights-only unpickler reads it."""
     import torch
 
-    class _Placeholder:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def __setstate__(self, state: Any) -> None:
-            pass
-
-        def __setitem__(self, key: Any, value: Any) -> None:
-            pass
-
-        def append(self, value: Any) -> None:
-            pass
-
-        def extend(self, values: Any) -> None:
-            pass
-
-    from torch import _weights_only_unpickler as wou
-
-    # exactly what torch.load(weights_only=True) would accept; everything else is a placeholder
-    allowed = {**wou._get_allowed_globals(), **wou._get_user_allowed_globals()}
-
-    class _Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            return allowed.get(f"{module}.{name}", _Placeholder)
-
-    class _Module:  # torch.load's pickle_module protocol
-        Unpickler = _Unpickler
-
-        @staticmethod
-        def load(f: Any, **kw: Any) -> Any:
-            return _Unpickler(f, **kw).load()
-
-    try:
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    with torch.serialization.safe_globals([(_Placeholder, n) for n in names]):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_Module)
 
 
 _OPEN_LOGGERS: weakref.WeakSet[MoekitMLFlowLogger] = weakref.WeakSet()

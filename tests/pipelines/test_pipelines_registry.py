@@ -48,6 +48,12 @@ def test_registry_round_trip_matches_in_process_model(
     # a model that skipped preprocessing would be far off: guard that the check can fail
     assert np.abs(expected - 0.5).max() > 0.1
 
+    # stored as safetensors + JSON: no pickle anywhere in the model's artifacts (issue 14)
+    local = Path(mlflow.artifacts.download_artifacts("models:/toy-model/1", dst_path=str(tmp_path / "dl")))
+    stored = {p.name for p in (local / "artifacts" / "predictor").iterdir()}
+    assert stored == {"predictor.json", "predictor.safetensors"}
+    assert not [p for p in local.rglob("*") if p.suffix in (".pt", ".pkl", ".pickle", ".ckpt")]
+
     sig = loaded.metadata.get_input_schema()
     assert sig.input_names() == ["x0", "x1", "x2", "x3"]
     with pytest.raises(mlflow.exceptions.MlflowException, match="x3"):

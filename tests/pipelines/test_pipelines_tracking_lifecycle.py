@@ -138,23 +138,33 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+class _AppObject:
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+
 class _EvilTorch(_Evil):
     def __reduce__(self):  # noqa: ANN204 - a torch function is no more allowed than any other
         return (torch.save, ({}, str(self.marker)))
 
 
 def test_run_id_is_read_without_running_the_checkpoint_pickle(tmp_path: Path) -> None:
-    """A checkpoint holding Python objects (as the apps' do) gives its run id; a hostile one runs nothing."""
+    """A checkpoint holding Python objects (as the apps' do) gives its run id through torch's weights-only
+    unpickler with the objects replaced by placeholders; a hostile one runs nothing."""
     marker = tmp_path / "ran"
     ckpt = {
         "state_dict": {"w": torch.ones(2)},
         RUN_ID_KEY: "abc123",
-        "obj": _Evil(marker),
-        "obj2": _EvilTorch(tmp_path / "ran2"),
+        "obj": _AppObject(3),
+        "obj2": _EvilTorch(tmp_path / "ran2"),  # a torch function: replaced, not called
     }
     torch.save(ckpt, tmp_path / "x.ckpt")
     assert checkpoint_run_id(tmp_path / "x.ckpt") == "abc123"
-    assert not marker.exists() and not (tmp_path / "ran2").exists()
+    assert not (tmp_path / "ran2").exists()
+    # os.system is in a module torch blocks outright: no run id, and nothing ran
+    torch.save({**ckpt, "obj3": _Evil(marker)}, tmp_path / "evil.ckpt")
+    assert checkpoint_run_id(tmp_path / "evil.ckpt") is None
+    assert not marker.exists()
     torch.save({"state_dict": {}}, tmp_path / "old.ckpt")
     assert checkpoint_run_id(tmp_path / "old.ckpt") is None  # written before run ids were stored
     assert checkpoint_run_id("best", tmp_path) is None
