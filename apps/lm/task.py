@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.lm.callbacks import RouterBiasUpdate, biased_routers
+from apps.lm.data import IGNORE_INDEX
 from apps.lm.model import LMConfig, LMOutput, TransformerLM, count_parameters, upgrade_state_dict
 from moe_core.losses import router_z_loss, sum_aux_losses
 from moe_core.stats import routing_stats
@@ -89,6 +90,11 @@ class LMTask(L.LightningModule):
         )
         self.tokenizer = None
         self._t0: float | None = None
+        # per token id: (bytes, word starts inside, first byte non-space, last byte space); see
+        # apps.lm.tokenizers.token_byte_table. Not persistent: rebuilt from the tokenizer.
+        self.register_buffer("token_table", None, persistent=False)
+        self.word_ppl = False
+        self._acc: dict[str, torch.Tensor] = {}
 
     # -- model construction linked to the data
     # ----------------------------------------------------------------
@@ -98,6 +104,10 @@ class LMTask(L.LightningModule):
             return
         vocab = dm.vocab_size
         self.tokenizer = getattr(dm, "tokenizer", None)
+        table = getattr(dm, "token_table", None)
+        if table is not None:
+            self.token_table = table.to(self.device)
+        self.word_ppl = bool(getattr(dm, "word_ppl", False))
         if self.config.vocab_size is None:
             self.config = dataclasses.replace(self.config, vocab_size=vocab)
             self.hparams["config"] = self.config  # checkpoints carry the resolved vocabulary size
@@ -174,11 +184,65 @@ class LMTask(L.LightningModule):
                     for e, x in enumerate(v.tolist()):
                         self.log(f"routing/{stage}/{name}/{key}_e{e}", x)
 
+    # -- evaluation: exact per-token loss, bits per byte, word-level perplexity from summed counts
+    def _table(self) -> torch.Tensor | None:
+        if self.token_table is None and self.tokenizer is not None:
+            from apps.lm.tokenizers import token_byte_table
+
+            table = torch.tensor(token_byte_table(self.tokenizer), dtype=torch.long)  # (V, 4)
+            self.token_table = table.to(self.device)
+        return self.token_table
+
+    def _eval_sums(self, out: LMOutput, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``[summed nll of scored targets, scored targets, their UTF-8 bytes, words they start]`` (float64).
+
+        Targets equal to ``apps.lm.data.IGNORE_INDEX`` (context-only positions of a sliding window) are not
+        scored. Bytes and words come from the token table: a target starts a word inside itself, or at its
+        first byte when that byte is not whitespace and the previous token (its input ``x``) ends in
+        whitespace.
+        """
+        logits = out.logits.float()  # (B, T, V)
+        nll = F.cross_entropy(
+            logits.transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, T)
+        scored = y != IGNORE_INDEX  # (B, T)
+        sums = [nll.sum(), scored.sum()]
+        table = self._table()
+        if table is not None:
+            t = table[y.clamp_min(0)] * scored[..., None]  # (B, T, 4)
+            prev_space = table[x][..., 3]  # (B, T) the previous token ends in whitespace
+            sums += [t[..., 0].sum(), (t[..., 1] + t[..., 2] * prev_space).sum()]
+        else:
+            sums += [nll.new_zeros(()), nll.new_zeros(())]
+        return torch.stack([v.to(torch.float64) for v in sums])
+
+    def _eval_start(self, stage: str) -> None:
+        self._acc[stage] = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    def _eval_end(self, stage: str) -> None:
+        acc = self._acc.pop(stage, None)
+        if acc is None:
+            return
+        if self._trainer is not None:
+            acc = self.trainer.strategy.reduce(acc, reduce_op="sum")  # (4,) over ranks
+        nll, tokens, nbytes, words = acc.tolist()
+        if tokens <= 0:
+            return
+        metrics = eval_metrics(nll, tokens, nbytes, words if self.word_ppl else 0.0)
+        for k, v in metrics.items():
+            self.log(f"{stage}/{k}", v, prog_bar=k in ("loss", "bpb"), sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         out = self(x)
-        terms = self._losses(out, y)
-        self.log("val/loss", terms["ce"], on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        self._acc["val"] += self._eval_sums(out, x, y)
+        terms = self._losses(out, y.clamp_min(0))
         self.log("val/balance", terms["balance"], on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         for name, r in out.routings:
             self.log(
@@ -190,14 +254,14 @@ class LMTask(L.LightningModule):
             )
 
     def on_validation_epoch_end(self) -> None:
-        v = self.trainer.callback_metrics.get("val/loss")
-        if v is not None:
-            self.log("val/ppl", torch.exp(v.detach().float()), sync_dist=False)
+        self._eval_end("val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        ce = self._losses(self(x), y)["ce"]
-        self.log("test/loss", ce, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        self._acc["test"] += self._eval_sums(self(x), x, y)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
 
     # -- predict: ``moekit lm predict`` scores held-out text; ``moekit lm generate`` continues a prompt
     @torch.no_grad()
@@ -207,12 +271,11 @@ class LMTask(L.LightningModule):
         ``moekit lm generate``."""
         x, y = batch if isinstance(batch, list | tuple) else (batch[:, :-1], batch[:, 1:])  # (B, T)
         logits = self(x).logits.float()  # (B, T, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(-1)  # (B,)
-        out: dict[str, Any] = {
-            "nll": nll,
-            "perplexity": nll.exp(),
-            "tokens": torch.full_like(nll, y.shape[1], dtype=torch.long),
-        }
+        scored = y != IGNORE_INDEX  # (B, T) sliding windows score only their last stride targets
+        per = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")
+        n = scored.sum(-1)  # (B,)
+        nll = per.sum(-1) / n.clamp_min(1)  # (B,)
+        out: dict[str, Any] = {"nll": nll, "perplexity": nll.exp(), "tokens": n}
         if self.tokenizer is not None:
             out["text"] = [self.tokenizer.decode(row) for row in x.tolist()]
         return out
@@ -295,3 +358,18 @@ class LMTask(L.LightningModule):
                 for k, v in state.items():
                     if isinstance(v, torch.Tensor) and v.dim() == 2:
                         state[k] = v.t().contiguous()  # exp_avg, exp_avg_sq: (out, in) -> (in, out)
+
+
+def eval_metrics(nll_sum: float, tokens: float, nbytes: float, words: float = 0.0) -> dict[str, float]:
+    """Evaluation metrics from summed counts (nats).
+
+    ``loss = nll / tokens`` (per token), ``ppl = exp(loss)``, bits per byte ``bpb = nll / (ln 2 * bytes)``
+    (tokenizer-independent: the same text costs the same bits whatever the vocabulary), word-level perplexity
+    ``word_ppl = exp(nll / words)`` when ``words > 0``.
+    """
+    out = {"loss": nll_sum / tokens, "ppl": math.exp(min(nll_sum / tokens, 700.0))}
+    if nbytes > 0:
+        out["bpb"] = nll_sum / (math.log(2.0) * nbytes)
+    if words > 0:
+        out["word_ppl"] = math.exp(min(nll_sum / words, 700.0))
+    return out
