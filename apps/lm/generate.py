@@ -1,5 +1,6 @@
 """Text generation from a trained LM checkpoint: greedy, temperature, top-k and top-p (nucleus) sampling,
-seeded. The command line is ``moekit lm generate`` (:func:`apps.lm.commands.generate`).
+seeded, optionally with C3PO re-mixed routing (arXiv 2504.07964) applied at every decoding step. The command
+line is ``moekit lm generate`` (:func:`apps.lm.commands.generate`).
 """
 
 from __future__ import annotations
@@ -7,11 +8,13 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from apps.lm.model import TransformerLM
+from moe_core.inference.c3po import Positions, c3po_override
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,9 @@ def generate(
     top_p: float | None = None,
     greedy: bool = False,
     seed: int | None = 0,
+    routing_pathway: torch.Tensor | None = None,
+    routing_blocks: list[int] | None = None,
+    routing_positions: Positions = "all",
 ) -> str:
     """Continue ``prompt``; returns the prompt plus the generated text.
 
@@ -56,6 +62,11 @@ def generate(
         top_p: keep the smallest set of tokens whose probability reaches p.
         greedy: take the argmax (ignores temperature, top_k, top_p).
         seed: seed of a private ``torch.Generator`` (same seed, same text); None = unseeded.
+        routing_pathway: C3PO: an ``(L, E)`` re-mixed routing distribution (e.g. from
+            ``moe_core.inference.c3po.kernel_regression`` or ``mode_finding``) that replaces the router's
+            pre-top-k distribution in ``routing_blocks`` at every decoding step; None: own routing.
+        routing_blocks: the L MoE block positions of ``routing_pathway`` (default: the last L blocks).
+        routing_positions: ``all`` tokens of the window (the official C3PO code) or the ``last`` one.
     """
     if not prompt:
         raise ValueError("prompt must be a non-empty string")
@@ -63,6 +74,12 @@ def generate(
         raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    blocks: list[int] = []
+    if routing_pathway is not None:
+        if routing_pathway.dim() != 2:
+            raise ValueError(f"routing_pathway must have shape (L, E), got {tuple(routing_pathway.shape)}")
+        n = routing_pathway.shape[0]
+        blocks = list(routing_blocks) if routing_blocks is not None else list(range(-n, 0))
     param = next(model.parameters())
     gen = torch.Generator(device=param.device)
     if seed is not None:
@@ -75,7 +92,20 @@ def generate(
     try:
         ctx = model.config.context_len
         for _ in range(max_new_tokens):
-            logits = model(idx[:, -ctx:]).logits[:, -1, :].float()  # (1, V)
+            window = idx[:, -ctx:]  # (1, T)
+            override = (
+                nullcontext()
+                if routing_pathway is None
+                else c3po_override(
+                    model,
+                    routing_pathway[None].to(param.device),
+                    blocks=blocks,
+                    seq_len=window.shape[1],
+                    positions=routing_positions,
+                )
+            )
+            with override:
+                logits = model(window).logits[:, -1, :].float()  # (1, V)
             if greedy:
                 nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
             else:

@@ -8,6 +8,14 @@ gradient descent (NGD) on the neighbours' loss; "core experts" restrict re-mixin
 Our reading [D]: the embedder is a caller-supplied function (no sentence encoder is downloaded); NGD
 parameterises the pathway as logits (stays on the simplex) with the model frozen; core-expert restriction
 keeps the non-core entries and rescales the core entries to the same mass.
+
+Mode finding [P: the paper's second method; details ours, D]: neighbours are searched among the reference
+*pathways* (not input embeddings) and the pathway moves towards their kernel-weighted mean,
+``omega <- alpha * omega + (1 - alpha) * sum_i K(omega_i, omega) omega_i / sum_i K``, repeated ``steps``
+times (a mean-shift towards a mode of the reference pathways). Generation [C: the official code swaps the
+routing of every token of every forward call while the re-mixed case is generated]: :func:`c3po_generate`
+re-applies one re-mixed pathway per sequence to every token (``positions="all"``) or to the newest token
+only (``"last"``) at every decoding step.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from moe_core.validation import check_choice
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 Kernel = Literal["cosine", "gaussian"]
+Positions = Literal["all", "last"]
 
 
 def critical_blocks(num_blocks: int, num_critical: int = 5) -> list[int]:
@@ -119,6 +128,106 @@ def remixed_logits(
     omegas = {b: pathways[:, i] for i, b in enumerate(blocks)}
     with RoutingOverride(model, omegas=omegas, token_index=rows):
         return forward(model, ids)
+
+
+def mode_finding(
+    omega: torch.Tensor,
+    ref_pathways: torch.Tensor,
+    *,
+    k: int = 3,
+    alpha: float = 0.0,
+    steps: int = 1,
+    kernel: Kernel = "gaussian",
+    bandwidth: float = 0.5,
+) -> torch.Tensor:
+    """C3PO mode finding: move each pathway towards the kernel-weighted mean of its nearest reference
+    pathways.
+
+    Args:
+        omega: ``(Q, L, E)`` the test inputs' own pathways.
+        ref_pathways: ``(S, L, E)`` reference pathways.
+        k: neighbours (searched in pathway space, flattened over layers).
+        alpha: weight kept on the current pathway each step.
+        steps: repetitions (mean-shift iterations).
+        kernel, bandwidth: as :func:`kernel_regression`.
+
+    Returns:
+        ``(Q, L, E)`` pathways on the simplex; ``alpha = 0, steps = 1, k = 1`` gives the nearest reference.
+    """
+    if omega.shape[1:] != ref_pathways.shape[1:]:
+        raise ValueError(f"omega {tuple(omega.shape)} and ref_pathways {tuple(ref_pathways.shape)} disagree")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    refs = ref_pathways.flatten(1)  # (S, L*E)
+    for _ in range(steps):
+        hat = kernel_regression(omega.flatten(1), refs, ref_pathways, k=k, kernel=kernel, bandwidth=bandwidth)
+        omega = remix(omega, hat, alpha=alpha)
+    return omega
+
+
+def c3po_override(
+    model: nn.Module,
+    pathways: torch.Tensor,
+    *,
+    blocks: list[int],
+    seq_len: int,
+    positions: Positions = "all",
+) -> RoutingOverride:
+    """The routing override for one forward call over ``(B, seq_len)`` ids with one pathway per sequence.
+
+    Args:
+        pathways: ``(B, L, E)``; blocks: the L block positions.
+        seq_len: T of the forward call (the router sees ``(B*T, D)`` rows, batch-major).
+        positions: ``all`` rows of each sequence or the ``last`` one.
+    """
+    check_choice("positions", positions, get_args(Positions))
+    if pathways.dim() != 3 or pathways.shape[1] != len(blocks):
+        raise ValueError(f"pathways must have shape (B, {len(blocks)}, E), got {tuple(pathways.shape)}")
+    b = pathways.shape[0]
+    if positions == "all":
+        rows = torch.arange(b * seq_len, device=pathways.device)
+        omegas = {blk: pathways[:, i].repeat_interleave(seq_len, dim=0) for i, blk in enumerate(blocks)}
+    else:
+        rows = last_token_index(b, seq_len).to(pathways.device)
+        omegas = {blk: pathways[:, i] for i, blk in enumerate(blocks)}  # (B, E)
+    return RoutingOverride(model, omegas=omegas, token_index=rows)
+
+
+@torch.no_grad()
+def c3po_generate(
+    model: nn.Module,
+    ids: torch.Tensor,
+    pathways: torch.Tensor,
+    *,
+    blocks: list[int],
+    max_new_tokens: int,
+    positions: Positions = "all",
+    forward: Forward = lm_logits,
+) -> torch.Tensor:
+    """Greedy generation with C3PO routing applied at every decoding step (no KV cache: each step re-runs
+    the prefix, so the override reaches every token it should).
+
+    Args:
+        ids: ``(B, T0)`` prompts.
+        pathways: ``(B, L, E)`` one re-mixed pathway per sequence for the ``blocks`` (e.g. from
+            :func:`kernel_regression` or :func:`mode_finding`).
+        blocks: MoE block positions the pathway covers.
+        max_new_tokens: tokens to append.
+        positions: ``all`` (every token, prompt included, as the official code swaps the routing of every
+            token it forwards) or ``last`` (only the newest token at each step).
+
+    Returns:
+        ``(B, T0 + max_new_tokens)`` ids.
+    """
+    if pathways.shape[:2] != (ids.shape[0], len(blocks)):
+        raise ValueError(
+            f"pathways must have shape ({ids.shape[0]}, {len(blocks)}, E), got {tuple(pathways.shape)}"
+        )
+    for _ in range(max_new_tokens):
+        with c3po_override(model, pathways, blocks=blocks, seq_len=ids.shape[1], positions=positions):
+            nxt = forward(model, ids)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
 
 
 def neighbourhood_gd(

@@ -143,3 +143,112 @@ def test_neighbourhood_gd_decreases_the_neighbours_loss(tiny_lm):
     torch.testing.assert_close(omega.sum(-1), torch.ones(len(blocks)))
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))  # model frozen
     assert all(p.requires_grad for p in model.parameters())  # and restored
+
+
+# ---- mode finding and generation with the re-mixed routing at every step
+
+
+def test_mode_finding_nearest_reference_and_simplex():
+    from moe_core.inference.c3po import mode_finding
+
+    g = torch.Generator().manual_seed(0)
+    refs = torch.randn(5, 2, 4, generator=g).mul(3).softmax(-1)
+    omega = refs[3] + 0.01 * torch.rand(2, 4, generator=g)
+    omega = (omega / omega.sum(-1, keepdim=True))[None]  # (1, 2, 4) close to reference 3
+    near = mode_finding(omega, refs, k=1, alpha=0.0, steps=1)
+    assert torch.allclose(near[0], refs[3])
+    multi = mode_finding(omega, refs, k=3, alpha=0.5, steps=3)
+    assert torch.allclose(multi.sum(-1), torch.ones(1, 2))
+    # alpha = 1 keeps the pathway
+    assert torch.allclose(mode_finding(omega, refs, k=3, alpha=1.0, steps=2), omega)
+
+
+def test_mode_finding_converges_to_a_cluster_mean():
+    from moe_core.inference.c3po import mode_finding
+
+    g = torch.Generator().manual_seed(1)
+    centre = torch.tensor([[0.7, 0.1, 0.1, 0.1]])
+    cluster = (centre + 0.02 * torch.randn(6, 1, 4, generator=g)).clamp_min(0.01)
+    cluster = cluster / cluster.sum(-1, keepdim=True)
+    far = torch.tensor([[[0.05, 0.05, 0.05, 0.85]]]).expand(6, 1, 4)
+    refs = torch.cat([cluster, far])  # (12, 1, 4)
+    start = torch.tensor([[[0.5, 0.2, 0.2, 0.1]]])
+    out = mode_finding(start, refs, k=6, alpha=0.0, steps=5, kernel="gaussian", bandwidth=0.3)
+    assert torch.allclose(out[0], cluster.mean(0), atol=1e-4)
+
+
+def _step_oracle(model, ids, pathways, blocks, positions):
+    """One greedy step with the override built by hand."""
+    b, t = ids.shape
+    rows = torch.arange(b * t) if positions == "all" else last_token_index(b, t)
+    reps = t if positions == "all" else 1
+    omegas = {blk: pathways[:, i].repeat_interleave(reps, dim=0) for i, blk in enumerate(blocks)}
+    with torch.no_grad(), RoutingOverride(model, omegas=omegas, token_index=rows):
+        return model(ids)
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_c3po_generate_applies_the_pathway_at_every_step(tiny_lm, positions):
+    from moe_core.inference.c3po import c3po_generate
+
+    model = tiny_lm()
+    ids = torch.randint(0, 31, (2, 5))
+    blocks = critical_blocks(len(find_moe_blocks(model)), 2)
+    e = find_moe_blocks(model)[-1].router.num_experts
+    path = torch.randn(2, len(blocks), e, generator=torch.Generator().manual_seed(3)).mul(3).softmax(-1)
+    out = c3po_generate(model, ids, path, blocks=blocks, max_new_tokens=4, positions=positions)
+    cur = ids
+    for _ in range(4):  # oracle: re-apply the override on the whole prefix at each step
+        logits = _step_oracle(model, cur, path, blocks, positions)
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        cur = torch.cat([cur, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, cur)
+    own_all = c3po_generate(model, ids, path, blocks=blocks, max_new_tokens=4, positions="all")
+    own_last = c3po_generate(model, ids, path, blocks=blocks, max_new_tokens=4, positions="last")
+    # the two readings differ on this model (routing of earlier tokens changes their hidden states)
+    if positions == "all":
+        logits_all = _step_oracle(model, ids, path, blocks, "all")
+        logits_last = _step_oracle(model, ids, path, blocks, "last")
+        la = logits_all if isinstance(logits_all, torch.Tensor) else logits_all.logits
+        ll = logits_last if isinstance(logits_last, torch.Tensor) else logits_last.logits
+        assert not torch.allclose(la[:, -1], ll[:, -1])
+    assert own_all.shape == own_last.shape == (2, 9)
+
+
+def test_lm_app_generate_with_own_pathway_equals_plain_greedy():
+    from apps.lm.generate import generate
+    from apps.lm.model import LMConfig, TransformerLM
+
+    class CharTok:
+        def encode(self, s):
+            return [ord(c) % 29 for c in s]
+
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    torch.manual_seed(0)
+    cfg = LMConfig(
+        vocab_size=29, context_len=24, dim=16, n_layers=3, n_heads=2, ffn_hidden=32, ffn="moe",
+        num_experts=6, top_k=2, expert_backend="loop",
+    )  # fmt: skip
+    model = TransformerLM(config=cfg).eval()
+    with torch.no_grad():
+        for ref in find_moe_blocks(model):
+            ref.router.gate.weight.normal_(0, 1.0)
+            for p in ref.experts.parameters():
+                p.mul_(30)  # make the experts matter for the logits of this untrained model
+    tok = CharTok()
+    plain = generate(model, tok, "hello", max_new_tokens=6, greedy=True)
+    e = cfg.num_experts
+    other = torch.zeros(3, e)
+    other[:, 4] = 0.5
+    other[:, 5] = 0.5  # force experts 4 and 5 in every block for every token
+    forced = generate(model, tok, "hello", max_new_tokens=6, greedy=True, routing_pathway=other)
+    ids = torch.tensor([tok.encode("hello")])
+    from moe_core.inference.c3po import c3po_generate
+    from moe_core.inference.scmoe import greedy_generate
+
+    c3po_ids = c3po_generate(model, ids, other[None], blocks=[0, 1, 2], max_new_tokens=6)
+    assert forced == tok.decode(c3po_ids[0].tolist())
+    assert plain == tok.decode(greedy_generate(model, ids, max_new_tokens=6)[0].tolist())
+    assert forced != plain  # the forced routing changed the text
