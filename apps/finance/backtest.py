@@ -4,8 +4,12 @@ Timing (qlib, docs/finance.md §3, §6): on trading day t the strategy uses the 
 previous trading day, trades at the close of t, and the position earns ``close[t+1]/close[t] - 1``,
 the label of the signal day. Costs per order ``max(value * rate, min_cost)``: buys ``buy_cost``, sells
 ``sell_cost``.
-Our simplifications (documented): fractional shares (US trade unit 1 approximated), no price limits, no
-suspensions beyond "no close that day = not tradable", no market impact.
+Market rules (:class:`MarketRules`, presets ``us`` and ``cn``, each field configurable): no buying a stock
+that closes at its limit-up nor selling one at its limit-down (China: 10 % main board, 20 % ChiNext from
+2020-08-24 and STAR, 30 % Beijing, 5 % ST where the data has an ST flag; qlib's ``limit_threshold`` 9.5 %
+reading = limit minus ``limit_tolerance``), no trading a suspended stock (no trade that day), a minimum
+listing age before a first buy, buys in whole lots (raw price = adjusted close / factor), a minimum
+commission per order. Not modelled: market impact, partial fills, intraday prices.
 
 Daily accounting: ``value_t`` = cash + positions at the close of t after trading; ``return_t`` =
 ``value_t / value_{t-1} - 1`` (net of costs); ``cost_t`` = costs / ``value_{t-1}``; excess = return − bench.
@@ -15,8 +19,10 @@ CLI: ``python -m apps.finance.backtest --predictions preds.parquet [--segment te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +32,144 @@ import pandas as pd
 from apps.finance.metrics import risk_analysis
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MarketRules:
+    """Trading rules of one market (each overridable; presets :data:`PRESETS` ``us`` and ``cn``).
+
+    Args:
+        buy_cost, sell_cost: cost rates of buys and sells (qlib: open 5 bp, close 15 bp).
+        min_cost: minimum cost per order (account currency; qlib: 5).
+        limit: ``none``; ``cn`` (board/period/ST limits, :func:`cn_limit_pct`); ``fixed`` (``limit_pct``).
+        limit_pct: the limit of ``fixed``.
+        limit_tolerance: a close is "at the limit" when its return is within this of the limit (qlib's
+            ``limit_threshold=0.095`` for a 10 % limit).
+        lot_size: shares per lot; buys are rounded down to whole lots at the raw price.
+        min_listing_days: trading days since the first trade before a stock may be bought.
+        days_per_year: annualisation of the summary.
+    """
+
+    buy_cost: float = 0.0005
+    sell_cost: float = 0.0005
+    min_cost: float = 0.0
+    limit: Literal["none", "cn", "fixed"] = "none"
+    limit_pct: float = 0.10
+    limit_tolerance: float = 0.005
+    lot_size: int = 1
+    min_listing_days: int = 0
+    days_per_year: int = 252
+
+
+PRESETS: dict[str, MarketRules] = {
+    "us": MarketRules(),
+    "cn": MarketRules(
+        buy_cost=0.0005,
+        sell_cost=0.0015,
+        min_cost=5.0,
+        limit="cn",
+        lot_size=100,
+        min_listing_days=60,
+        days_per_year=238,
+    ),
+}
+
+
+def market_rules(preset: str | MarketRules = "us", **overrides) -> MarketRules:
+    """A preset (``us``, ``cn``) with any field overridden."""
+    base = preset if isinstance(preset, MarketRules) else PRESETS.get(preset)
+    if base is None:
+        raise ValueError(f"rules preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+CHINEXT_REFORM = pd.Timestamp("2020-08-24")  # ChiNext registration reform: 10 % -> 20 %
+
+
+def cn_board(ticker: str) -> str:
+    """``main``, ``chinext``, ``star`` or ``bj`` from a China A-share code (``SZ300750``, ``688001.SH``)."""
+    m = re.search(r"(\d{6})", str(ticker))
+    if not m:
+        return "main"
+    code = m.group(1)
+    if code.startswith("688") or code.startswith("689"):
+        return "star"
+    if code.startswith(("300", "301")):
+        return "chinext"
+    if code[0] in "48" or code.startswith("92"):
+        return "bj"
+    return "main"
+
+
+def cn_limit_pct(dates: pd.DatetimeIndex, tickers: list[str], st: pd.DataFrame | None = None) -> pd.DataFrame:
+    """China's daily price limit of each (day, ticker): 10 % main board, 20 % STAR, 20 % ChiNext on/after
+    2020-08-24 (10 % before), 30 % Beijing; 5 % for main-board ST stocks where ``st`` (bool, same shape) says.
+    """
+    out = np.full((len(dates), len(tickers)), 0.10)
+    after = np.asarray(dates >= CHINEXT_REFORM)
+    for j, t in enumerate(tickers):
+        b = cn_board(t)
+        if b == "star":
+            out[:, j] = 0.20
+        elif b == "chinext":
+            out[after, j] = 0.20
+        elif b == "bj":
+            out[:, j] = 0.30
+    if st is not None:
+        s = st.reindex(index=dates, columns=tickers).fillna(0).to_numpy().astype(bool)
+        main = np.array([cn_board(t) == "main" for t in tickers])
+        out = np.where(s & main[None, :], 0.05, out)
+    return pd.DataFrame(out, index=dates, columns=tickers)
+
+
+def trade_masks(
+    returns: pd.DataFrame,
+    rules: MarketRules,
+    *,
+    listing_age: pd.DataFrame | None = None,
+    st: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Which (day, ticker) may be bought / sold at that day's close under ``rules``.
+
+    Args:
+        returns: ``(days, tickers)`` return into each day from the previous tradable close; NaN = no trade
+            that day (suspended / no bar).
+        rules: the market rules.
+        listing_age: ``(days, tickers)`` trading days since the first trade (None: no listing rule).
+        st: ``(days, tickers)`` ST flag (China 5 % limit).
+
+    Returns:
+        ``can_buy``, ``can_sell``: bool ``(days, tickers)``.
+    """
+    tradable = returns.notna()
+    can_buy, can_sell = tradable.copy(), tradable.copy()
+    if rules.limit != "none":
+        if rules.limit == "cn":
+            lim = cn_limit_pct(returns.index, list(returns.columns), st).to_numpy()
+        elif rules.limit == "fixed":
+            lim = np.full(returns.shape, rules.limit_pct)
+        else:
+            raise ValueError(f"limit must be none, cn or fixed, got {rules.limit!r}")
+        r = returns.to_numpy()
+        with np.errstate(invalid="ignore"):
+            up = r >= lim - rules.limit_tolerance
+            down = r <= -(lim - rules.limit_tolerance)
+        can_buy &= ~up
+        can_sell &= ~down
+    if rules.min_listing_days > 0 and listing_age is not None:
+        can_buy &= listing_age.reindex_like(returns).fillna(0) >= rules.min_listing_days
+    return can_buy, can_sell
+
+
+def listing_age(tradable: pd.DataFrame) -> pd.DataFrame:
+    """Trading days since each ticker's first trade ``(days, tickers)``; a ticker trading on the calendar's
+    first day is taken as listed before the data starts (age counted from a full ``len(calendar)``)."""
+    ok = tradable.to_numpy()
+    T = len(ok)
+    first = np.where(ok.any(0), ok.argmax(0), T)  # (tickers,)
+    age = np.arange(T)[:, None] - first[None, :]
+    age = np.where(first[None, :] == 0, age + T, age).astype(np.float64)
+    return pd.DataFrame(np.where(age >= 0, age, -1.0), index=tradable.index, columns=tradable.columns)
 
 
 @dataclass
@@ -50,6 +194,10 @@ def topk_dropout_backtest(
     account: float = 1e8,
     mode: Literal["sum", "compound"] = "sum",
     days_per_year: int = 252,
+    can_buy: pd.DataFrame | None = None,
+    can_sell: pd.DataFrame | None = None,
+    lot_size: int = 1,
+    raw_close: pd.DataFrame | None = None,
 ) -> BacktestResult:
     """Run TopK-Dropout.
 
@@ -63,12 +211,18 @@ def topk_dropout_backtest(
         risk_degree: fraction of available cash invested on buys (qlib default 0.95).
         account: initial cash.
         mode, days_per_year: accumulation and annualisation of the summary (echoed in the result).
+        can_buy, can_sell: bool ``(days, tickers)`` from :func:`trade_masks` (default: any stock with a
+            return that day).
+        lot_size: buys are whole lots of this many shares at ``raw_close`` (default: the adjusted close).
+        raw_close: ``(days, tickers)`` raw (unadjusted) close for the lot rounding.
 
     Returns:
         :class:`BacktestResult`; the report covers the trading days after the first signal day.
     """
     if not 0 < n_drop <= topk:
         raise ValueError(f"need 0 < n_drop <= topk, got n_drop={n_drop}, topk={topk}")
+    if lot_size > 1 and raw_close is None:
+        raise ValueError("lot_size > 1 needs raw_close (the raw price that lots are counted at)")
     days = returns.index
     sig_days = [d for d in scores.index if d in days]
     if not sig_days:
@@ -86,17 +240,19 @@ def topk_dropout_backtest(
             rt = r.get(tk, np.nan)
             hold[tk] *= 1.0 + (0.0 if np.isnan(rt) else rt)
         tradable = set(r.index[r.notna()])
+        buyable = set(can_buy.columns[can_buy.loc[t].to_numpy()]) if can_buy is not None else tradable
+        sellable = set(can_sell.columns[can_sell.loc[t].to_numpy()]) if can_sell is not None else tradable
         cost = traded = 0.0
         if prev in scores.index:
             s = scores.loc[prev].dropna()
             s = s[s.index.isin(tradable) | s.index.isin(hold.keys())]
             order = s.sort_values(ascending=False, kind="mergesort")
             last = sorted(hold, key=lambda k: -s.get(k, -np.inf))  # holdings by score (unscored last)
-            not_held = [k for k in order.index if k not in hold and k in tradable]
+            not_held = [k for k in order.index if k not in hold and k in buyable]
             today = not_held[: n_drop + topk - len(last)]
             comb = sorted(set(last) | set(today), key=lambda k: -s.get(k, -np.inf))
             bottom = set(comb[-n_drop:]) if len(comb) > 0 else set()
-            sell = [k for k in last if k in bottom and k in tradable and held_days.get(k, 0) >= 1]
+            sell = [k for k in last if k in bottom and k in sellable and held_days.get(k, 0) >= 1]
             buy = today[: len(sell) + topk - len(last)]
             for k in sell:
                 v = hold.pop(k)
@@ -107,12 +263,18 @@ def topk_dropout_backtest(
             if buy:
                 per = cash * risk_degree / len(buy)
                 for k in buy:
-                    c = max(per * buy_cost, min_cost)
-                    if per - c <= 0:
+                    val = per
+                    if raw_close is not None:
+                        px = raw_close.at[t, k]
+                        if not np.isfinite(px) or px <= 0:
+                            continue
+                        val = np.floor(per / (px * lot_size)) * px * lot_size  # whole lots only
+                    c = max(val * buy_cost, min_cost)
+                    if val <= 0 or val - c <= 0:
                         continue
-                    cash -= per
-                    hold[k] = per - c  # cost paid out of the order value (qlib deducts trade_val + cost)
-                    cost, traded = cost + c, traded + per
+                    cash -= val
+                    hold[k] = val - c  # cost paid out of the order value (qlib deducts trade_val + cost)
+                    cost, traded = cost + c, traded + val
         for k in hold:
             held_days[k] = held_days.get(k, 0) + 1
         value = cash + sum(hold.values())
@@ -130,7 +292,12 @@ def topk_dropout_backtest(
         )
     rep = pd.DataFrame(rows).set_index("date")
     rep["excess"] = rep["return"] - rep["bench"]
+    ex = risk_analysis(rep["excess"], mode=mode, days_per_year=days_per_year)
     summary = {
+        # qlib's names (``risk_analysis`` of the excess return with cost)
+        "annualized_return": ex["AR"],
+        "information_ratio": ex["IR"],
+        "max_drawdown": ex["MDD"],
         "excess_return_with_cost": risk_analysis(rep["excess"], mode=mode, days_per_year=days_per_year),
         "excess_return_without_cost": risk_analysis(
             rep["excess"] + rep["cost"], mode=mode, days_per_year=days_per_year
@@ -142,10 +309,55 @@ def topk_dropout_backtest(
         "buy_cost": buy_cost,
         "sell_cost": sell_cost,
         "min_cost": min_cost,
+        "lot_size": lot_size,
         "mode": mode,
         "days_per_year": days_per_year,
     }
     return BacktestResult(report=rep, summary=summary)
+
+
+def backtest_market(
+    preds: pd.DataFrame,
+    md,  # noqa: ANN001 - apps.finance.sources.MarketData
+    *,
+    rules: str | MarketRules = "us",
+    topk: int = 50,
+    n_drop: int = 5,
+    account: float = 1e8,
+    mode: Literal["sum", "compound"] = "sum",
+    **overrides,
+) -> BacktestResult:
+    """TopK-Dropout of ``preds`` (``date, ticker, score``) on a market read by :mod:`apps.finance.sources`,
+    with its rules (a preset name or :class:`MarketRules`; ``overrides`` change single fields), its
+    benchmark, its suspensions (returns across them kept) and its raw prices (lots)."""
+    rl = market_rules(rules, **overrides)
+    rets_all = md.returns()  # (days, tickers), NaN = no trade that day
+    st = md.wide.get("st")
+    can_buy, can_sell = trade_masks(
+        rets_all, rl, listing_age=listing_age(md.tradable), st=None if st is None else st.astype(bool)
+    )
+    raw = md.wide["close"] / md.wide["factor"] if "factor" in md.wide else md.wide["close"]
+    scores = preds.pivot(index="date", columns="ticker", values="score")
+    days = md.dates[(md.dates >= scores.index.min()) & (md.dates <= scores.index.max())]
+    if len(days) == 0:
+        raise ValueError("backtest: no prediction date is on the market's calendar")
+    return topk_dropout_backtest(
+        scores,
+        rets_all.loc[days],
+        md.bench_returns().loc[days],
+        topk=topk,
+        n_drop=n_drop,
+        buy_cost=rl.buy_cost,
+        sell_cost=rl.sell_cost,
+        min_cost=rl.min_cost,
+        account=account,
+        mode=mode,
+        days_per_year=rl.days_per_year,
+        can_buy=can_buy.loc[days],
+        can_sell=can_sell.loc[days],
+        lot_size=rl.lot_size,
+        raw_close=raw.loc[days] if rl.lot_size > 1 else None,
+    )
 
 
 def format_summary(s: dict) -> str:
@@ -182,54 +394,116 @@ def backtest_predictions(
     return topk_dropout_backtest(scores, rets.loc[days], bench.loc[days], **kw)
 
 
+def data_module_from_config(config: str):  # noqa: ANN201 - a finance data module
+    """The ``data`` section of a ``moekit finance fit`` YAML, instantiated (nothing is read yet)."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load(Path(config).read_text())
+    data = (cfg or {}).get("data")
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise ValueError(f"{config}: no data.class_path section (use the same config as moekit finance fit)")
+    mod, _, name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(mod), name)
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in (data.get("init_args") or {}).items()}
+    return cls(**args)
+
+
 def backtest(
     predictions: str,
     *,
+    config: str | None = None,
     segment: str = "test",
     topk: int = 50,
     n_drop: int = 5,
-    buy_cost: float = 0.0005,
-    sell_cost: float = 0.0015,
-    min_cost: float = 0.0,
+    rules: Literal["us", "cn"] | None = None,
+    buy_cost: float | None = None,
+    sell_cost: float | None = None,
+    min_cost: float | None = None,
+    lot_size: int | None = None,
+    min_listing_days: int | None = None,
+    limit: Literal["none", "cn", "fixed"] | None = None,
     mode: Literal["sum", "compound"] = "sum",
-    days_per_year: int = 252,
+    days_per_year: int | None = None,
     data_dir: str | None = None,
     out: str | None = None,
 ) -> BacktestResult:
     """TopK-Dropout backtest of a predictions Parquet file; prints the IC summary and the backtest summary.
 
     Args:
-        predictions: Parquet file with ``date, ticker, score`` (and ``segment``), e.g. written by
-            ``FinanceTask(predictions_path=...)``.
+        predictions: Parquet file with ``date, ticker, score`` (and ``segment``, ``label``), e.g. written by
+            ``FinanceTask(predictions_path=...)`` or ``moekit finance predict``.
+        config: the ``moekit finance fit`` YAML: its ``data`` section names the market (calendar, benchmark,
+            suspensions, raw prices) and its rules preset. Without it: the shipped S&P 500 panel and ^GSPC.
         segment: the segment to backtest (``valid`` or ``test``).
         topk: number of stocks held.
         n_drop: maximum replacements per day.
+        rules: market preset (default: the data config's, else ``us``); the options below override single
+            rules.
         buy_cost: cost rate of buys.
         sell_cost: cost rate of sells.
         min_cost: minimum cost per order (account currency).
+        lot_size: shares per lot.
+        min_listing_days: trading days after the first trade before a stock may be bought.
+        limit: price-limit rule (``none``, ``cn``, ``fixed``).
         mode: accumulation of the summary returns.
-        days_per_year: annualisation.
-        data_dir: folder with ``sp500_5yr/`` and ``sp500_index/`` (default ``apps.datadir.data_dir()``).
+        days_per_year: annualisation (default: the preset's).
+        data_dir: root of the data sets (default ``apps.datadir.data_dir()``).
         out: folder for report.csv, summary.json and PNG plots.
     """
     from apps.finance.metrics import daily_ic, ic_summary
 
     preds = pd.read_parquet(predictions)
-    res = backtest_predictions(
-        preds,
-        data_dir=data_dir,
-        segment=segment,
-        topk=topk,
-        n_drop=n_drop,
-        buy_cost=buy_cost,
-        sell_cost=sell_cost,
-        min_cost=min_cost,
-        mode=mode,
-        days_per_year=days_per_year,
-    )
+    over = {
+        "buy_cost": buy_cost,
+        "sell_cost": sell_cost,
+        "min_cost": min_cost,
+        "lot_size": lot_size,
+        "min_listing_days": min_listing_days,
+        "limit": limit,
+        "days_per_year": days_per_year,
+    }
+    if config is not None:
+        dm = data_module_from_config(config)
+        if data_dir is not None and hasattr(dm, "data_dir"):
+            dm.data_dir = data_dir
+        if not hasattr(dm, "read"):
+            raise ValueError(
+                f"{config}: data module {type(dm).__name__} has no market reader (use MarketDataModule)"
+            )
+        md = dm.read()
+        seg_preds = preds[preds["segment"] == segment] if "segment" in preds.columns else preds
+        res = backtest_market(
+            seg_preds,
+            md,
+            rules=rules or getattr(dm, "rules", "us"),
+            topk=topk,
+            n_drop=n_drop,
+            mode=mode,
+            **over,
+        )
+    else:
+        rl = market_rules(rules or "us", **over)
+        res = backtest_predictions(
+            preds,
+            data_dir=data_dir,
+            segment=segment,
+            topk=topk,
+            n_drop=n_drop,
+            buy_cost=rl.buy_cost,
+            sell_cost=rl.sell_cost,
+            min_cost=rl.min_cost,
+            mode=mode,
+            days_per_year=rl.days_per_year,
+        )
     seg = preds[preds["segment"] == segment] if "segment" in preds.columns else preds
-    ic = daily_ic(seg)
-    print({k: round(v, 4) for k, v in ic_summary(ic).items()})
+    if "label" in seg.columns:
+        ic = daily_ic(seg)
+        print({k: round(v, 4) for k, v in ic_summary(ic).items()})
+    else:
+        ic = None
     print(format_summary(res.summary))
     if out:
         from pathlib import Path
@@ -239,11 +513,13 @@ def backtest(
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         res.report.to_csv(folder / "report.csv")
-        (folder / "summary.json").write_text(json.dumps(res.summary, indent=1))
+        (folder / "summary.json").write_text(json.dumps(res.summary, indent=1, default=str))
         plot_excess(res.report, folder / "excess.png", title=format_summary(res.summary))
-        plot_daily_ic(ic, folder / "daily_ic.png")
+        if ic is not None:
+            plot_daily_ic(ic, folder / "daily_ic.png")
         if any(c.startswith("w_e") for c in seg.columns):
             plot_expert_usage(seg, folder / "expert_usage.png")
+        print(f"backtest: wrote {folder}")
     return res
 
 

@@ -512,3 +512,240 @@ class SP500DataModule(L.LightningDataModule):
             ok = ~np.isnan(self.y[d, t])
             d, t = d[ok], t[ok]
         return self.x[d, t], self.y[d, t], self.y_raw[d, t], np.stack([d, t], 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# any market: qlib provider folders and daily-bar folders (apps.finance.sources)
+# ----------------------------------------------------------------------------------------------------------
+def next_tradable_label(
+    close: pd.DataFrame, tradable: pd.DataFrame, horizon: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """qlib's label ``close(t+H)/close(t+H-1) - 1`` on tradable closes: steps skip non-tradable days.
+
+    ``n(t)`` = the first tradable day after t; the label of day t is ``close[n^H(t)] / close[n^(H-1)(t)] - 1``
+    (for H = 2: bought at the next tradable close, sold at the one after), so the return across a suspension
+    is kept, not dropped. Returns ``label (days, tickers)`` and ``end (days, tickers)`` int, the day index of
+    the last price the label uses (``-1`` where the label is NaN), for purging at segment ends.
+    """
+    c = close.to_numpy(dtype=np.float64)
+    ok = tradable.to_numpy() & np.isfinite(c)
+    T, N = c.shape
+    big = T  # "no tradable day"
+    idx = np.where(ok, np.arange(T)[:, None], big)  # (T, N)
+    # nxt[t] = first tradable index > t: suffix minimum of idx over s > t
+    suf = np.minimum.accumulate(idx[::-1], axis=0)[::-1]  # suf[t] = min over s >= t
+    nxt = np.vstack([suf[1:], np.full((1, N), big)])  # (T, N)
+    cols = np.arange(N)[None, :]
+    prev = np.broadcast_to(np.arange(T)[:, None], (T, N)).copy()
+    cur = prev
+    for _ in range(horizon - 1):
+        cur = np.where(cur < big, nxt[np.minimum(cur, T - 1), cols], big)
+    a = cur  # n^(H-1)(t)
+    b = np.where(a < big, nxt[np.minimum(a, T - 1), cols], big)  # n^H(t)
+    valid = (a < big) & (b < big)
+    if horizon == 1:
+        a = np.broadcast_to(np.arange(T)[:, None], (T, N))
+        valid = (b < big) & ok
+    ca = np.where(valid, c[np.minimum(a, T - 1), cols], np.nan)
+    cb = np.where(valid, c[np.minimum(b, T - 1), cols], np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lab = cb / ca - 1
+    return lab, np.where(valid, b, -1)
+
+
+class MarketDataModule(L.LightningDataModule):
+    """Any market's daily bars -> Alpha158/Alpha360 -> daily cross-sections (qlib's recipe, arXiv 2009.11189).
+
+    The calendar and the benchmark come from the data (``docs/finance.md``, "Bring your own market"):
+    a qlib provider folder (``source: qlib``) or a folder of CSV/Parquet bars with a column mapping
+    (``source: bars``). The universe of day t is the market's membership that day (qlib spells; for bars,
+    every ticker with a bar) among the tradable stocks (close and volume > 0).
+
+    Args:
+        path: the data folder (relative paths are looked up under ``data_dir`` when not found as given).
+        source: ``qlib`` or ``bars``.
+        market: qlib instruments file stem (``csi300``); unused for bars.
+        benchmark: an index instrument/ticker of the data (``SH000300``) or ``equal_weight``.
+        columns: bars column mapping (keys of :class:`~apps.finance.sources.ColumnMap`), e.g.
+            ``{ticker: code, date: trade_date, volume: vol, volume_unit: 100}``.
+        period: ``(start, end)`` of the data used (inclusive); None = all the data. Days outside are not used
+            and their count is logged.
+        train, valid, test: segments (inclusive) before purging.
+        rules: market preset of the backtest (``us`` or ``cn``, :mod:`apps.finance.backtest`).
+        features: ``alpha158`` (158 with VWAP, 157 without) or ``alpha360``.
+        step_len: T. label_norm: ``cszscore`` (qlib's tree/MLP configs) or ``csrank``. horizon: H.
+        warmup_days: leading days used only as feature history.
+        max_instruments: keep the first n instruments (tests).
+        max_move: one-day moves beyond this are masked from labels (relistings, glitches); None = keep all.
+        data_dir: root of the data sets (default ``apps.datadir.data_dir()``).
+        cache: cache the feature array (float32 ``.npy``) under ``cache_dir('finance')``.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        source: Literal["qlib", "bars"] = "bars",
+        market: str | None = None,
+        benchmark: str = "equal_weight",
+        columns: dict[str, str | float | None] | None = None,
+        period: tuple[str, str] | None = None,
+        train: tuple[str, str],
+        valid: tuple[str, str],
+        test: tuple[str, str],
+        rules: Literal["us", "cn"] = "us",
+        features: Literal["alpha158", "alpha360"] = "alpha158",
+        step_len: int = 1,
+        label_norm: Literal["csrank", "cszscore"] = "cszscore",
+        horizon: int = 2,
+        warmup_days: int = 60,
+        max_instruments: int | None = None,
+        max_move: float | None = 0.30,
+        data_dir: str | None = None,
+        cache: bool = False,
+    ) -> None:
+        super().__init__()
+        if source not in ("qlib", "bars"):
+            raise ValueError(f"source must be 'qlib' or 'bars', got {source!r}")
+        if features not in ("alpha158", "alpha360"):
+            raise ValueError(f"features must be 'alpha158' or 'alpha360', got {features!r}")
+        if label_norm not in ("csrank", "cszscore"):
+            raise ValueError(f"label_norm must be 'csrank' or 'cszscore', got {label_norm!r}")
+        if rules not in ("us", "cn"):
+            raise ValueError(f"rules must be 'us' or 'cn', got {rules!r}")
+        if step_len < 1:
+            raise ValueError(f"step_len must be >= 1, got {step_len}")
+        self.save_hyperparameters()
+        self.path, self.source, self.market, self.benchmark = path, source, market, benchmark
+        self.columns = dict(columns or {})
+        self.period, self.ranges, self.rules = period, (train, valid, test), rules
+        self.kind, self.step_len, self.label_norm, self.horizon = features, step_len, label_norm, horizon
+        self.warmup_days, self.max_instruments, self.max_move = warmup_days, max_instruments, max_move
+        self.data_dir, self.cache = data_dir, cache
+        self.transform = PanelTransform(kind=features)
+        self.feature_names: list[str] = []
+        self._ready = False
+
+    def resolved_path(self) -> Path:
+        p = Path(self.path).expanduser()
+        if p.exists() or p.is_absolute():
+            return p
+        return resolve_data_dir(self.data_dir) / p
+
+    def read(self):  # noqa: ANN201 - MarketData
+        """The market as read (:class:`~apps.finance.sources.MarketData`), without features."""
+        from apps.finance.sources import ColumnMap, read_market
+
+        return read_market(
+            source=self.source,
+            path=self.resolved_path(),
+            market=self.market,
+            benchmark=self.benchmark,
+            columns=ColumnMap(**self.columns) if self.source == "bars" else None,
+            period=self.period,
+            max_instruments=self.max_instruments,
+        )
+
+    @property
+    def num_features(self) -> int:
+        """Feature count, from the data (158 with VWAP, 157 without); known after :meth:`setup`."""
+        if not self._ready:
+            raise RuntimeError(
+                "MarketDataModule.num_features is known after setup() (it comes from the data)"
+            )
+        return len(self.feature_names)
+
+    @property
+    def bench(self) -> pd.Series:
+        return self.panel.bench
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        md = self.read()
+        c = md.tradable_close()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = c / c.ffill().shift(1) - 1
+        md.move_mask = (r.abs() > self.max_move) if self.max_move is not None else r.isna() & False
+        md.report["absurd_moves_masked"] = int(md.move_mask.to_numpy().sum())
+        self.panel = md
+        wide = {k: v for k, v in md.wide.items() if k in (*FIELDS, "vwap")}
+        days, tickers = md.wide["close"].shape
+        start = time.perf_counter()
+        vw = "with VWAP (158 features)" if md.has_vwap else "without VWAP: VWAP0 left out (157 features)"
+        progress.info("finance: %s for %d days x %d tickers %s ...", self.kind, days, tickers, vw)
+        x, self.feature_names = cached_features(wide, kind=self.kind, cache=self.cache)  # (days, tickers, F)
+        progress.info(
+            "finance: %d features ready in %.1f s (%.0f MB float32)",
+            len(self.feature_names),
+            time.perf_counter() - start,
+            x.nbytes / 2**20,
+        )
+        self.split = purged_split(
+            md.dates,
+            train=self.ranges[0],
+            valid=self.ranges[1],
+            test=self.ranges[2],
+            horizon=self.horizon,
+            warmup_days=self.warmup_days,
+        )
+        present = (md.universe & md.tradable).to_numpy()  # (days, tickers)
+        x = np.where(md.wide["close"].notna().to_numpy()[..., None], x, np.nan)
+        fit_days = np.zeros(days, bool)
+        fit_days[self.split.train] = True
+        # the normalisation sees the train days' universe only (qlib fits on the handler's instruments)
+        self.transform.fit(np.where(present[..., None], x, np.nan), fit_days)
+        self.x = self.transform.normalise(x)
+        del x
+        lab, end = next_tradable_label(md.wide["close"], md.tradable, self.horizon)
+        mm = md.move_mask.to_numpy()
+        # mask labels that use a flagged move (the move into the sell day)
+        T = len(md.dates)
+        cols = np.arange(tickers)[None, :]
+        flagged = np.where(end >= 0, mm[np.clip(end, 0, T - 1), cols], False)
+        lab[flagged] = np.nan
+        # purge: no train/valid label may use a price beyond its segment's last day
+        seg_end = np.full(T, T - 1)
+        for seg in (self.split.train, self.split.valid):
+            if len(seg):
+                lo, hi = seg.min(), seg.max()
+                nxt = self.split.valid.min() if seg is self.split.train else self.split.test.min()
+                seg_end[lo : hi + 1] = nxt - 1
+        lab[(end > seg_end[:, None])] = np.nan
+        self.y_raw = lab
+        self.y = cs_rank_norm(lab) if self.label_norm == "csrank" else cs_zscore_norm(lab)
+        self.present = present
+        self._ready = True
+
+    def _ds(self, days: np.ndarray, train: bool) -> DayDataset:
+        return DayDataset(
+            x=self.x,
+            y=self.y,
+            y_raw=self.y_raw,
+            present=self.present,
+            days=days,
+            step_len=self.step_len,
+            drop_nan_label=train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._ds(self.split.train, True), batch_size=None, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._ds(self.split.valid, False), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._ds(self.split.test, False), batch_size=None)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    flat = SP500DataModule.flat
+
+    def backtest(self, preds: pd.DataFrame, *, segment: str | None = "test", **kw):  # noqa: ANN201
+        """TopK-Dropout of a predictions table (``date, ticker, score``) on this market with its rules."""
+        from apps.finance.backtest import backtest_market
+
+        if segment is not None and "segment" in preds.columns:
+            preds = preds[preds["segment"] == segment]
+        return backtest_market(preds, self.panel, rules=self.rules, **kw)
