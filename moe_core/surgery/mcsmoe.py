@@ -6,14 +6,25 @@ dominant expert with the most similar router-logit column; usage-frequency-weigh
 unchanged; LoSparse compression ``W ~ U V + S`` with SVD init and importance pruning of S on a cubic
 schedule. Our reading [D]: usage counts every selected (token, slot) pair (the paper's Switch models are
 top-1); a group whose members were never used is merged with uniform weights; merged experts are stored
-once and shared through :class:`~moe_core.blocks.RemappedExperts`; S is pruned element-wise.
-KD fine-tuning after merging is left to the caller's training loop.
+once and shared through :class:`~moe_core.blocks.RemappedExperts`.
+
+Compression as the official code runs it [C: ``mcsmoe/pruning/losparse.py`` ``LoSparsePruner``]:
+:func:`compress_and_finetune` starts from ``U V + S`` with all of S kept, fine-tunes with the distillation
+loss, and after every optimiser step updates the importance ``EMA_{0.85}(|S * grad S|)`` (PLATON with the
+uncertainty term off, ``beta2 = 1``); on the cubic schedule :func:`cubic_keep_ratio` it prunes whole rows of
+S (output units: ``structured_direction="row"``, ``structured_method="mean"`` on ``nn.Linear`` weights,
+i.e. a column of our ``x @ W`` layout) against one threshold shared by every compressed matrix of the
+model. Distillation [C: ``SwitchTransformersWrapperForDistillation``]: ``mlm_lambda * CE +
+kd_lambda * KL(softmax(t/T) || softmax(s/T))`` with ``KLDivLoss(reduction="batchmean")`` on the unflattened
+logits (sum over tokens / batch size) and no ``T²`` factor; :func:`kd_loss` ``weighting="official"``.
+:func:`compress_model` remains the one-shot variant (element-wise magnitude at init) [D].
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -30,6 +41,9 @@ from moe_core.blocks import (
     unwrap_bank,
 )
 from moe_core.surgery.bank import ComputedWeightExperts
+from moe_core.validation import check_choice
+
+KDWeighting = Literal["official", "convex"]
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -234,25 +248,31 @@ def kd_loss(
     *,
     temperature: float = 2.0,
     kd_lambda: float = 0.2,
+    mlm_lambda: float = 1.0,
+    weighting: KDWeighting = "official",
 ) -> torch.Tensor:
-    """Distillation loss for fine-tuning a merged model against the original.
+    """Distillation loss for fine-tuning a merged/compressed model against the original.
 
-    ``(1 - lam) * CE(student, targets) + lam * T^2 * KL(softmax(teacher / T) || softmax(student / T))``;
-    the defaults ``T = 2, lambda = 0.2`` are MC-SMoE's [C]; the exact mixing formula is our reading [U].
+    ``official`` [C: MC-SMoE ``SwitchTransformersWrapperForDistillation``]:
+    ``mlm_lambda * CE(student, targets) + kd_lambda * KL(softmax(t / T) || softmax(s / T))`` where the KL is
+    ``nn.KLDivLoss(reduction="batchmean")`` on the logits as given (summed over everything, divided by the
+    leading (batch) dimension: for ``(B, T, V)`` logits that is the per-token KL times T) and has no ``T²``.
+    ``convex`` [D, the earlier reading]: ``(1 - lam) * CE + lam * T² * KL`` with KL averaged per token.
+    Defaults ``T = 2, kd_lambda = 0.2, mlm_lambda = 1`` are MC-SMoE's [C].
 
     Args:
-        student_logits, teacher_logits: ``(..., V)``; targets: ``(...)`` class ids.
+        student_logits, teacher_logits: ``(B, ..., V)``; targets: ``(B, ...)`` class ids.
     """
+    check_choice("weighting", weighting, get_args(KDWeighting))
     v = student_logits.shape[-1]
     s, t = student_logits.reshape(-1, v).float(), teacher_logits.reshape(-1, v).float().detach()
     ce = torch.nn.functional.cross_entropy(s, targets.reshape(-1))
-    kl = torch.nn.functional.kl_div(
-        (s / temperature).log_softmax(-1),
-        (t / temperature).log_softmax(-1),
-        log_target=True,
-        reduction="batchmean",
+    kl_sum = torch.nn.functional.kl_div(
+        (s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1), log_target=True, reduction="sum"
     )
-    return (1 - kd_lambda) * ce + kd_lambda * temperature**2 * kl
+    if weighting == "official":
+        return mlm_lambda * ce + kd_lambda * kl_sum / student_logits.shape[0]
+    return (1 - kd_lambda) * ce + kd_lambda * temperature**2 * kl_sum / s.shape[0]
 
 
 # --------------------------------------------------------------------------------------- compression
@@ -394,3 +414,162 @@ def compress_model(model: nn.Module, *, rank: int, keep_ratio: float) -> None:
             g, u, d, rank=rank, keep_ratio=keep_ratio, act=bank_activation(bank)
         )
 
+
+# ------------------------------------------------------------------------- iterative structured pruning
+def _losparse_banks(model: nn.Module) -> list[LowRankSparseExperts]:
+    banks, seen = [], set()
+    for ref in find_moe_blocks(model):
+        bank = unwrap_bank(ref.experts)
+        if isinstance(bank, LowRankSparseExperts) and id(bank) not in seen:
+            seen.add(id(bank))
+            banks.append(bank)
+    return banks
+
+
+class LoSparsePruner:
+    """Row pruning of the sparse parts ``S`` of every :class:`LowRankSparseExperts` bank of a model.
+
+    Call :meth:`update` after each backward pass (before ``optimizer.zero_grad``) and :meth:`prune` with the
+    schedule's keep ratio after the optimiser step. Importance ``EMA_beta(|S * grad S|)`` per entry; a row of
+    S (one output unit of the expert matrix: column ``j`` of our ``(m, k)`` layout) scores the mean of its
+    entries; rows below one model-wide threshold are zeroed and masked, so the kept fraction of S *entries*
+    is ``keep_ratio`` (the official code's ``kthvalue`` over the repeated row scores).
+
+    Args:
+        model: a model whose MoE banks were replaced by :class:`LowRankSparseExperts`.
+        beta: EMA factor (LoSparse/MC-SMoE ``beta1 = 0.85``).
+    """
+
+    def __init__(self, model: nn.Module, *, beta: float = 0.85) -> None:
+        self.banks = _losparse_banks(model)
+        if not self.banks:
+            raise ValueError("model has no LowRankSparseExperts banks (run compress_model first)")
+        self.beta = beta
+        self.ema = {
+            (i, n): torch.zeros_like(getattr(b, f"{n}_s")) for i, b in enumerate(self.banks) for n in _MATS
+        }
+
+    def update(self) -> None:
+        """Fold ``|S * grad S|`` of the last backward pass into the EMA (entries without a gradient add 0)."""
+        for (i, n), ema in self.ema.items():
+            s = getattr(self.banks[i], f"{n}_s")
+            ipt = (s.detach() * s.grad).abs() if s.grad is not None else torch.zeros_like(ema)
+            ema.mul_(self.beta).add_(ipt, alpha=1 - self.beta)
+
+    def row_scores(self) -> dict[tuple[int, str], torch.Tensor]:
+        """``(E, m, k)`` per-entry scores equal to the mean EMA importance of their row (output unit)."""
+        return {key: ema.mean(dim=1, keepdim=True).expand_as(ema) for key, ema in self.ema.items()}
+
+    def prune(self, keep_ratio: float) -> float:
+        """Keep the ``keep_ratio`` highest-scoring rows (by entries) model-wide; returns the threshold."""
+        if not 0.0 <= keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
+        scores = self.row_scores()
+        alive = {key: getattr(self.banks[key[0]], f"{key[1]}_mask") > 0 for key in scores}
+        # rows already pruned rank lowest (their importance is 0 from now on anyway)
+        flat = torch.cat(
+            [torch.where(alive[k], sc, torch.full_like(sc, -1.0)).flatten() for k, sc in scores.items()]
+        )
+        n_drop = int(round(flat.numel() * (1 - keep_ratio)))
+        if n_drop <= 0:
+            return float("-inf")
+        thr = float(flat.kthvalue(n_drop).values)
+        with torch.no_grad():
+            for (i, n), sc in scores.items():
+                bank = self.banks[i]
+                keep = (sc > thr) & alive[(i, n)]
+                getattr(bank, f"{n}_mask").copy_(keep.to(bank.gate_mask.dtype))
+                getattr(bank, f"{n}_s").mul_(keep)
+        return thr
+
+    def kept_fraction(self) -> float:
+        """Fraction of S entries still kept over all banks."""
+        kept = sum(float(getattr(b, f"{n}_mask").sum()) for b in self.banks for n in _MATS)
+        total = sum(getattr(b, f"{n}_mask").numel() for b in self.banks for n in _MATS)
+        return kept / total
+
+
+_MATS = ("gate", "up", "down")
+
+
+@dataclass
+class CompressStats:
+    """What :func:`compress_and_finetune` did: the keep ratio and loss at each step."""
+
+    keep_ratios: list[float]
+    losses: list[float]
+    final_kept_fraction: float
+
+
+def compress_and_finetune(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    rank: int,
+    final_keep_ratio: float = 0.10,
+    total_steps: int,
+    initial_warmup: int = 0,
+    final_warmup: int = 0,
+    lr: float = 1e-3,
+    temperature: float = 2.0,
+    kd_lambda: float = 0.2,
+    mlm_lambda: float = 1.0,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+) -> CompressStats:
+    """MC-SMoE compression as the official code runs it: LoSparse init, KD fine-tuning, iterative row pruning
+    of S by gradient importance on the cubic schedule (in place).
+
+    Args:
+        model: the (merged) student; its MoE banks are replaced by :class:`LowRankSparseExperts`.
+        teacher: the model to distil from (frozen, eval mode).
+        batches: yields ``(x, y)``; ``forward(model, x)`` must give logits whose ``[..., V]`` rows match y.
+        rank: LoSparse rank.
+        final_keep_ratio: fraction of S entries kept at the end (MC-SMoE README 0.10).
+        total_steps: optimiser steps (the schedule spans them; ``batches`` must yield at least this many).
+        initial_warmup, final_warmup: steps at keep 1.0 first and at ``final_keep_ratio`` last.
+        lr: AdamW learning rate.
+        temperature, kd_lambda, mlm_lambda: :func:`kd_loss` (``official`` weighting).
+        forward: default ``model(x)`` (``.logits`` if present).
+
+    Returns:
+        :class:`CompressStats`.
+    """
+    from moe_core.inference.scmoe import lm_logits  # the shared "logits of an LM forward" helper
+
+    fwd = forward or lm_logits
+    compress_model(model, rank=rank, keep_ratio=1.0)
+    pruner = LoSparsePruner(model)
+    teacher.eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    was_training = model.training
+    model.train()
+    keeps, losses = [], []
+    it = iter(batches)
+    for step in range(total_steps):
+        try:
+            x, y = next(it)
+        except StopIteration as e:
+            raise ValueError(f"batches ran out after {step} of {total_steps} steps") from e
+        with torch.no_grad():
+            t_logits = fwd(teacher, x)
+        loss = kd_loss(
+            fwd(model, x), t_logits, y, temperature=temperature, kd_lambda=kd_lambda, mlm_lambda=mlm_lambda
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        pruner.update()
+        opt.step()
+        keep = cubic_keep_ratio(
+            step + 1,
+            total_steps=total_steps,
+            initial_warmup=initial_warmup,
+            final_warmup=final_warmup,
+            final=final_keep_ratio,
+        )
+        if keep < 1.0:
+            pruner.prune(keep)
+        keeps.append(keep)
+        losses.append(float(loss.detach()))
+    model.train(was_training)
+    return CompressStats(keep_ratios=keeps, losses=losses, final_kept_fraction=pruner.kept_fraction())

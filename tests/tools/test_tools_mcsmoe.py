@@ -1,5 +1,7 @@
 """MC-SMoE: permutation alignment, grouping, frequency-weighted merging, low-rank + sparse compression."""
 
+import math
+
 import pytest
 import torch
 
@@ -189,5 +191,113 @@ def test_kd_loss_reduces_to_cross_entropy_and_kl_vanishes_for_identical_logits()
     s, t, y = torch.randn(4, 5, 7), torch.randn(4, 5, 7), torch.randint(0, 7, (4, 5))
     ce = torch.nn.functional.cross_entropy(s.reshape(-1, 7), y.reshape(-1))
     torch.testing.assert_close(kd_loss(s, t, y, kd_lambda=0.0), ce)
-    torch.testing.assert_close(kd_loss(s, s, y, kd_lambda=0.5), 0.5 * ce)
+    torch.testing.assert_close(kd_loss(s, s, y, kd_lambda=0.5), ce)  # official: CE weight stays 1
+    torch.testing.assert_close(kd_loss(s, s, y, kd_lambda=0.5, weighting="convex"), 0.5 * ce)
     assert kd_loss(s, t, y, kd_lambda=1.0) > 0
+
+
+def test_kd_loss_official_weighting_matches_the_torch_modules_of_the_official_code():
+    from moe_core.surgery.mcsmoe import kd_loss
+
+    torch.manual_seed(1)
+    s, t, y = torch.randn(3, 6, 11), torch.randn(3, 6, 11), torch.randint(0, 11, (3, 6))
+    temp, lam, mlm = 2.0, 0.2, 0.7
+    ce = torch.nn.CrossEntropyLoss()(s.reshape(-1, 11), y.reshape(-1))
+    kl = torch.nn.KLDivLoss(reduction="batchmean")(
+        torch.log_softmax(s / temp, dim=-1), torch.softmax(t / temp, dim=-1)
+    )  # on (B, T, V): sum / B, no T^2 factor
+    want = mlm * ce + lam * kl
+    torch.testing.assert_close(kd_loss(s, t, y, temperature=temp, kd_lambda=lam, mlm_lambda=mlm), want)
+    with pytest.raises(ValueError, match="weighting"):
+        kd_loss(s, t, y, weighting="nope")  # type: ignore[arg-type]
+
+
+def _compressed_tiny(tiny_lm, rank=2):
+    model = tiny_lm()
+    compress_model(model, rank=rank, keep_ratio=1.0)
+    return model
+
+
+def test_pruner_removes_whole_rows_by_importance_and_hits_the_keep_ratio(tiny_lm):
+    from moe_core.surgery.mcsmoe import LoSparsePruner
+
+    model = _compressed_tiny(tiny_lm)
+    pruner = LoSparsePruner(model)
+    g = torch.Generator().manual_seed(0)
+    for key in pruner.ema:  # known importances: one random score per row (output unit)
+        ema = pruner.ema[key]
+        pruner.ema[key] = torch.rand(ema.shape[0], 1, ema.shape[2], generator=g).expand_as(ema).clone()
+    scores = pruner.row_scores()
+    pruner.prune(0.3)
+    kept, total = 0, 0
+    all_kept, all_dropped = [], []
+    for (i, n), sc in scores.items():
+        mask = getattr(pruner.banks[i], f"{n}_mask")
+        s = getattr(pruner.banks[i], f"{n}_s")
+        # whole rows: within a column of our (m, k) layout the mask is constant
+        assert torch.equal(mask.amin(dim=1), mask.amax(dim=1))
+        assert (s[mask == 0] == 0).all()
+        all_kept.append(sc[mask > 0])
+        all_dropped.append(sc[mask == 0])
+        kept, total = kept + int(mask.sum()), total + mask.numel()
+    assert abs(kept / total - 0.3) < 0.05
+    assert torch.cat(all_kept).min() >= torch.cat(all_dropped).max()  # one model-wide threshold
+    assert pruner.kept_fraction() == pytest.approx(kept / total)
+
+
+def test_pruner_importance_is_gradient_based_unused_expert_rows_go_first(tiny_lm):
+    from moe_core.blocks import router_selection
+    from moe_core.inference.override import RouterHook
+    from moe_core.surgery.mcsmoe import LoSparsePruner
+
+    model = _compressed_tiny(tiny_lm)
+    ids = torch.randint(0, 31, (1, 3), generator=torch.Generator().manual_seed(0))  # 6 picks of 6 experts
+    used: set[int] = set()
+
+    def fn(p, ref, probs, out):
+        if p == 0:
+            used.update(router_selection(out)[1].flatten().tolist())
+
+    with torch.no_grad(), RouterHook(model, fn):
+        model(ids)
+    unused = min(set(range(6)) - used)
+    bank0 = find_moe_blocks(model)[0].experts
+    with torch.no_grad():  # the largest S entries of the model, on an expert this batch never routes to
+        bank0.gate_s[unused].fill_(5.0)
+    pruner = LoSparsePruner(model)
+    model(ids).sum().backward()
+    pruner.update()
+    assert (pruner.ema[(0, "gate")][unused] == 0).all()
+    assert pruner.ema[(0, "gate")].sum() > 0
+    pruner.prune(0.9)
+    assert (bank0.gate_mask[unused] == 0).all()  # magnitude pruning would have kept these first
+
+
+def test_compress_and_finetune_follows_the_cubic_schedule(tiny_lm):
+    from moe_core.surgery.mcsmoe import compress_and_finetune
+
+    teacher = tiny_lm()
+    student = tiny_lm()
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            x = torch.randint(0, 31, (4, 9), generator=g)
+            yield x[:, :-1], x[:, 1:]
+
+    stats = compress_and_finetune(
+        student, teacher, batches(), rank=2, final_keep_ratio=0.2, total_steps=12, initial_warmup=2,
+        final_warmup=2, lr=1e-3,
+    )  # fmt: skip
+    want = [
+        cubic_keep_ratio(s + 1, total_steps=12, initial_warmup=2, final_warmup=2, final=0.2)
+        for s in range(12)
+    ]
+    assert stats.keep_ratios == want
+    assert stats.final_kept_fraction == pytest.approx(0.2, abs=0.03)
+    assert all(math.isfinite(v) for v in stats.losses)
+    for ref in find_moe_blocks(student):
+        bank = ref.experts
+        for n in ("gate", "up", "down"):
+            mask = getattr(bank, f"{n}_mask")
+            assert torch.equal(mask.amin(dim=1), mask.amax(dim=1))
