@@ -19,10 +19,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from moe_core.routers import TopKRouter
+from moe_core.routers import NoisyTopKRouter, TopKRouter
 from moe_core.types import RouterOutput
 
-EncoderKind = Literal["linear", "conv1d", "gru", "transformer"]
+EncoderKind = Literal["linear", "conv1d", "gru", "lstm", "transformer"]
 
 
 @dataclass
@@ -44,8 +44,9 @@ class Encoder(nn.Module):
     """Per-stock encoder ``(N, T, F) -> (N, H)``.
 
     ``linear``: flatten the T x F window -> Linear. ``conv1d``: two temporal convolutions (kernel 3, causal
-    padding) + last step — our guess at "MIGA-Conv". ``gru``: last hidden state. ``transformer``: Linear +
-    learned positions + encoder layers, last token.
+    padding) + last step — our guess at "MIGA-Conv". ``gru`` / ``lstm``: last hidden state (the unofficial
+    MIGA code's router runs an RNN over the window). ``transformer``: Linear + learned positions + encoder
+    layers, last token.
     """
 
     def __init__(
@@ -60,16 +61,16 @@ class Encoder(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if kind not in ("linear", "conv1d", "gru", "transformer"):
-            raise ValueError(f"encoder must be one of linear, conv1d, gru, transformer; got {kind!r}")
+        if kind not in ("linear", "conv1d", "gru", "lstm", "transformer"):
+            raise ValueError(f"encoder must be one of linear, conv1d, gru, lstm, transformer; got {kind!r}")
         self.kind, self.step_len = kind, step_len
         if kind == "linear":
             self.net = nn.Sequential(nn.Linear(step_len * num_features, hidden_dim), nn.LeakyReLU())
         elif kind == "conv1d":
             self.conv1 = nn.Conv1d(num_features, hidden_dim, 3, padding=2)
             self.conv2 = nn.Conv1d(hidden_dim, hidden_dim, 3, padding=2)
-        elif kind == "gru":
-            self.net = nn.GRU(
+        elif kind in ("gru", "lstm"):
+            self.net = (nn.GRU if kind == "gru" else nn.LSTM)(
                 num_features,
                 hidden_dim,
                 num_layers=num_layers,
@@ -93,7 +94,7 @@ class Encoder(nn.Module):
             h = torch.relu(self.conv1(h))[..., :t]  # causal: keep the first T outputs of the padded conv
             h = torch.relu(self.conv2(h))[..., :t]  # (N, H, T)
             return h[..., -1]  # (N, H)
-        if self.kind == "gru":
+        if self.kind in ("gru", "lstm"):
             out, _ = self.net(x)  # (N, T, H)
             return out[:, -1]
         h = self.inp(x) + self.pos[:t]  # (N, T, H)
@@ -114,6 +115,15 @@ class MIGA(nn.Module):
         attention_scope: ``all`` experts of the group as keys, or ``selected`` only (others masked as keys).
         attention_heads: heads of the inner attention (must divide ``expert_dim``).
         router_jitter: multiplicative input jitter of the router in training.
+        router_noise: ``none`` (softmax top-k, ``moe_core.routers.TopKRouter``) or ``noisy_topk`` (Shazeer
+            et al. 2017, ``moe_core.routers.NoisyTopKRouter``: learned input-dependent Gaussian noise on the
+            logits in training only; clean logits in eval).
+        market_context: ``none``, or ``cross_section``: the router also sees the day's market state
+            ``m = mean_i x_i[-1]`` (cross-sectional mean of the day's last-step features, ``(F,)``) through
+            ``h_i + U m`` with U zero-initialised (so training starts from the context-free router). Our
+            reading of docs/finance.md §12's ``market_context`` (MASTER's 63 index features need amount data
+            this project's markets lack); the scores then depend on the day's cross-section as a whole,
+            still permutation-equivariant over stocks.
         dropout: encoder dropout.
     """
 
@@ -133,10 +143,18 @@ class MIGA(nn.Module):
         attention_scope: Literal["all", "selected"] = "all",
         attention_heads: int = 2,
         router_jitter: float = 0.0,
+        router_noise: Literal["none", "noisy_topk"] = "none",
+        market_context: Literal["none", "cross_section"] = "none",
         encoder_layers: int = 1,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if router_noise not in ("none", "noisy_topk"):
+            raise ValueError(f"router_noise must be 'none' or 'noisy_topk', got {router_noise!r}")
+        if market_context not in ("none", "cross_section"):
+            raise ValueError(f"market_context must be 'none' or 'cross_section', got {market_context!r}")
+        if router_noise == "noisy_topk" and router_jitter:
+            raise ValueError("router_jitter is for the plain top-k router; set router_noise='none' with it")
         if num_groups < 1 or experts_per_group < 1:
             raise ValueError(
                 f"num_groups and experts_per_group must be >= 1, got {num_groups}, {experts_per_group}"
@@ -161,9 +179,16 @@ class MIGA(nn.Module):
             num_heads=attention_heads,
             dropout=dropout,
         )
-        self.router = TopKRouter(
-            dim=hidden_dim, num_experts=self.num_experts, top_k=top_k, jitter=router_jitter
-        )
+        if router_noise == "noisy_topk":
+            self.router = NoisyTopKRouter(dim=hidden_dim, num_experts=self.num_experts, top_k=top_k)
+        else:
+            self.router = TopKRouter(
+                dim=hidden_dim, num_experts=self.num_experts, top_k=top_k, jitter=router_jitter
+            )
+        self.router_noise, self.market_context = router_noise, market_context
+        if market_context == "cross_section":
+            self.context = nn.Linear(num_features, hidden_dim, bias=False)  # U
+            nn.init.zeros_(self.context.weight)
         E, H, De = self.num_experts, hidden_dim, expert_dim
         bound = 1 / math.sqrt(H)
         if expert_type == "mlp":
@@ -205,7 +230,11 @@ class MIGA(nn.Module):
         """x ``(N, T, F)`` -> score ``(N,)`` and the routing of the N stocks."""
         _check_x(x, self.num_features, self.step_len)
         h = self.encoder(x)  # (N, H)
-        routing = self.router(h)
+        r_in = h
+        if self.market_context == "cross_section":
+            m = x[:, -1].mean(0)  # (F,) the day's market state
+            r_in = h + self.context(m)  # (N, H) + (H,)
+        routing = self.router(r_in)
         dense_w = routing.dense_weights().to(h.dtype)  # (N, E)
         z = self.group_attention(self.experts(h), dense_w)  # (N, E, De)
         y = (z * self.readout).sum(-1) + self.readout_bias  # (N, E): y_e = v_e^T z'_e

@@ -72,7 +72,9 @@ def test_no_buy_at_limit_up_close():
     rets2 = rets.copy()
     rets2.iloc[2] = [0.0, 0.05, -0.05, 0.0]
     cb, cs = trade_masks(rets2, market_rules("cn"))
-    r = topk_dropout_backtest(scores, rets2, pd.Series(0.0, index=DAYS), topk=2, n_drop=1, can_buy=cb, can_sell=cs)
+    r = topk_dropout_backtest(
+        scores, rets2, pd.Series(0.0, index=DAYS), topk=2, n_drop=1, can_buy=cb, can_sell=cs
+    )
     # value after day 2: half in each of SZ300750 (+5 %) and SH688001 (-5 %) -> day-2 return ~0
     assert r.report["return"].iloc[1] == pytest.approx(0.0, abs=3e-3)  # up to the day-2 rotation costs
     r_us = topk_dropout_backtest(scores, rets2, pd.Series(0.0, index=DAYS), topk=2, n_drop=1)

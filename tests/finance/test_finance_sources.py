@@ -44,7 +44,7 @@ def make_provider(root: Path) -> dict:
     b = np.array([20, 21, 21, 21, 22, 23], float)  # from calendar index 2; suspended idx 4-5 (volume 0)
     vol_b = [100, 100, 0, 0, 100, 100]
     d = np.array([5, 5, 5, 5, 5, 5, 5, 5], float)
-    for inst, start, c, v, folder in (
+    for _inst, start, c, v, folder in (
         ("AAA", 0, a, [100] * 8, "AAA"),
         ("BBB", 2, b, vol_b, "BBB"),
         ("DDD", 0, d, [7] * 8, "ddd"),
@@ -97,7 +97,9 @@ def test_returns_and_label_across_a_suspension(tmp_path: Path) -> None:
     assert lab[3, j] == pytest.approx(23 / 22 - 1) and end[3, j] == 7
     assert np.isnan(lab[6, j]) and end[6, j] == -1  # no second tradable day after 6
     a = md.tickers.index("AAA")
-    np.testing.assert_allclose(lab[:6, a], np.array([12, 13, 14, 15, 16, 17.0]) / [11, 12, 13, 14, 15, 16] - 1)
+    np.testing.assert_allclose(
+        lab[:6, a], np.array([12, 13, 14, 15, 16, 17.0]) / [11, 12, 13, 14, 15, 16] - 1
+    )
     ew = equal_weight_index(md.wide["close"], md.tradable, md.universe)
     # day 1: AAA +10 %, DDD 0 % (BBB not listed yet) -> mean +5 %
     assert ew.iloc[0] == 1.0 and ew.iloc[1] == pytest.approx(1.05)
@@ -191,8 +193,12 @@ def test_data_problem_messages_name_file_ticker_date(tmp_path: Path) -> None:
         md = read_bars(tmp_path)
     msgs = [str(x.message) for x in w if issubclass(x.category, DataWarning)]
     assert any("empty.csv has a header but no rows" in m for m in msgs), msgs
-    assert any("2 duplicated (ticker, date)" in m and "good.csv, ticker AAA, date 2022-03-03" in m for m in msgs), msgs
-    assert any("negative price" in m and "file more.csv, ticker BBB, date 2022-03-03" in m for m in msgs), msgs
+    assert any(
+        "2 duplicated (ticker, date)" in m and "good.csv, ticker AAA, date 2022-03-03" in m for m in msgs
+    ), msgs
+    assert any("negative price" in m and "file more.csv, ticker BBB, date 2022-03-03" in m for m in msgs), (
+        msgs
+    )
     assert md.report["empty_files"] == 1 and md.report["duplicated_dates"] == 2
     assert md.report["negative_values"] == 1
     with pytest.raises(ValueError, match=r"unparseable date 'yesterday'"):
@@ -222,7 +228,8 @@ def test_market_data_module_on_a_users_folder(tmp_path: Path) -> None:
         path=str(tmp_path / "mine"), source="bars",
         columns={"ticker": "code", "date": "trade_date", "open": "Open", "high": "High", "low": "Low",
                  "close": "Close", "volume": "vol", "volume_unit": 100},
-        train=("2019-01-01", "2019-09-30"), valid=("2019-10-01", "2019-12-31"), test=("2020-01-01", "2020-03-31"),
+        train=("2019-01-01", "2019-09-30"), valid=("2019-10-01", "2019-12-31"),
+        test=("2020-01-01", "2020-03-31"),
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="known after setup"):
         _ = dm.num_features
