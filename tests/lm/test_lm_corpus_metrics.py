@@ -32,7 +32,8 @@ TEXT = (
 DOC = (
     '<doc id="1" url="http://en.wikipedia.org/wiki?curid=1" title="Greg &amp; Steve">\n'
     "Greg &amp; Steve\n\nGreg & Steve is a duo <br> of musicians.\n\n</doc>\n"
-    '<doc id="2" url="http://en.wikipedia.org/wiki?curid=2" title="B">\nB\n\nSecond article.\nMore.\n\n</doc>\n'
+    '<doc id="2" url="http://en.wikipedia.org/wiki?curid=2" title="B">\n'
+    "B\n\nSecond article.\nMore.\n\n</doc>\n"
 )
 
 
@@ -102,7 +103,7 @@ def test_token_byte_table_counts_bytes_and_words_by_hand():
 
 
 def test_bits_per_byte_and_word_ppl_closed_form_for_a_uniform_model():
-    """Zero logits: every target costs ln V nats, so bpb = n ln V / (ln 2 * bytes) and word ppl = V^(n/words)."""
+    """Zero logits: every target costs ln V nats, so bpb = n ln V / (ln 2 * bytes), word ppl = V^(n/words)."""
     tok = BPETokenizer.fit(TEXT, vocab_size=330)
     v = tok.vocab_size
     ids = torch.tensor(tok.encode(TEXT[:300]))[None]  # (1, n+1)
