@@ -45,7 +45,10 @@ def run_demo(
     from pipelines.registry import register_trained
 
     t0 = time.perf_counter()
-    args = ["--config", str(config), "--tracking.run_name=demo-census-home", *extra_args]
+    # a folder of its own per demo run: a rerun neither mixes with nor overwrites the last one's checkpoints
+    run_dir = Path.cwd() / "runs" / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    args = ["--config", str(config), "--tracking.run_name=demo-census-home", f"--run_dir={run_dir}"]
+    args += list(extra_args)
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")
     cli = MoekitCLI(app="recsys", args=args, run=False)

@@ -16,6 +16,8 @@ model loads where moekit is not installed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
 import pandas as pd
 import torch
@@ -34,7 +36,10 @@ class MoekitPyfunc(PythonModel):
         packages = (context.model_config or {}).get("packages", [])
         self.predictor = load_portable(context.artifacts["predictor"], extra_packages=packages)
 
-    def predict(self, context, model_input, params=None):
+    # the type hint (a DataFrame: no schema is inferred from it) keeps MLflow from warning at log/load time
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         if isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
         try:
