@@ -6,9 +6,13 @@ measures on the held-out 10 %:
   * bit-nested quantisation: val loss at 8, 6, 4 (and 2) bits and with usage-planned per-expert widths;
   * SCMoE vs greedy: teacher-forced next-token accuracy;
   * offloading: cache hit rate and time per decoded token at cache sizes of 25 / 50 / 100 % of the experts
-    (score-aware + prefetch vs LRU; experts stored on disk), against the all-in-memory model.
+    (score-aware + prefetch vs LRU; experts stored on disk), against the all-in-memory model;
+  * issue-18 sections (``--only-new`` runs only these, after training): D²MoE dual routing vs static bit
+    plans (val loss, mean bits per (token, expert) pair, bytes loaded per token) and the HEBF pipeline
+    simulation; C3PO mode finding and generation with the re-mixed routing at every step; MC-SMoE iterative
+    row pruning on the cubic schedule during KD vs one-shot magnitude compression.
 
-Run: ``.venv/bin/python benchmarks/moe_tools.py [--train-steps 500]``; writes
+Run: ``.venv/bin/python benchmarks/moe_tools.py [--train-steps 500] [--only-new --out ...]``; writes
 ``benchmarks/results/moe_tools.json``.
 """
 
@@ -18,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -35,22 +40,44 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apps.datadir import data_dir, require_file  # noqa: E402
-from moe_core.blocks import find_moe_blocks  # noqa: E402
+from moe_core.blocks import (  # noqa: E402
+    bank_activation,
+    find_moe_blocks,  # noqa: E402
+    get_expert_weights,
+    router_selection,
+    unwrap_bank,
+)
 from moe_core.experts import SwiGLUExperts  # noqa: E402
 from moe_core.inference.c3po import (  # noqa: E402
+    c3po_generate,
     collect_pathways,
     critical_blocks,
     kernel_regression,
     mean_embedding,
+    mode_finding,
     remixed_logits,
 )
 from moe_core.inference.offload import OffloadStats, offload_model  # noqa: E402
-from moe_core.inference.scmoe import scmoe_logits  # noqa: E402
+from moe_core.inference.override import RouterHook  # noqa: E402
+from moe_core.inference.scmoe import greedy_generate, scmoe_logits  # noqa: E402
 from moe_core.layer import MoELayer  # noqa: E402
 from moe_core.routers import TopKRouter  # noqa: E402
 from moe_core.surgery.bank import count_parameters  # noqa: E402
-from moe_core.surgery.mcsmoe import collect_routing_stats, compress_model, kd_loss, merge_model  # noqa: E402
-from moe_core.surgery.quant import choose_bits, quantize_model_experts  # noqa: E402
+from moe_core.surgery.mcsmoe import (  # noqa: E402
+    collect_routing_stats,
+    compress_and_finetune,
+    compress_model,
+    kd_loss,
+    merge_model,
+)
+from moe_core.surgery.quant import (  # noqa: E402
+    DualRoutedQuantExperts,
+    choose_bits,
+    expert_order,
+    hebf_load_order,
+    quantize_model_experts,
+    simulate_loading,
+)
 
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -269,11 +296,286 @@ def decode_tokens(model, prompt, n_new) -> torch.Tensor:
     return torch.cat(toks, 1)
 
 
+# ------------------------------------------------------------------------- issue-18 sections
+def _dualize(model, *, thresholds, candidates, bits=8, group_size=32):
+    """Replace every block's bank by a DualRoutedQuantExperts (in place); returns the banks."""
+    banks = []
+    for ref in find_moe_blocks(model):
+        bank = unwrap_bank(ref.experts)
+        g, u, d = get_expert_weights(bank)
+        q = DualRoutedQuantExperts(
+            gate=g,
+            up=u,
+            down=d,
+            thresholds=thresholds,
+            candidates=candidates,
+            bits=bits,
+            group_size=group_size,
+            act=bank_activation(bank),
+        )
+        ref.block.experts = q
+        banks.append(q)
+    return banks
+
+
+@torch.no_grad()
+def _routing(model, x):
+    """Per block ``(weights (N, K), indices (N, K))`` of one forward pass."""
+    got = {}
+
+    def fn(p, ref, probs, out):
+        got[p] = tuple(t.detach() for t in router_selection(out))
+
+    with RouterHook(model, fn):
+        model(x)
+    return [got[p] for p in sorted(got)]
+
+
+def d2moe_rows(model, vx, vy) -> list[dict]:
+    """Dual routing vs static plans on the same nested codes (group size 32)."""
+    rows = []
+    blk = find_moe_blocks(model)[0].experts
+    numel = 3 * blk.dim * blk.hidden_dim
+    routes = [_routing(model, vx[i : i + 32]) for i in range(0, len(vx), 32)]
+    for label, th, cands in (
+        ("static 2-bit", (), (2,)),
+        ("static 3-bit", (), (3,)),
+        ("static 4-bit", (), (4,)),
+        ("dual: top weight >= 0.5 -> 4 bit, else 2 bit", (0.5,), (2, 4)),
+        ("dual: weight >= 0.7 -> 4 bit, else 2 bit", (0.7,), (2, 4)),
+        ("dual: weight >= 0.5 -> 3 bit, else 2 bit", (0.5,), (2, 3)),
+    ):
+        qm = copy.deepcopy(model)
+        banks = _dualize(qm, thresholds=th, candidates=cands)
+        pair_bits = [
+            torch.cat([bank.pair_bits(r[b][1], r[b][0]).float().flatten() for r in routes])
+            for b, bank in enumerate(banks)
+        ]
+        mean_bits = float(torch.cat(pair_bits).mean())
+        k = routes[0][0][0].shape[1]
+        rows.append(
+            {
+                "section": "d2moe",
+                "variant": label,
+                "val_loss": val_loss(qm, vx, vy),
+                "mean_pair_bits": mean_bits,
+                # decode with nothing cached: each token loads its K experts' planes in every layer
+                "bytes_loaded_per_token": mean_bits * numel / 8 * k * len(banks),
+            }
+        )
+    return rows
+
+
+def hebf_rows(model, vx, *, windows_n: int = 16) -> list[dict]:
+    """Simulated I/O + compute pipeline of one prefill window under dual routing (plane = 1 time unit,
+    compute = tokens x c with c set so total compute equals total I/O): HEBF vs coldest-first vs index."""
+    res: dict[str, list[tuple[float, float]]] = {"hebf": [], "coldest_first": [], "index_order": []}
+    for w in range(windows_n):
+        routes = _routing(model, vx[w : w + 1])
+        needed, counts, bits_l, use_l = {}, {}, [], []
+        for layer, (wts, idx) in enumerate(routes):
+            e_n = find_moe_blocks(model)[layer].router.num_experts
+            pb = torch.where(wts >= 0.5, 4, 2)  # the dual rule of the d2moe rows
+            need = torch.zeros(e_n, dtype=torch.long).scatter_reduce(0, idx.flatten(), pb.flatten(), "amax")
+            cnt = torch.bincount(idx.flatten(), minlength=e_n).float()
+            for e in range(e_n):
+                if need[e] > 0:
+                    needed[(layer, e)] = int(need[e])
+                    counts[(layer, e)] = float(cnt[e])
+            bits_l.append(need)
+            use_l.append(cnt)
+        io = float(sum(needed.values()))
+        c = io / sum(counts.values())
+        compute = {key: c * v for key, v in counts.items()}
+        orders = {
+            "hebf": hebf_load_order(bits_l, use_l, layerwise=True),
+            "coldest_first": hebf_load_order(bits_l, [-u for u in use_l], layerwise=True),
+            "index_order": expert_order(bits_l),
+        }
+        for name, order in orders.items():
+            sim = simulate_loading(order, plane_seconds=1.0, compute_seconds=compute, needed=needed)
+            res[name].append((sim["finish_seconds"] / io, sim["stall_seconds"] / io))
+    return [
+        {
+            "section": "hebf_sim",
+            "variant": name,
+            "makespan_over_io_median": statistics.median(v[0] for v in vals),
+            "stall_over_io_median": statistics.median(v[1] for v in vals),
+            "windows": windows_n,
+        }
+        for name, vals in res.items()
+    ]
+
+
+def c3po_new_rows(model, train_ids, vx, vy, *, ctx: int) -> list[dict]:
+    rows = []
+    blocks = critical_blocks(len(find_moe_blocks(model)), 2)
+    embed = mean_embedding(model.tok if isinstance(model, MoELM) else model.lm.embed)
+    rx, ry = windows(train_ids, 512, ctx, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        r_ok = torch.cat([model(rx[i : i + 64])[:, -1].argmax(-1) for i in range(0, 512, 64)]) == ry[:, -1]
+    ref_x = rx[r_ok]
+    ref_paths = torch.cat(
+        [collect_pathways(model, ref_x[i : i + 64], blocks=blocks) for i in range(0, len(ref_x), 64)]
+    )
+    own = torch.cat([collect_pathways(model, vx[i : i + 64], blocks=blocks) for i in range(0, len(vx), 64)])
+    with torch.no_grad():
+        base = torch.cat([model(vx[i : i + 64])[:, -1] for i in range(0, len(vx), 64)])
+    acc0 = float((base.argmax(-1) == vy[:, -1]).float().mean())
+    rows.append({"section": "c3po_new", "variant": "own routing (last token)", "accuracy": acc0})
+    for label, hat in (
+        (
+            "kernel regression k=3 (embedding neighbours)",
+            kernel_regression(embed(vx), embed(ref_x), ref_paths, k=3),
+        ),
+        (
+            "mode finding k=3, alpha 0.5, 3 steps (pathway neighbours)",
+            mode_finding(own, ref_paths, k=3, alpha=0.5, steps=3),
+        ),
+        ("mode finding k=3, alpha 0, 1 step", mode_finding(own, ref_paths, k=3, alpha=0.0, steps=1)),
+    ):
+        with torch.no_grad():
+            last = torch.cat(
+                [
+                    remixed_logits(model, vx[i : i + 64], hat[i : i + 64], blocks=blocks)[:, -1]
+                    for i in range(0, len(vx), 64)
+                ]
+            )
+        acc = float((last.argmax(-1) == vy[:, -1]).float().mean())
+        rows.append(
+            {"section": "c3po_new", "variant": label, "accuracy": acc, "ratio_vs_own": acc / max(acc0, 1e-9)}
+        )
+    # generation: 48-char prompts, 16 greedy chars, accuracy against the real continuation
+    n_p, p_len, n_new = 64, 48, 16
+    px, fut = vx[:n_p, :p_len], torch.cat([vx[:n_p, p_len:], vy[:n_p, -1:]], 1)[:, :n_new]
+    hat_gen = kernel_regression(embed(px), embed(ref_x), ref_paths, k=3)
+    t0 = time.perf_counter()
+    base_gen = greedy_generate(model, px, max_new_tokens=n_new)[:, p_len:]
+    t_base = time.perf_counter() - t0
+    acc_g0 = float((base_gen == fut).float().mean())
+    rows.append(
+        {"section": "c3po_gen", "variant": "greedy, own routing", "char_accuracy": acc_g0, "seconds": t_base}
+    )
+    for positions in ("all", "last"):
+        t0 = time.perf_counter()
+        gen = c3po_generate(model, px, hat_gen, blocks=blocks, max_new_tokens=n_new, positions=positions)
+        dt = time.perf_counter() - t0
+        acc = float((gen[:, p_len:] == fut).float().mean())
+        rows.append(
+            {
+                "section": "c3po_gen",
+                "variant": f"kernel regression k=3, re-mixed routing on {positions} tokens at every step",
+                "char_accuracy": acc,
+                "ratio_vs_own": acc / max(acc_g0, 1e-9),
+                "seconds": dt,
+                "prompts": n_p,
+                "new_tokens": n_new,
+            }
+        )
+    return rows
+
+
+def mcsmoe_new_rows(model, aligned, train_ids, vx, vy, *, ctx: int, steps: int, seed: int) -> list[dict]:
+    """Merged model -> compressed: one-shot magnitude (then KD) vs iterative row pruning during KD."""
+    rows = []
+
+    def batches(s):
+        gen = torch.Generator().manual_seed(s)
+        while True:
+            yield windows(train_ids, 32, ctx, gen)
+
+    oneshot = copy.deepcopy(aligned)
+    compress_model(oneshot, rank=16, keep_ratio=0.1)
+    rows.append(
+        {
+            "section": "mcsmoe_new",
+            "variant": "merged + one-shot LoSparse rank 16, S keep 0.1 (magnitude, element-wise)",
+            "val_loss": val_loss(oneshot, vx, vy),
+            "params": count_parameters(oneshot),
+        }
+    )
+    kd_finetune(oneshot, model, train_ids, steps=steps, ctx=ctx, seed=seed)
+    rows.append(
+        {
+            "section": "mcsmoe_new",
+            "variant": f"  ... then KD fine-tune {steps} steps (official weighting)",
+            "val_loss": val_loss(oneshot, vx, vy),
+            "params": count_parameters(oneshot),
+        }
+    )
+    it = copy.deepcopy(aligned)
+    st = compress_and_finetune(
+        it,
+        model,
+        batches(seed),
+        rank=16,
+        final_keep_ratio=0.1,
+        total_steps=steps,
+        initial_warmup=steps // 10,
+        final_warmup=steps // 5,
+        lr=1e-3,
+    )
+    it.eval()
+    rows.append(
+        {
+            "section": "mcsmoe_new",
+            "variant": f"merged + iterative row pruning during {steps} KD steps (cubic 1.0 -> 0.1, "
+            "EMA |S grad S|), rank 16",
+            "val_loss": val_loss(it, vx, vy),
+            "params": count_parameters(it),
+            "final_kept_fraction": st.final_kept_fraction,
+        }
+    )
+    return rows
+
+
 def commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+def new_sections(a, model, aligned, train_ids, vx, vy) -> list[dict]:
+    """The issue-18 rows: MC-SMoE iterative compression, D2MoE dual routing, HEBF simulation, C3PO."""
+    rows = mcsmoe_new_rows(model, aligned, train_ids, vx, vy, ctx=a.ctx, steps=a.kd_steps, seed=a.seed + 1)
+    rows += d2moe_rows(model, vx, vy)
+    rows += hebf_rows(model, vx)
+    rows += c3po_new_rows(model, train_ids, vx, vy, ctx=a.ctx)
+    for r in rows:
+        print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    return rows
+
+
+def write_results(a, rows, model, vx, vy, vocab, steps, last, t_train, extra=None) -> None:
+    blk = find_moe_blocks(model)[0].experts
+    meta = {
+        "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "torch": torch.__version__,
+        "train_seconds": round(t_train, 1),
+        "train_steps": steps,
+        "last_train_ce": last,
+        "val_tokens": int(vy.numel()),
+        "model": f"{type(model).__name__} dim {blk.dim}, {len(model.blocks)} layers, E=8, top-2, "
+        f"SwiGLU experts H={blk.hidden_dim}, char-level; "
+        + (
+            "defined in this script"
+            if a.model == "script"
+            else "apps.lm TransformerLM trained by this script's loop"
+        ),
+        "note": "val loss in nats/char on fixed random held-out windows; uniform-guess loss = "
+        f"{math.log(vocab):.3f}",
+        "sections": "issue-18 sections only (--only-new)" if a.only_new else "all",
+        **(extra or {}),
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".json", delete=False) as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    os.replace(f.name, out)
+    print(f"wrote {a.out}")
 
 
 def main(argv=None) -> None:
@@ -293,6 +595,12 @@ def main(argv=None) -> None:
         "(same size, trained by this script's loop; decode recomputes the window, no KV cache)",
     )
     p.add_argument("--out", default=None, help="default benchmarks/results/moe_tools[_app].json")
+    p.add_argument(
+        "--only-new",
+        action="store_true",
+        help="after training, run only the issue-18 sections (D2MoE dual routing, HEBF simulation, C3PO mode "
+        "finding and generation, MC-SMoE iterative compression)",
+    )
     a = p.parse_args(argv)
     a.out = a.out or str(
         ROOT / "benchmarks" / "results" / f"moe_tools{'_app' if a.model == 'app' else ''}.json"
@@ -336,6 +644,12 @@ def main(argv=None) -> None:
         )
         if align:
             aligned = merged
+    if a.only_new:
+        t_new = time.perf_counter()
+        rows += new_sections(a, model, aligned, train_ids, vx, vy)
+        extra = {"new_seconds": round(time.perf_counter() - t_new, 1)}
+        write_results(a, rows, model, vx, vy, vocab, steps, last, t_train, extra=extra)
+        return
     for rank, keep in ((32, 0.1), (16, 0.1), (8, 0.05)):
         comp = copy.deepcopy(aligned)
         compress_model(comp, rank=rank, keep_ratio=keep)
@@ -549,28 +863,8 @@ def main(argv=None) -> None:
             flush=True,
         )
 
-    meta = {
-        "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "torch": torch.__version__,
-        "train_seconds": round(t_train, 1),
-        "train_steps": steps,
-        "last_train_ce": last,
-        "val_tokens": int(vy.numel()),
-        "model": f"{type(model).__name__} dim {blk.dim}, {len(model.blocks)} layers, E=8, top-2, "
-        f"SwiGLU experts H={blk.hidden_dim}, char-level; "
-        + (
-            "defined in this script"
-            if a.model == "script"
-            else "apps.lm TransformerLM trained by this script's loop"
-        ),
-        "note": "val loss in nats/char on fixed random held-out windows; uniform-guess loss = "
-        f"{math.log(vocab):.3f}",
-    }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {a.out}")
+    rows += new_sections(a, model, aligned, train_ids, vx, vy)
+    write_results(a, rows, model, vx, vy, vocab, steps, last, t_train)
 
 
 if __name__ == "__main__":
