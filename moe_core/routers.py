@@ -569,10 +569,21 @@ class GroupedRouter(_GateMixin):
         top_k: K, total experts per token (divisible by ``num_groups``).
         num_groups: expert groups G (one per device).
         renormalize: renormalise the selected scores to sum to 1 (needs ``top_k > 1``).
+        expert_scale: a learned per-expert scale ``s (E,)`` (init 1) multiplies each selected weight:
+            ``w_{t,i} = s_i * G'_{t,i}`` after any renormalisation (Pangu Pro MoE's learnable expert-specific
+            router scale; [U]: the placement after selection is our reading of the released modelling code,
+            not verified here). Off by default; with ``s = 1`` the output equals the unscaled router.
     """
 
     def __init__(
-        self, *, dim: int, num_experts: int, top_k: int, num_groups: int, renormalize: bool = False
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        num_groups: int,
+        renormalize: bool = False,
+        expert_scale: bool = False,
     ) -> None:
         super().__init__()
         _check_sizes(dim, num_experts)
@@ -584,6 +595,7 @@ class GroupedRouter(_GateMixin):
         self.dim, self.num_experts, self.top_k, self.num_groups = dim, num_experts, top_k, num_groups
         self.renormalize = _resolve_renormalize(renormalize, top_k)
         self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.expert_scale = nn.Parameter(torch.ones(num_experts)) if expert_scale else None
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """Route tokens; ``x (N, D)`` -> RouterOutput with ``(N, K)`` slots, K' per group in group order."""
@@ -598,6 +610,8 @@ class GroupedRouter(_GateMixin):
         weights = top.reshape(n, self.top_k)  # (N, K)
         if self.renormalize:
             weights = _renorm(weights)
+        if self.expert_scale is not None:
+            weights = weights * self.expert_scale.float()[indices]  # (N, K) learned per-expert scale
         return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
 
     def aux_losses(

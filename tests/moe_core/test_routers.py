@@ -332,6 +332,30 @@ def test_grouped_one_group_is_topk():
     torch.testing.assert_close(a.dense_weights(), b.dense_weights())
 
 
+def test_grouped_expert_scale_multiplies_selected_weights_and_learns():
+    plain = _init(R.GroupedRouter(dim=D, num_experts=8, top_k=4, num_groups=2, renormalize=True))
+    scaled = R.GroupedRouter(dim=D, num_experts=8, top_k=4, num_groups=2, renormalize=True, expert_scale=True)
+    scaled.gate.load_state_dict(plain.gate.state_dict())
+    x = _x(20)
+    a, b = plain(x), scaled(x)
+    torch.testing.assert_close(b.weights, a.weights)  # init s = 1: identical routing
+    assert torch.equal(a.indices, b.indices)
+    with torch.no_grad():
+        scaled.expert_scale.copy_(torch.arange(1.0, 9.0))
+    c = scaled(x)
+    assert torch.equal(c.indices, a.indices)  # the scale never changes the selection
+    for t in range(20):  # oracle: each selected weight times its expert's scale
+        for j in range(4):
+            e = int(a.indices[t, j])
+            assert float(c.weights[t, j]) == pytest.approx(float(a.weights[t, j]) * (e + 1), rel=1e-6)
+    c.weights.sum().backward()
+    grad = scaled.expert_scale.grad
+    used = torch.zeros(8, dtype=torch.bool)
+    used[a.indices.flatten()] = True
+    assert (grad[used] > 0).all() and (grad[~used] == 0).all()
+    assert plain.expert_scale is None and "expert_scale" not in dict(plain.named_parameters())
+
+
 # ---------------------------------------------------------------- DeepSeek sigmoid / group-limited / bias
 def _ds_oracle(scores, bias, k, num_groups, topk_groups, use_bias):
     """Brute-force group-limited selection per token (official Gate semantics)."""
