@@ -43,13 +43,8 @@ class LMPredictor:
 
         if not isinstance(df, pd.DataFrame) or "prompt" not in df.columns:
             raise ValueError("expected a table with a 'prompt' column (one prompt per row)")
-        unknown = set(params) - set(PREDICT_PARAMS)
-        if unknown:
-            raise ValueError(f"unknown generation params {sorted(unknown)}; known: {sorted(PREDICT_PARAMS)}")
-        p = {**PREDICT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
-        n = int(p["max_new_tokens"])
-        if not 0 < n <= self.max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens must be in 1..{self.max_new_tokens_limit}, got {n}")
+        p = check_predict_params(params, max_new_tokens_limit=self.max_new_tokens_limit)
+        n = p["max_new_tokens"]
         if not hasattr(self, "_tok"):
             self._tok = tokenizer_from_json(self.tokenizer_json)
         texts = []
@@ -67,6 +62,48 @@ class LMPredictor:
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_tok"}
+
+
+def check_predict_params(params: Mapping[str, Any], *, max_new_tokens_limit: int = 2048) -> dict[str, Any]:
+    """The generation options of a served request, checked without coercion, merged over the defaults.
+
+    ``max_new_tokens`` (1..limit), ``top_k`` (>= 0, 0 = off) and ``seed`` must be integers (not bools, not
+    ``"5"`` or ``5.0``); ``temperature`` (> 0) and ``top_p`` (in (0, 1]) numbers; ``greedy`` a bool. None
+    means the default. Numpy scalars (what MLflow's params schema delivers) count as their Python kinds.
+
+    Raises:
+        ValueError: an unknown option, or a value of the wrong type or range; the message names it.
+    """
+    import numbers
+
+    unknown = set(params) - set(PREDICT_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown generation params {sorted(unknown)}; known: {sorted(PREDICT_PARAMS)}")
+    out = dict(PREDICT_PARAMS)
+    for k, v in params.items():
+        if v is None:
+            continue
+        if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+            v = v.item()  # numpy scalar -> Python scalar, same kind
+        if k == "greedy":
+            if not isinstance(v, bool):
+                raise ValueError(f"param greedy must be a bool, got {v!r} ({type(v).__name__})")
+        elif k in ("max_new_tokens", "top_k", "seed"):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"param {k} must be an integer, got {v!r} ({type(v).__name__})")
+        elif isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"param {k} must be a number, got {v!r} ({type(v).__name__})")
+        out[k] = v
+    if not 0 < out["max_new_tokens"] <= max_new_tokens_limit:
+        n = out["max_new_tokens"]
+        raise ValueError(f"param max_new_tokens must be in 1..{max_new_tokens_limit}, got {n}")
+    if out["top_k"] < 0:
+        raise ValueError(f"param top_k must be >= 0 (0: off), got {out['top_k']}")
+    if not out["temperature"] > 0:
+        raise ValueError(f"param temperature must be > 0, got {out['temperature']}")
+    if not 0 < out["top_p"] <= 1:
+        raise ValueError(f"param top_p must be in (0, 1] (1: off), got {out['top_p']}")
+    return out
 
 
 COMMANDS = {

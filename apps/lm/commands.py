@@ -9,8 +9,9 @@ a bare flag (``--greedy``) or with a value (``--greedy true``)::
 
     moekit lm generate --ckpt runs/lm/shakespeare_moe/last.ckpt --prompt "ROMEO:" --max-new-tokens 200 \\
         --temperature 0.8 --top-k 40 --seed 0
-    moekit lm merge --model moe.pt --calib calib_ids.pt --num-groups 4 --out merged.pt
-    moekit lm quantize --model moe.pt --bits 4 --group-size 64 --out quantized.pt
+    moekit lm merge --model runs/lm/tiny/last.ckpt --num-groups 2 --out merged.ckpt  # run's own data
+    moekit lm quantize --model runs/lm/tiny/last.ckpt --bits 4 --group-size 16 --out quantized.ckpt
+    moekit lm merge --model moe.pt --calib calib_ids.pt --num-groups 4 --out merged.pt  # a pickled module
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
 import pickle
 import sys
 from collections.abc import Callable
@@ -30,6 +32,8 @@ from torch import nn
 
 from apps.lm.generate import generate as generate_text
 from apps.lm.generate import load_checkpoint
+from moe_core.blocks import find_moe_blocks
+from moe_core.experts import SwiGLUExperts
 from moe_core.surgery.mcsmoe import collect_routing_stats, compress_model, merge_model
 from moe_core.surgery.quant import quantize_model_experts
 
@@ -88,48 +92,162 @@ def generate_from_checkpoint(
 def merge_saved_model(
     *,
     model: str,
-    calib: str,
     num_groups: int,
     out: str,
+    calib: str | None = None,
+    calib_windows: int = 64,
     rank: int = 0,
     keep_ratio: float = 0.1,
     batch_size: int = 16,
 ) -> None:
-    """MC-SMoE merge (arXiv 2310.01334) of a saved MoE model, then optional low-rank + sparse compression.
+    """MC-SMoE merge (arXiv 2310.01334) of a trained MoE LM, then optional low-rank + sparse compression.
 
     Args:
-        model: a whole pickled ``nn.Module`` (``torch.save(model)``) built from moekit and ``torch.nn``
-            modules (read with ``torch.load(weights_only=True)``; see :func:`load_saved_model`).
-        calib: a saved ``(B, T)`` long tensor of calibration token ids fed to ``model(ids)``.
+        model: a checkpoint written by ``moekit lm fit`` (``.ckpt``), or a whole pickled ``nn.Module``
+            (``torch.save(model)``) built from moekit and ``torch.nn`` modules (read with
+            ``torch.load(weights_only=True)``; see :func:`load_saved_model`).
         num_groups: experts left per MoE block after merging.
-        out: where to ``torch.save`` the merged model.
+        out: the output file. From a ``lm fit`` checkpoint: a checkpoint of the same architecture holding the
+            merged model's function (each router slot holds its group's merged expert), which ``moekit lm
+            generate``, ``lm test --ckpt_path`` and ``lm export`` load; from a pickled module: ``torch.save``.
+        calib: a saved ``(B, T)`` long tensor of calibration token ids; default for a checkpoint: the first
+            ``calib_windows`` validation windows of the run's own data (its data module's settings).
+        calib_windows: calibration windows taken from the run's data when ``calib`` is not given.
         rank: LoSparse rank of the compression (0: no compression).
         keep_ratio: fraction of sparse entries kept by the compression.
         batch_size: calibration sequences per forward pass.
     """
-    net = load_saved_model(model).eval()
-    ids = _load_tensor(calib)
-    merge_model(net, collect_routing_stats(net, ids.split(batch_size)), num_groups=num_groups)
+    ckpt = _read_lm_checkpoint(model)
+    net = _checkpoint_model(ckpt, model) if ckpt is not None else load_saved_model(model).eval()
+    _require_moe(net, model, "merge")
+    if calib is not None:
+        ids = _load_tensor(calib)
+    elif ckpt is not None:
+        ids = _run_calibration_ids(ckpt, model, calib_windows)
+    else:
+        raise ValueError(f"{model} is a pickled module without its data: pass --calib (a (B, T) id tensor)")
+    assignment = merge_model(net, collect_routing_stats(net, ids.split(batch_size)), num_groups=num_groups)
     if rank > 0:
         compress_model(net, rank=rank, keep_ratio=keep_ratio)
-    torch.save(net, out)
+    if ckpt is None:
+        torch.save(net, out)
+    else:
+        meta = {"kind": "mcsmoe_merge", "num_groups": num_groups, "rank": rank, "keep_ratio": keep_ratio,
+                "calibration_windows": int(ids.shape[0]), "groups": [a.tolist() for a in assignment]}
+        _write_lm_checkpoint(ckpt, net, out, meta)
     log.info("merged model written to %s", out)
+    print(out)
 
 
-def quantize_saved_model(*, model: str, out: str, bits: int = 8, group_size: int | None = None) -> None:
-    """Bit-nested INT8 quantisation of a saved MoE model's experts (every bit width read from one code).
+def quantize_saved_model(
+    *, model: str, out: str, bits: int = 8, group_size: int | None = None
+) -> None:
+    """Bit-nested INT8 quantisation of a trained MoE LM's experts (every bit width read from one code).
 
     Args:
-        model: a whole pickled ``nn.Module`` (``torch.save(model)``) built from moekit and ``torch.nn``
-            modules (read with ``torch.load(weights_only=True)``; see :func:`load_saved_model`).
-        out: where to ``torch.save`` the quantised model.
+        model: a checkpoint written by ``moekit lm fit`` (``.ckpt``), or a whole pickled ``nn.Module``
+            (``torch.save(model)``) built from moekit and ``torch.nn`` modules (read with
+            ``torch.load(weights_only=True)``; see :func:`load_saved_model`).
+        out: the output file. From a ``lm fit`` checkpoint: a checkpoint of the same architecture whose expert
+            weights are the dequantised ``bits``-bit codes (the function the quantised model computes), which
+            ``moekit lm generate``, ``lm test --ckpt_path`` and ``lm export`` load; from a pickled module:
+            ``torch.save`` of the quantised module.
         bits: bit width the experts run at (1..8).
         group_size: quantisation group along the input dimension (null: one scale per output row).
+
+    Raises:
+        ValueError: the model has no MoE layer (nothing to quantise).
     """
-    net = load_saved_model(model).eval()
+    ckpt = _read_lm_checkpoint(model)
+    net = _checkpoint_model(ckpt, model) if ckpt is not None else load_saved_model(model).eval()
+    _require_moe(net, model, "quantize")
     banks = quantize_model_experts(net, bits=bits, group_size=group_size)
-    log.info("expert storage at %d bits: %d bytes", bits, sum(b.storage_bytes() for b in banks))
-    torch.save(net, out)
+    storage = sum(b.storage_bytes() for b in banks)
+    log.info("expert storage at %d bits: %d bytes", bits, storage)
+    if ckpt is None:
+        torch.save(net, out)
+    else:
+        meta = {"kind": "nested_int8", "bits": bits, "group_size": group_size}
+        meta["expert_storage_bytes"] = storage
+        _write_lm_checkpoint(ckpt, net, out, meta)
+    print(out)
+
+
+def _require_moe(net: nn.Module, path: str, what: str) -> None:
+    if not find_moe_blocks(net):
+        raise ValueError(f"{path}: the model has no MoE layer, nothing to {what} (a dense model?)")
+
+
+def _read_lm_checkpoint(path: str | Path) -> dict | None:
+    """The checkpoint dict if ``path`` is a ``moekit lm fit`` checkpoint (read weights-only), else None."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model file {p} not found")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return None  # a pickled module (or a refused file): load_saved_model decides
+    if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
+        if getattr(obj["hyper_parameters"].get("config"), "vocab_size", None) is None:
+            raise ValueError(f"checkpoint {p} has no model config with a vocab_size: not a lm fit checkpoint")
+        return obj
+    if isinstance(obj, dict):
+        raise ValueError(f"checkpoint {p} is not a moekit lm fit checkpoint (no state_dict/hyper_parameters)")
+    return None
+
+
+def _checkpoint_model(ckpt: dict, path: str | Path) -> nn.Module:
+    from apps.lm.model import TransformerLM
+
+    net = TransformerLM(config=ckpt["hyper_parameters"]["config"])
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path}: weights do not fit its config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return net.eval()
+
+
+def _run_calibration_ids(ckpt: dict, path: str | Path, windows: int) -> torch.Tensor:
+    """``(n, T)`` validation windows of the data the run trained on (its data module's saved settings)."""
+    from apps.lm.data import LMDataModule
+
+    hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    if not hp:
+        raise ValueError(f"checkpoint {path} does not record its data module: pass --calib (a (B, T) tensor)")
+    hp["max_val_windows"] = windows
+    dm = LMDataModule(**hp)
+    dm.setup()
+    ids = torch.stack([dm.val_dataloader().dataset[i][0] for i in range(len(dm.val_dataloader().dataset))])
+    log.info("calibration: %d validation windows of the run's data (%s)", ids.shape[0], dm.folder)
+    return ids
+
+
+def _write_lm_checkpoint(ckpt: dict, net: nn.Module, out: str | Path, meta: dict) -> None:
+    """A checkpoint of ``ckpt``'s architecture holding ``net``'s function: every MoE block's (merged,
+    compressed or quantised) experts are written back as plain expert weights, one per router slot; optimizer
+    and loop states are dropped (the file is for inference and evaluation, not for resuming). Atomic."""
+    from moe_core.blocks import RemappedExperts, get_expert_weights, set_expert_weights
+
+    for ref in find_moe_blocks(net):
+        gate, up, down = get_expert_weights(ref.experts)  # stored experts (E or merged G)
+        if isinstance(ref.experts, RemappedExperts):
+            im = ref.experts.index_map.cpu()
+            gate, up, down = gate[im], up[im], down[im]  # (E, ...) one per router slot
+        cfg = ckpt["hyper_parameters"]["config"]
+        bank = SwiGLUExperts(num_experts=gate.shape[0], dim=gate.shape[1], hidden_dim=gate.shape[2],
+                             backend=cfg.expert_backend)
+        set_expert_weights(bank, gate.float(), up.float(), down.float())
+        ref.block.experts = bank
+    keep = ("hyper_parameters", "datamodule_hyper_parameters", "lm_tokenizer", "lm_params",
+            "pytorch-lightning_version", "moekit", "epoch", "global_step")
+    new = {k: ckpt[k] for k in keep if k in ckpt}
+    new["state_dict"] = {f"model.{k}": v for k, v in net.state_dict().items()}
+    new["lm_surgery"] = [*ckpt.get("lm_surgery", []), meta]
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(new, tmp)
+    os.replace(tmp, out)
 
 
 # a saved model may name these modules' nn.Module classes and dataclasses, and these activation functions;

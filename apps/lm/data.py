@@ -422,6 +422,9 @@ class LMDataModule(L.LightningDataModule):
             with at least ``T - eval_stride`` tokens of context (None: non-overlapping windows).
         word_ppl: also report word-level perplexity ``exp(total nll / whitespace words)`` (meaningful for a
             word-tokenised corpus such as WikiText, to compare with published tables).
+        predict_path: unlabelled text (file or folder of ``.txt``) that ``moekit lm predict`` scores window by
+            window, encoded with the run's tokenizer (not cached, not part of any split); None: predict scores
+            the test split (or val).
         seed: seed of the training window sampler.
         num_workers: DataLoader workers.
         cache_path: explicit cache folder (default under ``apps.datadir.cache_dir("lm")``).
@@ -445,6 +448,7 @@ class LMDataModule(L.LightningDataModule):
         max_val_windows: int | None = None,
         eval_stride: int | None = None,
         word_ppl: bool = False,
+        predict_path: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
         cache_path: str | None = None,
@@ -474,7 +478,7 @@ class LMDataModule(L.LightningDataModule):
             val_batch_size,
         )
         self.max_val_windows, self.eval_stride, self.word_ppl = max_val_windows, eval_stride, word_ppl
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.predict_path = seed, num_workers, predict_path
         self.cache_path = cache_path
         self.folder: Path | None = None
         self.tokenizer = None
@@ -551,12 +555,12 @@ class LMDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def _eval_loader(self, split: str, tokens: np.ndarray | None = None, capped: bool = True) -> DataLoader:
         self.setup()
         ds = FixedWindows(
-            tokens=load_tokens(self.folder, split),
+            tokens=load_tokens(self.folder, split) if tokens is None else tokens,
             context_len=self.context_len,
-            max_windows=self.max_val_windows,
+            max_windows=self.max_val_windows if capped else None,
             stride=self.eval_stride,
         )
         return DataLoader(
@@ -580,5 +584,12 @@ class LMDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """``moekit lm predict`` scores the held-out windows (per-window NLL / perplexity) of the test split
-        when there is one, else of val; to continue a prompt use ``moekit lm generate``."""
+        when there is one, else of val, or the unlabelled ``predict_path`` text; to continue a prompt use
+        ``moekit lm generate``."""
+        if self.predict_path is not None:
+            self.setup()
+            text = read_corpus(self.predict_path)
+            ids = np.asarray(self.tokenizer.encode(text), dtype=np.int64)
+            progress.info("lm: predict: %s, %d tokens", self.predict_path, len(ids))
+            return self._eval_loader("predict", tokens=ids, capped=False)  # every window of the user's text
         return self._eval_loader("test" if self.has_test_split else "val")
