@@ -38,29 +38,38 @@ class RecsysPredictor:
         net: the trained ``MultiTaskNet`` (eval mode, CPU).
         preprocessor: the fitted ``TabularPreprocessor`` of the training data module.
         task_names: task order of the network's logits.
+        joiner: for data modules whose model rows are built from several tables (KuaiRand: interaction
+            rows + user features + video features + watch history), the fitted joiner that turns a raw
+            request row into a model row (:class:`apps.recsys.kuairand.KuaiRandJoiner`); None for plain
+            tables.
     """
 
     net: torch.nn.Module
     preprocessor: TabularPreprocessor
     task_names: list[str]
+    joiner: Any = None
 
     @property
     def feature_columns(self) -> list[str]:
-        s = self.preprocessor.schema
-        return [*s.categorical, *s.numeric]
+        if self.joiner is not None:
+            return list(self.joiner.request_columns)
+        return list(self.preprocessor.schema.features)
 
     def inputs(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
-        """Network inputs ``cat (B, C)``, ``num (B, F)`` of raw rows: the request check, then the data
-        module's own transform."""
+        """Network inputs ``cat (B, C)``, ``num (B, F)`` (and ``seq``, ``seq_mask``) of raw rows: the join
+        (when the data module has one), the request check, then the data module's own transform."""
         if not isinstance(df, pd.DataFrame):
             raise ValueError(f"expected a table of raw feature columns, got {type(df).__name__}")
+        if self.joiner is not None:
+            df = self.joiner.join(df, source="request")
         checked = self.preprocessor.check_request(df, source="request")
-        return self.preprocessor.transform(checked, source="request", with_labels=False)
+        return self.preprocessor.transform(checked, source="request", with_labels=False, report_unseen=True)
 
     def predict(self, df: pd.DataFrame) -> pd.DataFrame:
         x = self.inputs(df)
         with torch.no_grad():
-            probs = torch.sigmoid(self.net(x["cat"], x["num"]).logits.float())  # (B, M)
+            out = self.net(x["cat"], x["num"], x.get("seq"), x.get("seq_mask"))
+            probs = torch.sigmoid(out.logits.float())  # (B, M)
         return pd.DataFrame(
             {t: probs[:, k].numpy().astype(np.float64) for k, t in enumerate(self.task_names)}
         )
@@ -115,10 +124,12 @@ class RecsysApp:
     ) -> RecsysPredictor:
         if getattr(datamodule, "preprocessor", None) is None:
             raise RuntimeError("recsys: the datamodule has no fitted preprocessor (call setup() first)")
+        joiner = getattr(datamodule, "joiner", None)
         return RecsysPredictor(
             net=copy.deepcopy(module.net).cpu().eval().requires_grad_(False),
             preprocessor=copy.deepcopy(datamodule.preprocessor),
             task_names=list(module.task_names),
+            joiner=copy.deepcopy(joiner) if joiner is not None else None,
         )
 
     def input_example(self, datamodule: L.LightningDataModule) -> pd.DataFrame:
@@ -126,8 +137,11 @@ class RecsysApp:
         # codes and counts (integers), double for real columns. The server parses JSON without casting to
         # these types (pipelines.serve.create_app), so MLflow's check answers 38.9 in a long column with 400
         # instead of scoring 38; check_request does the rest (nulls, numbers in string columns, ranges).
+        joiner = getattr(datamodule, "joiner", None)
+        if joiner is not None:  # raw rows of the interaction table
+            return joiner.input_example()
         s = datamodule.preprocessor.schema
-        cols = list(dict.fromkeys([*s.categorical, *s.numeric]))
+        cols = list(s.features)
         frames = datamodule.load_frames()
         raw = frames["test" if "test" in frames else "val"][0]
         return raw[cols].head(5).reset_index(drop=True)

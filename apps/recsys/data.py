@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -164,6 +165,43 @@ def census_split_indices(df: pd.DataFrame, *, seed: int = 42, persist: bool = Tr
     return tr, va, te
 
 
+def carve_validation(
+    df: pd.DataFrame, source: str, *, fraction: float, time_column: str | None, seed: int
+) -> tuple[tuple[pd.DataFrame, str], tuple[pd.DataFrame, str]]:
+    """Split train rows into (train, validation): the latest ``fraction`` by ``time_column`` (ties stay
+    together on the validation side), or a seeded random ``fraction``.
+
+    Raises:
+        ValueError: the time column is missing or not sortable, or a side would be empty.
+    """
+    n = len(df)
+    n_val = int(round(fraction * n))
+    if n_val < 1 or n_val >= n:
+        raise ValueError(
+            f"{source}: val_fraction={fraction} of {n} rows leaves an empty train or validation side"
+        )
+    if time_column:
+        if time_column not in df.columns:
+            raise ValueError(
+                f"{source}: val_time_column {time_column!r} is not a column ({list(df.columns)[:30]})"
+            )
+        t = df[time_column]
+        if t.isna().any():
+            raise ValueError(f"{source}: val_time_column {time_column!r} has missing values")
+        cut = t.sort_values(kind="stable").iloc[n - n_val]
+        is_val = (t >= cut).to_numpy()
+        if is_val.all():
+            raise ValueError(f"{source}: every row has {time_column} >= {cut!r}; nothing left for train")
+    else:
+        is_val = np.zeros(n, dtype=bool)
+        is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    tr = df[~is_val].reset_index(drop=True)
+    va = df[is_val].reset_index(drop=True)
+    how = f"latest {fraction:g} by {time_column}" if time_column else f"random {fraction:g}, seed {seed}"
+    log.info("%s: held out %d of %d train rows for validation (%s)", source, len(va), n, how)
+    return (tr, f"{source} [train part]"), (va, f"{source} [validation part: {how}]")
+
+
 class TensorBatches(Dataset):
     """A dict of equal-length tensors indexed by a whole batch of row ids at once (fast on CPU)."""
 
@@ -185,15 +223,34 @@ class TensorBatches(Dataset):
 class MultiTaskDataModule(L.LightningDataModule):
     """Generic multi-task tabular data from CSV/Parquet files described by a :class:`FeatureSchema`.
 
-    Bring Ali-CCP, AliExpress or KuaiRand logs without code: give the files and the schema in YAML.
+    Bring your own log without code: give the files and the schema in YAML (worked example in
+    ``docs/recsys.md``, ``apps/recsys/examples/``). ``moekit recsys fit --data.help MultiTaskDataModule``
+    lists these arguments.
 
     Args:
-        train_path: train file (CSV, CSV.gz or Parquet).
-        val_path: validation file.
-        test_path: test file (optional).
-        categorical, numeric, labels, log1p, group, numeric_as_categorical, min_count: the
-            :class:`FeatureSchema` fields.
-        preprocessor_path: load this fitted preprocessor instead of fitting one on train.
+        train_path: train file (CSV, CSV.gz, TSV or Parquet) with feature and label columns.
+        val_path: validation file; leave empty and set val_fraction to carve validation rows out of train.
+        test_path: test file (optional; ``moekit recsys test`` needs it).
+        predict_path: unlabelled file scored by ``moekit recsys predict`` (label columns not needed);
+            default: the test file, else the validation split.
+        categorical: sparse (categorical) feature columns, embedded through a vocabulary fitted on train.
+        numeric: dense (real-valued) feature columns, standardised with train mean and std.
+        labels: binary 0/1 label columns, one per task, in task order.
+        log1p: numeric columns transformed with sign(x)*log1p(|x|) before standardising (heavy tails).
+        group: group column (e.g. user id) for GAUC, the per-user AUC weighted by impressions.
+        numeric_as_categorical: numeric columns also embedded as categories of their raw value.
+        sequences: sequence columns -> the categorical column whose vocabulary and embedding they share,
+            e.g. ``{hist_items: item_id}``; values are ``|``-separated ids (``"12|7|3"``, oldest first).
+        max_seq_len: keep the last (most recent) ids of each sequence, at most this many.
+        seq_sep: separator of the ids in a sequence cell.
+        fill_missing: missing numeric values: ``error`` (default; names the column and 1-based data row),
+            ``mean`` (train mean) or ``zero``.
+        min_count: categories seen fewer times than this on train map to the out-of-vocabulary index.
+        val_fraction: with no val_path, the share of train rows held out for validation.
+        val_time_column: with val_fraction, hold out the latest rows by this column (e.g. a timestamp)
+            instead of a random sample.
+        seed: seed of the random validation carve-out.
+        preprocessor_path: load this fitted preprocessor (JSON) instead of fitting one on train.
         batch_size: train batch size.
         eval_batch_size: validation/test/predict batch size.
         sep: CSV separator.
@@ -205,13 +262,21 @@ class MultiTaskDataModule(L.LightningDataModule):
         train_path: str | None = None,
         val_path: str | None = None,
         test_path: str | None = None,
+        predict_path: str | None = None,
         categorical: list[str] | None = None,
         numeric: list[str] | None = None,
         labels: list[str] | None = None,
         log1p: list[str] | None = None,
         group: str | None = None,
         numeric_as_categorical: list[str] | None = None,
+        sequences: dict[str, str] | None = None,
+        max_seq_len: int = 50,
+        seq_sep: str = "|",
+        fill_missing: Literal["error", "mean", "zero"] = "error",
         min_count: int = 1,
+        val_fraction: float | None = None,
+        val_time_column: str | None = None,
+        seed: int = 0,
         preprocessor_path: str | None = None,
         batch_size: int = 2048,
         eval_batch_size: int = 16384,
@@ -225,8 +290,17 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._schema_args = dict(
             categorical=tuple(categorical or ()), numeric=tuple(numeric or ()), labels=tuple(labels or ()),
             log1p=tuple(log1p or ()), group=group, min_count=min_count,
-            numeric_as_categorical=tuple(numeric_as_categorical or ()),
+            numeric_as_categorical=tuple(numeric_as_categorical or ()), sequences=dict(sequences or {}),
+            max_seq_len=max_seq_len, seq_sep=seq_sep, fill_missing=fill_missing,
         )  # fmt: skip
+        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if val_time_column and val_fraction is None:
+            raise ValueError(
+                "val_time_column needs val_fraction (the share of latest train rows to hold out)"
+            )
+        if val_fraction is not None and val_path:
+            raise ValueError("give either val_path or val_fraction, not both")
 
     # subclasses override these two
     def schema(self) -> FeatureSchema:
@@ -241,10 +315,31 @@ class MultiTaskDataModule(L.LightningDataModule):
                 out[name] = (read_table(path, sep=hp.sep), str(path))
         if "train" not in out and not hp.preprocessor_path:
             raise ValueError("MultiTaskDataModule: train_path is required unless preprocessor_path is given")
+        if hp.val_fraction is not None and "train" in out:
+            out["train"], out["val"] = carve_validation(
+                *out["train"], fraction=hp.val_fraction, time_column=hp.val_time_column, seed=hp.seed
+            )
+        if "train" in out and "val" not in out:
+            raise ValueError(
+                "MultiTaskDataModule: no validation data: set data.init_args.val_path to a file, or "
+                "data.init_args.val_fraction (e.g. 0.1, optionally with val_time_column) to hold out train "
+                "rows"
+            )
         return out
+
+    def load_predict_frame(self) -> tuple[pd.DataFrame, str] | None:
+        """The unlabelled rows ``moekit recsys predict`` scores (``predict_path``), if configured."""
+        path = self.hparams.get("predict_path")
+        return (read_table(path, sep=self.hparams.sep), str(path)) if path else None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
+            if stage == "predict" and "predict" not in self.splits and self.preprocessor is not None:
+                pred = self.load_predict_frame()
+                if pred is not None:
+                    self.splits["predict"] = self.preprocessor.transform(
+                        pred[0], source=pred[1], with_labels=False, report_unseen=True
+                    )
             return
         frames = self.load_frames()
         schema = self.schema()
@@ -260,7 +355,15 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.preprocessor = TabularPreprocessor.fit(train_df, schema, source=src)
         for name, (df, src) in frames.items():
             validate_frame(df, self.preprocessor.schema, source=src)
-            self.splits[name] = self.preprocessor.transform(df, source=src, with_labels=True)
+            self.splits[name] = self.preprocessor.transform(
+                df, source=src, with_labels=True, report_unseen=name != "train"
+            )
+        if stage == "predict":
+            pred = self.load_predict_frame()
+            if pred is not None:
+                self.splits["predict"] = self.preprocessor.transform(
+                    pred[0], source=pred[1], with_labels=False, report_unseen=True
+                )
         log.info("splits: %s", {k: len(v["cat"]) for k, v in self.splits.items()})
 
     # ------------------------------------------------------------------ facts the model needs
@@ -300,7 +403,24 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.splits else "val", train=False)
+        for name in ("predict", "test", "val"):
+            if name in self.splits:
+                return self._loader(name, train=False)
+        raise RuntimeError("no split to predict on: set predict_path (or test_path)")
+
+    @property
+    def sequence_targets(self) -> list[int]:
+        return self._fitted().schema.sequence_targets
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Embedded columns in ``cat`` order (per-feature embedding sizes are keyed by these names)."""
+        return list(self._fitted().schema.embedded)
+
+    def label_positive_rates(self) -> list[float]:
+        """Per task, the share of positive labels in the train split (positive re-weighting)."""
+        y = self.splits["train"]["labels"].double()
+        return y.mean(0).tolist()
 
 
 class CensusDataModule(MultiTaskDataModule):

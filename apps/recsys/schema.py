@@ -17,6 +17,7 @@ column, row and value.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -28,17 +29,49 @@ import numpy as np
 import pandas as pd
 import torch
 
+log = logging.getLogger(__name__)
+
 PREPROCESSOR_FORMAT_VERSION = 1
 OOV_INDEX = 0  # index 0 of every vocabulary is the out-of-vocabulary bucket
 MAX_EXACT_INT = 2**53  # integers beyond this are not exact in float64 (nor in a JSON double)
 RawKind = Literal["string", "integer", "float", "any"]
+FillMissing = Literal["error", "mean", "zero"]
+UNSEEN_WARN_SHARE = 0.5  # a column whose rows are mostly unseen categories gets a warning
 
 
 def normalise_category(values: pd.Series) -> pd.Series:
-    """Category keys of raw categorical values, at fit, transform and serving time alike: ``str(value)`` with
-    surrounding blanks stripped (the census files are ``", "``-separated; a served ``" Private"`` is the
-    training's ``"Private"``)."""
-    return values.astype(str).str.strip()
+    """Category keys of raw categorical values, at fit, transform and serving time alike (see
+    :func:`_normalise_keys` for the rule); computed once per distinct value."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    keys = _normalise_keys(pd.Series(uniques)).to_numpy(dtype=object)
+    return pd.Series(keys[codes], index=values.index, dtype=object)
+
+
+def _normalise_keys(values: pd.Series) -> pd.Series:
+    """Category keys of raw categorical values, at fit, transform and serving time alike.
+
+    ``str(value)`` with surrounding blanks stripped (the census files are ``", "``-separated; a served
+    ``" Private"`` is the training's ``"Private"``), and numeric-looking values written one way: an integral
+    number is its integer (``9``, ``9.0``, ``" 9 "`` and ``"9.0"`` are all the key ``"9"``; a CSV column with
+    one blank reads as float and would otherwise key ``9.0``), any other finite number is Python's ``repr`` of
+    the float (``"0.50"`` -> ``"0.5"``). Everything else (``"?"``, ``"NA"``, ``"nan"``) stays as written.
+    """
+    if pd.api.types.is_integer_dtype(values) and not values.isna().any():
+        return pd.Series(values.astype(np.int64).astype(str).to_numpy(dtype=object), index=values.index)
+    keys = values.astype(str).str.strip()
+    num = pd.to_numeric(keys, errors="coerce")
+    x = num.to_numpy(dtype=np.float64, na_value=np.nan)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return keys
+    integral = (
+        finite & (np.floor(np.where(finite, x, 0)) == np.where(finite, x, 1)) & (np.abs(x) <= MAX_EXACT_INT)
+    )
+    out = keys.to_numpy(dtype=object).copy()
+    out[integral] = x[integral].astype(np.int64).astype(str)
+    other = finite & ~integral
+    out[other] = [repr(float(v)) for v in x[other]]
+    return pd.Series(out, index=values.index, dtype=object)
 
 
 def raw_kind(values: pd.Series) -> RawKind:
@@ -68,6 +101,14 @@ class FeatureSchema:
         numeric_as_categorical: numeric columns that are ALSO embedded as categories of their raw value
             (e.g. age, weeks worked, capital gains), so the network sees both the scale and each level.
         min_count: categories seen fewer times than this on train map to the OOV bucket.
+        sequences: sequence columns -> the categorical column whose vocabulary (and embedding) they share,
+            e.g. ``{"hist_items": "item_id"}``. A sequence value is a list/array of raw ids or a string of
+            ids separated by ``seq_sep`` (``"12|7|3"``; empty string = empty history), oldest first.
+        max_seq_len: keep the last (most recent) ``max_seq_len`` ids of each sequence.
+        seq_sep: separator of string-encoded sequences.
+        fill_missing: missing (NaN/empty) values in numeric columns: ``"error"`` (default: a ``ValueError``
+            naming the column and the 1-based data row), ``"mean"`` (the train mean, i.e. 0 after
+            standardising) or ``"zero"`` (raw 0).
     """
 
     categorical: tuple[str, ...] = ()
@@ -77,6 +118,10 @@ class FeatureSchema:
     group: str | None = None
     numeric_as_categorical: tuple[str, ...] = ()
     min_count: int = 1
+    sequences: dict[str, str] = field(default_factory=dict)
+    max_seq_len: int = 50
+    seq_sep: str = "|"
+    fill_missing: FillMissing = "error"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "categorical", tuple(self.categorical))
@@ -84,6 +129,19 @@ class FeatureSchema:
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "log1p", tuple(self.log1p))
         object.__setattr__(self, "numeric_as_categorical", tuple(self.numeric_as_categorical))
+        object.__setattr__(self, "sequences", dict(self.sequences or {}))
+        if self.fill_missing not in ("error", "mean", "zero"):
+            raise ValueError(
+                f"FeatureSchema: fill_missing must be 'error', 'mean' or 'zero', got {self.fill_missing!r}"
+            )
+        for seq, target in self.sequences.items():
+            if target not in self.categorical:
+                raise ValueError(
+                    f"FeatureSchema: sequence column {seq!r} shares the vocabulary of {target!r}, which is "
+                    f"not a categorical column ({list(self.categorical)})"
+                )
+        if self.max_seq_len < 1:
+            raise ValueError(f"FeatureSchema: max_seq_len must be >= 1, got {self.max_seq_len}")
         if not self.labels:
             raise ValueError("FeatureSchema: labels must name at least one label column")
         if not self.categorical and not self.numeric:
@@ -92,7 +150,7 @@ class FeatureSchema:
             bad = set(getattr(self, name)) - set(self.numeric)
             if bad:
                 raise ValueError(f"FeatureSchema: {name} columns {sorted(bad)} are not in numeric")
-        cols = [*self.categorical, *self.numeric, *self.labels]
+        cols = [*self.categorical, *self.numeric, *self.labels, *self.sequences]
         dup = sorted({c for c in cols if cols.count(c) > 1})
         if dup:
             raise ValueError(f"FeatureSchema: columns listed twice: {dup}")
@@ -106,7 +164,17 @@ class FeatureSchema:
     def columns(self) -> tuple[str, ...]:
         """Every column the schema needs (features, labels, group)."""
         g = (self.group,) if self.group else ()
-        return (*self.categorical, *self.numeric, *self.labels, *g)
+        return (*self.categorical, *self.numeric, *tuple(self.sequences), *self.labels, *g)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """Raw feature columns a request must carry (categorical, numeric, sequence), without duplicates."""
+        return tuple(dict.fromkeys([*self.categorical, *self.numeric, *self.sequences]))
+
+    @property
+    def sequence_targets(self) -> list[int]:
+        """Per sequence column, the index (in :attr:`embedded` order) of the column whose table it shares."""
+        return [self.embedded.index(t) for t in self.sequences.values()]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +219,7 @@ def validate_frame(df: pd.DataFrame, schema: FeatureSchema, *, source: str, need
     """
     if len(df) == 0:
         raise ValueError(f"{source}: no rows")
-    needed = [*schema.categorical, *schema.numeric, *(schema.labels if need_labels else ())]
+    needed = [*schema.features, *(schema.labels if need_labels else ())]
     if schema.group:
         needed.append(schema.group)
     missing = [c for c in needed if c not in df.columns]
@@ -159,15 +227,21 @@ def validate_frame(df: pd.DataFrame, schema: FeatureSchema, *, source: str, need
         raise ValueError(f"{source}: missing column(s) {missing}; found {list(df.columns)[:50]}")
     for c in schema.numeric:
         col = pd.to_numeric(df[c], errors="coerce")
-        bad = col.isna() & ~df[c].isna()
+        raw = df[c]
+        blank = raw.isna()
+        if not (pd.api.types.is_numeric_dtype(raw) or pd.api.types.is_bool_dtype(raw)):
+            blank = blank | (raw.astype(str).str.strip() == "")
+        bad = col.isna() & ~blank
         if bad.any():
             raise ValueError(
                 f"{source}: numeric column {c!r} has non-numeric value {df[c][bad].iloc[0]!r} "
-                f"(row {int(np.flatnonzero(bad.to_numpy())[0])})"
+                f"(data row {int(np.flatnonzero(bad.to_numpy())[0]) + 1}, 1-based, header not counted)"
             )
-        if col.isna().any():
+        if schema.fill_missing == "error" and col.isna().any():
             raise ValueError(
-                f"{source}: numeric column {c!r} has {int(col.isna().sum())} missing values (NaN)"
+                f"{source}: numeric column {c!r} has {int(col.isna().sum())} missing value(s), the first "
+                f"in data row {int(np.flatnonzero(col.isna().to_numpy())[0]) + 1} (1-based, header not "
+                "counted); fill them, or set fill_missing: mean | zero"
             )
     if need_labels:
         for c in schema.labels:
@@ -223,10 +297,13 @@ class TabularPreprocessor:
         means, stds = {}, {}
         for c in schema.numeric:
             x = cls._numeric_raw(df[c], log=c in schema.log1p)
-            means[c] = float(x.mean())
-            sd = float(x.std())
+            if schema.fill_missing == "zero":
+                x = np.nan_to_num(x, nan=0.0)
+            means[c] = float(np.nanmean(x)) if np.isfinite(x).any() else 0.0
+            sd = float(np.nanstd(x)) if np.isfinite(x).any() else 1.0
             stds[c] = sd if sd > 0 and math.isfinite(sd) else 1.0
         kinds = {c: raw_kind(df[c]) for c in dict.fromkeys([*schema.categorical, *schema.numeric])}
+        kinds.update({c: "sequence" for c in schema.sequences})
         return cls(schema=schema, vocabularies=vocabs, means=means, stds=stds, kinds=kinds)
 
     @staticmethod
@@ -237,7 +314,7 @@ class TabularPreprocessor:
 
     @staticmethod
     def _numeric_raw(s: pd.Series, *, log: bool) -> np.ndarray:
-        x = pd.to_numeric(s).to_numpy(dtype=np.float64)
+        x = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
         return np.sign(x) * np.log1p(np.abs(x)) if log else x
 
     @property
@@ -259,7 +336,12 @@ class TabularPreprocessor:
         return self._lookup[c]
 
     def transform(
-        self, df: pd.DataFrame, *, source: str = "input data", with_labels: bool | None = None
+        self,
+        df: pd.DataFrame,
+        *,
+        source: str = "input data",
+        with_labels: bool | None = None,
+        report_unseen: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Turn raw rows into tensors.
 
@@ -267,11 +349,16 @@ class TabularPreprocessor:
             df: raw rows with the schema's columns (extra columns are ignored).
             source: name used in error messages (e.g. the file path).
             with_labels: require and return labels; default: only if all label columns are present.
+            report_unseen: log, per categorical/sequence column, how many values were not in the training
+                vocabulary (they map to the OOV index 0), and warn when most of a column's rows are unseen
+                (validation, test, predict and serving do; fitting does not).
 
         Returns:
             ``cat`` ``(B, C)`` int64 vocabulary indices (0 = OOV), ``num`` ``(B, F)`` float32 standardised
-            values, ``labels`` ``(B, M)`` float32 (when labels are used), ``group`` ``(B,)`` int64 dense group
-            ids (when the schema has a group column; ids are local to this call).
+            values (missing values filled per ``fill_missing``), ``seq`` ``(B, S, L)`` int64 indices into the
+            shared vocabularies and ``seq_mask`` ``(B, S, L)`` bool (True = a real history item; only when the
+            schema has sequence columns), ``labels`` ``(B, M)`` float32 (when labels are used), ``group``
+            ``(B,)`` int64 dense group ids (when the schema has a group column; ids are local to this call).
         """
         s = self.schema
         if with_labels is None:
@@ -279,14 +366,31 @@ class TabularPreprocessor:
         validate_frame(df, s, source=source, need_labels=with_labels)
         n = len(df)
         cat = np.zeros((n, len(s.embedded)), dtype=np.int64)
+        unseen: dict[str, tuple[int, int]] = {}
         for j, c in enumerate(s.embedded):
-            cat[:, j] = (
-                self._cat_strings(df, c).map(self._index(c)).fillna(OOV_INDEX).to_numpy(dtype=np.int64)
-            )
+            keys = self._cat_strings(df, c)
+            codes, uniques = pd.factorize(keys, use_na_sentinel=False)
+            idx = pd.Series(uniques).map(self._index(c)).to_numpy(dtype=np.float64, na_value=np.nan)[codes]
+            unseen[c] = (int(np.isnan(idx).sum()), n)
+            cat[:, j] = np.nan_to_num(idx, nan=OOV_INDEX).astype(np.int64)
         num = np.zeros((n, len(s.numeric)), dtype=np.float32)
         for j, c in enumerate(s.numeric):
-            num[:, j] = (self._numeric_raw(df[c], log=c in s.log1p) - self.means[c]) / self.stds[c]
+            x = self._numeric_raw(df[c], log=c in s.log1p)
+            if s.fill_missing != "error":
+                x = np.where(np.isnan(x), self.means[c] if s.fill_missing == "mean" else 0.0, x)
+            num[:, j] = (x - self.means[c]) / self.stds[c]
         out = {"cat": torch.from_numpy(cat), "num": torch.from_numpy(num)}
+        if s.sequences:
+            seqs, masks = [], []
+            for col, target in s.sequences.items():
+                ids, mask, n_unseen, n_items = self._sequence(df[col], target, source=source, column=col)
+                seqs.append(ids)
+                masks.append(mask)
+                unseen[col] = (n_unseen, n_items)
+            out["seq"] = torch.from_numpy(np.stack(seqs, axis=1))  # (B, S, L)
+            out["seq_mask"] = torch.from_numpy(np.stack(masks, axis=1))  # (B, S, L)
+        if report_unseen:
+            self._report_unseen(unseen, source=source)
         if with_labels:
             lab = np.stack([_labels_as_float(df[c], column=c, source=source) for c in s.labels], axis=1)
             out["labels"] = torch.from_numpy(lab)  # (B, M)
@@ -294,6 +398,71 @@ class TabularPreprocessor:
             codes, _ = pd.factorize(df[s.group].astype(str))
             out["group"] = torch.from_numpy(codes.astype(np.int64))
         return out
+
+    def _sequence(
+        self, values: pd.Series, target: str, *, source: str, column: str
+    ) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """``(B, L)`` vocabulary indices of ``target`` and ``(B, L)`` mask of one sequence column (last L ids,
+        left-aligned), plus the count of unseen ids and of all ids."""
+        s, length = self.schema, self.schema.max_seq_len
+        rows = []
+        for i, x in enumerate(values.tolist()):
+            if x is None or (isinstance(x, float) and math.isnan(x)):
+                a: np.ndarray = np.empty(0, dtype=object)
+            elif isinstance(x, str):
+                x = x.strip()
+                a = np.asarray([t for t in x.split(s.seq_sep)] if x else [], dtype=object)
+            elif isinstance(x, list | tuple | np.ndarray):
+                a = np.asarray(x)
+                if a.ndim != 1:
+                    raise ValueError(
+                        f"{source}: sequence column {column!r} data row {i + 1}: not a flat list"
+                    )
+            else:
+                raise ValueError(
+                    f"{source}: sequence column {column!r} data row {i + 1}: expected a list of ids or a "
+                    f"{s.seq_sep!r}-separated string, got {x!r}"
+                )
+            rows.append(a[-length:])
+        lens = np.fromiter((len(a) for a in rows), dtype=np.int64, count=len(rows))  # (B,)
+        total = int(lens.sum())
+        ids = np.zeros((len(rows), length), dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=bool)
+        if total:
+            flat = np.concatenate([a.astype(object) if a.dtype.kind in "OUS" else a for a in rows if len(a)])
+            codes, uniques = pd.factorize(flat)
+            keys = normalise_category(pd.Series(uniques))
+            idx = keys.map(self._index(target)).to_numpy(dtype=np.float64, na_value=np.nan)
+            n_unseen = int(np.isnan(idx)[codes].sum())
+            idx = np.nan_to_num(idx, nan=OOV_INDEX).astype(np.int64)[codes]  # (total,)
+            row = np.repeat(np.arange(len(rows)), lens)
+            pos = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+            ids[row, pos] = idx
+            mask[row, pos] = True
+        else:
+            n_unseen = 0
+        return ids, mask, n_unseen, total
+
+    def _report_unseen(self, unseen: dict[str, tuple[int, int]], *, source: str) -> None:
+        parts = [f"{c}: {k}/{n}" for c, (k, n) in unseen.items() if k]
+        log.info("%s: unseen categories per column (mapped to OOV): %s", source, ", ".join(parts) or "none")
+        for c, (k, n) in unseen.items():
+            if n and k / n > UNSEEN_WARN_SHARE:
+                log.warning(
+                    "%s: column %r: %d of %d values (%.0f%%) were not seen in training and map to the "
+                    "out-of-vocabulary index; is this the same kind of data?",
+                    source,
+                    c,
+                    k,
+                    n,
+                    100 * k / n,
+                )
+
+    def unseen_counts(self, df: pd.DataFrame) -> dict[str, int]:
+        """Per categorical column, how many of ``df``'s values are not in the training vocabulary."""
+        return {
+            c: int(self._cat_strings(df, c).map(self._index(c)).isna().sum()) for c in self.schema.embedded
+        }
 
     def check_request(self, df: pd.DataFrame, *, source: str = "request") -> pd.DataFrame:
         """Check served raw rows against the training types; return them ready for :meth:`transform`.
@@ -308,7 +477,7 @@ class TabularPreprocessor:
             ValueError: a missing column, or the first bad value, naming column, row (position) and value.
         """
         s = self.schema
-        missing = [c for c in dict.fromkeys([*s.categorical, *s.numeric]) if c not in df.columns]
+        missing = [c for c in s.features if c not in df.columns]
         if missing:
             raise ValueError(f"{source}: missing column(s) {missing}; found {list(df.columns)[:50]}")
         kinds = getattr(self, "kinds", None) or {}  # predictors pickled before `kinds` existed
@@ -325,8 +494,14 @@ class TabularPreprocessor:
                 for i, v in enumerate(values):
                     if keyed and isinstance(v, str):
                         continue
+                    if c in s.numeric and s.fill_missing != "error" and v is None:
+                        continue  # filled by transform
                     if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real):
                         raise ValueError(f"{source}: column {c!r} row {i}: expected a number, got {v!r}")
+                    if c in s.numeric and s.fill_missing != "error" and math.isnan(v):
+                        continue  # filled by transform
+                    if kind == "float" and c not in s.numeric and math.isnan(v):
+                        continue  # a float categorical column: NaN is the category "nan", as in training
                     if not math.isfinite(v):
                         raise ValueError(f"{source}: column {c!r} row {i}: value {v!r} is not finite")
                     if kind == "integer":
@@ -349,7 +524,7 @@ class TabularPreprocessor:
                 with np.errstate(over="ignore", invalid="ignore"):
                     x = self._numeric_raw(out[c], log=c in s.log1p)
                     z = ((x - self.means[c]) / self.stds[c]).astype(np.float32)
-                bad = ~np.isfinite(z)
+                bad = ~np.isfinite(z) & ~(np.isnan(x) if s.fill_missing != "error" else False)
                 if bad.any():
                     i = int(np.flatnonzero(bad)[0])
                     raise ValueError(

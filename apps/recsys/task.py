@@ -15,18 +15,19 @@ expert activations: HoME's "expert collapse" symptom).
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import CatMetric, MeanMetric
+from torchmetrics import CatMetric, MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
 
-from apps.recsys.model import BackboneFactory, MultiTaskNet, MultiTaskOutput
+from apps.recsys.model import BackboneFactory, HoMEBackbone, MultiTaskNet, MultiTaskOutput
 from moe_core.stats import routing_stats
 from moe_core.types import RouterOutput
 
@@ -93,6 +94,44 @@ def gate_routing(weights: torch.Tensor) -> RouterOutput:
 LOGLOSS_EPS = 1e-7
 
 
+def with_task_categories(factory: BackboneFactory, categories: list[list[int]] | None) -> BackboneFactory:
+    """The backbone factory with the data's task groups as HoME's ``categories`` (when the backbone is
+    :class:`~apps.recsys.model.HoMEBackbone` and its config leaves ``categories`` unset)."""
+    if categories is None:
+        return factory
+    kw = getattr(factory, "keywords", None) or {}
+    parts = (getattr(factory, "func", factory), *getattr(factory, "args", ()))
+    cls = next((a for a in parts if isinstance(a, type)), None)
+    if cls is None or not issubclass(cls, HoMEBackbone):
+        return factory
+    given = kw.get("categories")
+    if given is not None:
+        if [list(c) for c in given] != [list(c) for c in categories]:
+            raise ValueError(
+                f"backbone categories {given} differ from the data's task groups {categories}: set one "
+                "of them"
+            )
+        return factory
+    return functools.partial(factory, categories=categories)
+
+
+def positive_weights(hp: Mapping) -> torch.Tensor:
+    """``(M,)`` BCE ``pos_weight`` of ``pos_weighting``: 1, ``neg/pos`` or ``sqrt(neg/pos)`` of the train
+    split's positive rates, capped at ``pos_weight_max``."""
+    m = len(hp["task_names"])
+    mode = hp.get("pos_weighting", "none")
+    if mode == "none":
+        return torch.ones(m)
+    rates = hp.get("pos_rates")
+    if rates is None or len(rates) != m:
+        raise ValueError(f"pos_weighting={mode!r} needs the train positive rate of each of the {m} tasks")
+    r = torch.tensor(rates, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    w = (1 - r) / r
+    if mode == "sqrt_inverse":
+        w = w.sqrt()
+    return w.clamp(1.0, float(hp.get("pos_weight_max", 100.0))).float()
+
+
 def gauc(preds: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> tuple[float, int, float]:
     """Impression-weighted group AUC (DIN, arXiv 1706.06978) over groups having both label classes.
 
@@ -148,7 +187,14 @@ class MultiTaskRecTask(L.LightningModule):
         weight_decay: Adam L2 on network weights (not on the uncertainty log-variances).
         weighting: ``"fixed"`` (``task_weights``) or ``"uncertainty"`` (Kendall et al.).
         task_weights: fixed weights per task (default all 1).
-        cardinalities, num_numeric, task_names: data facts; filled from the datamodule when None.
+        pos_weighting: positive re-weighting for sparse tasks: ``"none"``, ``"sqrt_inverse"`` (positives
+            weighted by ``sqrt(neg/pos)`` of the train split) or ``"inverse"`` (``neg/pos``); capped at
+            ``pos_weight_max``. Combines with ``weighting``.
+        pos_weight_max: upper bound of a positive weight.
+        embed_dims: per-feature embedding widths, e.g. ``{user_id: 32, tab: 4}`` (others: ``embed_dim``).
+        seq_pooling: how sequence features are pooled: ``"din"`` (target attention) or ``"mean"``.
+        cardinalities, num_numeric, task_names, feature_names, sequence_targets, task_categories,
+            pos_rates: data facts; filled from the datamodule when None.
         gate_stats: log the routing statistics (``routing/...``) at each validation epoch end.
     """
 
@@ -163,9 +209,17 @@ class MultiTaskRecTask(L.LightningModule):
         weight_decay: float = 0.0,
         weighting: Literal["fixed", "uncertainty"] = "fixed",
         task_weights: list[float] | None = None,
+        pos_weighting: Literal["none", "sqrt_inverse", "inverse"] = "none",
+        pos_weight_max: float = 100.0,
+        embed_dims: dict[str, int] | None = None,
+        seq_pooling: Literal["din", "mean"] = "din",
         cardinalities: list[int] | None = None,
         num_numeric: int | None = None,
         task_names: list[str] | None = None,
+        feature_names: list[str] | None = None,
+        sequence_targets: list[int] | None = None,
+        task_categories: list[list[int]] | None = None,
+        pos_rates: list[float] | None = None,
         gate_stats: bool = True,
     ) -> None:
         super().__init__()
@@ -175,6 +229,10 @@ class MultiTaskRecTask(L.LightningModule):
             raise TypeError(f"backbone must build a module as backbone(dim=D, num_tasks=M), got {backbone!r}")
         if weighting not in ("fixed", "uncertainty"):
             raise ValueError(f"weighting must be 'fixed' or 'uncertainty', got {weighting!r}")
+        if pos_weighting not in ("none", "sqrt_inverse", "inverse"):
+            raise ValueError(
+                f"pos_weighting must be 'none', 'sqrt_inverse' or 'inverse', got {pos_weighting!r}"
+            )
         self.save_hyperparameters()
         # the callable itself: under LightningCLI the hparams hold its config, not the built partial
         self.backbone_factory = backbone
@@ -190,8 +248,10 @@ class MultiTaskRecTask(L.LightningModule):
         hp = self.hparams
         return MultiTaskNet(
             cardinalities=hp.cardinalities, num_numeric=hp.num_numeric, num_tasks=len(hp.task_names),
-            backbone=self.backbone_factory, embed_dim=hp.embed_dim, tower_hidden=hp.tower_hidden,
-            tower_dropout=hp.tower_dropout,
+            backbone=with_task_categories(self.backbone_factory, hp.get("task_categories")),
+            embed_dim=hp.embed_dim, tower_hidden=hp.tower_hidden, tower_dropout=hp.tower_dropout,
+            embed_dims=hp.get("embed_dims"), feature_names=hp.get("feature_names"),
+            sequence_targets=hp.get("sequence_targets") or (), seq_pooling=hp.get("seq_pooling", "din"),
         )  # fmt: skip
 
     def _build(self) -> None:
@@ -203,11 +263,14 @@ class MultiTaskRecTask(L.LightningModule):
         if hp.weighting == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(m))
         self.register_buffer("fixed_weights", torch.tensor(hp.task_weights or [1.0] * m), persistent=False)
+        self.register_buffer("pos_weight", positive_weights(hp), persistent=False)  # (M,)
         self.metrics = nn.ModuleDict()
         for stage in ("val", "test"):
             for t in hp.task_names:
                 self.metrics[f"{stage}_auc_{t}"] = BinaryAUROC(thresholds=None)
                 self.metrics[f"{stage}_logloss_{t}"] = MeanMetric()
+                self.metrics[f"{stage}_pos_{t}"] = SumMetric()
+                self.metrics[f"{stage}_n_{t}"] = SumMetric()
             self.metrics[f"{stage}_preds"] = CatMetric()
             self.metrics[f"{stage}_labels"] = CatMetric()
             self.metrics[f"{stage}_groups"] = CatMetric()
@@ -229,6 +292,11 @@ class MultiTaskRecTask(L.LightningModule):
             "num_numeric": dm.num_numeric,
             "task_names": dm.task_names,
         }
+        for name in ("feature_names", "sequence_targets", "task_categories"):
+            if getattr(dm, name, None) is not None:
+                facts[name] = getattr(dm, name)
+        if self.hparams.pos_weighting != "none" and self.net is None:
+            facts["pos_rates"] = dm.label_positive_rates()
         if self.net is None:
             self.hparams.update(facts)
             self._build()
@@ -250,8 +318,17 @@ class MultiTaskRecTask(L.LightningModule):
         return list(self.hparams.task_names)
 
     # ------------------------------------------------------------------ forward / loss
-    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> MultiTaskOutput:
-        return self.net(cat, num)
+    def forward(
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        seq: torch.Tensor | None = None,
+        seq_mask: torch.Tensor | None = None,
+    ) -> MultiTaskOutput:
+        return self.net(cat, num, seq, seq_mask)
+
+    def _net_out(self, batch: dict) -> MultiTaskOutput:
+        return self(batch["cat"], batch["num"], batch.get("seq"), batch.get("seq_mask"))
 
     def _check_batch(self, batch: dict) -> None:
         if "labels" in batch and batch["labels"].shape[-1] != len(self.task_names):
@@ -260,8 +337,10 @@ class MultiTaskRecTask(L.LightningModule):
             )
 
     def task_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``(M,)`` mean BCE-with-logits per task."""
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(0)
+        """``(M,)`` mean BCE-with-logits per task (positives weighted by ``pos_weight`` when configured)."""
+        return F.binary_cross_entropy_with_logits(
+            logits.float(), labels.float(), reduction="none", pos_weight=self.pos_weight
+        ).mean(0)
 
     def combine(self, losses: torch.Tensor) -> torch.Tensor:
         if self.log_vars is not None:
@@ -270,7 +349,7 @@ class MultiTaskRecTask(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._check_batch(batch)
-        out = self(batch["cat"], batch["num"])
+        out = self._net_out(batch)
         losses = self.task_losses(out.logits, batch["labels"])
         loss = self.combine(losses)
         bs = len(batch["labels"])
@@ -283,11 +362,13 @@ class MultiTaskRecTask(L.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         self._check_batch(batch)
-        out = self(batch["cat"], batch["num"])
+        out = self._net_out(batch)
         probs = torch.sigmoid(out.logits.float())  # (B, M)
         y = batch["labels"]
         for k, t in enumerate(self.task_names):
             self.metrics[f"{stage}_auc_{t}"].update(probs[:, k], y[:, k].long())
+            self.metrics[f"{stage}_pos_{t}"].update(y[:, k].sum())
+            self.metrics[f"{stage}_n_{t}"].update(float(len(y)))
             p = probs[:, k].double().clamp(LOGLOSS_EPS, 1 - LOGLOSS_EPS)
             self.metrics[f"{stage}_logloss_{t}"].update(
                 F.binary_cross_entropy(p, y[:, k].double(), reduction="none")
@@ -306,24 +387,52 @@ class MultiTaskRecTask(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _epoch_end(self, stage: str) -> None:
-        aucs = []
+        """Per task AUC, logloss, positives, GAUC (+ users used); task means over the tasks whose split has
+        both classes (a single-class task is left out of the means with a warning naming it)."""
+        aucs, kept_tasks = {}, []
         for t in self.task_names:
-            auc = self.metrics[f"{stage}_auc_{t}"].compute()
-            aucs.append(auc)
-            self.log(f"{stage}/auc_{t}", auc)
+            pos = float(self.metrics[f"{stage}_pos_{t}"].compute())
+            n = int(self.metrics[f"{stage}_n_{t}"].compute())
+            self.log(f"{stage}/positives_{t}", pos)
             self.log(f"{stage}/logloss_{t}", self.metrics[f"{stage}_logloss_{t}"].compute())
-            self.metrics[f"{stage}_auc_{t}"].reset()
-            self.metrics[f"{stage}_logloss_{t}"].reset()
-        self.log(f"{stage}/auc_mean", torch.stack(aucs).mean(), prog_bar=True)
+            if 0 < pos < n:
+                auc = self.metrics[f"{stage}_auc_{t}"].compute()
+                aucs[t] = auc
+                kept_tasks.append(t)
+                self.log(f"{stage}/auc_{t}", auc)
+            else:
+                log.warning(
+                    "%s split: task %r has a single class (%d positives of %d rows): its AUC/GAUC are "
+                    "undefined and it is left out of %s/auc_mean and %s/gauc_mean",
+                    stage,
+                    t,
+                    int(pos),
+                    n,
+                    stage,
+                    stage,
+                )
+            for name in ("auc", "logloss", "pos", "n"):
+                self.metrics[f"{stage}_{name}_{t}"].reset()
+        if aucs:
+            self.log(f"{stage}/auc_mean", torch.stack(list(aucs.values())).mean(), prog_bar=True)
+        else:
+            self.log(f"{stage}/auc_mean", float("nan"), prog_bar=True)
         if self.metrics[f"{stage}_preds"].update_called:
             preds = self.metrics[f"{stage}_preds"].compute()
             labels = self.metrics[f"{stage}_labels"].compute()
             groups = self.metrics[f"{stage}_groups"].compute()
+            gaucs = []
             for k, t in enumerate(self.task_names):
+                if t not in kept_tasks:
+                    continue
                 g, kept, share = gauc(preds[:, k], labels[:, k], groups.long())
                 self.log(f"{stage}/gauc_{t}", g)
                 self.log(f"{stage}/gauc_groups_{t}", float(kept))
                 self.log(f"{stage}/gauc_row_share_{t}", share)
+                if kept:
+                    gaucs.append(g)
+            if gaucs:
+                self.log(f"{stage}/gauc_mean", float(sum(gaucs) / len(gaucs)), prog_bar=True)
         for s in ("preds", "labels", "groups"):
             self.metrics[f"{stage}_{s}"].reset()
 
@@ -339,8 +448,8 @@ class MultiTaskRecTask(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """Per-task probabilities ``{task: (B,)}`` (``moekit recsys predict`` writes them as columns); reads
-        only ``cat`` and ``num``, so unlabelled rows work."""
-        probs = torch.sigmoid(self(batch["cat"], batch["num"]).logits.float())
+        only the inputs (``cat``, ``num``, ``seq``), so unlabelled rows work."""
+        probs = torch.sigmoid(self._net_out(batch).logits.float())
         return {t: probs[:, k] for k, t in enumerate(self.task_names)}
 
     # ------------------------------------------------------------------ routing statistics
