@@ -536,6 +536,116 @@ def commit() -> str:
         return "unknown"
 
 
+def _median_ms(fn, repeats: int = 7) -> float:
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def arch_rows(seed: int = 0) -> list[dict]:
+    """UoE MLP routing, BAM parallel block and MoGE imbalance on synthetic inputs (no training)."""
+    from moe_core.bam import ParallelBlock, bam_parallel_block
+    from moe_core.routers import GroupedRouter
+    from moe_core.surgery.upcycling import CausalSelfAttention
+    from moe_core.uoe import DataSelectionUoE, ExpertSelectionUoE, UnionMLP
+
+    rows = []
+    torch.manual_seed(seed)
+    b, t, d, h, e = 16, 64, 64, 256, 8
+    x = torch.randn(b, t, d)
+    mlp = UnionMLP(dim=d, hidden_dim=h, num_experts=e)
+    ds_all = DataSelectionUoE(mlp=mlp, top_k=e, capacity=1.0)
+    ds = DataSelectionUoE(mlp=mlp, top_k=2, capacity=0.5)
+    es = ExpertSelectionUoE(mlp=mlp, top_k=2, seq_len=t)
+    dense_ms = _median_ms(lambda: mlp(x))
+    for label, layer, frac in (
+        ("dense MLP (D=64, H=256)", mlp, 1.0),
+        ("UoE data selection, all experts, capacity 1.0", ds_all, 1.0),
+        ("UoE data selection, top-2 of 8, capacity 0.5", ds, 0.5),
+        ("UoE expert selection, top-2 of 8 per sample", es, 2 / e),
+    ):
+        ms = _median_ms(lambda layer=layer: layer(x))
+        rows.append(
+            {
+                "section": "uoe",
+                "variant": label,
+                "ms_median": ms,
+                "ratio_vs_dense": ms / dense_ms,
+                "expert_flops_fraction": frac,
+                "max_abs_diff_vs_dense": float((layer(x) - mlp(x)).abs().max()),
+            }
+        )
+
+    class SwiGLU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+            self.down_proj = nn.Linear(h, d, bias=False)
+
+        def forward(self, z):
+            return self.down_proj(F.silu(self.gate_proj(z)) * self.up_proj(z))
+
+    torch.manual_seed(seed + 1)
+    seed_blk = ParallelBlock(
+        norm=nn.LayerNorm(d), attention=CausalSelfAttention(dim=d, num_heads=4), ffn=SwiGLU()
+    )
+    seq_norm2 = nn.LayerNorm(d)
+
+    def sequential(z):  # the usual pre-norm block with the same modules (a second norm for the FFN)
+        z = z + seed_blk.attention(seed_blk.norm(z))
+        return z + seed_blk.ffn(seq_norm2(z))
+
+    mixed_same = bam_parallel_block([seed_blk] * 4, top_k=2, router_std=1.0)
+    base_ms = _median_ms(lambda: seed_blk(x))
+    rows.append(
+        {
+            "section": "bam",
+            "variant": "dense parallel block (seed)",
+            "ms_median": base_ms,
+            "ratio_vs_seed": 1.0,
+        }
+    )
+    rows.append(
+        {
+            "section": "bam",
+            "variant": "dense sequential pre-norm block (same modules)",
+            "ms_median": _median_ms(lambda: sequential(x)),
+            "ratio_vs_seed": _median_ms(lambda: sequential(x)) / base_ms,
+        }
+    )
+    rows.append(
+        {
+            "section": "bam",
+            "variant": "BAM parallel block from 4 identical seeds (top-2 FFN, soft attention)",
+            "ms_median": _median_ms(lambda: mixed_same(x)),
+            "ratio_vs_seed": _median_ms(lambda: mixed_same(x)) / base_ms,
+            "max_abs_diff_vs_seed": float((mixed_same(x).output - seed_blk(x).output).abs().max()),
+        }
+    )
+
+    # MoGE: device imbalance IS = (max_d T_d - min_d T_d) / tokens over 4 devices, top-4 of 16 experts
+    tok = x.reshape(-1, d)
+    g = 4
+    topk = TopKRouter(dim=d, num_experts=16, top_k=4)
+    grouped = GroupedRouter(dim=d, num_experts=16, top_k=4, num_groups=g, expert_scale=True)
+    grouped.gate.load_state_dict(topk.gate.state_dict())
+    for label, router in (("top-4 of 16 (plain top-k)", topk), ("MoGE grouped, 1 per group of 4", grouped)):
+        idx = router(tok).indices
+        per_dev = torch.bincount((idx // (16 // g)).flatten(), minlength=g).float()
+        rows.append(
+            {
+                "section": "moge",
+                "variant": label,
+                "imbalance_score": float((per_dev.max() - per_dev.min()) / tok.shape[0]),
+            }
+        )
+    return rows
+
+
 def new_sections(a, model, aligned, train_ids, vx, vy) -> list[dict]:
     """The issue-18 rows: MC-SMoE iterative compression, D2MoE dual routing, HEBF simulation, C3PO."""
     rows = mcsmoe_new_rows(model, aligned, train_ids, vx, vy, ctx=a.ctx, steps=a.kd_steps, seed=a.seed + 1)
@@ -596,6 +706,11 @@ def main(argv=None) -> None:
     )
     p.add_argument("--out", default=None, help="default benchmarks/results/moe_tools[_app].json")
     p.add_argument(
+        "--only-arch",
+        action="store_true",
+        help="no training: UoE / BAM / MoGE rows on synthetic inputs only (default out moe_tools_arch.json)",
+    )
+    p.add_argument(
         "--only-new",
         action="store_true",
         help="after training, run only the issue-18 sections (D2MoE dual routing, HEBF simulation, C3PO mode "
@@ -607,6 +722,28 @@ def main(argv=None) -> None:
     )
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
+    if a.only_arch:
+        out = Path(
+            a.out
+            if a.out != str(ROOT / "benchmarks" / "results" / "moe_tools.json")
+            else ROOT / "benchmarks" / "results" / "moe_tools_arch.json"
+        )
+        rows = arch_rows(a.seed)
+        for r in rows:
+            print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        meta = {
+            "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "commit": commit(),
+            "torch": torch.__version__,
+            "note": "synthetic inputs (B=16, T=64, D=64), no training; "
+            "times are medians of 7 forward passes on a shared machine",
+        }
+        with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".json", delete=False) as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        os.replace(f.name, out)
+        print(f"wrote {out}")
+        return
     train_ids, val_ids, vocab = load_data()
     gen = torch.Generator().manual_seed(123)
     vx, vy = windows(val_ids, a.val_windows, a.ctx, gen)

@@ -113,14 +113,16 @@ class DataSelectionUoE(nn.Module):
         """``(B, T, D) -> (B, T, D)``."""
         b, t, d = x.shape
         probs, tokens = self.selection(x)
-        out = torch.zeros_like(x)
+        flat_x = x.reshape(b * t, d)  # (B*T, D)
+        rows = (tokens + torch.arange(b, device=x.device).view(b, 1, 1) * t).transpose(0, 1)  # (E, B, C)
+        out = torch.zeros_like(flat_x)
         for e in range(self.mlp.num_experts):
-            idx = tokens[:, e]  # (B, C)
-            xe = x.gather(1, idx[..., None].expand(-1, -1, d))  # (B, C, D)
-            ye = self.mlp.expert(xe, e)  # (B, C, D)
+            idx = rows[e].reshape(-1)  # (B*C,) flat rows expert e processes
+            ye = self.mlp.expert(flat_x[idx], e)  # (B*C, D)
             if self.combine == "score":
-                ye = ye * probs[..., e].gather(1, idx)[..., None].to(ye.dtype)
-            out = out.scatter_add(1, idx[..., None].expand(-1, -1, d), ye)
+                ye = ye * probs.reshape(b * t, -1)[idx, e, None].to(ye.dtype)
+            out.index_add_(0, idx, ye)
+        out = out.view(b, t, d)
         return out + self.mlp.output_bias(out)
 
 
