@@ -456,7 +456,7 @@ def c3po_new_rows(model, train_ids, vx, vy, *, ctx: int) -> list[dict]:
     rows.append(
         {"section": "c3po_gen", "variant": "greedy, own routing", "char_accuracy": acc_g0, "seconds": t_base}
     )
-    for positions in ("all", "last"):
+    for positions in ("generated", "all", "last"):
         t0 = time.perf_counter()
         gen = c3po_generate(model, px, hat_gen, blocks=blocks, max_new_tokens=n_new, positions=positions)
         dt = time.perf_counter() - t0

@@ -48,7 +48,7 @@ def generate(
     seed: int | None = 0,
     routing_pathway: torch.Tensor | None = None,
     routing_blocks: list[int] | None = None,
-    routing_positions: Positions = "all",
+    routing_positions: Positions = "generated",
 ) -> str:
     """Continue ``prompt``; returns the prompt plus the generated text.
 
@@ -66,7 +66,8 @@ def generate(
             ``moe_core.inference.c3po.kernel_regression`` or ``mode_finding``) that replaces the router's
             pre-top-k distribution in ``routing_blocks`` at every decoding step; None: own routing.
         routing_blocks: the L MoE block positions of ``routing_pathway`` (default: the last L blocks).
-        routing_positions: ``all`` tokens of the window (the official C3PO code) or the ``last`` one.
+        routing_positions: ``generated`` (the prompt's last token and every generated one: the tokens the
+            official C3PO code overrides), ``all`` tokens of the window, or the ``last`` one.
     """
     if not prompt:
         raise ValueError("prompt must be a non-empty string")
@@ -87,6 +88,7 @@ def generate(
     else:
         gen.seed()
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=param.device)  # (1, T0)
+    prompt_len = idx.shape[1]
     was_training = model.training
     model.eval()
     try:
@@ -102,6 +104,7 @@ def generate(
                     blocks=blocks,
                     seq_len=window.shape[1],
                     positions=routing_positions,
+                    start=prompt_len - 1 - (idx.shape[1] - window.shape[1]),  # prompt end in window coords
                 )
             )
             with override:

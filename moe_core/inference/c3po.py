@@ -12,10 +12,13 @@ keeps the non-core entries and rescales the core entries to the same mass.
 Mode finding [P: the paper's second method; details ours, D]: neighbours are searched among the reference
 *pathways* (not input embeddings) and the pathway moves towards their kernel-weighted mean,
 ``omega <- alpha * omega + (1 - alpha) * sum_i K(omega_i, omega) omega_i / sum_i K``, repeated ``steps``
-times (a mean-shift towards a mode of the reference pathways). Generation [C: the official code swaps the
-routing of every token of every forward call while the re-mixed case is generated]: :func:`c3po_generate`
-re-applies one re-mixed pathway per sequence to every token (``positions="all"``) or to the newest token
-only (``"last"``) at every decoding step.
+times (a mean-shift towards a mode of the reference pathways). Generation [C: ``custom_moe_forward``
+replaces the routing of the last token of every forward call inside ``model.generate``, which with a KV
+cache is the prompt's last token and then every generated token]: :func:`c3po_generate` re-runs the window
+at every step (no KV cache) and overrides the same tokens, ``positions="generated"`` (the prompt's last
+token and every generated one; identical to the cached run because an override on a token changes only that
+token's MoE output); ``"all"`` (every token, prompt included) and ``"last"`` (only the newest token of the
+re-run window; earlier generated tokens keep their own routing) are variants [D].
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from moe_core.validation import check_choice
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 Kernel = Literal["cosine", "gaussian"]
-Positions = Literal["all", "last"]
+Positions = Literal["generated", "all", "last"]
 
 
 def critical_blocks(num_blocks: int, num_critical: int = 5) -> list[int]:
@@ -171,25 +174,27 @@ def c3po_override(
     *,
     blocks: list[int],
     seq_len: int,
-    positions: Positions = "all",
+    positions: Positions = "generated",
+    start: int | None = None,
 ) -> RoutingOverride:
     """The routing override for one forward call over ``(B, seq_len)`` ids with one pathway per sequence.
 
     Args:
         pathways: ``(B, L, E)``; blocks: the L block positions.
         seq_len: T of the forward call (the router sees ``(B*T, D)`` rows, batch-major).
-        positions: ``all`` rows of each sequence or the ``last`` one.
+        positions: ``generated`` (window positions ``start ..  T-1``), ``all`` rows, or the ``last`` one.
+        start: for ``generated``: the window position of the prompt's last token (default ``T - 1``);
+            negative (the prompt slid out of the window) means 0.
     """
     check_choice("positions", positions, get_args(Positions))
     if pathways.dim() != 3 or pathways.shape[1] != len(blocks):
         raise ValueError(f"pathways must have shape (B, {len(blocks)}, E), got {tuple(pathways.shape)}")
     b = pathways.shape[0]
-    if positions == "all":
-        rows = torch.arange(b * seq_len, device=pathways.device)
-        omegas = {blk: pathways[:, i].repeat_interleave(seq_len, dim=0) for i, blk in enumerate(blocks)}
-    else:
-        rows = last_token_index(b, seq_len).to(pathways.device)
-        omegas = {blk: pathways[:, i] for i, blk in enumerate(blocks)}  # (B, E)
+    first = {"all": 0, "last": seq_len - 1, "generated": seq_len - 1 if start is None else start}[positions]
+    first = min(max(first, 0), seq_len - 1)
+    cols = torch.arange(first, seq_len, device=pathways.device)  # (n,) overridden positions
+    rows = (torch.arange(b, device=pathways.device)[:, None] * seq_len + cols).reshape(-1)  # (B*n,)
+    omegas = {blk: pathways[:, i].repeat_interleave(cols.numel(), dim=0) for i, blk in enumerate(blocks)}
     return RoutingOverride(model, omegas=omegas, token_index=rows)
 
 
@@ -201,7 +206,7 @@ def c3po_generate(
     *,
     blocks: list[int],
     max_new_tokens: int,
-    positions: Positions = "all",
+    positions: Positions = "generated",
     forward: Forward = lm_logits,
 ) -> torch.Tensor:
     """Greedy generation with C3PO routing applied at every decoding step (no KV cache: each step re-runs
@@ -213,8 +218,8 @@ def c3po_generate(
             :func:`kernel_regression` or :func:`mode_finding`).
         blocks: MoE block positions the pathway covers.
         max_new_tokens: tokens to append.
-        positions: ``all`` (every token, prompt included, as the official code swaps the routing of every
-            token it forwards) or ``last`` (only the newest token at each step).
+        positions: ``generated`` (the official code's tokens: the prompt's last and every generated one),
+            ``all`` (prompt included) or ``last`` (only the newest token of each re-run window).
 
     Returns:
         ``(B, T0 + max_new_tokens)`` ids.
@@ -223,8 +228,10 @@ def c3po_generate(
         raise ValueError(
             f"pathways must have shape ({ids.shape[0]}, {len(blocks)}, E), got {tuple(pathways.shape)}"
         )
+    start = ids.shape[1] - 1  # the prompt's last token
     for _ in range(max_new_tokens):
-        with c3po_override(model, pathways, blocks=blocks, seq_len=ids.shape[1], positions=positions):
+        t = ids.shape[1]
+        with c3po_override(model, pathways, blocks=blocks, seq_len=t, positions=positions, start=start):
             nxt = forward(model, ids)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         ids = torch.cat([ids, nxt], dim=1)
     return ids

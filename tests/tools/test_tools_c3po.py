@@ -177,17 +177,19 @@ def test_mode_finding_converges_to_a_cluster_mean():
     assert torch.allclose(out[0], cluster.mean(0), atol=1e-4)
 
 
-def _step_oracle(model, ids, pathways, blocks, positions):
-    """One greedy step with the override built by hand."""
+def _step_oracle(model, ids, pathways, blocks, positions, prompt_len=None):
+    """One greedy step with the override rows built by hand."""
     b, t = ids.shape
-    rows = torch.arange(b * t) if positions == "all" else last_token_index(b, t)
-    reps = t if positions == "all" else 1
-    omegas = {blk: pathways[:, i].repeat_interleave(reps, dim=0) for i, blk in enumerate(blocks)}
+    first = {"all": 0, "last": t - 1, "generated": (prompt_len or t) - 1}[positions]
+    cols = list(range(first, t))
+    rows = torch.tensor([i * t + c for i in range(b) for c in cols])
+    omegas = {blk: pathways[:, i].repeat_interleave(len(cols), dim=0) for i, blk in enumerate(blocks)}
     with torch.no_grad(), RoutingOverride(model, omegas=omegas, token_index=rows):
-        return model(ids)
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
 
 
-@pytest.mark.parametrize("positions", ["all", "last"])
+@pytest.mark.parametrize("positions", ["generated", "all", "last"])
 def test_c3po_generate_applies_the_pathway_at_every_step(tiny_lm, positions):
     from moe_core.inference.c3po import c3po_generate
 
@@ -198,21 +200,22 @@ def test_c3po_generate_applies_the_pathway_at_every_step(tiny_lm, positions):
     path = torch.randn(2, len(blocks), e, generator=torch.Generator().manual_seed(3)).mul(3).softmax(-1)
     out = c3po_generate(model, ids, path, blocks=blocks, max_new_tokens=4, positions=positions)
     cur = ids
-    for _ in range(4):  # oracle: re-apply the override on the whole prefix at each step
-        logits = _step_oracle(model, cur, path, blocks, positions)
-        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+    for _ in range(4):  # oracle: re-apply the override on the re-run window at each step
+        logits = _step_oracle(model, cur, path, blocks, positions, prompt_len=5)
         cur = torch.cat([cur, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, cur)
-    own_all = c3po_generate(model, ids, path, blocks=blocks, max_new_tokens=4, positions="all")
-    own_last = c3po_generate(model, ids, path, blocks=blocks, max_new_tokens=4, positions="last")
-    # the two readings differ on this model (routing of earlier tokens changes their hidden states)
-    if positions == "all":
-        logits_all = _step_oracle(model, ids, path, blocks, "all")
-        logits_last = _step_oracle(model, ids, path, blocks, "last")
-        la = logits_all if isinstance(logits_all, torch.Tensor) else logits_all.logits
-        ll = logits_last if isinstance(logits_last, torch.Tensor) else logits_last.logits
-        assert not torch.allclose(la[:, -1], ll[:, -1])
-    assert own_all.shape == own_last.shape == (2, 9)
+
+
+def test_generated_positions_differ_from_all_and_last(tiny_lm):
+    model = tiny_lm()
+    ids = torch.randint(0, 31, (2, 8))
+    blocks = critical_blocks(len(find_moe_blocks(model)), 2)
+    e = find_moe_blocks(model)[-1].router.num_experts
+    path = torch.randn(2, len(blocks), e, generator=torch.Generator().manual_seed(4)).mul(3).softmax(-1)
+    # a window of 8 whose prompt was 5 tokens: "generated" overrides positions 4..7
+    gen = _step_oracle(model, ids, path, blocks, "generated", prompt_len=5)[:, -1]
+    assert not torch.allclose(gen, _step_oracle(model, ids, path, blocks, "all")[:, -1])
+    assert not torch.allclose(gen, _step_oracle(model, ids, path, blocks, "last")[:, -1])
 
 
 def test_lm_app_generate_with_own_pathway_equals_plain_greedy():
@@ -252,3 +255,13 @@ def test_lm_app_generate_with_own_pathway_equals_plain_greedy():
     assert forced == tok.decode(c3po_ids[0].tolist())
     assert plain == tok.decode(greedy_generate(model, ids, max_new_tokens=6)[0].tolist())
     assert forced != plain  # the forced routing changed the text
+    # a prompt that slides out of the 24-token window: the override keeps following the prompt's end
+    long_prompt = "abcdefghijklmnopqrst"  # 20 tokens, 10 new -> the window drops the first 6
+    got = generate(model, tok, long_prompt, max_new_tokens=10, greedy=True, routing_pathway=other)
+    cur = torch.tensor([tok.encode(long_prompt)])
+    for _ in range(10):
+        window = cur[:, -24:]
+        offset = cur.shape[1] - window.shape[1]
+        logits = _step_oracle(model, window, other[None], [0, 1, 2], "generated", prompt_len=20 - offset)
+        cur = torch.cat([cur, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert got == tok.decode(cur[0].tolist())
