@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from apps.datadir import data_dir as resolve_data_dir
 from apps.datadir import require_file
 from apps.finance.features import FIELDS, cached_features
-from apps.finance.processors import RobustZScoreNorm, cs_rank_norm, cs_zscore_norm, fillna
+from apps.finance.processors import RobustZScoreNorm, cs_rank_norm, cs_zscore_norm
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("moekit.progress")  # stage lines of long steps; the moekit CLI shows them
@@ -312,16 +312,19 @@ class PanelTransform:
         present = wide["close"].notna().to_numpy()  # (days, tickers)
         return np.where(present[..., None], x, np.nan), names
 
-    def fit(self, x: np.ndarray, fit_days: np.ndarray) -> PanelTransform:
-        """Fit the normalisation on ``x[fit_days]`` (x from :meth:`features`; fit_days ``(days,)`` bool)."""
-        self.norm = RobustZScoreNorm(clip_outlier=True).fit(x, fit_days)
+    def fit(self, x: np.ndarray, fit_days: np.ndarray, mask: np.ndarray | None = None) -> PanelTransform:
+        """Fit the normalisation on ``x[fit_days]`` (x from :meth:`features`; fit_days ``(days,)`` bool;
+        mask ``(days, tickers)`` bool: only these stock-days count, e.g. the universe)."""
+        self.norm = RobustZScoreNorm(clip_outlier=True).fit(x, fit_days, mask)
         return self
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         """Features from :meth:`features` -> network inputs ``(days, tickers, F)``: normalised, NaN -> 0."""
         if self.norm is None:
             raise RuntimeError("PanelTransform.normalise called before fit")
-        return fillna(self.norm.transform(x))
+        out = self.norm.transform(x)
+        out[np.isnan(out)] = 0.0  # qlib's Fillna, in place
+        return out
 
     def __call__(self, wide: dict[str, pd.DataFrame]) -> np.ndarray:
         """Network inputs ``(days, tickers, F)`` of a validated wide panel."""
@@ -690,11 +693,11 @@ class MarketDataModule(L.LightningDataModule):
             warmup_days=self.warmup_days,
         )
         present = (md.universe & md.tradable).to_numpy()  # (days, tickers)
-        x = np.where(md.wide["close"].notna().to_numpy()[..., None], x, np.nan)
+        x[~md.wide["close"].notna().to_numpy()] = np.nan  # in place: no second (days, tickers, F) copy
         fit_days = np.zeros(days, bool)
         fit_days[self.split.train] = True
         # the normalisation sees the train days' universe only (qlib fits on the handler's instruments)
-        self.transform.fit(np.where(present[..., None], x, np.nan), fit_days)
+        self.transform.fit(x, fit_days, present)
         self.x = self.transform.normalise(x)
         del x
         lab, end = next_tradable_label(md.wide["close"], md.tradable, self.horizon)

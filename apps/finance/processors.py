@@ -22,11 +22,15 @@ class RobustZScoreNorm:
         self.median: np.ndarray | None = None
         self.scale: np.ndarray | None = None
 
-    def fit(self, x: np.ndarray, fit_days: np.ndarray) -> RobustZScoreNorm:
-        """Fit on ``x[fit_days]``. x: ``(days, tickers, F)``; fit_days: ``(days,)`` bool."""
+    def fit(self, x: np.ndarray, fit_days: np.ndarray, mask: np.ndarray | None = None) -> RobustZScoreNorm:
+        """Fit on ``x[fit_days]``. x: ``(days, tickers, F)``; fit_days: ``(days,)`` bool; mask: optional
+        ``(days, tickers)`` bool, the stock-days that count (e.g. the universe; others are ignored)."""
         if x.ndim != 3:
             raise ValueError(f"RobustZScoreNorm expects (days, tickers, F), got shape {x.shape}")
-        sub = x[fit_days].reshape(-1, x.shape[-1]).astype(np.float64)  # (days_fit*tickers, F)
+        if mask is not None:
+            sub = x[fit_days][mask[fit_days]].astype(np.float64)  # (stock-days in the mask, F)
+        else:
+            sub = x[fit_days].reshape(-1, x.shape[-1]).astype(np.float64)  # (days_fit*tickers, F)
         sub = np.where(np.isinf(sub), np.nan, sub)
         med = np.nanmedian(sub, axis=0)
         mad = np.nanmedian(np.abs(sub - med), axis=0)
@@ -36,9 +40,11 @@ class RobustZScoreNorm:
     def transform(self, x: np.ndarray) -> np.ndarray:
         if self.median is None:
             raise RuntimeError("RobustZScoreNorm.transform called before fit")
-        out = ((x - self.median) / self.scale).astype(np.float32)
+        med, scale = self.median.astype(np.float32), self.scale.astype(np.float32)
+        out = np.asarray(x, dtype=np.float32) - med  # float32 throughout: no float64 copy of a large panel
+        out /= scale
         out[np.isinf(out)] = np.nan
-        return np.clip(out, -3, 3) if self.clip_outlier else out
+        return np.clip(out, -3, 3, out=out) if self.clip_outlier else out
 
 
 def fillna(x: np.ndarray, value: float = 0.0) -> np.ndarray:
