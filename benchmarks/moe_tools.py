@@ -40,13 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apps.datadir import data_dir, require_file  # noqa: E402
-from moe_core.blocks import (  # noqa: E402
-    bank_activation,
-    find_moe_blocks,  # noqa: E402
-    get_expert_weights,
-    router_selection,
-    unwrap_bank,
-)
+from moe_core.blocks import find_moe_blocks, router_selection  # noqa: E402
 from moe_core.experts import SwiGLUExperts  # noqa: E402
 from moe_core.inference.c3po import (  # noqa: E402
     c3po_generate,
@@ -71,8 +65,8 @@ from moe_core.surgery.mcsmoe import (  # noqa: E402
     merge_model,
 )
 from moe_core.surgery.quant import (  # noqa: E402
-    DualRoutedQuantExperts,
     choose_bits,
+    dual_quantize_model_experts,
     expert_order,
     hebf_load_order,
     quantize_model_experts,
@@ -297,27 +291,6 @@ def decode_tokens(model, prompt, n_new) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- issue-18 sections
-def _dualize(model, *, thresholds, candidates, bits=8, group_size=32):
-    """Replace every block's bank by a DualRoutedQuantExperts (in place); returns the banks."""
-    banks = []
-    for ref in find_moe_blocks(model):
-        bank = unwrap_bank(ref.experts)
-        g, u, d = get_expert_weights(bank)
-        q = DualRoutedQuantExperts(
-            gate=g,
-            up=u,
-            down=d,
-            thresholds=thresholds,
-            candidates=candidates,
-            bits=bits,
-            group_size=group_size,
-            act=bank_activation(bank),
-        )
-        ref.block.experts = q
-        banks.append(q)
-    return banks
-
-
 @torch.no_grad()
 def _routing(model, x):
     """Per block ``(weights (N, K), indices (N, K))`` of one forward pass."""
@@ -346,7 +319,7 @@ def d2moe_rows(model, vx, vy) -> list[dict]:
         ("dual: weight >= 0.5 -> 3 bit, else 2 bit", (0.5,), (2, 3)),
     ):
         qm = copy.deepcopy(model)
-        banks = _dualize(qm, thresholds=th, candidates=cands)
+        banks = dual_quantize_model_experts(qm, thresholds=th, candidates=cands, group_size=32)
         pair_bits = [
             torch.cat([bank.pair_bits(r[b][1], r[b][0]).float().flatten() for r in routes])
             for b, bank in enumerate(banks)

@@ -378,6 +378,45 @@ class DualRoutedQuantExperts(NestedQuantExperts):
         return out
 
 
+def dual_quantize_model_experts(
+    model: nn.Module,
+    *,
+    thresholds: Sequence[float],
+    candidates: Sequence[int],
+    bits: int | list[torch.Tensor] = 8,
+    group_size: int | None = None,
+) -> list[DualRoutedQuantExperts]:
+    """Like :func:`quantize_model_experts`, with :class:`DualRoutedQuantExperts` banks (in place).
+
+    Args:
+        model: a model containing moekit or HF MoE blocks.
+        thresholds, candidates: the dual-routing rule (:func:`bits_from_weights`).
+        bits: planes loaded per expert: one width or one ``(E,)`` tensor per block.
+        group_size: quantisation group along each matrix's last dimension.
+
+    Returns:
+        The new banks, in block order.
+    """
+    banks = []
+    for i, ref in enumerate(find_moe_blocks(model)):
+        holder = ref.experts if isinstance(ref.experts, RemappedExperts) else ref.block
+        bank = unwrap_bank(ref.experts)
+        g, u, d = get_expert_weights(bank)
+        q = DualRoutedQuantExperts(
+            gate=g,
+            up=u,
+            down=d,
+            thresholds=thresholds,
+            candidates=candidates,
+            bits=bits if isinstance(bits, int) else bits[i],
+            group_size=group_size,
+            act=bank_activation(bank),
+        )
+        holder.experts = q
+        banks.append(q)
+    return banks
+
+
 def dual_routing_bytes(
     pair_bits: torch.Tensor, indices: torch.Tensor, *, num_experts: int, expert_numel: int
 ) -> dict[str, float]:
