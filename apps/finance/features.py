@@ -123,7 +123,10 @@ def _ols(y: pd.DataFrame, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mean_y, mean_t = r_y.mean().to_numpy(), r_t.mean().to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         slope = cov / var_t
-        rsq = np.where(var_y > 0, cov * cov / (var_t * var_y), np.nan)
+        # a constant window has R^2 = 0/0 = NaN (qlib); pandas' online variance leaves a residue there
+        # (std 1.4e-8 of the mean on a 30-day suspension), so constancy is tested exactly: max == min
+        const = (r_y.max().to_numpy() - r_y.min().to_numpy()) == 0
+        rsq = np.where(const | ~(var_y > 0), np.nan, cov * cov / (var_t * var_y))
         resi = yy.to_numpy() - (mean_y + slope * (np.broadcast_to(t_idx, y.shape) - mean_t))
     return slope, rsq, resi
 
