@@ -45,6 +45,11 @@ class LMConfig:
         dim: model width D.
         n_layers: transformer blocks.
         n_heads: attention heads (head width D / n_heads).
+        n_kv_heads: key/value heads (grouped-query attention, Mixtral/Qwen); None: ``n_heads``.
+        attn_bias: biases on the query/key/value projections (Qwen2-MoE).
+        qk_norm: RMSNorm on queries and keys before RoPE: ``none``, ``full`` (over the whole projection,
+            OLMoE) or ``head`` (per head, Qwen3-MoE).
+        norm_eps: RMSNorm epsilon (None: ``torch.finfo(dtype).eps``, the ``nn.RMSNorm`` default).
         ffn_hidden: hidden width of dense SwiGLU FFNs.
         ffn: FFN type of the sparse layers: ``dense``, ``moe``, ``coe`` (Chain-of-Experts), ``evomoe``.
         first_dense_layers: the first n blocks keep a dense FFN (DeepSeekMoE keeps layer 0 dense).
@@ -53,6 +58,8 @@ class LMConfig:
         top_k: K routed experts per token (for top-k style routers).
         expert_hidden: H per routed expert (None: ``ffn_hidden // top_k``, i.e. matched active FFN width).
         num_shared_experts: DeepSeekMoE always-on shared experts (fused into one SwiGLU of width n * H).
+        shared_expert_hidden: width of the fused shared SwiGLU (None: ``num_shared_experts * H``; Qwen2-MoE's
+            ``shared_expert_intermediate_size``).
         shared_gate: sigmoid gate on the shared path (Qwen2-MoE); ``ffn: moe`` only.
         router: router kind (resolved by ``apps.lm.routing.build_router``).
         router_kwargs: extra constructor arguments of the router (e.g. ``{threshold: 0.4}`` for top-p).
@@ -75,6 +82,10 @@ class LMConfig:
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int | None = None
+    attn_bias: bool = False
+    qk_norm: Literal["none", "full", "head"] = "none"
+    norm_eps: float | None = None
     ffn_hidden: int = 352
     ffn: FFNKind = "dense"
     first_dense_layers: int = 0
@@ -83,6 +94,7 @@ class LMConfig:
     top_k: int = 2
     expert_hidden: int | None = None
     num_shared_experts: int = 0
+    shared_expert_hidden: int | None = None
     shared_gate: bool = False
     router: RouterKind = "topk"
     router_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +120,11 @@ class LMConfig:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head width dim/n_heads={self.dim // self.n_heads} must be even for RoPE")
+        kv = self.kv_heads
+        if kv < 1 or self.n_heads % kv:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.qk_norm not in ("none", "full", "head"):
+            raise ValueError(f"qk_norm must be 'none', 'full' or 'head', got {self.qk_norm!r}")
         if self.moe_every < 1 or self.first_dense_layers < 0:
             raise ValueError("moe_every must be >= 1 and first_dense_layers >= 0")
         if self.coe_iterations < 1:
@@ -119,6 +136,11 @@ class LMConfig:
             raise ValueError(
                 f"shared_gate gates the shared experts of ffn='moe' layers; ffn={self.ffn!r} has none"
             )
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (``n_kv_heads`` or ``n_heads``)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def resolved_expert_hidden(self) -> int:
@@ -196,22 +218,36 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention with RoPE and ``scaled_dot_product_attention``."""
+    """Multi-head causal attention with RoPE and ``scaled_dot_product_attention``; optional grouped-query
+    attention (``n_kv_heads``), query/key/value biases and query/key RMSNorm (the Mixtral, Qwen2-MoE, OLMoE
+    and Qwen3-MoE attentions, for ``apps.lm.hf``). The projection is one fused ``qkv`` of
+    ``(h + 2 kv) * hd`` outputs: queries, then keys, then values."""
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.n_heads, self.head_dim, self.kv = cfg.n_heads, cfg.dim // cfg.n_heads, cfg.kv_heads
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * self.kv) * self.head_dim, bias=cfg.attn_bias)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.rope = Rotary(head_dim=self.head_dim, max_len=cfg.context_len, base=cfg.rope_base)
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            full = cfg.qk_norm == "full"
+            self.q_norm = nn.RMSNorm(cfg.dim if full else self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.kv * self.head_dim if full else self.head_dim, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput | None]:
         b, t, d = x.shape
-        q, k, v = (
-            self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )  # 3x (B, h, T, hd)
+        h, kv, hd = self.n_heads, self.kv, self.head_dim
+        q, k, v = self.qkv(x).split([h * hd, kv * hd, kv * hd], dim=-1)  # (B, T, h*hd), 2x (B, T, kv*hd)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (z.view(b, t, -1, hd).transpose(1, 2) for z in (q, k, v))  # (B, h|kv, T, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q), self.rope(k)
+        if kv != h:
+            k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)  # (B, h, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, h, T, hd)
         return self.proj(y.transpose(1, 2).reshape(b, t, d)), None
@@ -343,7 +379,8 @@ def build_ffn(cfg: LMConfig, index: int) -> nn.Module:
         return build_router(router_kind, dim=cfg.dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
                             kwargs=cfg.router_kwargs)
 
-    shared = SwiGLU(dim=cfg.dim, hidden_dim=cfg.num_shared_experts * h) if cfg.num_shared_experts else None
+    shared_h = cfg.shared_expert_hidden or cfg.num_shared_experts * h
+    shared = SwiGLU(dim=cfg.dim, hidden_dim=shared_h) if cfg.num_shared_experts else None
     experts = SwiGLUExperts(
         num_experts=cfg.num_experts, dim=cfg.dim, hidden_dim=h, backend=cfg.expert_backend
     )
@@ -377,7 +414,7 @@ class Block(nn.Module):
     def __init__(self, cfg: LMConfig, index: int) -> None:
         super().__init__()
         self.index = index
-        self.norm1, self.norm2 = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps), nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         attn = {
             "mha": CausalSelfAttention,
             "moa": MixtureOfAttentionHeads,
@@ -418,7 +455,7 @@ class TransformerLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.dim)
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -431,7 +468,9 @@ class TransformerLM(nn.Module):
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if p.dim() < 2:
-                continue  # norms keep their ones
+                if name.endswith(".bias"):
+                    nn.init.zeros_(p)  # attention biases start at zero; norms keep their ones
+                continue
             is_out = name.endswith(("down_proj", "proj.weight"))  # FFN/expert down and attention outputs
             nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
 
