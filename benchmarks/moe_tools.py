@@ -502,11 +502,21 @@ def mcsmoe_new_rows(model, aligned, train_ids, vx, vy, *, ctx: int, steps: int, 
     return rows
 
 
+_COMMIT_AT_START: str | None = None
+
+
 def commit() -> str:
+    """HEAD when the run started (the code that ran), not when it finished."""
+    global _COMMIT_AT_START
+    if _COMMIT_AT_START is not None:
+        return _COMMIT_AT_START
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        _COMMIT_AT_START = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True
+        ).strip()
     except Exception:  # noqa: BLE001
-        return "unknown"
+        _COMMIT_AT_START = "unknown"
+    return _COMMIT_AT_START
 
 
 def _median_ms(fn, repeats: int = 7) -> float:
@@ -690,6 +700,7 @@ def main(argv=None) -> None:
         "finding and generation, MC-SMoE iterative compression)",
     )
     a = p.parse_args(argv)
+    commit()  # record HEAD now: the code that runs
     a.out = a.out or str(
         ROOT / "benchmarks" / "results" / f"moe_tools{'_app' if a.model == 'app' else ''}.json"
     )

@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ood_diversify.json"))
     a = p.parse_args(argv)
+    head = commit()  # the code that runs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     mix = torch.linalg.qr(torch.randn(RAW_DIM, RAW_DIM, generator=torch.Generator().manual_seed(123)))[0]
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": commit(),
+        "commit": head,
         "seeds": a.seeds,
         "seeds_heads_and_backbone": n_small,
         "steps": a.steps,
