@@ -283,7 +283,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         sep: str = ",",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # predict_path is not a hyper-parameter: `predict --ckpt_path` reopens the fit's MLflow run, which
+        # refuses a changed parameter value
+        self.save_hyperparameters(ignore=["predict_path"])
+        self.predict_path = predict_path
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.preprocessor: TabularPreprocessor | None = None
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
@@ -329,7 +332,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def load_predict_frame(self) -> tuple[pd.DataFrame, str] | None:
         """The unlabelled rows ``moekit recsys predict`` scores (``predict_path``), if configured."""
-        path = self.hparams.get("predict_path")
+        path = getattr(self, "predict_path", None)
         return (read_table(path, sep=self.hparams.sep), str(path)) if path else None
 
     def setup(self, stage: str | None = None) -> None:

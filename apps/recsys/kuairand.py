@@ -298,8 +298,8 @@ class KuaiRandDataModule(MultiTaskDataModule):
         batch_size: int = 2048,
         eval_batch_size: int = 16384,
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size)
-        self.save_hyperparameters()
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, predict_path=predict_path)
+        self.save_hyperparameters(ignore=["predict_path"])  # see MultiTaskDataModule
         self.tasks = list(tasks or KUAIRAND_TASKS)
         unknown = [t for t in self.tasks if t not in KUAIRAND_TASKS]
         if unknown:
@@ -350,7 +350,7 @@ class KuaiRandDataModule(MultiTaskDataModule):
         return frames
 
     def load_predict_frame(self) -> tuple[pd.DataFrame, str] | None:
-        path = self.hparams.predict_path
+        path = self.predict_path
         if not path:
             return None
         if self.joiner is None:

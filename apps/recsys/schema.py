@@ -58,7 +58,9 @@ def _normalise_keys(values: pd.Series) -> pd.Series:
     """
     if pd.api.types.is_integer_dtype(values) and not values.isna().any():
         return pd.Series(values.astype(np.int64).astype(str).to_numpy(dtype=object), index=values.index)
-    keys = values.astype(str).str.strip()
+    keys = pd.Series(
+        [str(v).strip() for v in values.tolist()], index=values.index, dtype=object
+    )  # NaN: "nan"
     num = pd.to_numeric(keys, errors="coerce")
     x = num.to_numpy(dtype=np.float64, na_value=np.nan)
     finite = np.isfinite(x)

@@ -15,6 +15,7 @@ expert activations: HoME's "expert collapse" symptom).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Mapping, Sequence
@@ -299,6 +300,10 @@ class MultiTaskRecTask(L.LightningModule):
             facts["pos_rates"] = dm.label_positive_rates()
         if self.net is None:
             self.hparams.update(facts)
+            # the logged hyper-parameters (logged after setup) carry the facts too, so that a later
+            # `test/predict --ckpt_path` (which reopens this MLflow run, and whose model is rebuilt with
+            # them) logs the same values: MLflow refuses a changed parameter
+            self._hparams_initial.update(copy.deepcopy(facts))
             self._build()
         else:
             for k, v in facts.items():
