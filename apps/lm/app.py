@@ -110,6 +110,8 @@ COMMANDS = {
     "generate": "apps.lm.commands:generate",
     "merge": "apps.lm.commands:merge",
     "quantize": "apps.lm.commands:quantize",
+    "import": "apps.lm.commands:import_",
+    "export": "apps.lm.commands:export",
 }
 """The app's extra commands, a literal: ``moekit --help`` reads it without importing this module."""
 

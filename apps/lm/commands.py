@@ -1,4 +1,5 @@
-"""Tool commands of the lm app: ``moekit lm generate``, ``moekit lm merge``, ``moekit lm quantize``.
+"""Tool commands of the lm app: ``moekit lm generate``, ``lm merge``, ``lm quantize``, ``lm import``,
+``lm export``.
 
 Each command is a typed function parsed by jsonargparse (its signature gives the options, its docstring the
 help) that calls library functions: :func:`apps.lm.generate.generate`,
@@ -12,6 +13,8 @@ a bare flag (``--greedy``) or with a value (``--greedy true``)::
     moekit lm merge --model runs/lm/tiny/last.ckpt --num-groups 2 --out merged.ckpt  # run's own data
     moekit lm quantize --model runs/lm/tiny/last.ckpt --bits 4 --group-size 16 --out quantized.ckpt
     moekit lm merge --model moe.pt --calib calib_ids.pt --num-groups 4 --out merged.pt  # a pickled module
+    moekit lm import --hf-dir path/to/OLMoE-1B-7B --out olmoe.ckpt      # transformers -> moekit
+    moekit lm export --ckpt runs/lm/wikipedia_moe/last.ckpt --out-dir hf_model  # moekit -> transformers
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from moe_core.surgery.quant import quantize_model_experts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["generate", "merge", "quantize"]
+__all__ = ["export", "generate", "import_", "merge", "quantize"]
 
 _BOOL_WORDS = {"true", "false", "yes", "no"}
 
@@ -47,6 +50,70 @@ _BOOL_WORDS = {"true", "false", "yes", "no"}
 def generate(argv: list[str] | None = None) -> None:
     """``moekit lm generate``: continue a prompt with a trained LM checkpoint; prints the text."""
     _run(generate_from_checkpoint, argv, prog="moekit lm generate")
+
+
+def import_(argv: list[str] | None = None) -> None:
+    """``moekit lm import``: a transformers MoE checkpoint (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE) as a moekit
+    LM checkpoint."""
+    _run(import_hf_model, argv, prog="moekit lm import")
+
+
+def export(argv: list[str] | None = None) -> None:
+    """``moekit lm export``: a moekit LM checkpoint as a transformers directory."""
+    _run(export_hf_model, argv, prog="moekit lm export")
+
+
+def import_hf_model(*, hf_dir: str, out: str, context_len: int | None = None) -> None:
+    """Build a moekit LM from a transformers MoE model directory and write it as a moekit LM checkpoint.
+
+    The checkpoint loads in ``moekit lm generate --ckpt``, ``moekit lm test --ckpt_path`` and, to continue
+    pretraining, ``moekit lm fit --model.init_args.init_weights=CKPT`` with a config of the same architecture
+    (printed as YAML on stdout). Read with ``from_pretrained(use_safetensors=True, trust_remote_code=False)``.
+
+    Args:
+        hf_dir: the transformers directory (``config.json``, ``model.safetensors``, optional
+            ``tokenizer.json``).
+        out: the checkpoint file to write.
+        context_len: the moekit model's maximum sequence length (default: the model's
+            ``max_position_embeddings``, at most 4096).
+    """
+    import dataclasses
+
+    import yaml
+
+    from apps.lm.hf import import_hf, lm_checkpoint
+
+    model, tok = import_hf(hf_dir, context_len=context_len)
+    ckpt = lm_checkpoint(model, tok, lm_imported_from=str(hf_dir))
+    _save_atomic(ckpt, out)
+    print(yaml.safe_dump({"model": {"class_path": "apps.lm.task.LMTask", "init_args": {
+        "config": dataclasses.asdict(model.config), "init_weights": str(out)}}}, sort_keys=False))
+    print(out)
+
+
+def export_hf_model(*, ckpt: str, out_dir: str, family: str | None = None) -> None:
+    """Write a moekit LM checkpoint (from ``lm fit``, ``lm merge``, ``lm quantize`` or ``lm import``) as a
+    transformers directory (``config.json``, ``model.safetensors``, ``tokenizer.json``) that
+    ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Args:
+        ckpt: the moekit LM checkpoint.
+        out_dir: the directory to write.
+        family: ``mixtral``, ``qwen2_moe``, ``olmoe`` or ``qwen3_moe`` (default: chosen from the architecture:
+            per-head q/k norm -> qwen3_moe, full q/k norm -> olmoe, shared experts / qkv bias / dense layers /
+            unnormalised top-k -> qwen2_moe, else mixtral).
+    """
+    from apps.lm.hf import export_hf
+
+    model, tok = load_checkpoint(ckpt)
+    print(export_hf(model, out_dir, tokenizer=tok, family=family))
+
+
+def _save_atomic(obj: object, out: str | Path) -> None:
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, out)
 
 
 def merge(argv: list[str] | None = None) -> None:
@@ -244,10 +311,7 @@ def _write_lm_checkpoint(ckpt: dict, net: nn.Module, out: str | Path, meta: dict
     new = {k: ckpt[k] for k in keep if k in ckpt}
     new["state_dict"] = {f"model.{k}": v for k, v in net.state_dict().items()}
     new["lm_surgery"] = [*ckpt.get("lm_surgery", []), meta]
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(new, tmp)
-    os.replace(tmp, out)
+    _save_atomic(new, out)
 
 
 # a saved model may name these modules' nn.Module classes and dataclasses, and these activation functions;

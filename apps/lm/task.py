@@ -53,6 +53,9 @@ class LMTask(L.LightningModule):
         w_entropy: weight of the entropy loss a router declares (only dynamic top-p does; the paper's beta
             1e-4); 0 disables.
         log_routing_every_n_steps: period of the training routing statistics (``routing/train/...``).
+        init_weights: start from the weights of a moekit LM checkpoint (``moekit lm import`` of a transformers
+            model, or any ``lm fit``/``merge``/``quantize`` checkpoint) of the same architecture: continued
+            pretraining with fresh optimizer state. Read weights-only; shapes must match the config.
         fused_optimizer: use PyTorch's fused AdamW kernel (one pass over all parameters instead of a Python
             loop of per-tensor ops; same update). None: where every parameter is a plain tensor on CPU or
             CUDA (not under FSDP's sharded tensor subclasses).
@@ -72,6 +75,7 @@ class LMTask(L.LightningModule):
         w_z: float = 0.001,
         w_entropy: float = 1e-4,
         log_routing_every_n_steps: int = 50,
+        init_weights: str | None = None,
         fused_optimizer: bool | None = None,
     ) -> None:
         super().__init__()
@@ -85,6 +89,8 @@ class LMTask(L.LightningModule):
         self.w_balance, self.w_z, self.w_entropy = w_balance, w_z, w_entropy
         self.log_routing_every_n_steps = log_routing_every_n_steps
         self.fused_optimizer = fused_optimizer
+        self.init_weights = init_weights
+        self._initialised = False
         self.model: TransformerLM | None = (
             TransformerLM(config=config) if config.vocab_size is not None else None
         )
@@ -128,6 +134,27 @@ class LMTask(L.LightningModule):
             if self.config.vocab_size is None:
                 raise ValueError("config.vocab_size is unknown: pass it or train with an LMDataModule")
             self.model = TransformerLM(config=self.config)
+        if self.init_weights and not self._initialised:
+            self._load_init_weights(self.init_weights)
+
+    def _load_init_weights(self, path: str) -> None:
+        """Copy the model weights of a moekit LM checkpoint (strict: every tensor, same shapes)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ValueError(f"init_weights {path}: not a moekit LM checkpoint (no state_dict)")
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"init_weights {path} does not fit model.config (use the config `moekit lm import` printed): "
+                f"{str(e).splitlines()[0]} {str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else ''}"
+            ) from None
+        self._initialised = True
+        if self.tokenizer is None and "lm_tokenizer" in ckpt:
+            from apps.lm.tokenizers import tokenizer_from_json
+
+            self.tokenizer = tokenizer_from_json(ckpt["lm_tokenizer"])
 
     def forward(self, idx: torch.Tensor) -> LMOutput:
         return self.model(idx)
