@@ -209,6 +209,12 @@ def main(argv: list[str] | None = None) -> None:
             "because the 2-core machine is shared by ~5 agents (step times are noisy: ratios within this run)"
         ),
         "clock": args.clock,
+        "threads_note": (
+            "issue 17 asks for two torch threads; on this shared 2-core machine (load average ~8 from other "
+            "agents) a 2-thread step of the dense model cost 0.7-2.2 CPU s against 0.1 s with 1 thread "
+            "(OpenMP threads spin while waiting for a core), so this run uses --threads 1; rerun with "
+            "--threads 2 --clock wall on an idle machine for the issue's protocol"
+        ) if args.threads != 2 else None,
         "note": "budgets count training time only (evaluation excluded), in CPU seconds of the process when "
         "clock=cpu (the machine is shared: wall-clock budgets would measure the other agents' load); "
         "tokens_per_s and step_ms in the same clock; step_ms_wall is the elapsed median; val_bpb over the "
