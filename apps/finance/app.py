@@ -68,9 +68,18 @@ class FinancePredictor:
             if bad.any():
                 raise ValueError(f"panel window: column {c!r} has non-numeric value {df[c][bad].iloc[0]!r}")
         try:
-            long = load_panel(df)[list(COLS)]  # the training panel's fields (no VWAP)
+            long = load_panel(df)  # the training panel's fields (+ vwap when the window has it)
         except (TypeError, pd.errors.ParserError) as e:
             raise ValueError(f"panel window: {e}") from e
+        price = [c for c in (*FIELDS, "vwap") if c in long.columns]
+        bad = ~np.isfinite(long[price].to_numpy(dtype=np.float64))  # (rows, fields)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(
+                f"panel window: {int(bad.any(axis=1).sum())} row(s) with NaN/inf values (first: ticker "
+                f"{long['ticker'].iloc[i]}, date {pd.Timestamp(long['date'].iloc[i]).date()}, column "
+                f"{price[j]!r}); send complete bars, suspended days left out"
+            )
         dup = long.duplicated(["date", "ticker"])
         if dup.any():
             raise ValueError(f"panel window: {int(dup.sum())} duplicated (date, ticker) rows")
@@ -81,6 +90,10 @@ class FinancePredictor:
         if n_days < self.min_days:
             raise ValueError(f"panel window: {n_days} trading day(s); need at least {self.min_days}")
         x = self.transform(wide)  # (days, tickers, F)
+        want = getattr(self.net, "num_features", x.shape[-1])
+        if x.shape[-1] != want:
+            hint = " (the model was trained with VWAP: send a 'vwap' column)" if x.shape[-1] < want else ""
+            raise ValueError(f"panel window gives {x.shape[-1]} features, the model expects {want}{hint}")
         present = wide["close"].iloc[-1].notna().to_numpy()  # (tickers,)
         x = x[-self.step_len :, present]  # (T, N, F)
         tickers = np.asarray(wide["close"].columns)[present]
@@ -95,13 +108,13 @@ class FinancePredictor:
         return out
 
 
-COMMANDS = {"backtest": "apps.finance.backtest:main"}
+COMMANDS = {"backtest": "apps.finance.backtest:main", "lightgbm": "apps.finance.gbdt:main"}
 """The app's extra commands, a literal: ``moekit --help`` reads it without importing this module."""
 
 
 @dataclass(frozen=True)
 class FinanceApp:
-    """Daily cross-sectional stock scoring: MIGA and baselines on the S&P 500 panel (:mod:`apps.finance`)."""
+    """Daily cross-sectional stock scoring: MIGA and baselines on any market's daily bars (apps.finance)."""
 
     name: str = "finance"
     monitor: str = "val/RankIC"
@@ -146,7 +159,7 @@ class FinanceApp:
         tickers = [t for t in close.columns if close[t].iloc[-n_days:].notna().all()][:n_tickers]
         frames = []
         for t in tickers:
-            f = pd.DataFrame({k: wide[k][t].iloc[-n_days:] for k in FIELDS})
+            f = pd.DataFrame({k: wide[k][t].iloc[-n_days:] for k in (*FIELDS, "vwap") if k in wide})
             f.insert(0, "ticker", t)
             f.insert(0, "date", f.index.strftime("%Y-%m-%d"))
             frames.append(f.reset_index(drop=True))
@@ -166,7 +179,8 @@ class FinanceApp:
     def test_artifacts(
         self, module: L.LightningModule, datamodule: L.LightningDataModule, out_dir: Path
     ) -> list[Path]:
-        """Backtest the test-period predictions (TopK-Dropout, costs, excess over ^GSPC): curve, daily IC,
+        """Backtest the test-period predictions (TopK-Dropout, costs and the market's rules, excess over the
+        data's benchmark; ^GSPC for the S&P panel): curve, daily IC,
         expert usage (PNG), daily report (CSV) and summary (JSON). topk 50 / n_drop 5 (qlib's defaults),
         scaled down for small universes (tiny configs)."""
         from apps.finance.backtest import backtest_predictions, format_summary
@@ -180,9 +194,12 @@ class FinanceApp:
         n = test["ticker"].nunique()
         topk = 50 if n >= 250 else max(1, n // 5)
         n_drop = max(1, topk // 10)
-        res = backtest_predictions(
-            preds, data_dir=datamodule.data_dir, segment="test", topk=topk, n_drop=n_drop
-        )
+        if hasattr(datamodule, "backtest"):  # any market: its benchmark, calendar and rules preset
+            res = datamodule.backtest(preds, segment="test", topk=topk, n_drop=n_drop)
+        else:
+            res = backtest_predictions(
+                preds, data_dir=datamodule.data_dir, segment="test", topk=topk, n_drop=n_drop
+            )
         ic = daily_ic(test)
         res.report.to_csv(out_dir / "backtest_report.csv")
         (out_dir / "backtest_summary.json").write_text(json.dumps(res.summary, indent=1, default=str))

@@ -394,6 +394,23 @@ def backtest_predictions(
     return topk_dropout_backtest(scores, rets.loc[days], bench.loc[days], **kw)
 
 
+def fit_config_args(argv: list[str] | None) -> list[str]:
+    """``--config X`` (the fit YAML, as for ``moekit finance fit``) -> ``--fit_config X``: jsonargparse
+    reserves ``--config`` for its own argument files."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    for a in args:
+        if a == "--config":
+            out.append("--fit_config")
+        elif a.startswith("--config="):
+            out.append("--fit_config=" + a.split("=", 1)[1])
+        else:
+            out.append(a)
+    return out
+
+
 def data_module_from_config(config: str):  # noqa: ANN201 - a finance data module
     """The ``data`` section of a ``moekit finance fit`` YAML, instantiated (nothing is read yet)."""
     import importlib
@@ -414,7 +431,7 @@ def data_module_from_config(config: str):  # noqa: ANN201 - a finance data modul
 def backtest(
     predictions: str,
     *,
-    config: str | None = None,
+    fit_config: str | None = None,
     segment: str = "test",
     topk: int = 50,
     n_drop: int = 5,
@@ -435,8 +452,9 @@ def backtest(
     Args:
         predictions: Parquet file with ``date, ticker, score`` (and ``segment``, ``label``), e.g. written by
             ``FinanceTask(predictions_path=...)`` or ``moekit finance predict``.
-        config: the ``moekit finance fit`` YAML: its ``data`` section names the market (calendar, benchmark,
-            suspensions, raw prices) and its rules preset. Without it: the shipped S&P 500 panel and ^GSPC.
+        fit_config: the ``moekit finance fit`` YAML (also accepted as ``--config``): its ``data`` section
+            names the market (calendar, benchmark, suspensions, raw prices) and its rules preset. Without it:
+            the shipped S&P 500 panel and ^GSPC.
         segment: the segment to backtest (``valid`` or ``test``).
         topk: number of stocks held.
         n_drop: maximum replacements per day.
@@ -465,7 +483,8 @@ def backtest(
         "limit": limit,
         "days_per_year": days_per_year,
     }
-    if config is not None:
+    if fit_config is not None:
+        config = fit_config
         dm = data_module_from_config(config)
         if data_dir is not None and hasattr(dm, "data_dir"):
             dm.data_dir = data_dir
@@ -527,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     """``moekit finance backtest`` (or ``python -m apps.finance.backtest``): :func:`backtest` as a command."""
     from jsonargparse import CLI
 
-    CLI(backtest, args=argv, as_positional=False, prog="moekit finance backtest")
+    CLI(backtest, args=fit_config_args(argv), as_positional=False, prog="moekit finance backtest")
 
 
 if __name__ == "__main__":

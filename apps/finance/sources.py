@@ -366,6 +366,7 @@ class ColumnMap:
         st: optional boolean "special treatment" column (China's 5 % limit).
         date_format: strptime format of the date column (default: ISO or ``YYYYMMDD``, detected).
         volume_unit: shares per volume unit.
+        amount_unit: currency per amount unit (e.g. 1000 for Tushare's thousands of CNY).
     """
 
     ticker: str | None = "ticker"
@@ -382,6 +383,7 @@ class ColumnMap:
     st: str | None = None
     date_format: str | None = None
     volume_unit: float = 1.0
+    amount_unit: float = 1.0
 
 
 def parse_dates(s: pd.Series, fmt: str | None = None, *, where: str = "") -> pd.Series:
@@ -522,7 +524,7 @@ def read_bars(
     df["volume"] = df["volume"] * cm.volume_unit
     if "vwap" not in df.columns and "amount" in df.columns:
         with np.errstate(invalid="ignore", divide="ignore"):
-            df["vwap"] = (df["amount"] / df["volume"]).where(df["volume"] > 0)
+            df["vwap"] = (df["amount"] * cm.amount_unit / df["volume"]).where(df["volume"] > 0)
     # back-adjustment: adjusted = raw x factor
     if "factor" not in df.columns and "prev_close" in df.columns:
         prev = df.groupby("ticker")["close"].shift(1)

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.cli import LightningCLI
 
-from apps.finance.data import SP500DataModule
+from apps.finance.data import MarketDataModule, SP500DataModule
 from apps.finance.task import FinanceTask
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "apps" / "finance" / "configs").glob("*.yaml"))
@@ -16,7 +16,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "apps" / "finance" / "co
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"tiny.yaml", "sp500_miga.yaml"} <= names
+    assert {
+        "tiny.yaml",
+        "sp500_miga.yaml",
+        "csi300_miga.yaml",
+        "csi300_miga_lstm.yaml",
+        "csi300_mlp.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -29,6 +35,12 @@ def test_yaml_instantiates(path):
         run=False,
         args=["--config", str(path), "--trainer.logger=false"],
     )
-    assert isinstance(cli.model, FinanceTask) and isinstance(cli.datamodule, SP500DataModule)
+    assert isinstance(cli.model, FinanceTask)
     nf = getattr(cli.model.model, "num_features", None)
-    assert nf == cli.datamodule.num_features
+    dm = cli.datamodule
+    if isinstance(dm, MarketDataModule):  # the feature count comes from the data (157 without VWAP)
+        assert nf == 157 and dm.source == "qlib" and dm.benchmark == "SH000300" and dm.rules == "cn"
+        assert "accelerator" not in path.read_text()  # runs on whatever device the machine has
+        assert getattr(cli.model.model, "step_len", dm.step_len) == dm.step_len
+    else:
+        assert isinstance(dm, SP500DataModule) and nf == dm.num_features
