@@ -67,6 +67,7 @@ from moe_core.surgery.mcsmoe import (  # noqa: E402
 from moe_core.surgery.quant import (  # noqa: E402
     choose_bits,
     dual_quantize_model_experts,
+    dual_routing_bytes,
     expert_order,
     hebf_load_order,
     quantize_model_experts,
@@ -326,6 +327,19 @@ def d2moe_rows(model, vx, vy) -> list[dict]:
         ]
         mean_bits = float(torch.cat(pair_bits).mean())
         k = routes[0][0][0].shape[1]
+        # a 32-window prefill batch: each used expert must hold the planes of its widest pair
+        resident = statistics.median(
+            sum(
+                dual_routing_bytes(
+                    bank.pair_bits(r[b][1], r[b][0]),
+                    r[b][1],
+                    num_experts=bank.num_experts,
+                    expert_numel=numel,
+                )["resident_bytes"]
+                for b, bank in enumerate(banks)
+            )
+            for r in routes
+        )
         rows.append(
             {
                 "section": "d2moe",
@@ -334,6 +348,7 @@ def d2moe_rows(model, vx, vy) -> list[dict]:
                 "mean_pair_bits": mean_bits,
                 # decode with nothing cached: each token loads its K experts' planes in every layer
                 "bytes_loaded_per_token": mean_bits * numel / 8 * k * len(banks),
+                "resident_bytes_per_32_window_batch_median": resident,
             }
         )
     return rows
