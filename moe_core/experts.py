@@ -245,6 +245,10 @@ class _ExpertBank(nn.Module):
 
     def _grouped_mm_ok(self, x: torch.Tensor) -> bool:
         ws = self._weights3d()
+        if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+            # torch's fake-tensor (meta) kernel of grouped_mm accepts bfloat16 only, so a compiled graph
+            # cannot trace it in float32/float16 even where the eager kernel runs
+            return False
         return (
             x.dtype in _GMM_DTYPES
             and all(w.dtype == x.dtype for w in ws)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from apps.lm.routing import RouterKind, build_router, check_renamed_kwargs
@@ -75,6 +76,9 @@ class LMConfig:
         tie_embeddings: share the token embedding with the output head.
         rope_base: RoPE base.
         expert_backend: dispatch backend of ``moe_core`` expert banks.
+        activation_checkpointing: recompute each block's activations in the backward pass instead of storing
+            them (``torch.utils.checkpoint``, non-reentrant, RNG state preserved): memory per block drops to
+            its input, compute grows by one forward. Training only (grad enabled); same loss and gradients.
     """
 
     vocab_size: int | None = None
@@ -110,6 +114,7 @@ class LMConfig:
     tie_embeddings: bool = True
     rope_base: float = 10000.0
     expert_backend: Literal["auto", "grouped_mm", "loop", "padded"] = "auto"
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.ffn not in FFNKind.__args__:
@@ -493,8 +498,12 @@ class TransformerLM(nn.Module):
             raise ValueError(f"sequence length {idx.shape[1]} exceeds context_len={self.config.context_len}")
         x = self.embed(idx)  # (B, T, D)
         routings: list[tuple[str, RouterOutput]] = []
+        ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x, r = blk(x)
+            if ckpt:
+                x, r = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x, r = blk(x)
             routings += r
         return LMOutput(logits=self.head(self.norm(x)), routings=routings)
 

@@ -56,6 +56,9 @@ class LMTask(L.LightningModule):
         init_weights: start from the weights of a moekit LM checkpoint (``moekit lm import`` of a transformers
             model, or any ``lm fit``/``merge``/``quantize`` checkpoint) of the same architecture: continued
             pretraining with fresh optimizer state. Read weights-only; shapes must match the config.
+        compile: compile the network with ``torch.compile`` (``nn.Module.compile``: same parameters and
+            state-dict keys; the first steps pay the compilation). ``compile_mode``: its ``mode``.
+        compile_mode: ``torch.compile`` mode (None: default; ``max-autotune`` etc.).
         fused_optimizer: use PyTorch's fused AdamW kernel (one pass over all parameters instead of a Python
             loop of per-tensor ops; same update). None: where every parameter is a plain tensor on CPU or
             CUDA (not under FSDP's sharded tensor subclasses).
@@ -76,6 +79,8 @@ class LMTask(L.LightningModule):
         w_entropy: float = 1e-4,
         log_routing_every_n_steps: int = 50,
         init_weights: str | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
         fused_optimizer: bool | None = None,
     ) -> None:
         super().__init__()
@@ -90,6 +95,7 @@ class LMTask(L.LightningModule):
         self.log_routing_every_n_steps = log_routing_every_n_steps
         self.fused_optimizer = fused_optimizer
         self.init_weights = init_weights
+        self.compile, self.compile_mode = compile, compile_mode
         self._initialised = False
         self.model: TransformerLM | None = (
             TransformerLM(config=config) if config.vocab_size is not None else None
@@ -136,6 +142,8 @@ class LMTask(L.LightningModule):
             self.model = TransformerLM(config=self.config)
         if self.init_weights and not self._initialised:
             self._load_init_weights(self.init_weights)
+        if self.compile and not getattr(self.model, "_compiled_call_impl", None):
+            self.model.compile(mode=self.compile_mode)  # in place: parameters and state-dict keys unchanged
 
     def _load_init_weights(self, path: str) -> None:
         """Copy the model weights of a moekit LM checkpoint (strict: every tensor, same shapes)."""
