@@ -190,3 +190,12 @@ def test_home_fit_end_to_end_and_served_raw_rows(tmp_path: Path, raw: pd.DataFra
     assert want[:, 0].std() > 0
     with pytest.raises(ValueError, match="missing column"):
         served.predict(val.drop(columns=["time_ms"]))
+
+    # `moekit recsys predict --data.init_args.predict_path <file>`: the user's own raw rows, no labels
+    path = tmp_path / "mine.csv"
+    val[list(REQUEST_COLUMNS)].to_csv(path, index=False)
+    cli.datamodule.predict_path = str(path)
+    cli.datamodule.setup("predict")
+    batches = cli.trainer.predict(cli.model, dataloaders=cli.datamodule.predict_dataloader())
+    got = np.stack([torch.cat([b[t] for b in batches]).numpy() for t in KUAIRAND_TASKS], axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
