@@ -4,8 +4,9 @@ and LightGBM on ``shared/datasets/csi300_qlib``.
 Protocol (qlib's ``examples/benchmarks``, protocol A of docs/finance.md §0, with this data's dates):
 Alpha158 (157 features: the data has no VWAP) on the CSI 300 universe by day (membership spells, tradable
 days only), label ``close(t+2)/close(t+1) - 1`` on tradable closes, learn label cross-sectionally z-scored
-(CSZScoreNorm; CSRankNorm for GRU/ALSTM/Transformer, as qlib's configs), features RobustZScoreNorm fitted on
-train + Fillna; train 2010-2017, valid 2018-2019, test 2020-01-01..2026-05-08 (the first 60 days feature
+(CSZScoreNorm; CSRankNorm for GRU/ALSTM/Transformer, as qlib's configs), network features RobustZScoreNorm
+fitted on the train universe + Fillna, LightGBM on the raw features (qlib's LightGBM handler has none);
+train 2010-2017, valid 2018-2019, test 2020-01-01..2026-05-08 (the first 60 days feature
 warm-up, 5 purge days at segment ends). Each network's epoch is chosen by valid RankIC; LightGBM early-stops
 on valid L2 (qlib's params). Test metrics: IC, ICIR, RankIC, RankICIR on the raw label; TopK-Dropout(50, 5)
 with the ``cn`` rules (buy 5 bp, sell 15 bp, min 5 CNY, price limits by board, no suspended trades, 60-day
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from apps.finance.data import DayDataset, MarketDataModule  # noqa: E402
+from apps.finance.data import DayDataset, MarketDataModule, PanelTransform  # noqa: E402
 from apps.finance.metrics import daily_ic, ic_summary  # noqa: E402
 from apps.finance.model import ALSTM, GRU, MIGA, MLP, Transformer  # noqa: E402
 from apps.finance.processors import cs_rank_norm  # noqa: E402
@@ -121,17 +122,22 @@ def models(nf: int, n20: int) -> dict[str, tuple[Callable, dict, dict]]:
 
 
 class Views:
-    """Datasets of one data module for each (step_len, feature set, label) view, built once."""
+    """Datasets of one data module for each (step_len, feature set, label) view, built once. The data module
+    holds raw features (LightGBM's view, as qlib's handler); the networks get RobustZScoreNorm (fitted on the
+    train universe) + Fillna, the same transform ``feature_norm: robust_zscore`` applies."""
 
     def __init__(self, dm: MarketDataModule) -> None:
         self.dm = dm
+        fit_days = np.zeros(len(dm.x), bool)
+        fit_days[dm.split.train] = True
+        self.x_nn = PanelTransform(kind="alpha158").fit(dm.x, fit_days, dm.present).normalise(dm.x)
         self.cols20 = [dm.feature_names.index(n) for n in SELECTED20]
-        self.x20 = np.ascontiguousarray(dm.x[..., self.cols20])
+        self.x20 = np.ascontiguousarray(self.x_nn[..., self.cols20])
         self.y_rank = cs_rank_norm(dm.y_raw)
 
     def ds(self, view: dict, days: np.ndarray, train: bool) -> DayDataset:
         dm = self.dm
-        x = dm.x if view["features"] == "all" else self.x20
+        x = self.x_nn if view["features"] == "all" else self.x20
         y = dm.y if view["label"] == "cszscore" else self.y_rank
         return DayDataset(x=x, y=y, y_raw=dm.y_raw, present=dm.present, days=days, step_len=view["step_len"],
                           drop_nan_label=train)  # fmt: skip
@@ -227,6 +233,9 @@ def main() -> None:
     ap.add_argument(
         "--models", default="LightGBM,MIGA,MLP,GRU,ALSTM,Transformer,MIGA-ctx,MIGA-noisy,MIGA-lstm"
     )
+    ap.add_argument(
+        "--variant_seeds", type=int, default=None, help="seeds of the MIGA-* variants (default --seeds)"
+    )
     ap.add_argument("--max_instruments", type=int, default=None, help="smoke runs only")
     ap.add_argument("--out", default="finance_csi300")
     a = ap.parse_args()
@@ -235,8 +244,8 @@ def main() -> None:
     dm = MarketDataModule(
         path="csi300_qlib", source="qlib", market="csi300", benchmark="SH000300",
         train=("2010-01-01", "2017-12-31"), valid=("2018-01-01", "2019-12-31"),
-        test=("2020-01-01", "2026-05-08"), rules="cn", features="alpha158", step_len=1, label_norm="cszscore",
-        max_instruments=a.max_instruments,
+        test=("2020-01-01", "2026-05-08"), rules="cn", features="alpha158", feature_norm="none", step_len=1,
+        label_norm="cszscore", max_instruments=a.max_instruments,
     )  # fmt: skip
     t0 = time.perf_counter()
     import apps.finance.features as F
@@ -306,12 +315,14 @@ def main() -> None:
             "data": "shared/datasets/csi300_qlib (fr220574/Qlib-format-A-share-dataset @51ee96b), csi300",
             "protocol": "qlib benchmarks (protocol A) on this data: Alpha158 without VWAP (157), label "
             "close(t+2)/close(t+1)-1 on tradable closes, CSZScore label (CSRank for GRU/ALSTM/Transformer), "
-            "RobustZScoreNorm fitted on train + Fillna, train 2010-2017 / valid 2018-2019 / test 2020-01-01.."
-            "2026-05-08 (60 warm-up days, 5 purge days)",
+            "networks: RobustZScoreNorm fitted on the train universe + Fillna, LightGBM: raw features "
+            "with NaN (qlib's LightGBM handler has no feature processors), train 2010-2017 / valid "
+            "2018-2019 / test 2020-01-01..2026-05-08 (60 warm-up days, 5 purge days)",
             "backtest": "TopK-Dropout(50,5), rules cn (buy 5bp, sell 15bp, min 5, limits by board/period, no "
             "suspended trades, listing age >= 60 days, lots of 100, account 1e8), excess over SH000300, sum, "
             "238 days/year",
-            "scaled_down": f"{a.seeds} seeds (qlib: 20); {a.epochs} epochs for T=1 networks, {a.seq_epochs} "
+            "scaled_down": f"{a.seeds} seeds (qlib: 20; MIGA-* variants {a.variant_seeds or a.seeds}); "
+            f"{a.epochs} epochs for T=1 networks, {a.seq_epochs} "
             "for T=20/T=5 networks (qlib: up to 200 with early stopping); single CPU thread; GRU/ALSTM/"
             "Transformer on qlib's 20 selected features with T=20 (qlib's GRU/ALSTM configs)",
             "caveats": "survivor-biased data with an incomplete membership list (SOURCE.txt): compare models "
@@ -337,7 +348,8 @@ def main() -> None:
                   f"{s['information_ratio']:.3f} | {s['max_drawdown']:.4f} |", flush=True)  # fmt: skip
 
     for name in a.models.split(","):
-        for seed in range(a.seeds):
+        n_seeds = a.variant_seeds if name.startswith("MIGA-") and a.variant_seeds else a.seeds
+        for seed in range(n_seeds):
             if name == "LightGBM":
                 valid, test, fit_s, best = train_lgb(dm, seed)
             else:

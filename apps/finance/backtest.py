@@ -227,45 +227,61 @@ def topk_dropout_backtest(
     sig_days = [d for d in scores.index if d in days]
     if not sig_days:
         raise ValueError("backtest: no score date is on the returns calendar")
+    # numpy views aligned to the returns' columns: one row per day, one column per ticker
+    cols = returns.columns
+    R = returns.to_numpy(dtype=np.float64)  # (days, N)
+    ok = ~np.isnan(R)  # tradable
+    CB = ok if can_buy is None else can_buy.reindex(index=days, columns=cols).fillna(False).to_numpy(bool)
+    CS = ok if can_sell is None else can_sell.reindex(index=days, columns=cols).fillna(False).to_numpy(bool)
+    RC = None if raw_close is None else raw_close.reindex(index=days, columns=cols).to_numpy(np.float64)
+    S = scores.reindex(columns=cols)
+    srow = {d: i for i, d in enumerate(S.index)}
+    S = S.to_numpy(dtype=np.float64)  # (signal days, N)
+    B = bench.reindex(days).fillna(0.0).to_numpy(np.float64) if len(bench) else np.zeros(len(days))
     pos_of = {d: i for i, d in enumerate(days)}
-    cash, hold = float(account), {}  # ticker -> position value at the last close
-    held_days: dict[str, int] = {}
+    cash, hold = float(account), {}  # column -> position value at the last close (insertion-ordered)
+    held_days: dict[int, int] = {}
     rows = []
     start = pos_of[sig_days[0]] + 1
     for ti in range(start, len(days)):
-        t, prev = days[ti], days[ti - 1]
+        prev = days[ti - 1]
         value_prev = cash + sum(hold.values())
-        r = returns.loc[t]
-        for tk in list(hold):  # mark to market at today's close
-            rt = r.get(tk, np.nan)
-            hold[tk] *= 1.0 + (0.0 if np.isnan(rt) else rt)
-        tradable = set(r.index[r.notna()])
-        buyable = set(can_buy.columns[can_buy.loc[t].to_numpy()]) if can_buy is not None else tradable
-        sellable = set(can_sell.columns[can_sell.loc[t].to_numpy()]) if can_sell is not None else tradable
+        r = R[ti]
+        for j in hold:  # mark to market at today's close
+            if ok[ti, j]:
+                hold[j] *= 1.0 + r[j]
         cost = traded = 0.0
-        if prev in scores.index:
-            s = scores.loc[prev].dropna()
-            s = s[s.index.isin(tradable) | s.index.isin(hold.keys())]
-            order = s.sort_values(ascending=False, kind="mergesort")
-            last = sorted(hold, key=lambda k: -s.get(k, -np.inf))  # holdings by score (unscored last)
-            not_held = [k for k in order.index if k not in hold and k in buyable]
-            today = not_held[: n_drop + topk - len(last)]
-            comb = sorted(set(last) | set(today), key=lambda k: -s.get(k, -np.inf))
-            bottom = set(comb[-n_drop:]) if len(comb) > 0 else set()
-            sell = [k for k in last if k in bottom and k in sellable and held_days.get(k, 0) >= 1]
+        si = srow.get(prev)
+        if si is not None:
+            s = S[si]  # (N,)
+            held = np.zeros(len(cols), bool)
+            held[list(hold)] = True
+            valid = ~np.isnan(s) & (ok[ti] | held)
+            idx = np.flatnonzero(valid)
+            order = idx[np.argsort(-s[idx], kind="stable")]  # by score, column order on ties
+
+            def key(j: int, s: np.ndarray = s, valid: np.ndarray = valid) -> float:
+                return -s[j] if valid[j] else np.inf  # unscored holdings last
+
+            last = sorted(hold, key=key)
+            cand = order[~held[order] & CB[ti, order]]
+            today = [int(j) for j in cand[: max(n_drop + topk - len(last), 0)]]
+            comb = sorted(last + today, key=key)
+            bottom = set(comb[-n_drop:]) if comb else set()
+            sell = [j for j in last if j in bottom and CS[ti, j] and held_days.get(j, 0) >= 1]
             buy = today[: len(sell) + topk - len(last)]
-            for k in sell:
-                v = hold.pop(k)
-                held_days.pop(k, None)
+            for j in sell:
+                v = hold.pop(j)
+                held_days.pop(j, None)
                 c = max(v * sell_cost, min_cost) if v > 0 else 0.0
                 cash += v - c
                 cost, traded = cost + c, traded + v
             if buy:
                 per = cash * risk_degree / len(buy)
-                for k in buy:
+                for j in buy:
                     val = per
-                    if raw_close is not None:
-                        px = raw_close.at[t, k]
+                    if RC is not None:
+                        px = RC[ti, j]
                         if not np.isfinite(px) or px <= 0:
                             continue
                         val = np.floor(per / (px * lot_size)) * px * lot_size  # whole lots only
@@ -273,17 +289,16 @@ def topk_dropout_backtest(
                     if val <= 0 or val - c <= 0:
                         continue
                     cash -= val
-                    hold[k] = val - c  # cost paid out of the order value (qlib deducts trade_val + cost)
+                    hold[j] = val - c  # cost paid out of the order value (qlib deducts trade_val + cost)
                     cost, traded = cost + c, traded + val
-        for k in hold:
-            held_days[k] = held_days.get(k, 0) + 1
+        for j in hold:
+            held_days[j] = held_days.get(j, 0) + 1
         value = cash + sum(hold.values())
-        ret = value / value_prev - 1
         rows.append(
             {
-                "date": t,
-                "return": ret,
-                "bench": float(bench.get(t, 0.0)),
+                "date": days[ti],
+                "return": value / value_prev - 1,
+                "bench": float(B[ti]),
                 "cost": cost / value_prev,
                 "turnover": traded / (2 * value_prev),
                 "value": value,

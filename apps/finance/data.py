@@ -576,6 +576,9 @@ class MarketDataModule(L.LightningDataModule):
         train, valid, test: segments (inclusive) before purging.
         rules: market preset of the backtest (``us`` or ``cn``, :mod:`apps.finance.backtest`).
         features: ``alpha158`` (158 with VWAP, 157 without) or ``alpha360``.
+        feature_norm: ``robust_zscore`` (qlib's RobustZScoreNorm fitted on the train universe, clip to
+            [-3, 3], Fillna 0: the networks' inputs) or ``none`` (raw features, NaN kept: qlib's LightGBM
+            handler has no feature processors).
         step_len: T. label_norm: ``cszscore`` (qlib's tree/MLP configs) or ``csrank``. horizon: H.
         warmup_days: leading days used only as feature history.
         max_instruments: keep the first n instruments (tests).
@@ -598,6 +601,7 @@ class MarketDataModule(L.LightningDataModule):
         test: tuple[str, str],
         rules: Literal["us", "cn"] = "us",
         features: Literal["alpha158", "alpha360"] = "alpha158",
+        feature_norm: Literal["robust_zscore", "none"] = "robust_zscore",
         step_len: int = 1,
         label_norm: Literal["csrank", "cszscore"] = "cszscore",
         horizon: int = 2,
@@ -616,6 +620,9 @@ class MarketDataModule(L.LightningDataModule):
             raise ValueError(f"label_norm must be 'csrank' or 'cszscore', got {label_norm!r}")
         if rules not in ("us", "cn"):
             raise ValueError(f"rules must be 'us' or 'cn', got {rules!r}")
+        if feature_norm not in ("robust_zscore", "none"):
+            raise ValueError(f"feature_norm must be 'robust_zscore' or 'none', got {feature_norm!r}")
+        self.feature_norm = feature_norm
         if step_len < 1:
             raise ValueError(f"step_len must be >= 1, got {step_len}")
         self.save_hyperparameters()
@@ -696,9 +703,13 @@ class MarketDataModule(L.LightningDataModule):
         x[~md.wide["close"].notna().to_numpy()] = np.nan  # in place: no second (days, tickers, F) copy
         fit_days = np.zeros(days, bool)
         fit_days[self.split.train] = True
-        # the normalisation sees the train days' universe only (qlib fits on the handler's instruments)
-        self.transform.fit(x, fit_days, present)
-        self.x = self.transform.normalise(x)
+        if self.feature_norm == "none":
+            x[np.isinf(x)] = np.nan
+            self.x = x  # raw, NaN kept (tree models)
+        else:
+            # the normalisation sees the train days' universe only (qlib fits on the handler's instruments)
+            self.transform.fit(x, fit_days, present)
+            self.x = self.transform.normalise(x)
         del x
         lab, end = next_tradable_label(md.wide["close"], md.tradable, self.horizon)
         mm = md.move_mask.to_numpy()

@@ -94,20 +94,26 @@ def _check_fields(wide: Mapping[str, pd.DataFrame]) -> None:
 # vectorised engine
 # ----------------------------------------------------------------------------------------------------------
 def _idx_extreme(a: np.ndarray, d: int, kind: str) -> np.ndarray:
-    """1-based position of the max/min of the last ``d`` rows (NaN skipped), per column. a: (T, N)."""
+    """1-based position of the max/min of the last ``d`` rows (NaN skipped; the earliest on ties), per column.
+
+    a: (T, N). One pass per lag over whole ``(T, N)`` slabs (float32 compares): no ``(T, N, d)`` window array,
+    ~4x faster than ``argmax`` over a strided window view on the CSI 300 panel.
+    """
     t, n = a.shape
-    fill = -np.inf if kind == "max" else np.inf
-    pad = np.full((d - 1, n), np.nan)
-    padded = np.concatenate([pad, a], axis=0)  # (T+d-1, N)
-    valid = ~np.isnan(padded)
-    filled = np.where(valid, padded, fill)
-    win = np.lib.stride_tricks.sliding_window_view(filled, d, axis=0)  # (T, N, d)
-    pos = win.argmax(axis=-1) if kind == "max" else win.argmin(axis=-1)  # (T, N) 0-based in padded window
-    # number of leading padded (pre-history) rows in each window: max(d-1-i, 0)
-    lead = np.maximum(d - 1 - np.arange(t), 0)[:, None]  # (T, 1)
-    cnt = np.lib.stride_tricks.sliding_window_view(valid, d, axis=0).sum(-1)  # (T, N)
-    out = (pos - lead + 1).astype(np.float64)
-    out[cnt == 0] = np.nan
+    a = np.asarray(a, dtype=np.float32)
+    best = np.full((t, n), np.nan, np.float32)
+    at = np.full((t, n), -1, np.int64)  # row index of the current best
+    rows = np.broadcast_to(np.arange(t)[:, None], (t, n))
+    better = np.greater if kind == "max" else np.less
+    for k in range(min(d, t) - 1, -1, -1):  # oldest lag first, strict compare: the earliest extreme wins ties
+        cand, cur = a[: t - k], best[k:]  # cand[r - k] = a[r - k] is row r's value k days back
+        with np.errstate(invalid="ignore"):
+            take = better(cand, cur) | (np.isnan(cur) & ~np.isnan(cand))  # (T-k, N)
+        np.copyto(cur, cand, where=take)  # in place into best[k:]
+        np.copyto(at[k:], rows[: t - k], where=take)  # row index r - k
+    start = np.maximum(np.arange(t) - d + 1, 0)[:, None]  # first row of each (possibly partial) window
+    out = (at - start + 1).astype(np.float64)
+    out[at < 0] = np.nan
     return out
 
 
@@ -187,7 +193,7 @@ def alpha158(wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True) -> dic
             rc, rh, rl, rv = (x.rolling(d, min_periods=1) for x in (C, H, Lo, V))
             out[f"ROC{d}"] = C.shift(d).to_numpy() / c
             out[f"MA{d}"] = rc.mean().to_numpy() / c
-            out[f"STD{d}"] = rc.std().to_numpy() / c
+            out[f"STD{d}"] = _std(rc) / c
             slope, rsq, resi = _ols(C, d)
             out[f"BETA{d}"], out[f"RSQR{d}"], out[f"RESI{d}"] = slope / c, rsq, resi / c
             mx, mn = rh.max().to_numpy(), rl.min().to_numpy()
@@ -212,9 +218,9 @@ def alpha158(wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True) -> dic
             sa = ab.rolling(d, min_periods=1).sum().to_numpy() + EPS
             out[f"SUMP{d}"], out[f"SUMN{d}"], out[f"SUMD{d}"] = sp / sa, sn / sa, (sp - sn) / sa
             out[f"VMA{d}"] = rv.mean().to_numpy() / vden
-            out[f"VSTD{d}"] = rv.std().to_numpy() / vden
+            out[f"VSTD{d}"] = _std(rv) / vden
             rw = wv.rolling(d, min_periods=1)
-            out[f"WVMA{d}"] = rw.std().to_numpy() / (rw.mean().to_numpy() + EPS)
+            out[f"WVMA{d}"] = _std(rw) / (rw.mean().to_numpy() + EPS)
             vp, vn = (
                 vup.rolling(d, min_periods=1).sum().to_numpy(),
                 vdn.rolling(d, min_periods=1).sum().to_numpy(),
@@ -223,6 +229,16 @@ def alpha158(wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True) -> dic
             out[f"VSUMP{d}"], out[f"VSUMN{d}"], out[f"VSUMD{d}"] = vp / va, vn / va, (vp - vn) / va
     names = [n for n in ALPHA158_NAMES if not (drop_vwap and n == "VWAP0" and "vwap" not in wide)]
     return {n: pd.DataFrame(out[n], index=idx, columns=cols, copy=False) for n in names}
+
+
+def _std(r) -> np.ndarray:  # noqa: ANN001 - pandas Rolling
+    """Rolling sample std, exactly 0 on constant windows: pandas' online variance leaves a residue there that
+    can be large in absolute terms after big values left the window (0.3 on a zero-volume stretch after
+    turnover of 1e7), which ``/ (mean + 1e-12)`` then blows up (WVMA = 3e11 instead of 0)."""
+    sd = r.std().to_numpy().copy()
+    const = (r.max().to_numpy() - r.min().to_numpy()) == 0
+    sd[const & ~np.isnan(sd)] = 0.0  # a one-value window stays NaN (ddof=1)
+    return sd
 
 
 class _Float32Dict(dict):
