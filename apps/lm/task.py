@@ -19,6 +19,7 @@ gradient accumulation/clipping and DDP are trainer options.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from typing import Any
@@ -33,6 +34,8 @@ from apps.lm.data import IGNORE_INDEX
 from apps.lm.model import LMConfig, LMOutput, TransformerLM, count_parameters, upgrade_state_dict
 from moe_core.losses import router_z_loss, sum_aux_losses
 from moe_core.stats import routing_stats
+
+log = logging.getLogger(__name__)
 
 
 class LMTask(L.LightningModule):
@@ -56,6 +59,8 @@ class LMTask(L.LightningModule):
         init_weights: start from the weights of a moekit LM checkpoint (``moekit lm import`` of a transformers
             model, or any ``lm fit``/``merge``/``quantize`` checkpoint) of the same architecture: continued
             pretraining with fresh optimizer state. Read weights-only; shapes must match the config.
+        peak_flops: the device's peak FLOP/s for the MFU logged as ``train/mfu`` (None: measured once at fit
+            start with a large matmul on the model's device and dtype, :func:`measure_peak_flops`; 0: no MFU).
         compile: compile the network with ``torch.compile`` (``nn.Module.compile``: same parameters and
             state-dict keys; the first steps pay the compilation). ``compile_mode``: its ``mode``.
         compile_mode: ``torch.compile`` mode (None: default; ``max-autotune`` etc.).
@@ -79,6 +84,7 @@ class LMTask(L.LightningModule):
         w_entropy: float = 1e-4,
         log_routing_every_n_steps: int = 50,
         init_weights: str | None = None,
+        peak_flops: float | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
         fused_optimizer: bool | None = None,
@@ -96,6 +102,8 @@ class LMTask(L.LightningModule):
         self.fused_optimizer = fused_optimizer
         self.init_weights = init_weights
         self.compile, self.compile_mode = compile, compile_mode
+        self.peak_flops = peak_flops
+        self._flops_per_token: float | None = None
         self._initialised = False
         self.model: TransformerLM | None = (
             TransformerLM(config=config) if config.vocab_size is not None else None
@@ -203,10 +211,23 @@ class LMTask(L.LightningModule):
             self._log_routing(out, "train")
         return terms["loss"]
 
+    def on_fit_start(self) -> None:
+        if self.peak_flops is None:
+            p = next(self.model.parameters())
+            self.peak_flops = measure_peak_flops(p.device, p.dtype)
+        self._flops_per_token = training_flops_per_token(self.model)
+        if self.peak_flops:
+            log.info("%.2f MFLOP per trained token (active experts only), measured peak %.1f GFLOP/s",
+                     self._flops_per_token / 1e6, self.peak_flops / 1e9)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._t0 is not None:
             dt = time.perf_counter() - self._t0
-            self.log("train/tokens_per_s", batch[0].numel() / max(dt, 1e-9), on_step=True, on_epoch=False)
+            tps = batch[0].numel() / max(dt, 1e-9)
+            self.log("train/tokens_per_s", tps, on_step=True, on_epoch=False)
+            if self.peak_flops and self._flops_per_token:
+                self.log("train/mfu", tps * self._flops_per_token / self.peak_flops, on_step=True,
+                         on_epoch=False)
 
     def _log_routing(self, out: LMOutput, stage: str) -> None:
         """Every statistic of ``moe_core.stats.routing_stats`` per routing decision; the per-expert load
@@ -408,3 +429,39 @@ def eval_metrics(nll_sum: float, tokens: float, nbytes: float, words: float = 0.
     if words > 0:
         out["word_ppl"] = math.exp(min(nll_sum / words, 700.0))
     return out
+
+
+def training_flops_per_token(model: TransformerLM) -> float:
+    """FLOPs of one training token (forward + backward): ``6 * active parameters + 12 * L * D * T``
+    (Kaplan et al. 2020 / PaLM appendix B accounting; the attention-score term with the full context T).
+
+    Active parameters count only the experts a token uses (``count_parameters``: k of E routed experts, CoE
+    iterations with multiplicity); the tied embedding is counted once (the output head's matmul; the lookup is
+    free).
+    """
+    cfg = model.config
+    active = count_parameters(model)["active"]
+    if not cfg.tie_embeddings:
+        active -= model.embed.weight.numel()  # the input lookup does no matmul
+    return 6.0 * active + 12.0 * cfg.n_layers * cfg.dim * cfg.context_len
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """Achieved FLOP/s of a large ``n x n`` matmul on ``device`` (best of 3 after a warm-up): the peak the
+    MFU is measured against on this machine."""
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no draw from the global RNG (exact resume)
+    b = torch.full((n, n), 0.25, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type != "cpu":
+            torch.accelerator.synchronize(device)
+
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / max(best, 1e-12)

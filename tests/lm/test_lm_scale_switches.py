@@ -64,3 +64,29 @@ def test_torch_compile_on_cpu_same_loss_and_grads():
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_flops_per_token_count_only_active_experts_and_mfu_is_logged(tmp_path):
+    import lightning as L
+
+    from apps.lm.data import LMDataModule
+    from apps.lm.task import training_flops_per_token
+
+    dense = LMTask(config=dataclasses.replace(CFG, ffn="dense", ffn_hidden=48, num_shared_experts=0)).model
+    moe = LMTask(config=dataclasses.replace(CFG, num_shared_experts=0, expert_hidden=24)).model  # k=2 x 24
+    d, t, layers, v = 32, 16, 2, 64
+    attn = 4 * d * d + 2 * d  # qkv + proj + 2 norms per block (+ final norm below)
+    dense_params = layers * (attn + 3 * d * 48) + d + v * d
+    assert training_flops_per_token(dense) == 6 * dense_params + 12 * layers * d * t
+    routers = layers * 4 * d
+    assert training_flops_per_token(moe) == training_flops_per_token(dense) + 6 * routers  # same active FFN
+    (tmp_path / "t.txt").write_text("abcdefgh " * 300, encoding="utf-8")
+    dm = LMDataModule(text_path=str(tmp_path / "t.txt"), context_len=16, batch_size=4, batches_per_epoch=3,
+                      cache_path=str(tmp_path / "c"))
+    task = LMTask(config=dataclasses.replace(CFG, vocab_size=None), peak_flops=1e9)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+    trainer.fit(task, datamodule=dm)
+    m = trainer.callback_metrics
+    fpt = training_flops_per_token(task.model)
+    assert float(m["train/mfu"]) == pytest.approx(float(m["train/tokens_per_s"]) * fpt / 1e9, rel=1e-5)
