@@ -79,6 +79,23 @@ def test_bad_windows_are_named(predictor: FinancePredictor) -> None:
         predictor.predict(df[df["date"] >= sorted(df["date"].unique())[-30]])
     with pytest.raises(ValueError, match="duplicated"):
         predictor.predict(pd.concat([df, df.head(2)]))
+    # NaN is refused, not coerced or silently dropped: the error names the ticker, date and column
+    holed = df.copy()
+    holed.loc[(holed["ticker"] == "CCC") & (holed["date"] == holed["date"].iloc[70]), "volume"] = np.nan
+    with pytest.raises(
+        ValueError, match=rf"NaN/inf.*ticker CCC, date {holed['date'].iloc[70]}, column 'volume'"
+    ):
+        predictor.predict(holed)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        predictor.predict(df.assign(high=np.where(df.index == 5, np.inf, df["high"])))
+    # a window whose features do not match the network (a model trained with VWAP, a window without it)
+    wide_net = FinancePredictor(
+        net=MIGA(num_features=158, step_len=2, hidden_dim=8, num_groups=1, experts_per_group=2, top_k=1,
+                 expert_dim=2, attention_heads=1),
+        transform=predictor.transform, step_len=2,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"157 features, the model expects 158 .*'vwap'"):
+        wide_net.predict(df)
 
 
 def _miga(step_len: int) -> MIGA:
