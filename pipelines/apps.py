@@ -16,6 +16,7 @@ import ast
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -126,8 +127,9 @@ def get_app(name: str) -> MoekitApp:
     return app
 
 
-def app_commands(name: str) -> list[str]:
-    """The names of app ``name``'s extra commands, for ``moekit --help``, without importing its module.
+def app_commands(name: str) -> dict[str, str]:
+    """App ``name``'s extra commands, ``{command: "package.module:function"}``, for ``moekit --help``, without
+    importing its module.
 
     Read from a literal top-level ``COMMANDS = {...}`` in the module's source when it has one (the built-in
     apps do, so the listing imports no torch or lightning); else from the imported ``APP.commands``.
@@ -136,21 +138,46 @@ def app_commands(name: str) -> list[str]:
     if module is None:
         raise ValueError(f"unknown app {name!r}; known apps: {sorted(app_table())}")
     if module not in sys.modules:
-        try:
-            spec = importlib.util.find_spec(module)
-            source = Path(spec.origin).read_text() if spec and spec.origin else ""
-        except (ImportError, OSError, ValueError):
-            source = ""
-        for node in ast.parse(source).body if source else ():
+        for node in _module_ast(module).body:
             target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
             if isinstance(node, ast.AnnAssign):
                 target = node.target
             if isinstance(target, ast.Name) and target.id == "COMMANDS" and node.value is not None:
                 try:
-                    return list(ast.literal_eval(node.value))
-                except ValueError:
+                    return dict(ast.literal_eval(node.value))
+                except (ValueError, TypeError):
                     break
-    return list(get_app(name).commands)
+    return dict(get_app(name).commands)
+
+
+def _module_ast(module: str) -> ast.Module:
+    """The parsed source of ``module`` (found, not imported; parent packages' ``__init__`` do run), or an
+    empty module when it cannot be read."""
+    try:
+        spec = importlib.util.find_spec(module)
+        source = Path(spec.origin).read_text() if spec and spec.origin else ""
+        return ast.parse(source)
+    except (ImportError, OSError, ValueError, SyntaxError):
+        return ast.Module(body=[], type_ignores=[])
+
+
+def command_summary(target: str) -> str:
+    """What a command target ``"package.module:function"`` does: the first sentence of its docstring, read
+    from the source without importing it, less a leading ````moekit ...``:`` (a docstring that only says
+    ``:func:`other` as a command`` gives ``other``'s sentence); "" when there is none."""
+    module, _, func = target.partition(":")
+    docs = {
+        n.name: ast.get_docstring(n) or ""
+        for n in _module_ast(module).body
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    text = " ".join(docs.get(func, "").split())
+    text = re.sub(r"^``[^`]*``( \(or ``[^`]*``\))?:\s*", "", text)
+    ref = re.fullmatch(r":func:`(\w+)` as a command\.?", text)
+    if ref and ref[1] in docs:
+        text = " ".join(docs[ref[1]].split())
+    sentence = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    return sentence.rstrip(".")
 
 
 def load_command(target: str) -> Callable[[Sequence[str] | None], None]:

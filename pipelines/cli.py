@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moe_core.runtime import tune_cpu_allocator
-from pipelines.apps import app_commands, app_names, get_app, load_command
+from pipelines.apps import app_commands, app_names, command_summary, get_app, load_command
 
 if TYPE_CHECKING:
     from pipelines.lightning_cli import MoekitCLI
@@ -95,7 +95,8 @@ def _app_usage(app: str) -> str:
             f"  {c:<9} Lightning {c} from a config: moekit {app} {c} --config CONFIG.yaml"
             for c in TRAINER_COMMANDS
         ),
-        *(f"  {c:<9} the app's {c} command: moekit {app} {c} --help" for c in extra),
+        *(f"  {c:<9} {command_summary(t) or f'the {app} app command {c}'} (moekit {app} {c} --help)"
+          for c, t in extra.items()),
         "",
         f"Options of a trainer command: `moekit {app} fit --help`.",
     ]

@@ -61,7 +61,29 @@ def test_app_help_lists_its_own_commands() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "backtest" in proc.stdout and "fit" in proc.stdout
     _, proc = _moekit("lm")
-    assert all(c in proc.stdout for c in ("generate", "merge", "quantize"))
+    assert all(c in proc.stdout for c in ("generate", "merge", "quantize", "import", "export"))
+    # every extra command says what it does (its docstring's first sentence), not only its name
+    line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("export "))
+    assert "transformers" in line
+
+
+def test_command_summary_reads_the_docstring_without_importing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.apps import command_summary
+
+    (tmp_path / "cmdmod.py").write_text(
+        'raise RuntimeError("imported")\n'
+        'def main(argv=None):\n'
+        '    """``moekit x run`` (or ``python -m cmdmod``): :func:`run` as a command."""\n'
+        'def run(*, n: int = 1):\n    """Train the thing on\n    the data. More text."""\n'
+        'def bare(argv=None):\n    pass\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert command_summary("cmdmod:main") == "Train the thing on the data"
+    assert command_summary("cmdmod:run") == "Train the thing on the data"
+    assert command_summary("cmdmod:bare") == ""
+    assert command_summary("no_such_module_xyz:main") == ""
 
 
 def test_missing_config_file_is_one_error_line(tmp_path: Path) -> None:
