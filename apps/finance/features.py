@@ -26,12 +26,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
 log = logging.getLogger(__name__)
+prog = logging.getLogger("moekit.progress")  # stage lines of long steps; the moekit CLI shows them
 
 WINDOWS = (5, 10, 20, 30, 60)
 KBAR = ("KMID", "KLEN", "KMID2", "KUP", "KUP2", "KLOW", "KLOW2", "KSFT", "KSFT2")
@@ -137,13 +140,16 @@ def _ols(y: pd.DataFrame, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return slope, rsq, resi
 
 
-def alpha158(wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True) -> dict[str, pd.DataFrame]:
+def alpha158(
+    wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True, progress: bool = False
+) -> dict[str, pd.DataFrame]:
     """Compute Alpha158 for a whole panel.
 
     Args:
         wide: field name -> ``(days, tickers)`` DataFrame for ``open, high, low, close, volume`` (NaN where a
             ticker has no row). ``vwap`` is optional (absent in the shipped panel -> ``VWAP0`` is NaN).
         drop_vwap: drop ``VWAP0`` when the panel has no vwap (157 features).
+        progress: log a line per rolling window to ``moekit.progress`` (long panels).
 
     Returns:
         Ordered dict feature name -> ``(days, tickers)`` DataFrame, in qlib's column order.
@@ -189,7 +195,16 @@ def alpha158(wide: Mapping[str, pd.DataFrame], *, drop_vwap: bool = True) -> dic
         lvret = pd.DataFrame(_finite(np.log(v / v1 + 1)), index=idx)
         vden = v + EPS
 
-        for d in WINDOWS:
+        t0 = time.perf_counter()
+        for step, d in enumerate(WINDOWS):
+            if progress:
+                prog.info(
+                    "alpha158: %d-day window [%d/%d] (%.0f s)",
+                    d,
+                    step + 1,
+                    len(WINDOWS),
+                    time.perf_counter() - t0,
+                )
             rc, rh, rl, rv = (x.rolling(d, min_periods=1) for x in (C, H, Lo, V))
             out[f"ROC{d}"] = C.shift(d).to_numpy() / c
             out[f"MA{d}"] = rc.mean().to_numpy() / c
@@ -299,29 +314,37 @@ def config_hash(wide: Mapping[str, pd.DataFrame], config: Mapping) -> str:
 def cached_features(
     wide: Mapping[str, pd.DataFrame], *, kind: str = "alpha158", drop_vwap: bool = True, cache: bool = True
 ) -> tuple[np.ndarray, list[str]]:
-    """Features ``(days, tickers, F)`` float32 plus names, cached as Parquet under ``cache_dir('finance')``.
+    """Features ``(days, tickers, F)`` float32 plus names, cached as a float32 ``.npy`` (+ names ``.json``)
+    under ``cache_dir('finance')``; the size is logged to ``moekit.progress``, as is each window's progress.
 
-    The cache key hashes every input value and the config, so any change of data or settings recomputes.
+    The cache key hashes every input value and the config (and the engine version), so any change of data,
+    settings or formulas recomputes. Writes are atomic (temporary file + ``os.replace``).
     """
     from apps.datadir import cache_dir
 
     if kind not in ("alpha158", "alpha360"):
         raise ValueError(f"kind must be 'alpha158' or 'alpha360', got {kind!r}")
-    fn = alpha158 if kind == "alpha158" else alpha360
-    key = config_hash(wide, {"kind": kind, "drop_vwap": drop_vwap, "version": 1})
+    key = config_hash(wide, {"kind": kind, "drop_vwap": drop_vwap, "version": 2})
     days, tickers = wide["close"].shape
-    path = cache_dir("finance") / f"{kind}_{key}.parquet"
-    if cache and path.is_file():
-        tab = pd.read_parquet(path)
-        names = list(tab.columns)
-        log.info("features: cache hit %s", path)
-        return tab.to_numpy(dtype=np.float32).reshape(days, tickers, len(names)), names
-    feats = fn(wide, drop_vwap=drop_vwap)
+    path = cache_dir("finance") / f"{kind}_{key}.npy"
+    names_path = path.with_suffix(".json")
+    if cache and path.is_file() and names_path.is_file():
+        arr = np.load(path, allow_pickle=False)
+        names = json.loads(names_path.read_text())
+        prog.info("features: cache hit %s (%.0f MB float32)", path, path.stat().st_size / 2**20)
+        return arr, names
+    feats = alpha158(wide, drop_vwap=drop_vwap, progress=True) if kind == "alpha158" else alpha360(wide)
     arr = stack_features(feats)  # (days, tickers, F)
     names = list(feats)
     if cache:
-        pd.DataFrame(arr.reshape(days * tickers, len(names)), columns=names).to_parquet(path)
-        log.info("features: wrote cache %s", path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        os.replace(tmp, path)
+        tmp_names = names_path.with_name(f".{names_path.name}.tmp")
+        tmp_names.write_text(json.dumps(names))
+        os.replace(tmp_names, names_path)
+        prog.info("features: wrote cache %s (%.0f MB float32)", path, path.stat().st_size / 2**20)
     return arr, names
 
 

@@ -36,6 +36,7 @@ SUBSET = [
     "--data.init_args.train=[2014-01-01, 2017-06-30]",
     "--data.init_args.valid=[2017-07-01, 2017-12-31]",
     "--data.init_args.test=[2018-01-01, 2019-12-31]",
+    "--data.init_args.cache=false",
     "--trainer.max_epochs=2",
     "--model.init_args.lr=0.003",
     "--trainer.enable_progress_bar=false",

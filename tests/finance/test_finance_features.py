@@ -112,14 +112,16 @@ def test_cache_roundtrip_and_key(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
     w = rand_panel(T=40, N=3, seed=6)
     x1, n1 = cached_features(w)
-    files = list((tmp_path / "finance").glob("*.parquet"))
-    assert len(files) == 1
+    files = list((tmp_path / "finance").glob("*.npy"))
+    assert len(files) == 1 and files[0].stat().st_size >= x1.nbytes  # float32 array on disk
+    assert np.load(files[0]).dtype == np.float32
+    assert not list((tmp_path / "finance").glob(".*tmp"))  # atomic writes leave no temporary
     x2, n2 = cached_features(w)
     np.testing.assert_array_equal(np.nan_to_num(x1, nan=-9), np.nan_to_num(x2, nan=-9))
     assert n1 == n2 and x1.shape == (40, 3, 157)
     w["close"].iloc[5, 1] *= 1.01
     cached_features(w)
-    assert len(list((tmp_path / "finance").glob("*.parquet"))) == 2  # changed input -> new key
+    assert len(list((tmp_path / "finance").glob("*.npy"))) == 2  # changed input -> new key
     with pytest.raises(ValueError, match="kind"):
         cached_features(w, kind="alpha999")
     with pytest.raises(ValueError, match="missing fields"):
