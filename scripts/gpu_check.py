@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -112,9 +113,82 @@ def layer_timing(device: torch.device, dtype: torch.dtype, repeats: int = 20) ->
             "ratio": t_moe / t_dense, "ok": True}
 
 
+def lm_throughput(device: torch.device, seconds: float, *, compile: bool, small: bool = False) -> dict:
+    """Train the wikipedia_moe.yaml architecture (DeepSeekMoE, 6 x 256, context 256, vocab 8192) for
+    ``seconds`` under bf16 autocast (optionally ``torch.compile``) on learnable synthetic sequences
+    (``x_{t+1} = (a x_t + b) mod V`` with per-sequence a, b); report tokens/s and MFU against a measured bf16
+    matmul peak (FLOPs per token: active experts only, ``apps.lm.task.training_flops_per_token``)."""
+    import yaml
+
+    from apps.lm.model import LMConfig
+    from apps.lm.task import LMTask, measure_peak_flops, training_flops_per_token
+
+    raw = yaml.safe_load((ROOT / "apps" / "lm" / "configs" / "wikipedia_moe.yaml").read_text())
+    cfg_d = dict(raw["model"]["init_args"]["config"], vocab_size=8192)
+    if small:  # CPU dry run: the same code path at toy size
+        cfg_d.update(dim=64, n_layers=2, context_len=32, ffn_hidden=128, expert_hidden=32, vocab_size=512)
+    torch.manual_seed(0)
+    task = LMTask(config=LMConfig(**cfg_d), lr=1e-3, warmup_steps=20, peak_flops=0, compile=compile)
+    task = task.to(device)
+    task.configure_model()
+    opt = task.configure_optimizers()["optimizer"]
+    v, t = task.config.vocab_size, task.config.context_len
+    batch = 4 if small else 64
+    gen = torch.Generator().manual_seed(1)
+
+    def sample() -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randint(1, 7, (batch, 1), generator=gen)
+        b = torch.randint(0, v, (batch, 1), generator=gen)
+        x0 = torch.randint(0, v, (batch, 1), generator=gen)
+        seq = [x0]
+        for _ in range(t):
+            seq.append((a * seq[-1] + b) % v)
+        ids = torch.cat(seq, 1).to(device)  # (B, T+1)
+        return ids[:, :-1], ids[:, 1:]
+
+    def sync() -> None:
+        if device.type != "cpu":
+            torch.accelerator.synchronize(device)
+
+    warmup = 5  # compilation and allocator warm-up: run first, excluded from the budget and the throughput
+    steps, tokens, first, last, timed = 0, 0, None, None, 0.0
+    t_begin = None
+    while t_begin is None or time.perf_counter() - t_begin < seconds:
+        x, y = sample()
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = task._losses(task.model.train()(x), y)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        dt = time.perf_counter() - t0
+        steps += 1
+        ce = float(loss.detach())
+        first = ce if first is None else first
+        last = ce
+        if steps > warmup:
+            timed += dt
+            tokens += x.numel()
+        elif steps == warmup:
+            t_begin = time.perf_counter()
+    peak = measure_peak_flops(device, torch.bfloat16, n=512 if small else 8192)
+    fpt = training_flops_per_token(task.model)
+    tps = tokens / timed if timed else float("nan")
+    return {"check": "lm_throughput", "compile": compile, "steps": steps, "seconds": seconds,
+            "tokens_per_s": tps, "flops_per_token": fpt, "peak_bf16_flops": peak, "mfu": tps * fpt / peak,
+            "first_loss": first, "last_loss": last, "learned": bool(last is not None and last < first),
+            "ok": bool(last is not None and math.isfinite(last) and tokens > 0)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--lm-seconds", type=float, default=0.0,
+                    help="also train the wikipedia_moe architecture this long in bf16 (tokens/s, MFU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the LM of --lm-seconds")
+    ap.add_argument("--dry-run", action="store_true", help="toy sizes (a CPU smoke test of this script)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
@@ -131,9 +205,17 @@ def main() -> None:
                 print(rows[-1], flush=True)
     rows.append(lm_bf16_training(device))
     print(rows[-1], flush=True)
-    for dtype in (torch.float32, torch.bfloat16):
-        rows.append(layer_timing(device, dtype, repeats=20 if device.type == "cuda" else 2))
-        print(rows[-1], flush=True)
+    if not args.dry_run:
+        for dtype in (torch.float32, torch.bfloat16):
+            rows.append(layer_timing(device, dtype, repeats=20 if device.type == "cuda" else 2))
+            print(rows[-1], flush=True)
+    if args.lm_seconds > 0:
+        rows.append(lm_throughput(device, args.lm_seconds, compile=args.compile, small=args.dry_run))
+        r = rows[-1]
+        print(r, flush=True)
+        print(f"LM bf16{' compiled' if args.compile else ''}: {r['tokens_per_s']:.0f} tokens/s, "
+              f"MFU {100 * r['mfu']:.1f}% of a measured {r['peak_bf16_flops'] / 1e12:.1f} TFLOP/s bf16 peak, "
+              f"loss {r['first_loss']:.2f} -> {r['last_loss']:.2f}", flush=True)
     if args.out:
         result = {"device": name, "torch": torch.__version__, "rows": rows}
         Path(args.out).write_text(json.dumps(result, indent=1))
