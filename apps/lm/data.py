@@ -201,8 +201,12 @@ def prepare_corpus(
     test_path: Path | None = None,
     splits: dict[str, str] | None = None,
     name: str | None = None,
+    tokenizer_file: Path | None = None,
 ) -> Path:
     """Tokenise a corpus once into memory-mappable shards; return the cache folder.
+
+    ``tokenizer_file`` (a standard ``tokenizer.json``, e.g. of a model brought in by ``moekit lm import``) is
+    used as is instead of training a vocabulary.
 
     Either ``text_path`` (split by position with ``val_fraction``) or ``splits`` (texts keyed ``train``,
     ``val`` and optionally ``test``, e.g. :func:`wikipedia_splits`); ``test_path`` adds a held-out test text
@@ -229,7 +233,9 @@ def prepare_corpus(
             (digest + hashlib.sha256(splits["test"].encode()).hexdigest()).encode()
         ).hexdigest()
     key = hashlib.sha256(
-        json.dumps([digest, tokenizer, bpe_vocab_size if tokenizer == "bpe" else 0, val_fraction]).encode()
+        json.dumps([digest, tokenizer, bpe_vocab_size if tokenizer == "bpe" else 0, val_fraction,
+                    hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest() if tokenizer_file else None]
+                   ).encode()
     ).hexdigest()[:16]
     out = Path(cache) if cache is not None else cache_dir("lm", f"{name or 'corpus'}-{tokenizer}-{key}")
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +246,10 @@ def prepare_corpus(
     progress.info("lm: tokenising %s (%d chars) with %s into %s ...", name, total, tokenizer, out)
     # char vocabulary over the whole text (stable ids, nanoGPT); BPE fitted on the train split only
     fit_on = "".join(splits.values()) if tokenizer == "char" else splits["train"]
-    tok = fit_tokenizer(tokenizer, fit_on, vocab_size=bpe_vocab_size)
+    if tokenizer_file is not None:
+        tok = tokenizer_from_json(Path(tokenizer_file).read_text(encoding="utf-8"))
+    else:
+        tok = fit_tokenizer(tokenizer, fit_on, vocab_size=bpe_vocab_size)
     progress.info(
         "lm: %s vocabulary of %d tokens (%.1f s)", tokenizer, tok.vocab_size, time.perf_counter() - start
     )
@@ -422,6 +431,8 @@ class LMDataModule(L.LightningDataModule):
             with at least ``T - eval_stride`` tokens of context (None: non-overlapping windows).
         word_ppl: also report word-level perplexity ``exp(total nll / whitespace words)`` (meaningful for a
             word-tokenised corpus such as WikiText, to compare with published tables).
+        tokenizer_file: a ``tokenizer.json`` to use instead of training one (continued pretraining of an
+            imported model: its own tokenizer); ``tokenizer`` and ``bpe_vocab_size`` are then ignored.
         predict_path: unlabelled text (file or folder of ``.txt``) that ``moekit lm predict`` scores window by
             window, encoded with the run's tokenizer (not cached, not part of any split); None: predict scores
             the test split (or val).
@@ -448,6 +459,7 @@ class LMDataModule(L.LightningDataModule):
         max_val_windows: int | None = None,
         eval_stride: int | None = None,
         word_ppl: bool = False,
+        tokenizer_file: str | None = None,
         predict_path: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
@@ -479,6 +491,7 @@ class LMDataModule(L.LightningDataModule):
         )
         self.max_val_windows, self.eval_stride, self.word_ppl = max_val_windows, eval_stride, word_ppl
         self.seed, self.num_workers, self.predict_path = seed, num_workers, predict_path
+        self.tokenizer_file = tokenizer_file
         self.cache_path = cache_path
         self.folder: Path | None = None
         self.tokenizer = None
@@ -496,6 +509,7 @@ class LMDataModule(L.LightningDataModule):
             "bpe_vocab_size": self.bpe_vocab_size,
             "cache": cache,
             "test_path": test,
+            "tokenizer_file": Path(self.tokenizer_file) if self.tokenizer_file else None,
         }
         if self.text_path is None and self.corpus == "wikipedia_en":
             n = self.max_train_files

@@ -171,3 +171,17 @@ def test_wikipedia_split_word_counts_match_source(require_data):
     titles = re.findall(r'^<doc id="\d+" url="[^"]*" title="(.*)">$', raw, flags=re.M)
     assert len(titles) == 742
     assert "<doc" not in splits["val"] and "</doc>" not in splits["val"]
+
+
+def test_a_given_tokenizer_file_is_used_instead_of_training_one(tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    other = BPETokenizer.fit("completely different text about cats and dogs. " * 40, vocab_size=290)
+    from apps.lm.tokenizers import save_tokenizer
+
+    save_tokenizer(other, tmp_path / "tokenizer.json")
+    dm = LMDataModule(text_path=str(tmp_path / "t.txt"), tokenizer_file=str(tmp_path / "tokenizer.json"),
+                      context_len=8)
+    dm.setup()
+    assert dm.vocab_size == other.vocab_size
+    ids = np.fromfile(dm.folder / "train.bin", dtype=dm.meta["dtype"])
+    assert ids[:50].tolist() == other.encode(TEXT)[:50]
