@@ -220,7 +220,7 @@ class DiversifiedTask(FinanceTask):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         f = head_frame(self.model, batch)
         self._heads.append(f)
-        y = torch.from_numpy(f[candidate_names(self.model.num_experts)[1:]].to_numpy())  # (N, E)
+        y = torch.tensor(f[candidate_names(self.model.num_experts)[1:]].to_numpy())  # (N, E)
         if len(f) >= 2:
             probs = scores_to_binary_probs(y, temperature=self.temperature)  # (N, E, 2)
             self._mi.append(float(mutual_information_loss(probs)))
