@@ -235,3 +235,39 @@ def test_csi300_subset_diversified_experts_agree_less_on_test_days() -> None:
         mi[w_div] = float(torch.stack(per_day).mean())
     print(f"test-day head MI: plain {mi[0.0]:.4f}, diversified {mi[1.0]:.4f}; valid RankIC {rank}")
     assert mi[1.0] < 0.5 * mi[0.0], mi
+
+
+@pytest.mark.slow
+def test_cli_fit_with_the_shipped_config_scores_with_the_selected_hypothesis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    write_bars(tmp_path / "bars")
+    preds = tmp_path / "preds.parquet"
+    main(["finance", "fit", "--config", str(CONFIG), f"--run_dir={tmp_path / 'fit'}",
+          "--data.init_args.source=bars", f"--data.init_args.path={tmp_path / 'bars'}",
+          "--data.init_args.market=null", "--data.init_args.benchmark=equal_weight",
+          "--data.init_args.cache=false", "--data.init_args.period=[2019-01-01, 2020-06-30]",
+          "--data.init_args.train=[2019-01-01, 2019-10-31]",
+          "--data.init_args.valid=[2019-11-01, 2019-12-31]",
+          "--data.init_args.test=[2020-01-01, 2020-06-30]", "--trainer.max_epochs=2",
+          "--trainer.enable_progress_bar=false", f"--model.init_args.predictions_path={preds}"])  # fmt: skip
+    got = pd.read_parquet(preds)
+    assert set(got["segment"]) == {"valid", "test"} and np.isfinite(got["score"]).all()
+    (ckpt,) = [p for p in (tmp_path / "fit").rglob("*.ckpt") if p.name != "last.ckpt"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    margs = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["model"]["init_args"]
+    model = DiversifiedMIGA(**margs).eval()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    head = int(model.selected_head)
+    day = got[got["segment"] == "test"]["day"].iloc[0]
+    rows = got[got["day"] == day]
+    dm = _bars_dm(tmp_path / "bars")  # the same panel, split and train-fitted normalisation
+    x = torch.from_numpy(dm.x[day, rows["ticker_id"].to_numpy()])[:, None]  # (N, 1, F)
+    with torch.no_grad():
+        out, y = model.forward_heads(x)
+    want = out.score if head < 0 else y[:, head]
+    np.testing.assert_allclose(rows["score"].to_numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
