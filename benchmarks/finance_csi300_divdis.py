@@ -70,13 +70,19 @@ MIGA_ARGS = dict(step_len=1, encoder="linear", hidden_dim=64, num_groups=2, expe
 TASK_ARGS = dict(loss="ic", balance_loss="switch", w_balance=0.01, lr=5e-4)
 
 
-def variants(w_div: float, w_heads: float) -> dict[str, dict]:
-    return {
+def variant(name: str, w_div: float, w_heads: float) -> dict:
+    """Settings of a variant name; ``NAME@w`` overrides ``w_div`` (e.g. ``MIGA+DivDis@1``)."""
+    base, _, w = name.partition("@")
+    w_div = float(w) if w else w_div
+    specs = {
         "MIGA": {"w_heads": 0.0, "w_div": 0.0},
         "MIGA+heads": {"w_heads": w_heads, "w_div": 0.0},
         "MIGA+DivDis": {"w_heads": w_heads, "w_div": w_div, "method": "divdis"},
         "MIGA+D-BAT": {"w_heads": w_heads, "w_div": w_div, "method": "dbat"},
     }
+    if base not in specs:
+        raise ValueError(f"unknown variant {name!r}; known: {sorted(specs)} (optionally @w_div)")
+    return specs[base]
 
 
 @torch.no_grad()
@@ -166,6 +172,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.25)
     ap.add_argument("--max_instruments", type=int, default=None, help="first n instruments by code")
     ap.add_argument("--out", default="finance_csi300_divdis")
+    ap.add_argument(
+        "--append", action="store_true", help="keep the rows of other variants already in the JSON"
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)  # shared 2-core machine
     RES.mkdir(parents=True, exist_ok=True)
@@ -185,9 +194,14 @@ def main() -> None:
     days, tickers, nf = x_nn.shape
     setup_s = time.perf_counter() - t0
     log.info("setup %.0f s: %d days x %d instruments x %d features", setup_s, days, tickers, nf)
-    specs = variants(a.w_div, a.w_heads)
     names = a.variants.split(",")
+    specs = {n: variant(n, a.w_div, a.w_heads) for n in names}
     rows: list[dict] = []
+    earlier: dict = {}
+    if a.append and (RES / f"{a.out}.json").is_file():
+        earlier = json.loads((RES / f"{a.out}.json").read_text())
+        rows = [r for r in earlier["rows"] if r["variant"] not in names]
+        names = list(dict.fromkeys([r["variant"] for r in rows] + names))
 
     def finish() -> None:
         summary = []
@@ -242,6 +256,14 @@ def main() -> None:
                 "miga": MIGA_ARGS,
                 "task": TASK_ARGS,
             },  # fmt: skip
+            "earlier_runs": [
+                *earlier.get("meta", {}).get("earlier_runs", []),
+                *(
+                    [{k: earlier["meta"][k] for k in ("date", "commit", "settings", "scaled_down")}]
+                    if earlier
+                    else []
+                ),
+            ],
             "setup_s": setup_s,
             "shape": {"days": days, "instruments": tickers, "features": nf},
             "seeds": a.seeds,
@@ -259,10 +281,11 @@ def main() -> None:
                   f"| {s['oracle_RankIC']:.4f} | {s['test_head_mi']:.3f} |", flush=True)  # fmt: skip
 
     for seed in range(a.seeds):
-        for name in names:
+        for name in specs:
             res = run(dm, x_nn, specs[name], seed, a.epochs, a.temperature)
             for rule in ("mixture", "valid_rankic"):
                 rows.append({"variant": name, "seed": seed, "rule": rule, "fit_s": res["fit_s"], **res[rule],
+                             "temperature": a.temperature, **specs[name],
                              "valid_RankIC_by_epoch": res["valid_RankIC_by_epoch"]})  # fmt: skip
             r = res["valid_rankic"]
             msg = "%s seed %d: test RankIC mixture %.4f | selected %s %.4f | oracle %.4f | MI %.3f | %.0f s"
