@@ -97,6 +97,11 @@ def models(nf: int, n20: int) -> dict[str, tuple[Callable, dict, dict]]:
         "MIGA": (miga(), mig_loss, full1),
         "MIGA-ctx": (miga(market_context="cross_section"), mig_loss, full1),
         "MIGA-noisy": (miga(router_noise="noisy_topk"), mig_loss, full1),
+        "MIGA-mse": (
+            miga(hidden_dim=128),
+            {"loss": "mse", "balance_loss": "switch", "w_balance": 0.01, "lr": 5e-4},
+            full1,
+        ),
         "MIGA-lstm": (miga(encoder="lstm", step_len=5, hidden_dim=32), mig_loss, {**full1, "step_len": 5}),
         "MLP": (
             lambda: MLP(num_features=nf, hidden_dim=128, num_layers=2),
