@@ -243,16 +243,16 @@ def prepare_corpus(
         return out
     start = time.perf_counter()
     total = sum(len(v) for v in splits.values())
-    progress.info("lm: tokenising %s (%d chars) with %s into %s ...", name, total, tokenizer, out)
+    what = text_path or name
+    progress.info("lm: tokenising %s (%d chars) with %s into %s ...", what, total, tokenizer, out)
     # char vocabulary over the whole text (stable ids, nanoGPT); BPE fitted on the train split only
     fit_on = "".join(splits.values()) if tokenizer == "char" else splits["train"]
     if tokenizer_file is not None:
         tok = tokenizer_from_json(Path(tokenizer_file).read_text(encoding="utf-8"))
     else:
+        if len(fit_on) > 1 << 22:  # a minute or more on a large corpus: say so first
+            progress.info("lm: training the %s vocabulary on %d chars ...", tokenizer, len(fit_on))
         tok = fit_tokenizer(tokenizer, fit_on, vocab_size=bpe_vocab_size)
-    progress.info(
-        "lm: %s vocabulary of %d tokens (%.1f s)", tokenizer, tok.vocab_size, time.perf_counter() - start
-    )
     dtype = _dtype_for(tok.vocab_size)
     counts = {}
     for split, part in splits.items():
