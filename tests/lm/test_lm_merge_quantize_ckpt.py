@@ -56,6 +56,13 @@ def test_quantize_and_merge_a_fit_checkpoint(tmp_path, capsys):
         LMTask(config=task.config), datamodule=dm, ckpt_path=str(out), verbose=False
     )
     assert res["test/loss"] > 0 and res["test/bpb"] > 0
+    transformers = pytest.importorskip("transformers")
+    from apps.lm.commands import export
+
+    export([f"--ckpt={out}", f"--out-dir={tmp_path / 'hf'}"])  # lm export loads it too
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, oracle(ids).logits, rtol=1e-4, atol=1e-5)
 
     merged = tmp_path / "merged.ckpt"
     merge([f"--model={ckpt}", f"--out={merged}", "--num-groups=2", "--calib-windows=8"])
