@@ -173,7 +173,9 @@ def main() -> None:
     ap.add_argument("--max_instruments", type=int, default=None, help="first n instruments by code")
     ap.add_argument("--out", default="finance_csi300_divdis")
     ap.add_argument(
-        "--append", action="store_true", help="keep the rows of other variants already in the JSON"
+        "--append",
+        action="store_true",
+        help="keep the JSON's rows and run only the (variant, seed) pairs it lacks",
     )
     a = ap.parse_args()
     torch.set_num_threads(1)  # shared 2-core machine
@@ -200,7 +202,7 @@ def main() -> None:
     earlier: dict = {}
     if a.append and (RES / f"{a.out}.json").is_file():
         earlier = json.loads((RES / f"{a.out}.json").read_text())
-        rows = [r for r in earlier["rows"] if r["variant"] not in names]
+        rows = list(earlier["rows"])
         names = list(dict.fromkeys([r["variant"] for r in rows] + names))
 
     def finish() -> None:
@@ -282,6 +284,8 @@ def main() -> None:
 
     for seed in range(a.seeds):
         for name in specs:
+            if any(r["variant"] == name and r["seed"] == seed for r in rows):
+                continue  # --append: measured already
             res = run(dm, x_nn, specs[name], seed, a.epochs, a.temperature)
             for rule in ("mixture", "valid_rankic"):
                 rows.append({"variant": name, "seed": seed, "rule": rule, "fit_s": res["fit_s"], **res[rule],
