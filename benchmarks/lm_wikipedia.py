@@ -137,6 +137,29 @@ def run_variant(name: str, cfg: LMConfig, dm: LMDataModule, budget_s: float, see
     }  # fmt: skip
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Val bits per byte against training seconds, one curve per variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in rows:
+            c = r["curve"][1:]
+            ax.plot([p["train_s"] for p in c], [p["val_bpb"] for p in c], marker="o", ms=3,
+                    label=f"{r['variant']} ({r['val_bpb']:.3f}, {r['step_ms']:.0f} ms/step)")
+        ax.set_title(title)
+        ax.set_xlabel(f"training seconds ({rows[0].get('clock', 'wall')} clock)")
+        ax.set_ylabel("val bits per byte")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    except Exception as e:  # noqa: BLE001
+        print(f"plot failed: {e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=120.0, help="training seconds per model (of --clock)")
@@ -156,7 +179,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lm_wikipedia.json"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot of an existing --out JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        res = json.loads(Path(args.out).read_text())
+        m = res["meta"]
+        plot(res["rows"], Path(args.out).with_suffix(".png"),
+             f"wikipedia_en, BPE {m['shape']['vocab_size']}, {res['rows'][0]['threads']} thread(s), "
+             f"equal {m.get('clock', 'wall')}-clock budget")
+        return
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     dm = LMDataModule(corpus="wikipedia_en", tokenizer="bpe", bpe_vocab_size=args.vocab,
@@ -225,25 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     os.replace(tmp, out)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in rows:
-            c = r["curve"][1:]
-            ax.plot([p["train_s"] for p in c], [p["val_bpb"] for p in c], marker="o", ms=3,
-                    label=f"{r['variant']} ({r['val_bpb']:.3f}, {r['step_ms']:.0f} ms/step)")
-        ax.set_title(f"wikipedia_en, BPE {dm.vocab_size}, {args.threads} threads, equal wall clock")
-        ax.set_xlabel(f"training seconds ({args.clock} clock)")
-        ax.set_ylabel("val bits per byte")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=110)
-    except Exception as e:  # noqa: BLE001
-        print(f"plot failed: {e}")
+    plot(rows, out.with_suffix(".png"), f"wikipedia_en, BPE {dm.vocab_size}, {args.threads} thread(s), "
+         f"equal {args.clock}-clock budget")
     print(f"wrote {out}")
 
 
