@@ -335,7 +335,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.text(x0 + i, 0.01, lab, rotation=90, fontsize=6, ha="center", va="bottom")
         x0 += len(vals) + 1
     ax.set_ylabel("share of exactly-zero expert activations")
-    ax.set_title("expert collapse (test rows)")
+    ax.set_title("expert collapse (test rows; Swish is never exactly 0)", fontsize=9)
     ax.legend()
     for ax, (m, d) in zip(axes[1:], diag.items(), strict=True):
         w = np.array(list(d["task_gate_mean_weight"].values()))
@@ -369,7 +369,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "recsys_kuairand.json"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from the results JSON")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.out).read_text())["rows"], Path(args.out).with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     dm = KuaiRandDataModule(batch_size=args.batch_size)
