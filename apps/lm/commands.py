@@ -117,12 +117,14 @@ def _save_atomic(obj: object, out: str | Path) -> None:
 
 
 def merge(argv: list[str] | None = None) -> None:
-    """``moekit lm merge``: MC-SMoE merge (and optional LoSparse compression) of a saved MoE model."""
+    """``moekit lm merge``: MC-SMoE merge (and optional LoSparse compression) of a lm fit checkpoint or a
+    saved MoE model."""
     _run(merge_saved_model, argv, prog="moekit lm merge")
 
 
 def quantize(argv: list[str] | None = None) -> None:
-    """``moekit lm quantize``: bit-nested INT8 quantisation of a saved MoE model's experts."""
+    """``moekit lm quantize``: bit-nested INT8 quantisation of the experts of a lm fit checkpoint or a saved
+    MoE model."""
     _run(quantize_saved_model, argv, prog="moekit lm quantize")
 
 
