@@ -269,17 +269,29 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_params(logger: MLFlowLogger, params: Mapping[str, Any], *, max_len: int = 500) -> None:
-    """Log params in batches of 100 (MLflow's limit), values truncated to ``max_len`` characters."""
+def log_params(logger: MLFlowLogger, params: Mapping[str, Any], *, max_len: int = 500) -> list[str]:
+    """Log params in batches of 100 (MLflow's limit), values truncated to ``max_len`` characters.
+
+    MLflow params are immutable: in a run that already has some (a ``test`` or ``predict`` reopening its
+    fit's run), only new keys are logged, and the keys whose value differs from the logged one are returned
+    (not logged, not warned about: the caller records them).
+    """
     from mlflow.entities import Param
 
-    items = [Param(k[:250], str(v)[:max_len]) for k, v in params.items()]
+    values = {k[:250]: str(v)[:max_len] for k, v in params.items()}
     client = logger.experiment
+    try:
+        existing = client.get_run(logger.run_id).data.params
+    except Exception:  # noqa: BLE001 - a store that cannot answer: log everything, as before
+        existing = {}
+    changed = sorted(k for k, v in values.items() if k in existing and existing[k] != v)
+    items = [Param(k, v) for k, v in values.items() if k not in existing]
     for i in range(0, len(items), 100):
         try:
             client.log_batch(logger.run_id, params=items[i : i + 100])
-        except Exception as e:  # noqa: BLE001 - params are immutable in MLflow; a re-logged run keeps the first
+        except Exception as e:  # noqa: BLE001 - a rejected batch must not stop training
             log.warning("could not log some params: %s", e)
+    return changed
 
 
 class MlflowRunLifecycle(Callback):
@@ -360,14 +372,20 @@ class MlflowSaveConfigCallback(SaveConfigCallback):
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
+        stage_name = str(getattr(stage, "value", stage))
+        # a test/predict reopening the fit's run keeps the fit's config and writes its own beside it
+        path = "config/config.yaml" if stage_name == "fit" else f"config/{stage_name}.yaml"
         for lg in mlflow_loggers(trainer):
             if not trainer.is_global_zero:
                 continue
-            lg.experiment.log_text(lg.run_id, text, "config/config.yaml")
+            lg.experiment.log_text(lg.run_id, text, path)
             cfg = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
             cfg.pop("config", None)
-            log_params(lg, {f"cfg.{k}": v for k, v in flatten(cfg).items()})
-            lg.experiment.set_tag(lg.run_id, "moekit.stage", str(getattr(stage, "value", stage)))
+            changed = log_params(lg, {f"cfg.{k}": v for k, v in flatten(cfg).items()})
+            if changed:
+                tag = f"moekit.{stage_name}.changed_params"
+                lg.experiment.set_tag(lg.run_id, tag, ",".join(changed)[:4900])
+            lg.experiment.set_tag(lg.run_id, "moekit.stage", stage_name)
 
 
 class MlflowArtifactsCallback(Callback):

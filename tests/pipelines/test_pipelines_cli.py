@@ -88,6 +88,30 @@ def test_fit_logs_config_params_commit_and_artifacts(
     assert (tmp_path / "runs" / "toy" / "toy" / "last.ckpt").is_file()
 
 
+def test_test_in_the_fit_run_records_changed_params_without_warnings(
+    tmp_path: Path, toy_config: Path, tracking_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``test --ckpt_path`` reopens the fit's run: MLflow params are immutable, so the test's changed values
+    are named in a tag and its config is a separate artifact (before: a 'could not log some params' warning
+    and the fit's ``config/config.yaml`` overwritten by the test's)."""
+    main(["toy", "fit", "--config", str(toy_config), "--trainer.max_epochs=1"])
+    ckpt = tmp_path / "runs" / "toy" / "toy" / "last.ckpt"
+    with caplog.at_level("WARNING"):
+        main([
+            "toy", "test", "--config", str(toy_config), "--ckpt_path", str(ckpt),
+            "--data.init_args.batch_size=32",
+        ])  # fmt: skip
+    assert "could not log some params" not in caplog.text
+    client, runs = _runs(tracking_uri, "moekit-toy")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["cfg.data.init_args.batch_size"] == "64"  # the fit's value stays
+    assert "cfg.data.init_args.batch_size" in run.data.tags["moekit.test.changed_params"].split(",")
+    fit_cfg = Path(client.download_artifacts(run.info.run_id, "config/config.yaml", str(tmp_path / "a")))
+    test_cfg = Path(client.download_artifacts(run.info.run_id, "config/test.yaml", str(tmp_path / "b")))
+    assert "batch_size: 64" in fit_cfg.read_text() and "batch_size: 32" in test_cfg.read_text()
+
+
 def _metric_history(uri: str, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
 
