@@ -72,7 +72,7 @@ class LMTask(L.LightningModule):
     def __init__(
         self,
         *,
-        config: LMConfig | None = None,
+        config: LMConfig = LMConfig(),  # noqa: B008 - never mutated (replaced); a dataclass default shows its fields in --model.help
         lr: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,

@@ -113,3 +113,19 @@ def test_shakespeare_char_beats_unigram_entropy(shakespeare_path, tmp_path):
     assert before > math.log(65) - 0.5  # an untrained model is near uniform
     print(f"val loss {before:.3f} -> {after:.3f}; unigram entropy {unigram:.3f} nats")
     assert after < unigram, (before, after, unigram)
+
+
+def test_model_help_documents_every_architecture_field(capsys):
+    """Issue 17: the architecture's fields were hidden behind ``--model.config.help``, which jsonargparse
+    refuses inside a subclass argument; ``--model.help apps.lm.task.LMTask`` now lists each with its doc."""
+    import dataclasses
+
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["lm", "fit", "--model.help", "apps.lm.task.LMTask"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(LMConfig):
+        assert f"--model.config.{f.name}" in out, f.name
+    assert "DeepSeekMoE always-on shared experts" in out
