@@ -60,7 +60,8 @@ class LMTask(L.LightningModule):
             model, or any ``lm fit``/``merge``/``quantize`` checkpoint) of the same architecture: continued
             pretraining with fresh optimizer state. Read weights-only; shapes must match the config.
         peak_flops: the device's peak FLOP/s for the MFU logged as ``train/mfu`` (None: measured once at fit
-            start with a large matmul on the model's device and dtype, :func:`measure_peak_flops`; 0: no MFU).
+            start with a large matmul on the model's device, in the autocast dtype under ``bf16``/``16``
+            precision, else the parameters' dtype, :func:`measure_peak_flops`; 0: no MFU).
         compile: compile the network with ``torch.compile`` (``nn.Module.compile``: same parameters and
             state-dict keys; the first steps pay the compilation). ``compile_mode``: its ``mode``.
         compile_mode: ``torch.compile`` mode (None: default; ``max-autotune`` etc.).
@@ -214,7 +215,10 @@ class LMTask(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.peak_flops is None:
             p = next(self.model.parameters())
-            self.peak_flops = measure_peak_flops(p.device, p.dtype)
+            precision = str(getattr(self.trainer, "precision", "")) if self._trainer is not None else ""
+            # under bf16/fp16 autocast the matmuls run in the half type: measure that peak
+            dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else p.dtype
+            self.peak_flops = measure_peak_flops(p.device, dtype)
         self._flops_per_token = training_flops_per_token(self.model)
         if self.peak_flops:
             log.info("%.2f MFLOP per trained token (active experts only), measured peak %.1f GFLOP/s",
