@@ -11,14 +11,23 @@ Shapes (glossary in ``moe_core.types``): B batch, D input width, H expert output
 Routing math (gate softmax) runs in float32 (float64 for float64 inputs); combine weights are cast back to the
 activation dtype.
 
-Modules: :mod:`~moe_core.multigate.gates` (softmax gates, :func:`mix`, :class:`MultiGateOutput`),
+Modules: :mod:`~moe_core.multigate.gates` (softmax gates, :func:`mix`, the all-tasks-at-once
+:func:`stacked_gates` / :func:`mix_tasks`, :class:`MultiGateOutput`),
 :mod:`~moe_core.multigate.experts` (:class:`DenseMLPExperts`), :mod:`~moe_core.multigate.mmoe` (MMoE,
 Shared-Bottom), :mod:`~moe_core.multigate.ple` (CGC, PLE), :mod:`~moe_core.multigate.home` (HoME). Every
 public name is importable from ``moe_core.multigate``.
 """
 
 from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm
-from moe_core.multigate.gates import MultiGateOutput, SoftmaxGate, mix, routing_float
+from moe_core.multigate.gates import (
+    MultiGateOutput,
+    SoftmaxGate,
+    mix,
+    mix_tasks,
+    routing_float,
+    stacked_gates,
+    stacked_linear,
+)
 from moe_core.multigate.home import FeatureGate, HoME
 from moe_core.multigate.mmoe import MMoE, SharedBottom
 from moe_core.multigate.ple import PLE, CGCLevel
@@ -36,5 +45,8 @@ __all__ = [
     "SharedBottom",
     "SoftmaxGate",
     "mix",
+    "mix_tasks",
     "routing_float",
+    "stacked_gates",
+    "stacked_linear",
 ]

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm
-from moe_core.multigate.gates import MultiGateOutput, SoftmaxGate, mix, routing_float
+from moe_core.multigate.gates import (
+    MultiGateOutput,
+    SoftmaxGate,
+    mix_tasks,
+    routing_float,
+    stacked_gates,
+    stacked_linear,
+)
 from moe_core.validation import check_choice
 
 __all__ = ["FeatureGate", "HoME"]
@@ -128,6 +135,10 @@ class HoME(nn.Module):
         self.categories, self.levels = cats, levels
         self.num_tasks, self.num_cats = len(tasks), len(cats)
         self.cat_of = {t: c for c, ts in enumerate(cats) for t in ts}
+        # (M,) category of each task, for one gather of the category outputs (not in the state dict)
+        self.register_buffer(
+            "task_category", torch.tensor([self.cat_of[t] for t in range(len(tasks))]), persistent=False
+        )
         self.num_shared, self.num_per_category, self.num_per_task = num_shared, num_per_category, num_per_task
         self.hierarchy_mask, self.self_gate = hierarchy_mask, self_gate
         kw = dict(hidden_dims=expert_hidden, norm=expert_norm, activation=activation, dropout=dropout)
@@ -210,51 +221,45 @@ class HoME(nn.Module):
             x_meta = self.meta_feature_gate(v) if gated else v  # (B, E_meta, D) or (B, D)
             ex_meta = self.meta_experts(x_meta)  # (B, E_meta, H)
             experts["meta"] = ex_meta
-            # per-category outputs stay a list: indexing a stacked tensor (``z[:, c]``) would zero-fill a
-            # full-size gradient buffer in backward for every read (see CGCLevel.forward)
-            z_cat = []  # C x (B, H)
-            for ci, g in enumerate(self.meta_cat_gates):
-                gates[f"meta_cat{ci}"] = g(v)
-                z_cat.append(mix(gates[f"meta_cat{ci}"], ex_meta))
-            gates["meta_shared"] = self.meta_shared_gate(v)
-            z_sh = mix(gates["meta_shared"], ex_meta)  # (B, H)
-            ex_sh = self.shared_experts(z_sh)  # (B, S, H)
+            # the C category gates and the global gate read v: one matmul, one softmax, one bmm
+            w_meta = stacked_gates([*self.meta_cat_gates, self.meta_shared_gate], v)  # (B, C+1, E_meta)
+            for ci, w in enumerate(w_meta.unbind(1)[: self.num_cats]):
+                gates[f"meta_cat{ci}"] = w
+            gates["meta_shared"] = w_meta[:, -1]
+            z = mix_tasks(w_meta, ex_meta)  # (B, C+1, H)
+            z_cat, z_sh = z.split([self.num_cats, 1], dim=1)  # (B, C, H), (B, 1, H)
+            ex_sh = self.shared_experts(z_sh.squeeze(1))  # (B, S, H)
             p, q = self.num_per_category, self.num_per_task
-            cat_in = torch.stack(z_cat, dim=1).repeat_interleave(p, dim=1)  # (B, C*P, H) category c: z_c
+            cat_in = z_cat.repeat_interleave(p, dim=1) if p > 1 else z_cat  # (B, C*P, H) category c: z_c
             ex_cat = self.cat_experts(cat_in)  # (B, C*P, H)
-            task_cat = [z_cat[self.cat_of[t]] for t in range(m)]  # M x (B, H): task t's category output
-            task_in = torch.stack(task_cat, dim=1).repeat_interleave(q, dim=1)  # (B, M*Q, H)
+            task_cat = z_cat.index_select(1, self.task_category)  # (B, M, H): task t's category output
+            task_in = task_cat.repeat_interleave(q, dim=1) if q > 1 else task_cat  # (B, M*Q, H)
             ex_task = self.task_experts(task_in)  # (B, M*Q, H) task t's experts read z_c
-            gate_in = [torch.cat([task_cat[t], z_sh], dim=-1) for t in range(m)]  # (B, 2H) each
-            self_in = task_cat
+            gate_in = torch.cat([task_cat, z_sh.expand(-1, m, -1)], dim=-1).transpose(0, 1)  # (M, B, 2H)
+            self_in = task_cat.transpose(0, 1)  # (M, B, H)
         else:
             n_sh = self.num_shared
             n_cat = self.num_cats * self.num_per_category
             if self.feature_gate is not None:
                 xg = self.feature_gate(v)  # (B, E_task_level, D)
-                x_sh, x_cat, x_task = xg[:, :n_sh], xg[:, n_sh : n_sh + n_cat], xg[:, n_sh + n_cat :]
+                x_sh, x_cat, x_task = xg.split([n_sh, n_cat, xg.shape[1] - n_sh - n_cat], dim=1)
             else:
                 x_sh = x_cat = x_task = v
             ex_sh = self.shared_experts(x_sh)
             ex_cat = self.cat_experts(x_cat)  # (B, C*P, H)
             ex_task = self.task_experts(x_task)  # (B, M*Q, H)
-            gate_in = [v] * m
-            self_in = [v] * m
+            gate_in = self_in = v  # (B, D): every gate reads v
         experts.update({"shared": ex_sh, "category": ex_cat, "task": ex_task})
         cand = torch.cat([ex_sh, ex_cat, ex_task], dim=1)  # (B, E_task_level, H)
-        q = self.num_per_task
+        # every task gate in one matmul and every task's mixture in one bmm
+        w = stacked_gates(self.task_gates, gate_in)  # (B, M, E_task_level)
+        gates.update({f"task{t}": wt for t, wt in enumerate(w.unbind(1))})
+        outs = mix_tasks(w, cand)  # (B, M, H)
         if self.self_gate:  # q >= 1 (checked in __init__)
-            own_all = ex_task.view(ex_task.shape[0], m, q, -1).unbind(1)  # M x (B, Q, H): task t's experts
-        outs = []
-        for t, g in enumerate(self.task_gates):
-            w = g(gate_in[t])  # (B, E_task_level)
-            gates[f"task{t}"] = w
-            h_t = mix(w, cand)  # (B, H)
-            if self.self_gate:
-                own = own_all[t]  # (B, Q, H)
-                logits = routing_float(self.self_gates[t](self_in[t]))  # (B, Q)
-                sw = torch.sigmoid(logits) if q == 1 else logits.softmax(dim=-1)
-                gates[f"self{t}"] = sw
-                h_t = h_t + mix(sw, own)
-            outs.append(h_t)
-        return MultiGateOutput(torch.stack(outs, dim=1), gates, experts)  # (B, M, H)
+            q = self.num_per_task
+            logits = routing_float(stacked_linear(self.self_gates, self_in))  # (B, M, Q)
+            sw = torch.sigmoid(logits) if q == 1 else logits.softmax(dim=-1)
+            gates.update({f"self{t}": swt for t, swt in enumerate(sw.unbind(1))})
+            own = ex_task.view(ex_task.shape[0], m, q, -1)  # (B, M, Q, H): task t's experts
+            outs = outs + (sw.to(own.dtype).unsqueeze(-1) * own).sum(2)
+        return MultiGateOutput(outs, gates, experts)  # (B, M, H)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm
-from moe_core.multigate.gates import MultiGateOutput, SoftmaxGate, mix
+from moe_core.multigate.gates import MultiGateOutput, SoftmaxGate, mix_tasks, stacked_gates
 
 __all__ = ["MMoE", "SharedBottom"]
 
@@ -52,8 +52,10 @@ class MMoE(nn.Module):
     def forward(self, v: torch.Tensor) -> MultiGateOutput:
         """``v (B, D)`` -> task outputs ``(B, M, H)``."""
         ex = self.experts(v)  # (B, E, H)
-        gates = {f"task{k}": g(v) for k, g in enumerate(self.gates)}
-        outs = torch.stack([mix(gates[f"task{k}"], ex) for k in range(self.num_tasks)], dim=1)  # (B, M, H)
+        # all M gates in one matmul and all M mixtures in one bmm (a loop over tasks was ~half a train step)
+        w = stacked_gates(self.gates, v)  # (B, M, E)
+        outs = mix_tasks(w, ex)  # (B, M, H)
+        gates = {f"task{k}": g for k, g in enumerate(w.unbind(1))}
         return MultiGateOutput(outs, gates, {"experts": ex})
 
 

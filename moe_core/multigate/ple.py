@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm
-from moe_core.multigate.gates import MultiGateOutput, SoftmaxGate, mix
+from moe_core.multigate.gates import MultiGateOutput, SoftmaxGate, mix, mix_tasks, stacked_gates
 
 __all__ = ["PLE", "CGCLevel"]
 
@@ -73,34 +73,34 @@ class CGCLevel(nn.Module):
         """
         m, s = self.num_tasks, self.num_specific
         if streams.dim() == 2:
-            parts, same_input = [streams] * (m + 1), True  # (B, D) each, no copy
+            x_sh, x_task, same_input = streams, None, True  # (B, D): every stream is this one
         else:
-            # unbind once: its backward is one stack, whereas every ``streams[:, k]`` would zero-fill a
+            # split (its backward is one cat), not ``streams[:, k]`` reads: each of those would zero-fill a
             # full-size gradient buffer in backward (measured: 5 such fills were ~12 % of a PLE step)
-            parts = list(streams.unbind(1))  # M+1 x (B, D)
-        b = parts[0].shape[0]
-        ex_sh = self.shared(parts[m])  # (B, S_sh, H)
+            x_task, x_sh = streams.split([m, 1], dim=1)  # (B, M, D), (B, 1, D)
+            x_sh = x_sh.squeeze(1)  # (B, D)
+        b = x_sh.shape[0]
+        ex_sh = self.shared(x_sh)  # (B, S_sh, H)
         experts = {"shared": ex_sh}
+        # every task gate at once: gate k reads task k's stream (on the first level all streams are x_sh)
+        gate_in = x_sh if x_task is None else x_task.transpose(0, 1)  # (B, D) or (M, B, D)
+        w = stacked_gates(self.task_gates, gate_in)  # (B, M, S+S_sh): [task-k experts ; shared experts]
+        outs = mix_tasks(w[:, :, s:], ex_sh)  # (B, M, H) the shared experts' part of every task
         if self.specific is not None:
-            if same_input:
-                ex_sp = self.specific(parts[m])  # (B, M*S, H)
+            if same_input or x_task is None:  # all experts read the shared stream
+                ex_sp = self.specific(x_sh)  # (B, M*S, H)
             else:
-                per_expert_in = torch.stack([parts[k] for k in range(m) for _ in range(s)], 1)  # (B, M*S, D)
+                per_expert_in = x_task.repeat_interleave(s, dim=1) if s > 1 else x_task  # (B, M*S, D)
                 ex_sp = self.specific(per_expert_in)  # (B, M*S, H)
             experts["specific"] = ex_sp
-            ex_sp = ex_sp.view(b, m, s, -1)  # (B, M, S, H)
-        gates, outs = {}, []
-        for k, g in enumerate(self.task_gates):
-            cand = (
-                ex_sh if self.specific is None else torch.cat([ex_sp[:, k], ex_sh], dim=1)
-            )  # (B, S+S_sh, H)
-            gates[f"task{k}"] = g(parts[k])
-            outs.append(mix(gates[f"task{k}"], cand))
+            w_sp = w[:, :, :s].to(ex_sp.dtype).unsqueeze(-1)  # (B, M, S, 1)
+            outs = outs + (w_sp * ex_sp.view(b, m, s, -1)).sum(2)  # (B, M, H) + task k's own experts
+        gates = {f"task{k}": g for k, g in enumerate(w.unbind(1))}
         if self.shared_gate is not None:
             all_ex = ex_sh if self.specific is None else torch.cat([experts["specific"], ex_sh], dim=1)
-            gates["shared"] = self.shared_gate(parts[m])
-            outs.append(mix(gates["shared"], all_ex))
-        return torch.stack(outs, dim=1), gates, experts
+            gates["shared"] = self.shared_gate(x_sh)
+            outs = torch.cat([outs, mix(gates["shared"], all_ex).unsqueeze(1)], dim=1)  # (B, M+1, H)
+        return outs, gates, experts
 
 
 class PLE(nn.Module):

@@ -134,16 +134,14 @@ def test_ple_expert_counts_are_independent_and_last_level_has_no_shared_gate():
 def test_ple_level_gate_input_is_previous_task_output():
     torch.manual_seed(0)
     ple = PLE(dim=D, num_tasks=2, num_levels=2, num_shared=2, num_specific=1, expert_hidden=(H,))
-    seen = {}
-
-    def hook(module, inputs, output):
-        seen["x"] = inputs[0]
-
-    ple.levels[1].task_gates[1].register_forward_hook(hook)
     v = torch.randn(B, D)
     first, _, _ = ple.levels[0](v.unsqueeze(1).expand(-1, 3, -1))
-    ple(v)
-    torch.testing.assert_close(seen["x"], first[:, 1])
+    # the gates are evaluated stacked (no per-gate forward call to hook): level 1's task-1 gate weights must
+    # be the gate applied to level 0's task-1 output, not to the shared stream or another task's
+    proj = ple.levels[1].task_gates[1].proj
+    gates = ple(v).gates
+    torch.testing.assert_close(gates["task1"], torch.softmax(proj(first[:, 1]), -1))
+    assert not torch.allclose(gates["task1"], torch.softmax(proj(first[:, 2]), -1), atol=1e-4)
 
 
 def test_masked_gate_equals_restricted_softmax_and_blocks_gradient():
@@ -247,3 +245,86 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="shape"):
         DenseMLPExperts(num_experts=2, dim=D, hidden_dims=(H,))(torch.randn(D))
     assert isinstance(SoftmaxGate(dim=D, num_experts=2).proj, nn.Linear)
+
+
+# ---- the stacked (all tasks at once) gates and mixtures against a per-task loop oracle -------------------
+
+
+def _loop_mmoe(m: MMoE, v: torch.Tensor) -> torch.Tensor:
+    """The per-task loop MMoE forward: each gate called alone, each task mixed alone."""
+    ex = m.experts(v)
+    return torch.stack([mix(g(v), ex) for g in m.gates], 1)
+
+
+def _loop_cgc(level: CGCLevel, streams: torch.Tensor) -> torch.Tensor:
+    """The per-task loop CGC level: task k's gate reads stream k and mixes [task-k experts ; shared]."""
+    m, s = level.num_tasks, level.num_specific
+    parts = [streams] * (m + 1) if streams.dim() == 2 else list(streams.unbind(1))
+    ex_sh = level.shared(parts[m])
+    if s:
+        ex_sp = level.specific(torch.stack([parts[k] for k in range(m) for _ in range(s)], 1))
+    outs = []
+    for k, g in enumerate(level.task_gates):
+        cand = torch.cat([ex_sp[:, k * s : (k + 1) * s], ex_sh], 1) if s else ex_sh
+        outs.append(mix(g(parts[k]), cand))
+    if level.shared_gate is not None:
+        outs.append(mix(level.shared_gate(parts[m]), torch.cat([ex_sp, ex_sh], 1) if s else ex_sh))
+    return torch.stack(outs, 1)
+
+
+def _loop_ple(ple: PLE, v: torch.Tensor) -> torch.Tensor:
+    x = v
+    for level in ple.levels:
+        x = _loop_cgc(level, x)
+    return x
+
+
+def _assert_same_function(model: nn.Module, fast, oracle, v: torch.Tensor) -> None:  # noqa: ANN001
+    """Forward outputs and the gradients w.r.t. the input and every parameter agree (float64)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    y_fast, y_loop = fast(v), oracle(v)
+    torch.testing.assert_close(y_fast, y_loop, rtol=1e-10, atol=1e-10)
+    probe = torch.randn_like(y_loop)  # a random cotangent: every output element matters
+    g_fast = torch.autograd.grad((y_fast * probe).sum(), [v, *params], allow_unused=True)
+    g_loop = torch.autograd.grad((y_loop * probe).sum(), [v, *params], allow_unused=True)
+    for (name, _), a, b in zip([("input", v), *model.named_parameters()], g_fast, g_loop, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("num_experts,num_tasks", [(3, 2), (5, 4), (1, 3)])
+def test_stacked_mmoe_equals_per_task_loop_forward_and_gradients(num_experts, num_tasks):
+    torch.manual_seed(0)
+    m = MMoE(dim=D, num_tasks=num_tasks, num_experts=num_experts, expert_hidden=(10, H)).double()
+    v = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    _assert_same_function(m, lambda x: m(x).task_outputs, lambda x: _loop_mmoe(m, x), v)
+    out = m(v)
+    for k, g in enumerate(m.gates):  # the reported gates are each task's own softmax
+        torch.testing.assert_close(out.gates[f"task{k}"], g(v), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_specific,num_levels", [(1, 2), (2, 3), (0, 2), (2, 1)])
+def test_stacked_ple_equals_per_task_loop_forward_and_gradients(num_specific, num_levels):
+    torch.manual_seed(0)
+    ple = PLE(
+        dim=D, num_tasks=3, num_levels=num_levels, num_shared=2, num_specific=num_specific, expert_hidden=(H,)
+    ).double()
+    v = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    _assert_same_function(ple, lambda x: ple(x).task_outputs, lambda x: _loop_ple(ple, x), v)
+    # a middle level fed distinct streams (the same_input shortcut off) against the loop too
+    level = ple.levels[0]
+    streams = torch.randn(B, 4, D, dtype=torch.float64, requires_grad=True)
+    _assert_same_function(level, lambda x: level(x)[0], lambda x: _loop_cgc(level, x), streams)
+
+
+def test_stacked_gates_keep_the_per_gate_state_dict():
+    """Checkpoints of the per-task-loop versions load: parameters still live in one SoftmaxGate per task."""
+    m = MMoE(dim=D, num_tasks=2, num_experts=3, expert_hidden=(H,))
+    assert {k for k in m.state_dict() if k.startswith("gates.")} == {
+        f"gates.{k}.proj.{p}" for k in range(2) for p in ("weight", "bias")
+    }
+    level = CGCLevel(dim=D, num_tasks=2, num_shared=2, num_specific=1, expert_hidden=(H,), shared_gate=True)
+    assert {k for k in level.state_dict() if "gate" in k} == {
+        f"{g}.proj.{p}" for g in ("task_gates.0", "task_gates.1", "shared_gate") for p in ("weight", "bias")
+    }
