@@ -370,6 +370,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "recsys_kuairand.json"))
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from the results JSON")
+    ap.add_argument(
+        "--speed-only", action="store_true",
+        help="only re-measure the interleaved speed rows and merge them into the existing results JSON "
+        "(quality rows, summary and meta untouched; the run is described under meta.speed)",
+    )  # fmt: skip
+    ap.add_argument("--speed-blocks", type=int, default=5, help="interleaved blocks of the speed comparison")
     args = ap.parse_args()
     if args.replot:
         plot(json.loads(Path(args.out).read_text())["rows"], Path(args.out).with_suffix(".png"))
@@ -381,6 +387,22 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
+    if args.speed_only:
+        payload = json.loads(out.read_text())
+        speed = interleaved_speed(dm, bs=args.batch_size, blocks=args.speed_blocks)
+        payload["speed"] = speed
+        payload["meta"]["speed"] = {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, torch "
+            f"{torch.__version__}, {args.threads} thread(s)",
+            "protocol": f"--speed-only: train steps (forward, backward, Adam) on one batch of "
+            f"{args.batch_size} training rows, {args.speed_blocks} interleaved blocks of 4 steps per model, "
+            "median over blocks; "
+            "the quality rows and their train_samples_per_s are from the commit in meta.commit",
+        }  # fmt: skip
+        write(out, payload)
+        print(json.dumps([{k: r[k] for k in ("model", "samples_per_s_median")} for r in speed]))
+        return
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, torch "
