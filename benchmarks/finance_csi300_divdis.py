@@ -250,7 +250,7 @@ def main() -> None:
             "scaled_down": f"{a.seeds} seeds; {a.epochs} epochs (finance_csi300.py: 8, qlib: up to 200); "
             f"instruments: {'all' if a.max_instruments is None else f'first {a.max_instruments} by code'} "
             f"({tickers} after reading); single CPU thread on a shared 2-core machine; no hyper-parameter "
-            "search for w_div / w_heads / temperature (one setting each)",
+            "search: w_div as each variant names it (NAME@w, default --w_div); one w_heads, one temperature",
             "settings": {
                 "w_div": a.w_div,
                 "w_heads": a.w_heads,
@@ -297,6 +297,7 @@ def main() -> None:
                      name, seed, res["mixture"]["RankIC"], r["hypothesis"], r["RankIC"], r["oracle_RankIC"],
                      r["test_head_mi"], res["fit_s"])  # fmt: skip
             finish()
+    finish()  # also when --append found every pair measured (refreshes meta and summary)
 
 
 if __name__ == "__main__":
