@@ -119,6 +119,9 @@ class DenseMLPExperts(nn.Module):
                 h = self.norms[i](hb).view(b, e, -1).transpose(0, 1)  # (E, B, H_i)
             elif self.norm == "ln":
                 h = self.norms[i](h)
-            h = F.relu(h) if self.activation == "relu" else F.silu(h)
+            # ReLU in place: ``h`` is a fresh matmul/norm output that no backward needs (saves one
+            # (E, B, H) allocation and pass; measured [M] ~10 % of a layer's forward+backward). SiLU's
+            # backward needs its input, so it stays out of place.
+            h = F.relu(h, inplace=True) if self.activation == "relu" else F.silu(h)
             h = self.dropout(h)
         return h.transpose(0, 1)  # (B, E, H)

@@ -328,3 +328,17 @@ def test_stacked_gates_keep_the_per_gate_state_dict():
     assert {k for k in level.state_dict() if "gate" in k} == {
         f"{g}.proj.{p}" for g in ("task_gates.0", "task_gates.1", "shared_gate") for p in ("weight", "bias")
     }
+
+
+@pytest.mark.parametrize("norm", ["none", "bn", "ln"])
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_dense_experts_in_place_relu_gradients_match_finite_differences(norm, shared_input):
+    """The bank applies ReLU in place; autograd must still be exact (gradcheck: numerical vs analytic)."""
+    torch.manual_seed(0)
+    bank = DenseMLPExperts(num_experts=2, dim=4, hidden_dims=(5, 3), norm=norm, activation="relu").double()
+    x = torch.randn(6, 4, dtype=torch.float64) if shared_input else torch.randn(6, 2, 4, dtype=torch.float64)
+    x.requires_grad_(True)
+    params = tuple(bank.parameters())
+    assert torch.autograd.gradcheck(lambda x, *_: bank(x), (x, *params), eps=1e-6, atol=1e-5)
+    if norm == "none" and shared_input:  # and the forward is still the plain loop's
+        torch.testing.assert_close(bank(x), _loop_experts(bank, x))
