@@ -727,7 +727,10 @@ class MarketDataModule(L.LightningDataModule):
                 seg_end[lo : hi + 1] = nxt - 1
         lab[(end > seg_end[:, None])] = np.nan
         self.y_raw = lab
-        self.y = cs_rank_norm(lab) if self.label_norm == "csrank" else cs_zscore_norm(lab)
+        # the learn label is normalised over each day's universe (qlib's CSZScoreNorm / CSRankNorm run on the
+        # handler's instruments), not over every instrument with a price that day
+        lab_u = np.where(present, lab, np.nan)
+        self.y = cs_rank_norm(lab_u) if self.label_norm == "csrank" else cs_zscore_norm(lab_u)
         self.present = present
         self._ready = True
 
