@@ -8,9 +8,9 @@ learn the link between features and labels?), with lr 3e-3 so that 2 epochs move
 2-core CPU, one torch thread, seed 0 (deterministic: repeated runs gave the same digits): MIGA 0.0875,
 label-shuffled 0.0455; test-period RankIC 0.0340 and 0.0199 (out of sample the two are not safely separable
 with one seed: a random mix of Alpha158 factors already reaches |RankIC| ~ 0.02-0.05 on this market, and
-the shuffled run starts from the same seeded init). The threshold sits midway; the statement is about this seeded run
-(one seed; the margins are 0.021 each way), not a confidence interval. Runtime ~75-110 s on the shared CPU
-(above the 90 s aim when the machine is loaded).
+the shuffled run starts from the same seeded init). The threshold sits midway; the statement is about this
+seeded run (one seed; the margins are 0.021 each way), not a confidence interval. Runtime ~75-110 s on the
+shared CPU (above the 90 s aim when the machine is loaded).
 """
 
 from __future__ import annotations
