@@ -384,7 +384,45 @@ class DayDataset(Dataset):
         }
 
 
-class SP500DataModule(L.LightningDataModule):
+class _DayPanelLoaders(L.LightningDataModule):
+    """Loaders and the tabular view shared by the panel data modules; a subclass's ``setup`` sets
+    ``x (days, tickers, F)``, ``y``/``y_raw (days, tickers)``, ``present (days, tickers)``, ``split`` and
+    ``step_len``."""
+
+    def _ds(self, days: np.ndarray, train: bool) -> DayDataset:
+        return DayDataset(
+            x=self.x,
+            y=self.y,
+            y_raw=self.y_raw,
+            present=self.present,
+            days=days,
+            step_len=self.step_len,
+            drop_nan_label=train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._ds(self.split.train, True), batch_size=None, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._ds(self.split.valid, False), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._ds(self.split.test, False), batch_size=None)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def flat(self, days: np.ndarray, *, train: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Tabular view for tree models: ``X (S, F)``, learn label, raw label, ``(day, ticker)`` index."""
+        d, t = np.nonzero(self.present[days])
+        d = days[d]
+        if train:
+            ok = ~np.isnan(self.y[d, t])
+            d, t = d[ok], t[ok]
+        return self.x[d, t], self.y[d, t], self.y_raw[d, t], np.stack([d, t], 1)
+
+
+class SP500DataModule(_DayPanelLoaders):
     """Protocol C of ``docs/finance.md`` §0: shipped S&P 500 panel, Alpha158/Alpha360, purged daily splits.
 
     Args:
@@ -484,38 +522,6 @@ class SP500DataModule(L.LightningDataModule):
         self.present = present
         self._ready = True
 
-    def _ds(self, days: np.ndarray, train: bool) -> DayDataset:
-        return DayDataset(
-            x=self.x,
-            y=self.y,
-            y_raw=self.y_raw,
-            present=self.present,
-            days=days,
-            step_len=self.step_len,
-            drop_nan_label=train,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._ds(self.split.train, True), batch_size=None, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._ds(self.split.valid, False), batch_size=None)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._ds(self.split.test, False), batch_size=None)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
-    def flat(self, days: np.ndarray, *, train: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Tabular view for tree models: ``X (S, F)``, learn label, raw label, ``(day, ticker)`` index."""
-        d, t = np.nonzero(self.present[days])
-        d = days[d]
-        if train:
-            ok = ~np.isnan(self.y[d, t])
-            d, t = d[ok], t[ok]
-        return self.x[d, t], self.y[d, t], self.y_raw[d, t], np.stack([d, t], 1)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # any market: qlib provider folders and daily-bar folders (apps.finance.sources)
@@ -556,7 +562,7 @@ def next_tradable_label(
     return lab, np.where(valid, b, -1)
 
 
-class MarketDataModule(L.LightningDataModule):
+class MarketDataModule(_DayPanelLoaders):
     """Any market's daily bars -> Alpha158/Alpha360 -> daily cross-sections (qlib's recipe, arXiv 2009.11189).
 
     The calendar and the benchmark come from the data (``docs/finance.md``, "Bring your own market"):
@@ -733,31 +739,6 @@ class MarketDataModule(L.LightningDataModule):
         self.y = cs_rank_norm(lab_u) if self.label_norm == "csrank" else cs_zscore_norm(lab_u)
         self.present = present
         self._ready = True
-
-    def _ds(self, days: np.ndarray, train: bool) -> DayDataset:
-        return DayDataset(
-            x=self.x,
-            y=self.y,
-            y_raw=self.y_raw,
-            present=self.present,
-            days=days,
-            step_len=self.step_len,
-            drop_nan_label=train,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._ds(self.split.train, True), batch_size=None, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._ds(self.split.valid, False), batch_size=None)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._ds(self.split.test, False), batch_size=None)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
-    flat = SP500DataModule.flat
 
     def backtest(self, preds: pd.DataFrame, *, segment: str | None = "test", **kw):  # noqa: ANN201
         """TopK-Dropout of a predictions table (``date, ticker, score``) on this market with its rules."""
