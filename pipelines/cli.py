@@ -123,6 +123,11 @@ lines on stderr at the default level; ``MOEKIT_LOG_LEVEL=WARNING`` or higher hid
 
 def _quiet_output(level: int | str) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow sets its loggers' level when it is imported (later, lazily): tell it moekit's level, and keep its
+    # artifact-download progress bars (one per registered-model load) out of the output; a user's own
+    # settings of these variables win
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(_level(level)))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _third_party_levels()
     progress = logging.getLogger(PROGRESS_LOGGER)
     explicit = os.environ.get(LOG_LEVEL_ENV)

@@ -173,3 +173,21 @@ def test_tokenisation_shows_progress_lines(tmp_path: Path) -> None:
     assert lines[0].startswith(f"lm: tokenising {corpus} (8200 chars) with char")
     assert lines[1].startswith("lm: train split: ") and lines[2].startswith("lm: val split: ")
     assert "INFO" not in proc.stderr
+
+
+def test_mlflow_imported_after_configure_output_stays_quiet() -> None:
+    """MLflow sets its loggers to INFO when imported (after moekit configured its output, as in the demo):
+    its INFO lines and artifact progress bars stay out unless the user asks for them."""
+    code = (
+        "from pipelines.cli import configure_output; configure_output(); "
+        "import logging, mlflow, mlflow.pyfunc; "
+        "logging.getLogger('mlflow.pyfunc').info('INFO-LINE'); "
+        "logging.getLogger('mlflow.pyfunc').warning('WARNING-LINE'); "
+        "from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as P; print(P.get())"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_LOGGING", "MLFLOW_ENABLE_ART"))}
+    env.pop("MOEKIT_LOG_LEVEL", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO-LINE" not in proc.stderr and "WARNING-LINE" in proc.stderr
+    assert proc.stdout.strip() == "False"
