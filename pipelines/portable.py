@@ -151,8 +151,9 @@ class _Encoder:
                 raise PortableError(
                     f"{path}: a lambda or nested function cannot be stored; use a named function"
                 )
-            self.modules.add(v.__module__)
-            return {_MARK: "func", "v": _qualname(v)}
+            name = _function_name(v, path)
+            self.modules.add(name.split(":")[0])
+            return {_MARK: "func", "v": name}
         if isinstance(v, nn.Module):
             return self._module(v, path)
         return self._object(v, path)
@@ -291,6 +292,32 @@ class _Encoder:
         return {_MARK: "object", "id": idx, "cls": _qualname(cls), "attrs": self._attrs(dict(state), path)}
 
 
+def _resolve(module: str, qual: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _function_name(f: Any, path: str) -> str:
+    """``"module:qualname"`` that resolves back to ``f``; torch's C functions (``F.gelu`` lives in
+    ``torch._C._nn``, ``torch.sigmoid`` on a private class) get their public name."""
+    short = f.__name__
+    candidates = [
+        ("torch.nn.functional", short),
+        ("torch", short),
+        ("torch.special", short.removeprefix("special_")),
+        (f.__module__, f.__qualname__),
+    ]
+    for module, qual in candidates:
+        try:
+            if module and _resolve(module, qual) is f:
+                return f"{module}:{qual}"
+        except (ImportError, AttributeError):
+            continue
+    raise PortableError(f"{path}: function {f.__module__}.{f.__qualname__} has no importable name")
+
+
 def _plain_values(v: pd.Series | pd.Index) -> np.ndarray:
     """A numpy array of a pandas column: numeric dtypes as they are, anything else as Python objects."""
     if isinstance(v.dtype, np.dtype) and v.dtype.kind in "biufcMm":
@@ -361,9 +388,7 @@ class _Decoder:
                 "torch layers)"
             )
         try:
-            obj: Any = importlib.import_module(module)
-            for part in qual.split("."):
-                obj = getattr(obj, part)
+            obj = _resolve(module, qual)
         except (ImportError, AttributeError) as e:
             raise self.fail(f"{kind} {name} does not exist here ({e})") from e
         if kind == "class" and not isinstance(obj, type):

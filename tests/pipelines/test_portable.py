@@ -52,6 +52,7 @@ class Net(nn.Module):
         self.register_buffer("scale", torch.tensor([2.0]))
         self.register_buffer("tmp", torch.zeros(3), persistent=False)
         self.act = F.silu
+        self.others = [F.gelu, torch.sigmoid, torch.special.ndtr, F.softplus]  # torch C functions
         self.dtype_ = torch.bfloat16
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,7 @@ def test_round_trip_is_exact_and_keeps_sharing(tmp_path: Path) -> None:
     assert q.net.head.weight is q.net.emb.weight
     assert q.transform is q.again
     assert q.net.act is F.silu and q.net.dtype_ is torch.bfloat16 and not q.net.training
+    assert all(a is b for a, b in zip(q.net.others, [F.gelu, torch.sigmoid, torch.special.ndtr, F.softplus]))
     assert set(q.net.state_dict()) == set(p.net.state_dict())  # non-persistent buffer stays out of it
     assert q.transform.vocab == {"city": ["a", " b", "9"]}
     assert q.transform.keys == {3: "three", (1, 2): "pair"}
