@@ -109,10 +109,28 @@ class MarketData:
         )
 
 
-def _warn(md_report: dict[str, int], messages: list[str], key: str, n: int, msg: str) -> None:
+def _warn(
+    md_report: dict[str, int], messages: list[str], key: str, n: int, msg: str, *, stacklevel: int = 3
+) -> None:
     md_report[key] = md_report.get(key, 0) + n
     messages.append(msg)
-    warnings.warn(msg, DataWarning, stacklevel=3)
+    warnings.warn(msg, DataWarning, stacklevel=stacklevel)
+
+
+def _warn_rows(
+    md_report: dict[str, int], messages: list[str], key: str, rows: pd.DataFrame, what: str
+) -> None:
+    """:func:`_warn` about ``rows`` of the bars table, naming the first one's file, ticker and date."""
+    first = rows.iloc[0]
+    _warn(
+        md_report,
+        messages,
+        key,
+        len(rows),
+        f"bars: {len(rows)} {what} (first: file {first['_file']}, ticker {first['ticker']}, "
+        f"date {first['date'].date()})",
+        stacklevel=4,  # the reader's caller, as for the other data warnings
+    )
 
 
 def equal_weight_index(close: pd.DataFrame, tradable: pd.DataFrame, universe: pd.DataFrame) -> pd.Series:
@@ -498,26 +516,13 @@ def read_bars(
             df[k] = num.astype(np.float64)
     dup = df.duplicated(["ticker", "date"], keep="last")
     if dup.any():
-        first = df[dup].iloc[0]
-        _warn(
-            report,
-            messages,
-            "duplicated_dates",
-            int(dup.sum()),
-            f"bars: {int(dup.sum())} duplicated (ticker, date) row(s), the last kept (first: file "
-            f"{first['_file']}, ticker {first['ticker']}, date {first['date'].date()})",
-        )
+        what = "duplicated (ticker, date) row(s), the last kept"
+        _warn_rows(report, messages, "duplicated_dates", df[dup], what)
         df = df[~dup]
     neg = (df[list(PRICE_FIELDS)] < 0).any(axis=1) | (df["volume"] < 0)
     if neg.any():
-        first = df[neg].iloc[0]
-        _warn(
-            report,
-            messages,
-            "negative_values",
-            int(neg.sum()),
-            f"bars: {int(neg.sum())} row(s) with a negative price or volume set to NaN (first: file "
-            f"{first['_file']}, ticker {first['ticker']}, date {first['date'].date()})",
+        _warn_rows(
+            report, messages, "negative_values", df[neg], "row(s) with a negative price or volume set to NaN"
         )
         df.loc[neg, [*PRICE_FIELDS, "volume"]] = np.nan
     df = df.sort_values(["ticker", "date"], kind="mergesort")
@@ -551,14 +556,12 @@ def read_bars(
     cal = pd.DatetimeIndex(sorted((bench_rows if len(bench_rows) else stocks)["date"].unique()))
     off = ~stocks["date"].isin(cal)
     if off.any():
-        first = stocks[off].iloc[0]
-        _warn(
+        _warn_rows(
             report,
             messages,
             "rows_off_benchmark_calendar",
-            int(off.sum()),
-            f"bars: {int(off.sum())} row(s) on dates the benchmark {benchmark!r} does not trade are not used "
-            f"(first: file {first['_file']}, ticker {first['ticker']}, date {first['date'].date()})",
+            stocks[off],
+            f"row(s) on dates the benchmark {benchmark!r} does not trade are not used",
         )
         stocks = stocks[~off]
     fields = [k for k in (*BAR_FIELDS, "vwap", "factor") if k in stocks.columns]
