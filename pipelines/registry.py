@@ -46,7 +46,6 @@ import pandas as pd
 
 from pipelines import portable
 from pipelines.apps import Predictor, get_app
-from pipelines.portable import save_portable
 from pipelines.tracking import (
     RUN_ID_KEY,
     checkpoint_run_id,
@@ -262,7 +261,7 @@ def log_predictor(
     status = client.get_run(run_id).info.status
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "predictor"
-        _, _, modules = save_portable(predictor, folder)
+        _, _, modules = portable.save_portable(predictor, folder)
         # the pyfunc rebuilds the predictor with pipelines.portable: it travels with the code it names
         code_paths, requirements = bundle_code({*modules, portable.__name__}, Path(tmp) / "code")
         packages = sorted({m.split(".")[0] for m in modules} - {"torch", "math", "builtins"})
