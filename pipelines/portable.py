@@ -144,9 +144,7 @@ class _Encoder:
         if isinstance(v, type):
             self.modules.add(v.__module__)
             return {_MARK: "class", "v": _qualname(v)}
-        if isinstance(v, types.FunctionType | types.BuiltinFunctionType) or type(v).__name__ in (
-            "builtin_function_or_method",
-        ):
+        if isinstance(v, types.FunctionType | types.BuiltinFunctionType):
             if "<locals>" in v.__qualname__ or v.__name__ == "<lambda>":
                 raise PortableError(
                     f"{path}: a lambda or nested function cannot be stored; use a named function"
