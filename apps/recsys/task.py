@@ -137,31 +137,49 @@ def gauc(preds: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> tup
     """Impression-weighted group AUC (DIN, arXiv 1706.06978) over groups having both label classes.
 
     ``GAUC = Σ_u n_u AUC_u / Σ_u n_u`` with ``n_u`` the rows of group u; single-class groups are skipped.
+    Every group's AUC at once from midranks (Mann-Whitney): ``AUC_u = (R⁺_u − P_u(P_u+1)/2) / (P_u N_u)``
+    with ``R⁺_u`` the sum of the positives' ranks among the group's rows (ties share their mean rank, which
+    counts a tied positive/negative pair as 1/2, as ``sklearn.metrics.roc_auc_score`` does). One sort of the
+    rows instead of one sklearn call per group: KuaiRand's validation split (36.5k rows, 8 tasks) took 20 s
+    with the per-group loop (the test's oracle), well under a second this way [M].
+
+    Args:
+        preds: ``(N,)`` scores.
+        labels: ``(N,)`` 0/1 labels.
+        groups: ``(N,)`` integer group ids (users).
 
     Returns:
         (gauc, groups kept, share of rows in kept groups); gauc is NaN when no group has both classes.
     """
-    from sklearn.metrics import roc_auc_score
+    import numpy as np
 
     g = groups.cpu().numpy()
     p = preds.double().cpu().numpy()
-    y = labels.cpu().numpy()
-    order = g.argsort(kind="stable")
+    y = labels.cpu().numpy().astype(np.float64)
+    n = len(y)
+    if n == 0:
+        return float("nan"), 0, 0.0
+    order = np.lexsort((p, g))  # by group, then score
     g, p, y = g[order], p[order], y[order]
-    bounds = (g[1:] != g[:-1]).nonzero()[0] + 1
-    num, den, kept = 0.0, 0, 0
-    for yy, pp in zip(_split(y, bounds), _split(p, bounds)):
-        if 0 < yy.sum() < len(yy):
-            num += len(yy) * roc_auc_score(yy, pp)
-            den += len(yy)
-            kept += 1
-    return (num / den if den else float("nan")), kept, den / max(len(y), 1)
-
-
-def _split(a, bounds):
-    import numpy as np
-
-    return np.split(a, bounds)
+    new_group = np.r_[True, g[1:] != g[:-1]]
+    new_run = new_group | np.r_[True, p[1:] != p[:-1]]  # a run: equal (group, score)
+    run_id = np.cumsum(new_run) - 1
+    run_start = np.flatnonzero(new_run)
+    run_len = np.diff(np.r_[run_start, n])
+    group_id = np.cumsum(new_group) - 1
+    group_start = np.flatnonzero(new_group)
+    # 1-based midrank within the group: mean position of the row's run, minus the group's first position
+    rank = (run_start + (run_len - 1) / 2.0)[run_id] - group_start[group_id] + 1.0
+    size = np.diff(np.r_[group_start, n]).astype(np.float64)
+    pos = np.bincount(group_id, weights=y)
+    rank_pos = np.bincount(group_id, weights=rank * y)
+    neg = size - pos
+    keep = (pos > 0) & (neg > 0)
+    if not keep.any():
+        return float("nan"), 0, 0.0
+    auc = (rank_pos[keep] - pos[keep] * (pos[keep] + 1) / 2) / (pos[keep] * neg[keep])
+    den = size[keep].sum()
+    return float((size[keep] * auc).sum() / den), int(keep.sum()), float(den / n)
 
 
 class MultiTaskRecTask(L.LightningModule):

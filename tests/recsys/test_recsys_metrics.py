@@ -35,6 +35,29 @@ def test_gauc_matches_a_hand_computed_value() -> None:
     assert np.isnan(gauc(preds[5:7], labels[5:7], groups[5:7])[0])  # no user with both classes
 
 
+def _gauc_loop(p: np.ndarray, y: np.ndarray, g: np.ndarray) -> tuple[float, int, float]:
+    """Oracle: one ``sklearn.metrics.roc_auc_score`` per group with both classes, weighted by its rows."""
+    num = den = kept = 0
+    for u in np.unique(g):
+        yy, pp = y[g == u], p[g == u]
+        if 0 < yy.sum() < len(yy):
+            num, den, kept = num + len(yy) * roc_auc_score(yy, pp), den + len(yy), kept + 1
+    return num / den, kept, den / len(y)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gauc_matches_a_per_group_sklearn_loop_with_ties(seed: int) -> None:
+    # 3,000 rows, 400 users of 1-20 rows, scores on a coarse grid (many ties inside a user), sparse labels
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, 400, 3000) * 7 + 3  # ids need not be contiguous
+    p = np.round(rng.random(3000), 1).astype(np.float32)
+    y = (rng.random(3000) < 0.1 + 0.5 * p).astype(np.float32)
+    got = gauc(torch.from_numpy(p), torch.from_numpy(y), torch.from_numpy(g))
+    want = _gauc_loop(p.astype(np.float64), y, g)
+    assert got[0] == pytest.approx(want[0], abs=1e-12)
+    assert got[1:] == (want[1], pytest.approx(want[2]))
+
+
 def _task(**kw) -> MultiTaskRecTask:
     return MultiTaskRecTask(
         backbone=partial(MMoE, num_experts=2, expert_hidden=[8]), embed_dim=4, tower_hidden=[4],
