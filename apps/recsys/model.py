@@ -39,8 +39,8 @@ class HoMEBackbone(HoME):
         categories: task groups, e.g. ``[[0], [1]]``; default one category per task.
         **kwargs: the other :class:`~moe_core.multigate.HoME` arguments (``levels``, ``num_shared``,
             ``num_per_category``, ``num_per_task``, ``meta_num_shared``, ``meta_num_per_category``,
-            ``expert_hidden``, ``expert_norm``, ``activation``, ``hierarchy_mask``, ``feature_gate_rank``,
-            ``self_gate``, ``dropout``).
+            ``expert_hidden``, ``expert_norm``, ``expert_norm_layers``, ``activation``, ``hierarchy_mask``,
+            ``feature_gate_rank``, ``self_gate``, ``dropout``).
     """
 
     def __init__(

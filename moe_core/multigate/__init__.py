@@ -18,7 +18,7 @@ Shared-Bottom), :mod:`~moe_core.multigate.ple` (CGC, PLE), :mod:`~moe_core.multi
 public name is importable from ``moe_core.multigate``.
 """
 
-from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm
+from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm, NormLayers
 from moe_core.multigate.gates import (
     MultiGateOutput,
     SoftmaxGate,
@@ -42,6 +42,7 @@ __all__ = [
     "MMoE",
     "MultiGateOutput",
     "Norm",
+    "NormLayers",
     "SharedBottom",
     "SoftmaxGate",
     "mix",

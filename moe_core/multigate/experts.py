@@ -18,19 +18,22 @@ from torch import nn
 
 from moe_core.validation import check_choice
 
-__all__ = ["Activation", "DenseMLPExperts", "Norm"]
+__all__ = ["Activation", "DenseMLPExperts", "Norm", "NormLayers"]
 
 Norm = Literal["none", "bn", "ln"]
 Activation = Literal["relu", "silu"]
+NormLayers = Literal["all", "last"]
 
 
 class DenseMLPExperts(nn.Module):
     """E independent MLP experts with stacked weights, evaluated densely.
 
-    Each layer is ``act(norm(x @ W_e + b_e))``; ``W`` is stored stacked as ``(E, D_in, D_out)``.
-    ``norm="bn"`` is a BatchNorm over each expert's units (HoME's "expert normalisation"; our reading puts
-    it between the linear map and the activation [R]); ``"ln"`` a LayerNorm of each expert's
-    output (statistics per expert and row; its affine scale and shift are shared by the experts of the bank).
+    Each layer is ``act(norm(x @ W_e + b_e))`` (``norm_layers="all"``) or, with ``norm_layers="last"``,
+    ``act(x @ W_e + b_e)`` on the hidden layers and ``act(norm(x @ W_e + b_e))`` on the output layer only;
+    ``W`` is stored stacked as ``(E, D_in, D_out)``. ``norm="bn"`` is a BatchNorm over each expert's units
+    (HoME's "expert normalisation" ``Swish(Norm(MLP_E(x)))``: between the linear map and the activation
+    [R]); ``"ln"`` a LayerNorm of each expert's output (statistics per expert and row; its affine scale and
+    shift are shared by the experts of the bank).
 
     Args:
         num_experts: E.
@@ -39,6 +42,9 @@ class DenseMLPExperts(nn.Module):
         norm: ``"none"`` | ``"bn"`` | ``"ln"``.
         activation: ``"relu"`` (MMoE/PLE) or ``"silu"`` (HoME's Swish, β = 1).
         dropout: dropout after each layer's activation.
+        norm_layers: ``"all"``: every layer is normalised; ``"last"``: only the output layer (HoME's
+            ``Swish(Norm(MLP_E(x)))`` read literally: the norm acts on the expert's output). Only the
+            normalised layers own norm parameters (the others hold an ``nn.Identity`` placeholder).
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class DenseMLPExperts(nn.Module):
         norm: Norm = "none",
         activation: Activation = "relu",
         dropout: float = 0.0,
+        norm_layers: NormLayers = "all",
     ) -> None:
         super().__init__()
         if num_experts < 0:
@@ -60,19 +67,24 @@ class DenseMLPExperts(nn.Module):
         self.hidden_dims = tuple(int(h) for h in hidden_dims)
         self.norm = check_choice("norm", norm, get_args(Norm))
         self.activation = check_choice("activation", activation, get_args(Activation))
+        self.norm_layers = check_choice("norm_layers", norm_layers, get_args(NormLayers))
         dims = (dim, *self.hidden_dims)
+        n_layers = len(self.hidden_dims)
+        # layers whose pre-activation is normalised
+        self._normed = tuple(
+            norm != "none" and (norm_layers == "all" or i == n_layers - 1) for i in range(n_layers)
+        )
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_experts, a, b)) for a, b in zip(dims[:-1], dims[1:])
         )
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in dims[1:])
-        if num_experts == 0:
+        if num_experts == 0 or norm == "none":
             self.norms = None
-        elif norm == "bn":
-            self.norms = nn.ModuleList(nn.BatchNorm1d(num_experts * b) for b in dims[1:])
-        elif norm == "ln":
-            self.norms = nn.ModuleList(nn.LayerNorm(b) for b in dims[1:])
         else:
-            self.norms = None
+            make = (lambda b: nn.BatchNorm1d(num_experts * b)) if norm == "bn" else nn.LayerNorm
+            self.norms = nn.ModuleList(
+                make(b) if on else nn.Identity() for b, on in zip(dims[1:], self._normed)
+            )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -109,9 +121,9 @@ class DenseMLPExperts(nn.Module):
         if x.dim() == 2:
             w_flat = self.weights[0].permute(1, 0, 2).reshape(self.dim, -1)  # (D, E*H_0)
             h = torch.addmm(self.biases[0].reshape(-1), x, w_flat)  # (B, E*H_0)
-            if self.norm == "bn":
+            if self._normed[0] and self.norm == "bn":
                 h = self.norms[0](h)  # BN over every expert unit
-            elif self.norm == "ln":
+            elif self._normed[0]:  # ln
                 h = self.norms[0](h.view(b, e, -1))  # (B, E, H_0)
             h = self.dropout(self._act(h)).view(b, e, -1)  # (B, E, H_0)
             if len(self.weights) == 1:
@@ -122,10 +134,10 @@ class DenseMLPExperts(nn.Module):
             h, first = x.transpose(0, 1), 0  # (E, B, D)
         for i in range(first, len(self.weights)):
             h = torch.baddbmm(self.biases[i][:, None, :], h, self.weights[i])  # (E, B, H_i)
-            if self.norm == "bn":
+            if self._normed[i] and self.norm == "bn":
                 hb = h.transpose(0, 1).reshape(b, -1)  # (B, E*H_i): BN over every expert unit
                 h = self.norms[i](hb).view(b, e, -1).transpose(0, 1)  # (E, B, H_i)
-            elif self.norm == "ln":
+            elif self._normed[i]:  # ln
                 h = self.norms[i](h)
             h = self.dropout(self._act(h))
         return h.transpose(0, 1)  # (B, E, H)

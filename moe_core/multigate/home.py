@@ -9,7 +9,7 @@ from typing import get_args
 import torch
 from torch import nn
 
-from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm
+from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm, NormLayers
 from moe_core.multigate.gates import (
     MultiGateOutput,
     SoftmaxGate,
@@ -57,12 +57,16 @@ class HoME(nn.Module):
     the tests hold this module to it (float64, 1e-10, forward and gradients). Notation: ``c(t)`` the category
     of task t, ``⊕`` concatenation.
 
-    * Expert normalisation + Swish (``expert_norm``, ``activation``): ``E(x) = Swish(BN(x W + b))``. Reading:
-      BN sits between the linear map and the activation, and on *every* layer of a multi-layer expert (the
-      paper's ``Swish(BN(MLP_E(x)))`` does not say what the hidden layers use). BN normalises each expert
-      unit with the batch mean and biased batch variance in training mode and with the running statistics
-      in eval mode (``torch.nn.BatchNorm1d``); ``"ln"`` is a LayerNorm over one expert's units whose affine
-      parameters are shared by the experts of a bank.
+    * Expert normalisation + Swish (``expert_norm``, ``activation``, ``expert_norm_layers``):
+      ``E(x) = Swish(BN(MLP_E(x)))`` [S: the equation as quoted by write-ups of the paper]. Reading
+      (default ``expert_norm_layers="last"``): ``MLP_E`` is the expert's MLP whose output layer is linear;
+      BN and Swish act on that output, i.e. the last layer is ``Swish(BN(h W + b))`` and every hidden
+      layer ``Swish(h W + b)`` (the ``activation`` switch sets both). The paper normalises the *output*
+      so that the gates mix experts of one scale; it says nothing of BN inside an expert.
+      ``expert_norm_layers="all"`` (moekit's earlier reading) also puts BN on every hidden layer.
+      BN normalises each expert unit with the batch mean and biased batch variance in training mode and
+      with the running statistics in eval mode (``torch.nn.BatchNorm1d``); ``"ln"`` is a LayerNorm over one
+      expert's units whose affine parameters are shared by the experts of a bank.
     * Hierarchy (``levels=2``): a meta level whose experts read ``v``; per category c
       ``z_c = Σ softmax(G_c(v)) · [E^meta_shared(v), E^meta_c(v)]`` and one global
       ``z_sh = Σ softmax(G_sh(v)) · [all meta experts](v)``. Task level: shared experts read ``z_sh``,
@@ -97,6 +101,7 @@ class HoME(nn.Module):
         expert_hidden: expert widths; the last is H (also the meta level's output width).
         expert_norm: ``"bn"`` | ``"ln"`` | ``"none"``.
         activation: ``"silu"`` | ``"relu"``.
+        expert_norm_layers: ``"last"`` (norm on each expert's output layer) | ``"all"`` (every layer).
         hierarchy_mask: restrict gates to their branch.
         feature_gate_rank: rank l of the feature gates, or None for no feature gate.
         self_gate: add the task-expert gated residual.
@@ -121,6 +126,7 @@ class HoME(nn.Module):
         feature_gate_rank: int | None = None,
         self_gate: bool = True,
         dropout: float = 0.0,
+        expert_norm_layers: NormLayers = "last",
     ) -> None:
         super().__init__()
         cats = [list(map(int, c)) for c in categories]
@@ -141,7 +147,10 @@ class HoME(nn.Module):
         )
         self.num_shared, self.num_per_category, self.num_per_task = num_shared, num_per_category, num_per_task
         self.hierarchy_mask, self.self_gate = hierarchy_mask, self_gate
-        kw = dict(hidden_dims=expert_hidden, norm=expert_norm, activation=activation, dropout=dropout)
+        kw = dict(
+            hidden_dims=expert_hidden, norm=expert_norm, activation=activation, dropout=dropout,
+            norm_layers=expert_norm_layers,
+        )  # fmt: skip
         h = int(expert_hidden[-1])
         self.out_dim = h
         c, m = self.num_cats, self.num_tasks

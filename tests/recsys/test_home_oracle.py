@@ -41,7 +41,11 @@ CONFIGS = {
         categories=[[0, 1], [2]], num_shared=0, num_per_category=0, meta_num_shared=0, meta_num_per_category=2
     ),
     "two_layer_experts_all_on": dict(
-        categories=[[0, 1], [2]], expert_hidden=(6, H), feature_gate_rank=2, num_per_task=2
+        categories=[[0, 1], [2]],
+        expert_hidden=(6, H),
+        feature_gate_rank=2,
+        num_per_task=2,
+        expert_norm_layers="all",
     ),
     "levels1": dict(levels=1),
     "levels1_all_on": dict(levels=1, feature_gate_rank=2, categories=[[0, 2], [1]], num_per_task=2),
@@ -123,3 +127,31 @@ def test_oracle_follows_the_hierarchy_mask_switch():
     torch.testing.assert_close(free(v).task_outputs, unmasked, **TOL)
     assert (masked - unmasked).abs().max() > 1e-3
     assert (gates["task0"] > 0).all()  # no candidate is masked without the hierarchy mask
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_home_norm_on_expert_output_only_equals_oracle_with_identity_hidden_norms(levels):
+    """HoME's default ``expert_norm_layers="last"`` (BN only on each expert's output layer) equals the loop
+    oracle run on an ``"all"`` copy whose hidden-layer BatchNorms are exact identities (eval mode, running
+    mean 0, variance 1, eps 0, affine 1/0); the two readings differ on the same weights otherwise."""
+    kw = dict(categories=[[0, 1], [2]], expert_hidden=(6, 4, H), feature_gate_rank=2, num_per_task=2,
+              levels=levels)  # fmt: skip
+    last = _randomised(0, **kw, expert_norm_layers="last").eval()
+    full = _randomised(0, **kw, expert_norm_layers="all").eval()
+    full.load_state_dict(last.state_dict(), strict=False)  # weights, gates, output-layer norms
+    with torch.no_grad():
+        for mod in full.modules():
+            if hasattr(mod, "norms") and mod.norms is not None:
+                for bn in list(mod.norms)[:-1]:
+                    bn.eps = 0.0
+                    bn.running_mean.zero_()
+                    bn.running_var.fill_(1.0)
+                    bn.weight.fill_(1.0)
+                    bn.bias.zero_()
+    torch.manual_seed(1)
+    v = torch.randn(B, D, dtype=torch.float64)
+    want, _ = home_reference(full, v)
+    torch.testing.assert_close(last(v).task_outputs, want, **TOL)
+    plain = _randomised(0, **kw, expert_norm_layers="all").eval()  # randomised hidden BN statistics
+    plain.load_state_dict(last.state_dict(), strict=False)
+    assert (plain(v).task_outputs - want).abs().max() > 1e-3

@@ -50,6 +50,43 @@ def test_dense_experts_match_loop_oracle():
     torch.testing.assert_close(bank(xe), per)
 
 
+@pytest.mark.parametrize("shared_input", [True, False])
+@pytest.mark.parametrize("norm", ["bn", "ln"])
+def test_dense_experts_norm_on_last_layer_only_matches_closed_form(norm, shared_input):
+    """``norm_layers="last"`` (HoME's ``Swish(Norm(MLP_E(x)))``): hidden layers ``silu(h W + b)``, no norm;
+    output ``silu(norm(h W + b))``; BN in training mode from the batch mean and biased variance of each
+    expert unit, written out here one expert at a time; only the output layer owns norm parameters."""
+    torch.manual_seed(0)
+    e, dims = 3, (10, 9, H)
+    bank = DenseMLPExperts(num_experts=e, dim=D, hidden_dims=dims, norm=norm, activation="silu",
+                           norm_layers="last").double()  # fmt: skip
+    with torch.no_grad():  # affine parameters away from 1/0 so that they are checked
+        for p in bank.norms[-1].parameters():
+            p.copy_(torch.randn_like(p))
+    assert [type(m) for m in bank.norms[:-1]] == [nn.Identity, nn.Identity]
+    x = torch.randn(B, D, dtype=torch.float64) if shared_input else torch.randn(B, e, D, dtype=torch.float64)
+    w, b = bank.norms[-1].weight, bank.norms[-1].bias
+    outs = []
+    for k in range(e):
+        h = x if shared_input else x[:, k]
+        for i in range(len(dims) - 1):
+            h = h @ bank.weights[i][k] + bank.biases[i][k]
+            h = h * torch.sigmoid(h)
+        z = h @ bank.weights[-1][k] + bank.biases[-1][k]  # (B, H)
+        if norm == "bn":  # this expert's H units are units k*H .. (k+1)*H-1 of the bank's BatchNorm
+            unit = slice(k * H, (k + 1) * H)
+            z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5) * w[unit] + b[unit]
+        else:
+            mu, var = z.mean(1, keepdim=True), z.var(1, unbiased=False, keepdim=True)
+            z = (z - mu) / torch.sqrt(var + 1e-5) * w + b
+        outs.append(z * torch.sigmoid(z))
+    torch.testing.assert_close(bank(x), torch.stack(outs, 1), rtol=1e-10, atol=1e-10)
+    # "all" is a different function on the same weights (the hidden layers are normalised too)
+    full = DenseMLPExperts(num_experts=e, dim=D, hidden_dims=dims, norm=norm, activation="silu").double()
+    full.load_state_dict(bank.state_dict(), strict=False)
+    assert (full(x) - bank(x)).abs().max() > 1e-3
+
+
 def test_mmoe_matches_formula_and_one_expert_is_shared_bottom():
     torch.manual_seed(0)
     m = MMoE(dim=D, num_tasks=2, num_experts=3, expert_hidden=(H,))
