@@ -3,9 +3,11 @@ and LightGBM on ``shared/datasets/csi300_qlib``.
 
 Protocol (qlib's ``examples/benchmarks``, protocol A of docs/finance.md §0, with this data's dates):
 Alpha158 (157 features: the data has no VWAP) on the CSI 300 universe by day (membership spells, tradable
-days only), label ``close(t+2)/close(t+1) - 1`` on tradable closes, learn label cross-sectionally z-scored
-(CSZScoreNorm; CSRankNorm for GRU/ALSTM/Transformer, as qlib's configs), network features RobustZScoreNorm
-fitted on the train universe + Fillna, LightGBM on the raw features (qlib's LightGBM handler has none);
+days only), label ``close(t+2)/close(t+1) - 1`` on tradable closes, learn label normalised over each day's
+universe: CSRankNorm for every network (qlib's GRU/ALSTM/Transformer configs; its MLP config uses
+CSZScoreNorm) and both for LightGBM (``LightGBM``: CSZScoreNorm, qlib's handler; ``LightGBM-rank``:
+CSRankNorm, which wins on valid), network features RobustZScoreNorm fitted on the train universe + Fillna,
+LightGBM on the raw features (qlib's LightGBM handler has none);
 train 2010-2017, valid 2018-2019, test 2020-01-01..2026-05-08 (the first 60 days feature
 warm-up, 5 purge days at segment ends). Each network's epoch is chosen by valid RankIC; LightGBM early-stops
 on valid L2 (qlib's params). Test metrics: IC, ICIR, RankIC, RankICIR on the raw label; TopK-Dropout(50, 5)
@@ -90,7 +92,9 @@ def models(nf: int, n20: int) -> dict[str, tuple[Callable, dict, dict]]:
         base.update(kw)
         return lambda: MIGA(**base)
 
-    full1 = {"step_len": 1, "features": "all", "label": "cszscore"}
+    # CSRank learn label for every network: qlib's GRU/ALSTM/Transformer configs use it; its MLP config uses
+    # CSZScore, but on this data CSRank wins on valid for the tree model (LightGBM vs LightGBM-rank below)
+    full1 = {"step_len": 1, "features": "all", "label": "csrank"}
     seq20 = {"step_len": 20, "features": "selected20", "label": "csrank"}
     mig_loss = {"loss": "ic", "balance_loss": "switch", "w_balance": 0.01, "lr": 5e-4}
     return {
@@ -138,7 +142,8 @@ class Views:
         self.x_nn = PanelTransform(kind="alpha158").fit(dm.x, fit_days, dm.present).normalise(dm.x)
         self.cols20 = [dm.feature_names.index(n) for n in SELECTED20]
         self.x20 = np.ascontiguousarray(self.x_nn[..., self.cols20])
-        self.y_rank = cs_rank_norm(dm.y_raw)
+        # CSRankNorm over each day's universe, as dm.y (qlib normalises the handler's instruments)
+        self.y_rank = cs_rank_norm(np.where(dm.present, dm.y_raw, np.nan))
 
     def ds(self, view: dict, days: np.ndarray, train: bool) -> DayDataset:
         dm = self.dm
@@ -198,36 +203,22 @@ def train_nn(make: Callable, kw: dict, views: Views, view: dict, seed: int, epoc
     return valid, test, fit_s, best_ep
 
 
-def train_lgb(dm: MarketDataModule, seed: int, select: str = "l2") -> tuple:
-    """qlib's LightGBM. ``select="l2"``: qlib's parameters, early stopping on valid L2. ``select="rankic"``:
-    L1 0 / L2 1 / learning rate 0.05, 200 rounds, the number of trees chosen by valid RankIC among 10..200 (as
-    the networks' epochs are chosen)."""
+def train_lgb(dm: MarketDataModule, views: Views, seed: int, label: str = "cszscore") -> tuple:
+    """qlib's LightGBM (its parameters, early stopping on valid L2) on the CSZScore learn label (qlib's
+    LightGBM handler) or on the universe CSRank label (``label="csrank"``)."""
     from apps.finance.gbdt import fit_lightgbm, predict_lightgbm
 
-    t0 = time.perf_counter()
-    if select == "l2":
+    saved = dm.y
+    if label == "csrank":
+        dm.y = views.y_rank
+    try:
+        t0 = time.perf_counter()
         b = fit_lightgbm(dm, seed=seed, num_threads=1)
         fit_s = time.perf_counter() - t0
-        valid, test = predict_lightgbm(b, dm, dm.split.valid), predict_lightgbm(b, dm, dm.split.test)
-        return valid, test, fit_s, b.best_iteration
-    # qlib's lambda_l1 205.7 / lambda_l2 581 stop the boosting after 1-7 trees on this data (no split passes
-    # them); this variant lifts them, lowers the learning rate and picks the number of trees by valid RankIC
-    light = {"lambda_l1": 0.0, "lambda_l2": 1.0, "learning_rate": 0.05}
-    b = fit_lightgbm(dm, seed=seed, num_threads=1, num_boost_round=200, early_stopping=10**6, params=light)
-    fit_s = time.perf_counter() - t0
-
-    def frame(days: np.ndarray, k: int) -> pd.DataFrame:
-        x, _, y, idx = dm.flat(days, train=False)
-        s = b.predict(x, num_iteration=k)
-        return pd.DataFrame({"day": idx[:, 0], "ticker_id": idx[:, 1], "score": s, "label": y})
-
-    best, best_k = -np.inf, 0
-    for k in (10, 25, 50, 100, 200):
-        v = rank_ic(frame(dm.split.valid, k))
-        log.info("  LightGBM %d trees: valid RankIC %.4f", k, v)
-        if v > best:
-            best, best_k = v, k
-    return frame(dm.split.valid, best_k), frame(dm.split.test, best_k), fit_s, best_k
+    finally:
+        dm.y = saved
+    valid, test = predict_lightgbm(b, dm, dm.split.valid), predict_lightgbm(b, dm, dm.split.test)
+    return valid, test, fit_s, b.best_iteration
 
 
 def evaluate(preds: pd.DataFrame, dm: MarketDataModule) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
@@ -254,13 +245,20 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8, help="epochs of the step_len-1 networks")
     ap.add_argument("--seq_epochs", type=int, default=4, help="epochs of the T=20/T=5 networks")
     ap.add_argument(
-        "--models", default="LightGBM,MIGA,MLP,GRU,ALSTM,Transformer,MIGA-ctx,MIGA-noisy,MIGA-lstm"
+        "--models",
+        default="LightGBM,LightGBM-rank,MIGA,MIGA-mse,MLP,GRU,ALSTM,Transformer,MIGA-ctx,MIGA-noisy,MIGA-lstm",
     )
     ap.add_argument(
         "--variant_seeds", type=int, default=None, help="seeds of the MIGA-* variants (default --seeds)"
     )
     ap.add_argument("--max_instruments", type=int, default=None, help="smoke runs only")
     ap.add_argument("--out", default="finance_csi300")
+    ap.add_argument(
+        "--merge_from",
+        default="",
+        help="comma-separated --out names of runs (same protocol, other models) whose rows, summary and "
+        "curves join this run's JSON and plots (e.g. the sequence networks run in a second process)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)  # shared 2-core machine
     RES.mkdir(parents=True, exist_ok=True)
@@ -312,9 +310,18 @@ def main() -> None:
     per_model: dict[str, list[dict]] = {}
     ic_plot, bt_plot = {}, {}
 
+    curves = RES / f"{a.out}_curves"  # seed-0 daily IC and backtest report per model, for merged plots
+    others = [o for o in a.merge_from.split(",") if o]
+
     def finish() -> None:
         summary = []
-        for name, rs in per_model.items():
+        merged = dict(per_model)
+        for o in others:
+            if (RES / f"{o}.json").exists():
+                for r in json.loads((RES / f"{o}.json").read_text())["rows"][1:]:
+                    if r["model"] not in per_model:
+                        merged.setdefault(r["model"], []).append(r)
+        for name, rs in merged.items():
 
             def m(k: str, rs: list[dict] = rs) -> float:
                 return float(np.nanmean([r[k] for r in rs]))
@@ -337,7 +344,8 @@ def main() -> None:
             "commit": commit,
             "data": "shared/datasets/csi300_qlib (fr220574/Qlib-format-A-share-dataset @51ee96b), csi300",
             "protocol": "qlib benchmarks (protocol A) on this data: Alpha158 without VWAP (157), label "
-            "close(t+2)/close(t+1)-1 on tradable closes, CSZScore label (CSRank for GRU/ALSTM/Transformer), "
+            "close(t+2)/close(t+1)-1 on tradable closes, learn label over each day's universe: CSRank "
+            "for every network, CSZScore (LightGBM, qlib's handler) or CSRank (LightGBM-rank) for LightGBM, "
             "networks: RobustZScoreNorm fitted on the train universe + Fillna, LightGBM: raw features "
             "with NaN (qlib's LightGBM handler has no feature processors), train 2010-2017 / valid "
             "2018-2019 / test 2020-01-01..2026-05-08 (60 warm-up days, 5 purge days)",
@@ -354,12 +362,21 @@ def main() -> None:
             "anchors_miga_paper": MIGA_PAPER,
             "seeds": a.seeds,
         }
-        out = {"meta": meta, "summary": summary, "rows": rows}
+        if others:
+            meta["merged_from"] = others
+        all_rows = rows + [r for name, rs in merged.items() if name not in per_model for r in rs]
+        out = {"meta": meta, "summary": summary, "rows": all_rows}
         tmp = RES / f".{a.out}.json.tmp"
         tmp.write_text(json.dumps(out, indent=1, default=float))
         os.replace(tmp, RES / f"{a.out}.json")
         from apps.finance.plots import plot_daily_ic, plot_excess
 
+        for d in [curves] + [RES / f"{o}_curves" for o in others]:
+            for f in sorted(d.glob("*.ic.parquet")) if d.exists() else []:
+                name = f.name[: -len(".ic.parquet")]
+                if name not in ic_plot:
+                    ic_plot[name] = pd.read_parquet(f)
+                    bt_plot[name] = pd.read_parquet(d / f"{name}.bt.parquet")
         if bt_plot:
             title = "TopK-Dropout(50,5), cn rules, excess over CSI 300 after costs, test, seed 0"
             plot_excess(bt_plot, RES / f"{a.out}_excess.png", title=title)
@@ -370,11 +387,12 @@ def main() -> None:
                   f"({s['RankIC_std']:.4f}) | {s['RankICIR']:.3f} | {s['annualized_return']:.4f} | "
                   f"{s['information_ratio']:.3f} | {s['max_drawdown']:.4f} |", flush=True)  # fmt: skip
 
-    for name in a.models.split(","):
+    for name in [m for m in a.models.split(",") if m]:
         n_seeds = a.variant_seeds if name.startswith("MIGA-") and a.variant_seeds else a.seeds
         for seed in range(n_seeds):
-            if name in ("LightGBM", "LightGBM-ric"):
-                valid, test, fit_s, best = train_lgb(dm, seed, "l2" if name == "LightGBM" else "rankic")
+            if name in ("LightGBM", "LightGBM-rank"):
+                label = "csrank" if name == "LightGBM-rank" else "cszscore"
+                valid, test, fit_s, best = train_lgb(dm, views, seed, label)
             else:
                 make, kw, view = zoo[name]
                 ep = a.epochs if view["step_len"] == 1 else a.seq_epochs
@@ -390,6 +408,11 @@ def main() -> None:
                      row["max_drawdown"], row["valid_RankIC"], fit_s)  # fmt: skip
             if seed == 0:
                 ic_plot[name], bt_plot[name] = ic, rep
+                curves.mkdir(exist_ok=True)
+                ic.to_parquet(curves / f"{name}.ic.parquet")
+                rep.to_parquet(curves / f"{name}.bt.parquet")
+        finish()
+    if not per_model:  # --models "": only merge the --merge_from runs into this JSON and its plots
         finish()
 
 
