@@ -46,31 +46,71 @@ def local_loss(model: torch.nn.Module, step: int, rank: int, world: int) -> tupl
     return F.cross_entropy(logits.reshape(-1, V), y[rows].reshape(-1), reduction="sum") / y.numel(), logits
 
 
-def worker(rank: int, world: int, ep: int, port: int, outdir: str, step: int, load: str | None) -> None:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A gradient as one process sees it: FSDP's DTensors gathered (an expert's: this ep rank's shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t.clone()
+
+
+def worker(
+    rank: int,
+    world: int,
+    ep: int,
+    port: int,
+    outdir: str,
+    step: int,
+    load: str | None,
+    mode: str = "replicated",
+) -> None:
     """One training step ``step`` on a (world/ep, ep) mesh; optionally resume from ``load`` first; save a
-    distributed checkpoint to ``outdir/ckpt`` and this rank's logits / gradients to ``outdir/rank<r>.pt``."""
+    distributed checkpoint to ``outdir/ckpt`` and this rank's logits / gradients to ``outdir/rank<r>.pt``.
+
+    ``mode``: ``replicated`` (gradients summed by ``sync_grads_2d``), ``fsdp_world`` or ``fsdp_dp`` (FSDP2
+    with dense parameters sharded over the world or over dp, replicated over ep)."""
     from moe_core.parallel.mesh import init_moe_mesh, load_distributed, save_distributed, sync_grads_2d
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=90))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=90),
+    )
     try:
         mesh = init_moe_mesh(ep)
         model = build()
-        converted = mesh.parallelize(model)
+        fsdp = mode != "replicated"
+        converted = mesh.parallelize(model, fsdp=fsdp, dense_shard="dp" if mode == "fsdp_dp" else "world")
         opt = optimizer(model)
         if load:
-            load_distributed(load, model, opt, mesh.ep_group)
+            load_distributed(load, model, opt, mesh=mesh)
         loss, logits = local_loss(model, step, rank, world)
         loss.backward()
-        sync_grads_2d(model, mesh)
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        sync_grads_2d(model, mesh)  # a no-op under FSDP
+        grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         opt.zero_grad(set_to_none=True)
-        save_distributed(os.path.join(outdir, "ckpt"), model, opt, mesh.ep_group)
-        torch.save({"converted": converted, "logits": logits.detach(), "grads": grads,
-                    "ep_rank": dist.get_rank(mesh.ep_group), "dp_rank": dist.get_rank(mesh.dp_group)},
-                   os.path.join(outdir, f"rank{rank}.pt"))
+        save_distributed(os.path.join(outdir, "ckpt"), model, opt, mesh=mesh)
+        local_numel = sum(_local(p).numel() for p in model.parameters())  # this rank's share of the weights
+        torch.save(
+            {
+                "converted": converted,
+                "logits": logits.detach(),
+                "grads": grads,
+                "numel": local_numel,
+                "ep_rank": dist.get_rank(mesh.ep_group),
+                "dp_rank": dist.get_rank(mesh.dp_group),
+            },
+            os.path.join(outdir, f"rank{rank}.pt"),
+        )
         dist.barrier()
     finally:
         dist.destroy_process_group()
