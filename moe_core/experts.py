@@ -15,12 +15,13 @@ Duplicate expert ids within one token are summed.
 Backends (``backend`` argument):
 
 * ``grouped_mm``: one stable sort of the ``N*K`` (token, slot) pairs by expert id, one gather, one
-  ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) per projection with device-side int32
-  group offsets, one gather-sum back to tokens. No host synchronisation. Masked slots get the sentinel id
-  ``E`` so that the sort moves them behind the last group; the kernel skips those rows (their outputs are
-  uninitialised and are zeroed with ``masked_fill`` before and after). The kernel needs float32/bfloat16/
-  float16 and row strides that are multiples of 16 bytes; its backward fails on an expanded (stride-0)
-  upstream gradient, so every grouped GEMM output passes through :class:`_ContiguousGrad`.
+  ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) per projection (gate and up fused into one
+  of width 2H for SwiGLU, its activation and combine weights fused in :class:`_GatedAct`) with device-side
+  int32 group offsets, one gather-sum (``embedding_bag``) back to tokens. No host synchronisation. Masked
+  slots get the sentinel id ``E`` so that the sort moves them behind the last group; the kernel skips those
+  rows (their outputs are uninitialised and are zeroed with ``masked_fill`` before and after). The kernel
+  needs float32/bfloat16/float16 and row strides that are multiples of 16 bytes; its backward fails on an
+  expanded (stride-0) upstream gradient, so every grouped GEMM output passes through :class:`_ContiguousGrad`.
 * ``loop``: the same sort, one ``bincount(...).tolist()`` (a single host sync), the stacked weights
   ``unbind(0)`` once, one dense GEMM per non-empty expert on its contiguous slice, ``index_add_`` back.
   Works for any dtype.
@@ -29,9 +30,11 @@ Backends (``backend`` argument):
   projection, one gather-sum back. Padding rows are zero and stay zero, so they change no output and no
   gradient; they do cost FLOPs (``E*C/P - 1`` of the useful work). Works for any dtype.
 * ``auto``: on accelerators ``grouped_mm`` where it can run (no host sync). On CPU it reads the group sizes
-  once and picks ``padded`` when the buffer holds at most 1.2x the useful rows (balanced routing), else
-  ``grouped_mm`` where it can run, else ``loop``. "Can run": kernel present and working on that device and
-  dtype (checked once by a tiny forward+backward probe), weights of the input's dtype, strides aligned.
+  once and picks ``padded`` when the buffer holds at most 1.2x the useful rows (balanced routing) and its
+  padding costs fewer multiply-adds than one kernel call per expert (small experts, see ``_CALL_MACS``), else
+  ``grouped_mm`` where it can run, else ``padded`` when balanced, else ``loop``. "Can run": kernel present
+  and working on that device and dtype (checked once by a tiny forward+backward probe), weights of the
+  input's dtype, strides aligned.
 
 Requesting ``grouped_mm`` explicitly for tensors it cannot handle raises ``RuntimeError`` (so a test that asks
 for it really runs it).
@@ -62,17 +65,72 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
 }
 _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BAG_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # embedding_bag's dtypes
 # ``auto`` on CPU pads to the largest group only when routing is nearly balanced (buffer <= 1.2x the useful
 # rows): padding buys one batched GEMM per projection, but its wasted rows cost FLOPs. Measured [M] fwd+bwd:
 # fine-grained E=64, k=6, D=512, H=256, T=4096 (waste ~1.1): padded and grouped_mm within 1 % of each other;
 # the LM benchmark's top-2 layer (E=8, D=128, H=176, 768 tokens, waste 1.4-1.8 at init): a whole training step
 # took 107 ms padded vs 88 ms grouped_mm on 1 thread (72 vs 58 ms on 2 threads; dense model 67 / 53 ms).
 _PAD_WASTE = 1.2
+# Within that bound, ``auto`` still takes ``grouped_mm`` when the padding rows cost more multiply-adds (per
+# projection, ``(E*C - P) * D * H``) than E times this constant, the measured price of one small kernel call
+# per expert [M]: 1 thread, bank fwd+bwd, padded / grouped_mm = 0.94 at E=8, D=128, H=176, 768 tokens, k=2
+# (padding 0.06 -> 2.1 M MACs, 0.26 M per expert), 1.00 at the coarse and 1.06 at the fine-grained benchmark
+# shape (padding 0.08 -> 251 M MACs, 3.9 M per expert).
+_CALL_MACS = 1 << 20
 
 
 def _resolve_activation(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The element-wise function of an :data:`Activation` name (``ValueError`` for an unknown name)."""
     return _ACTIVATIONS[check_choice("activation", activation, get_args(Activation))]
+
+
+# d act(g) / d g times an upstream gradient, as the aten ops autograd itself runs for these activations
+_ACT_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "silu": lambda grad, g: torch.ops.aten.silu_backward(grad, g),
+    "gelu": lambda grad, g: torch.ops.aten.gelu_backward(grad, g, approximate="none"),
+    "gelu_tanh": lambda grad, g: torch.ops.aten.gelu_backward(grad, g, approximate="tanh"),
+    "relu": lambda grad, g: torch.ops.aten.threshold_backward(grad, g, 0.0),
+}
+
+
+class _GatedAct(torch.autograd.Function):
+    """``act(g) * u * ws`` from the fused projection ``gu = [g | u] (P, 2H)``; ``ws (P, 1)`` or None.
+
+    Autograd of ``chunk -> act -> mul -> mul`` ends in a ``cat`` of the two halves' gradients (a copy of the
+    whole ``(P, 2H)`` gradient) and takes two passes for the scale; this backward writes both halves straight
+    into one ``(P, 2H)`` buffer: ``d g = act'(g) * (grad * u * ws)``, ``d u = grad * act(g) * ws``,
+    ``d ws = sum_h grad * act(g) * u``.
+    """
+
+    @staticmethod
+    def forward(ctx, gu, ws, activation):  # noqa: ANN001, ANN205
+        hdim = gu.shape[1] // 2
+        a = _ACTIVATIONS[activation](gu[:, :hdim])  # (P, H)
+        h = a * gu[:, hdim:]  # (P, H)
+        if ws is not None:
+            h.mul_(ws)
+        ctx.save_for_backward(gu, a, ws)
+        ctx.activation = activation
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        gu, a, ws = ctx.saved_tensors
+        hdim = gu.shape[1] // 2
+        g, u = gu[:, :hdim], gu[:, hdim:]
+        out = torch.empty_like(gu)  # (P, 2H): [d g | d u]
+        t = grad * u  # (P, H) grad * u
+        grad_ws = None
+        if ws is not None:
+            if ctx.needs_input_grad[1]:
+                grad_ws = torch.linalg.vecdot(t, a, dim=1)[:, None]  # (P, 1)
+            t.mul_(ws)
+            torch.mul(grad, ws, out=out[:, hdim:]).mul_(a)
+        else:
+            torch.mul(grad, a, out=out[:, hdim:])
+        out[:, :hdim] = _ACT_GRADS[ctx.activation](t, g)
+        return out, grad_ws, None
 
 
 def _grouped_mm_op() -> Callable[..., torch.Tensor] | None:
@@ -118,11 +176,19 @@ class _GatherSum(torch.autograd.Function):
 
 
 def _gather_sum(src: torch.Tensor, idx: torch.Tensor, k: int, zero_row: bool) -> torch.Tensor:
-    """Rows ``src[idx]`` summed in groups of ``k``; with ``zero_row``, ``idx == len(src)`` reads zeros."""
+    """Rows ``src[idx]`` summed in groups of ``k``; with ``zero_row``, ``idx == len(src)`` reads zeros.
+
+    ``k > 1`` runs as one ``embedding_bag(mode="sum")``: it adds each group's rows straight into the output,
+    where ``index_select`` then ``.sum(1)`` writes and rereads a ``(len(idx), D)`` temporary (fine-grained
+    combine, 24576 x 512 float32 rows: 1.5 ms instead of 10.8 ms on one core [M]).
+    """
     if zero_row:
         src = torch.cat([src, src.new_zeros(1, src.shape[1])])  # (R+1, D)
-    rows = src.index_select(0, idx)  # (len(idx), D)
-    return rows if k == 1 else rows.view(-1, k, src.shape[1]).sum(1)  # (len(idx)/k, D)
+    if k == 1:
+        return src.index_select(0, idx)  # (len(idx), D)
+    if src.dtype in _BAG_DTYPES:
+        return F.embedding_bag(idx.view(-1, k), src, mode="sum")  # (len(idx)/k, D)
+    return src.index_select(0, idx).view(-1, k, src.shape[1]).sum(1)  # (len(idx)/k, D)
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -336,7 +402,12 @@ class _ExpertBank(nn.Module):
         counts_host = counts.tolist()
         used, cap = sum(counts_host), max(counts_host)
         if used and len(counts_host) * cap <= _PAD_WASTE * used:
-            return "padded", counts_host
+            # balanced: the padding's wasted FLOPs against one kernel call per expert and projection
+            w = self._weights3d()[0]
+            pad_macs = (len(counts_host) * cap - used) * w.shape[1] * w.shape[2]
+            if not self._grouped_mm_ok(x) or pad_macs <= len(counts_host) * _CALL_MACS:
+                return "padded", counts_host
+            return "grouped_mm", counts_host
         return ("grouped_mm" if self._grouped_mm_ok(x) else "loop"), counts_host
 
     def _forward_grouped_mm(self, x: torch.Tensor, pairs: _SortedPairs, *, masked: bool) -> torch.Tensor:
@@ -459,10 +530,20 @@ class SwiGLUExperts(_ExpertBank):
         # one GEMM of width 2H instead of two of width H: fewer kernel calls (parallel regions) per expert
         return torch.cat([self.gate_proj, self.up_proj], dim=2)  # (E, D, 2H)
 
-    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
-        g, u = _gmm(xs, self._gate_up(), offs).chunk(2, dim=1)  # (P, H), (P, H)
+    def _gated(self, gu: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
+        """``act(g) * u`` of ``gu = [g | u] (P, 2H)``, scaled by ``ws (P, 1)`` when given -> ``(P, H)``."""
+        if self.activation in _ACT_GRADS and self.act is _ACTIVATIONS[self.activation]:
+            return _GatedAct.apply(gu, ws, self.activation)  # type: ignore[no-any-return]
+        g, u = gu.chunk(2, dim=1)  # (P, H), (P, H)
         h = self.act(g) * u  # (P, H)
-        return _scaled_down(h, self.down_proj, ws, partial(_gmm, offs=offs))  # (P, D)
+        return h if ws is None else h * ws
+
+    def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
+        gu = _gmm(xs, self._gate_up(), offs)  # (P, 2H)
+        if ws is not None and self.hidden_dim < self.down_proj.shape[-1]:
+            # scale the narrower side (see _scaled_down), inside the fused activation
+            return _gmm(self._gated(gu, ws), self.down_proj, offs)  # (P, D)
+        return _scaled_down(self._gated(gu, None), self.down_proj, ws, partial(_gmm, offs=offs))  # (P, D)
 
     def _ffn_batched(self, xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
         h = self.act(torch.bmm(xb, self.gate_proj)) * torch.bmm(xb, self.up_proj)  # (E, C, H)
