@@ -98,6 +98,121 @@ def raw_config(args: Sequence[str]) -> dict:
     return merged_config([f for f in files if Path(f).is_file()], overrides)
 
 
+def _import_class(path: str) -> type:
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        obj = None
+    if not isinstance(obj, type):
+        raise ConfigError(f"{path!r} is not an importable class (give its full dotted path)")
+    return obj
+
+
+def _argument_type(owner: type, name: str) -> type | None:
+    """The class that argument ``name`` of ``owner`` (an ``__init__`` parameter or a dataclass field) is
+    typed as, ``Optional`` unwrapped; None when it is not a single class."""
+    import dataclasses
+    import typing
+
+    target = owner if dataclasses.is_dataclass(owner) else owner.__init__
+    try:
+        hint = typing.get_type_hints(target).get(name)
+    except (NameError, TypeError):
+        return None
+    classes = [t for t in (typing.get_args(hint) or (hint,)) if isinstance(t, type) and t is not type(None)]
+    return classes[0] if len(classes) == 1 else None
+
+
+def nested_class_help(
+    args: Sequence[str], shipped_configs: Sequence[Path] = (), prog: str = "moekit"
+) -> str | None:
+    """Help for ``--<key>.<arg>[.<field>...].help [CLASS]``, an argument inside a class-typed key, e.g.
+    ``--model.config.help [LMConfig]`` (a dataclass: its fields with types, defaults and docstring help) or
+    ``--model.model.help MIGA`` (a subclass of the argument's type: its init arguments). None when ``args``
+    ask no such help or the key's class is unknown (jsonargparse answers: ``--trainer.callbacks.help X``).
+
+    jsonargparse prints help for the class of a subclass-mode key (``--model.help CLASS``) but refuses
+    ``.help`` on an argument inside it. The class owning the argument is taken from ``--<key> CLASS``,
+    ``--<key>.class_path CLASS`` or the ``--config`` files, else from ``shipped_configs`` (the app's configs).
+
+    Raises:
+        ConfigError: a class named on the command line or in a config does not import, ``CLASS`` is not the
+            argument's type or a subclass of it, or is missing for an argument that is not a dataclass.
+    """
+    import dataclasses
+
+    asked = None
+    for i, tok in enumerate(args):
+        key, eq, value = str(tok).partition("=")
+        if key.startswith("--") and key.endswith(".help") and key.count(".") >= 2:
+            if not eq:
+                nxt = str(args[i + 1]) if i + 1 < len(args) else ""
+                value = "" if nxt.startswith("-") else nxt
+            asked = key[2 : -len(".help")], value or None
+            break
+    if asked is None:
+        return None
+    path, name = asked
+    root, *fields = [p for p in path.split(".") if p != "init_args"]
+    # --model CLASS is not in raw_config (no dot); --model.class_path CLASS and --config files are
+    at = [i for i, tok in enumerate(args[:-1]) if tok == f"--{root}" and not str(args[i + 1]).startswith("-")]
+    node = str(args[at[-1] + 1]) if at else raw_config(args).get(root)
+    node = node.get("class_path") if isinstance(node, Mapping) else node
+    owners = [node] if isinstance(node, str) else []
+    shipped = not owners
+    if shipped:
+        for f in shipped_configs:
+            node = (yaml.safe_load(Path(f).read_text()) or {}).get(root)
+            node = node.get("class_path") if isinstance(node, Mapping) else node
+            if isinstance(node, str) and node not in owners:
+                owners.append(node)
+    found: set[type] = set()
+    for owner in owners:
+        try:
+            typ: type | None = _import_class(owner)
+        except ConfigError:
+            if shipped:  # a shipped config whose class needs an optional dependency
+                continue
+            raise
+        for field in fields:
+            typ = _argument_type(typ, field) if typ is not None else None
+        if typ is not None:
+            found.add(typ)
+    if not found:
+        return None
+    types = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in found))
+    if name is None and not any(dataclasses.is_dataclass(t) for t in found):
+        raise ConfigError(f"--{path}.help: name a class (--{path}.help CLASS); --{path} is typed {types}")
+    if name is not None:  # the argument's type or a subclass: a dotted path, or a loaded class's bare name
+        known, todo = set(), list(found)
+        while todo:
+            t = todo.pop()
+            known.add(t)
+            todo += [c for c in t.__subclasses__() if c not in known]
+        named = {t for t in known if t.__name__ == name}
+        if len(named) > 1:
+            paths = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in named))
+            raise ConfigError(
+                f"--{path}.help {name}: several classes have that name ({paths}); give its path"
+            )
+        given = _import_class(name) if "." in name else next(iter(named), None)
+        if given is None or not any(issubclass(given, t) for t in found):
+            raise ConfigError(f"--{path}.help {name}: --{path} is typed {types}")
+        found = {given}
+    if len(found) > 1:
+        raise ConfigError(f"--{path}.help: the app's configs type --{path} as {types}; name one")
+    (typ,) = found
+    from jsonargparse import ArgumentParser
+
+    qual = f"{typ.__module__}.{typ.__qualname__}"
+    parser = ArgumentParser(prog=prog, description=f"Help for --{path}.help={qual}", add_help=False)
+    parser.add_class_arguments(typ, nested_key=path, fail_untyped=False)
+    return parser.format_help()
+
+
 def _fix_checkpointing(trainer: L.Trainer, run_dir: Path) -> None:
     """Give every ModelCheckpoint without a folder a fixed one; make sure one of them saves ``last.ckpt``."""
     cbs = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
@@ -260,6 +375,13 @@ class MoekitCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, argv
         if args is None or isinstance(args, (list, tuple)):
             argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+            app_file = getattr(sys.modules.get(type(self.contract).__module__), "__file__", None)
+            shipped = sorted((Path(app_file).parent / "configs").glob("*.yaml")) if app_file else []
+            sub = next((a for a in argv if not a.startswith("-")), "")
+            text = nested_class_help(argv, shipped, prog=f"moekit {self.app} {sub}".strip())
+            if text is not None:  # e.g. --model.config.help: jsonargparse refuses .help inside a subclass key
+                print(text)
+                raise SystemExit(0)
             try:
                 self.contract.check_config(raw_config(argv))
             except ValueError as e:
