@@ -6,8 +6,8 @@ Oracle: one process training the same float64 LM on the whole batch. Step 1 runs
 tensors here) equal the single-process ones; its ``torch.distributed.checkpoint`` folder resumes step 2 on 2
 processes, whose checkpoint resumes step 3 in one process: parameters after 3 steps equal 3 uninterrupted
 single-process steps (optimizer state included: AdamW moments that were lost would change the third update).
-The chains cross modes (an FSDP checkpoint resumed replicated and vice versa) and mesh shapes (EP 2 x DP 2 ->
-EP 1 x DP 2, where FSDP alone shards the experts)."""
+The chains cross modes (a replicated checkpoint resumed under FSDP and vice versa) and mesh shapes
+(EP 2 x DP 2 -> EP 2 x DP 1, or EP 1 x DP 2, where FSDP alone shards the experts)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _reference_steps(n: int) -> tuple[torch.nn.Module, list[dict]]:
 
 # (mode of the 4-rank EP 2 x DP 2 step 1, (ep, mode) of the 2-rank step 2)
 CHAINS = {
-    "replicated": ("replicated", (2, "replicated")),
+    "replicated": ("replicated", (2, "fsdp_world")),  # FSDP with dp = 1 for the experts
     "fsdp_world": ("fsdp_world", (1, "fsdp_world")),
     "fsdp_dp": ("fsdp_dp", (2, "replicated")),
 }
