@@ -349,10 +349,24 @@ def targets(summary: list[dict], speed: list[dict]) -> dict:
                 np.mean([gain[t] for t in SPARSE_INTERACTION])
             )
             out["home_gauc_gain_other_tasks_mean"] = float(np.mean([gain[t] for t in dense]))
-    med = {r["model"]: r["samples_per_s_median"] for r in speed}
+    out.update(speed_ratios(speed))
+    return out
+
+
+def speed_ratios(speed: list[dict]) -> dict:
+    """moekit / torch-rechub samples/s with the same (mean) pooling: the ratio of the medians, and the median
+    and quartiles of the per-block ratios (the two networks of a block run seconds apart, so a load spike
+    from other jobs hits both; on a busy machine single blocks ranged 1.5k-23k samples/s)."""
+    by = {r["model"]: r for r in speed}
+    out = {}
     for m in ("mmoe", "ple"):
-        if f"{m} (mean)" in med and f"rechub_{m} (mean)" in med:
-            out[f"{m}_speed_ratio_vs_rechub_same_pooling"] = med[f"{m} (mean)"] / med[f"rechub_{m} (mean)"]
+        a, b = by.get(f"{m} (mean)"), by.get(f"rechub_{m} (mean)")
+        if a is None or b is None:
+            continue
+        per_block = np.array(a["samples_per_s_blocks"]) / np.array(b["samples_per_s_blocks"])
+        out[f"{m}_speed_ratio_vs_rechub_same_pooling"] = a["samples_per_s_median"] / b["samples_per_s_median"]
+        out[f"{m}_speed_ratio_per_block_median"] = float(np.median(per_block))
+        out[f"{m}_speed_ratio_per_block_quartiles"] = [float(q) for q in np.quantile(per_block, [0.25, 0.75])]
     return out
 
 
@@ -417,7 +431,25 @@ def main() -> None:
         "(quality rows, summary and meta untouched; the run is described under meta.speed)",
     )  # fmt: skip
     ap.add_argument("--speed-blocks", type=int, default=5, help="interleaved blocks of the speed comparison")
+    ap.add_argument(
+        "--merge", nargs="+", metavar="JSON",
+        help="only merge the rows of earlier runs (e.g. seeds 0-2 and 3-4, run one after the other) into "
+        "--out: summary, targets and plot recomputed; meta and speed rows from the first file",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        payload = {**parts[0], "rows": [r for p in parts for r in p["rows"]]}
+        tasks = list(payload["rows"][0]["test_per_task"])
+        payload["meta"]["merged_from"] = [
+            {"commit": p["meta"]["commit"], "date": p["meta"]["date"], "protocol": p["meta"]["protocol"]}
+            for p in parts
+        ]
+        payload["summary"] = summarise(payload["rows"], tasks)
+        payload["targets"] = targets(payload["summary"], payload["speed"])
+        write(Path(args.out), payload)
+        plot(payload["rows"], Path(args.out).with_suffix(".png"))
+        return
     if args.replot:
         plot(json.loads(Path(args.out).read_text())["rows"], Path(args.out).with_suffix(".png"))
         return
@@ -432,6 +464,7 @@ def main() -> None:
         payload = json.loads(out.read_text())
         speed = interleaved_speed(dm, bs=args.batch_size, blocks=args.speed_blocks)
         payload["speed"] = speed
+        payload.setdefault("targets", {}).update(speed_ratios(speed))
         payload["meta"]["speed"] = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, torch "
