@@ -11,7 +11,8 @@ implementation is timed in the same run, interleaved round by round:
   ``eager`` / ``grouped_mm`` (transformers 5.x reads it at call time), weights copied from the moekit layer
   so that both route identically.
 
-Each round runs forward, then backward with a fixed random upstream gradient. We report the median and
+Each round runs forward, then backward with a fixed random upstream gradient, every implementation once, in an
+order rotated from round to round. We report the median and
 mean ± std of the times and the median over rounds of the per-round ratio to ``dense`` (robust to load drift
 on a shared machine). Writes ``benchmarks/results/moe_layer.json``.
 
@@ -97,7 +98,9 @@ class _Moekit(nn.Module):
         return self.layer(x).output
 
 
-def _build(shape: dict[str, int], backends: list[str], seed: int = 0) -> dict[str, nn.Module]:
+def _build(
+    shape: dict[str, int], backends: list[str], seed: int = 0, hf: bool = True
+) -> dict[str, nn.Module]:
     e, k, d, h = shape["E"], shape["k"], shape["D"], shape["H"]
     torch.manual_seed(seed)
     impls: dict[str, nn.Module] = {"dense": _Dense(d, k * h)}
@@ -109,6 +112,8 @@ def _build(shape: dict[str, int], backends: list[str], seed: int = 0) -> dict[st
         r = TopKRouter(dim=d, num_experts=e, top_k=k, renormalize=True)
         r.load_state_dict(router.state_dict())
         impls["moekit" if b == "auto" else f"moekit_{b}"] = _Moekit(MoELayer(router=r, experts=bank))
+    if not hf:
+        return impls
     try:
         import transformers
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -143,11 +148,11 @@ def _time_once(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def run(tokens: int, repeats: int, backends: list[str], shapes: list[str]) -> list[dict]:
+def run(tokens: int, repeats: int, backends: list[str], shapes: list[str], hf: bool = True) -> list[dict]:
     rows = []
     for name in shapes:
         shape = SHAPES[name]
-        impls = _build(shape, backends)
+        impls = _build(shape, backends, hf=hf)
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(1, tokens, shape["D"], generator=gen).requires_grad_()
         grad = torch.randn(1, tokens, shape["D"], generator=gen)
@@ -162,9 +167,11 @@ def run(tokens: int, repeats: int, backends: list[str], shapes: list[str]) -> li
         for m in impls.values():
             _time_once(m, x, grad)  # warm-up
         times: dict[str, list[float]] = {k: [] for k in impls}
+        names = list(impls)
         for r in range(repeats):
-            for k, m in impls.items():
-                times[k].append(_time_once(m, x, grad))
+            # rotate the order each round: no implementation always runs right after the same other one
+            for k in names[r % len(names) :] + names[: r % len(names)]:
+                times[k].append(_time_once(impls[k], x, grad))
             print(
                 f"  {name} round {r + 1}/{repeats}: "
                 + ", ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items())
@@ -223,6 +230,7 @@ def main() -> None:
         choices=list(EXPLICIT),
         help="explicit moekit backends timed beside auto (default: all, so auto is checked against each)",
     )
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers Mixtral rows")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument(
@@ -243,7 +251,7 @@ def main() -> None:
     tokens, repeats = (512, 2) if a.quick else (a.tokens, a.repeats)
     backends = ["auto", *a.backends]
     load_before = _load()
-    rows = run(tokens, repeats, backends, a.shapes)
+    rows = run(tokens, repeats, backends, a.shapes, hf=not a.no_hf)
     meta = {
         "machine": _machine(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

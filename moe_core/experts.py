@@ -30,9 +30,11 @@ Backends (``backend`` argument):
   projection, one gather-sum back. Padding rows are zero and stay zero, so they change no output and no
   gradient; they do cost FLOPs (``E*C/P - 1`` of the useful work). Works for any dtype.
 * ``auto``: on accelerators ``grouped_mm`` where it can run (no host sync). On CPU it reads the group sizes
-  once and picks ``padded`` when the buffer holds at most 1.2x the useful rows (balanced routing) and its
-  padding costs fewer multiply-adds than one kernel call per expert (small experts, see ``_CALL_MACS``), else
-  ``grouped_mm`` where it can run, else ``padded`` when balanced, else ``loop``. "Can run": kernel present
+  once; when the buffer holds at most 1.2x the useful rows (balanced routing) and ``grouped_mm`` can run,
+  it times both on the first calls of each problem size and keeps the faster (re-timed every few hundred
+  calls; ``MOEKIT_DISPATCH_TUNING=0``: ``padded`` only when its padding costs fewer multiply-adds than one
+  kernel call per expert, see ``_CALL_MACS``); balanced without ``grouped_mm``: ``padded``; skewed:
+  ``grouped_mm`` where it can run, else ``loop``. "Can run": kernel present
   and working on that device and dtype (checked once by a tiny forward+backward probe), weights of the
   input's dtype, strides aligned.
 
@@ -44,6 +46,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import statistics
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Literal, NamedTuple, get_args
@@ -78,6 +83,55 @@ _PAD_WASTE = 1.2
 # (padding 0.06 -> 2.1 M MACs, 0.26 M per expert), 1.00 at the coarse and 1.06 at the fine-grained benchmark
 # shape (padding 0.08 -> 251 M MACs, 3.9 M per expert).
 _CALL_MACS = 1 << 20
+# ... but that price is not a constant: each grouped_mm call is one parallel region per expert, and on a
+# machine whose cores other processes share, every region waits for a descheduled thread. Measured [M] with
+# 2 threads and load ~5 on 2 cores, fine-grained bank fwd+bwd: padded / grouped_mm = 0.48; the same box at
+# 1 thread pinned: 1.07-1.09. So when both can run on CPU, ``auto`` times them (see :class:`_Tuner`);
+# ``MOEKIT_DISPATCH_TUNING=0`` keeps the static rule above (reproducible backend choice).
+_TUNE_TRIALS = 3  # timed forward calls per candidate
+_TUNE_EVERY = 400  # calls between re-measurements (load on a shared machine drifts)
+_TUNERS: dict[tuple, _Tuner] = {}
+
+
+def _tuning_enabled() -> bool:
+    return os.environ.get("MOEKIT_DISPATCH_TUNING", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class _Tuner:
+    """Picks the faster of two CPU backends for one problem key from timed forward calls.
+
+    The first ``_TUNE_TRIALS`` calls per candidate alternate between them and are timed (a CPU forward is
+    synchronous, so wall time is its cost; the backward repeats the forward's GEMMs and data movement, so it
+    ranks the same way); later calls take the candidate with the smaller median, and every
+    ``_TUNE_EVERY`` calls the trials start again.
+    """
+
+    def __init__(self, candidates: tuple[str, ...]) -> None:
+        self.candidates = candidates
+        self.times: dict[str, list[float]] = {b: [] for b in candidates}
+        self.choice: str | None = None
+        self.calls = 0
+
+    def next(self) -> tuple[str, bool]:
+        """The backend for this call and whether to time it."""
+        self.calls += 1
+        if self.choice is not None and self.calls % _TUNE_EVERY == 0:
+            self.times = {b: [] for b in self.candidates}
+            self.choice = None
+        if self.choice is None:
+            todo = [b for b in self.candidates if len(self.times[b]) < _TUNE_TRIALS]
+            if todo:
+                return min(todo, key=lambda b: len(self.times[b])), True
+            self.choice = min(self.candidates, key=lambda b: statistics.median(self.times[b]))
+            log.info(
+                "expert dispatch tuned: %s (median forward %s)",
+                self.choice,
+                ", ".join(f"{b} {statistics.median(t) * 1e3:.2f} ms" for b, t in self.times.items()),
+            )
+        return self.choice, False
+
+    def record(self, backend: str, seconds: float) -> None:
+        self.times[backend].append(seconds)
 
 
 def _resolve_activation(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -365,12 +419,21 @@ class _ExpertBank(nn.Module):
             return self._zeros_connected(x, weights)
         pairs = _sort_pairs(indices, weights.to(x.dtype), mask, e)
         backend, counts_host = self._select_backend(x, pairs.counts)
+        tuner, timed = None, False
+        if isinstance(backend, _Tuner):
+            tuner = backend
+            backend, timed = tuner.next()
         self._note_backend(backend, x)
+        t0 = time.perf_counter()
         if backend == "grouped_mm":
-            return self._forward_grouped_mm(x, pairs, masked=mask is not None)
-        if backend == "padded":
-            return self._forward_padded(x, pairs, counts_host)
-        return self._forward_loop(x, pairs, counts_host)
+            out = self._forward_grouped_mm(x, pairs, masked=mask is not None)
+        elif backend == "padded":
+            out = self._forward_padded(x, pairs, counts_host)
+        else:
+            out = self._forward_loop(x, pairs, counts_host)
+        if timed and tuner is not None:
+            tuner.record(backend, time.perf_counter() - t0)
+        return out
 
     def _note_backend(self, backend: str, x: torch.Tensor) -> None:
         """Record the backend that ran (``last_backend``) and log each new (backend, device, dtype, grad mode)
@@ -389,9 +452,10 @@ class _ExpertBank(nn.Module):
         params = sum(w.sum() for w in self._weights3d())
         return x.new_zeros(x.shape[0], x.shape[1]) + 0.0 * params + 0.0 * weights.sum()
 
-    def _select_backend(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[str, list[int] | None]:
-        """The backend that runs this call (``auto`` resolved; see the module docstring) and, where the choice
-        needed them, the group sizes on the host (the single host sync of the CPU paths)."""
+    def _select_backend(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[str | _Tuner, list[int] | None]:
+        """The backend that runs this call (``auto`` resolved; see the module docstring), or the
+        :class:`_Tuner` that chooses between two, and, where the choice needed them, the group sizes on the
+        host (the single host sync of the CPU paths)."""
         if self.backend == "grouped_mm":
             self._check_grouped_mm(x)
             return "grouped_mm", None
@@ -404,10 +468,18 @@ class _ExpertBank(nn.Module):
         if used and len(counts_host) * cap <= _PAD_WASTE * used:
             # balanced: the padding's wasted FLOPs against one kernel call per expert and projection
             w = self._weights3d()[0]
-            pad_macs = (len(counts_host) * cap - used) * w.shape[1] * w.shape[2]
-            if not self._grouped_mm_ok(x) or pad_macs <= len(counts_host) * _CALL_MACS:
+            if not self._grouped_mm_ok(x):
                 return "padded", counts_host
-            return "grouped_mm", counts_host
+            if _tuning_enabled() and not torch.compiler.is_compiling():
+                key = (
+                    type(self).__name__, x.dtype, torch.get_num_threads(), torch.is_grad_enabled(),
+                    *w.shape, len(counts_host), used.bit_length(),
+                )  # fmt: skip
+                if key not in _TUNERS:
+                    _TUNERS[key] = _Tuner(("grouped_mm", "padded"))
+                return _TUNERS[key], counts_host
+            pad_macs = (len(counts_host) * cap - used) * w.shape[1] * w.shape[2]
+            return ("padded" if pad_macs <= len(counts_host) * _CALL_MACS else "grouped_mm"), counts_host
         return ("grouped_mm" if self._grouped_mm_ok(x) else "loop"), counts_host
 
     def _forward_grouped_mm(self, x: torch.Tensor, pairs: _SortedPairs, *, masked: bool) -> torch.Tensor:

@@ -4,6 +4,8 @@ against plain autograd, every activation of the grouped SwiGLU bank against the 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -93,8 +95,9 @@ def test_gather_sum_equals_index_select_sum(dtype, zero_row, k):
 
 @pytest.mark.skipif(not HAS_GMM, reason="torch grouped_mm not available")
 def test_auto_weighs_padding_against_kernel_calls(monkeypatch):
-    """Balanced routing pads when the padding rows cost fewer multiply-adds than E kernel calls, else runs
-    ``grouped_mm``; skewed routing never pads."""
+    """Untimed rule: balanced routing pads when the padding rows cost fewer multiply-adds than E kernel calls,
+    else runs ``grouped_mm``; skewed routing never pads."""
+    monkeypatch.setenv("MOEKIT_DISPATCH_TUNING", "0")
     e, n = 8, 64
     idx = torch.arange(n * 2).remainder(e).view(n, 2)  # every expert 16 pairs
     idx[0, 0] = 1  # experts 0, 1 get 15, 17 pairs: 8 * 17 - 128 = 8 padding rows, 8 * 16 * 32 MACs
@@ -131,3 +134,56 @@ def test_gated_act_is_used_by_the_grouped_bank(monkeypatch):
     bank = SwiGLUExperts(num_experts=3, dim=16, hidden_dim=4, backend="grouped_mm", activation="gelu")
     bank(torch.randn(5, 16), torch.randint(0, 3, (5, 2)), torch.rand(5, 2))
     assert calls == ["gelu"]
+
+
+class _Slowed(SwiGLUExperts):
+    """A bank whose ``slow`` backend sleeps, so that the tuner has a clear winner."""
+
+    slow = "padded"
+
+    def _forward_padded(self, *a):
+        if self.slow == "padded":
+            time.sleep(0.02)
+        return super()._forward_padded(*a)
+
+    def _forward_grouped_mm(self, *a, **kw):
+        if self.slow == "grouped_mm":
+            time.sleep(0.02)
+        return super()._forward_grouped_mm(*a, **kw)
+
+
+@pytest.mark.skipif(not HAS_GMM, reason="torch grouped_mm not available")
+@pytest.mark.parametrize("slow,fast", [("padded", "grouped_mm"), ("grouped_mm", "padded")])
+def test_auto_times_both_backends_and_keeps_the_faster(monkeypatch, slow, fast):
+    monkeypatch.setattr(experts_mod, "_TUNERS", {})
+    monkeypatch.setattr(experts_mod, "_TUNE_EVERY", 1000)
+    torch.manual_seed(0)
+    bank = _Slowed(num_experts=4, dim=8, hidden_dim=8)
+    bank.slow = slow
+    ref = SwiGLUExperts(num_experts=4, dim=8, hidden_dim=8, backend="loop")
+    ref.load_state_dict(bank.state_dict())
+    x, idx, w = torch.randn(16, 8), torch.arange(32).remainder(4).view(16, 2), torch.rand(16, 2)
+    ran = []
+    monkeypatch.setattr(experts_mod, "_TUNE_TRIALS", 3)
+    for _ in range(2 * experts_mod._TUNE_TRIALS + 3):
+        out = bank(x, idx, w)
+        ran.append(bank.last_backend)
+        torch.testing.assert_close(out, ref(x, idx, w), rtol=1e-5, atol=1e-6)  # every call is right
+    trials = ran[: 2 * experts_mod._TUNE_TRIALS]
+    assert sorted(set(trials)) == ["grouped_mm", "padded"] and trials.count(slow) == experts_mod._TUNE_TRIALS
+    assert ran[2 * experts_mod._TUNE_TRIALS :] == [fast] * 3
+
+
+@pytest.mark.skipif(not HAS_GMM, reason="torch grouped_mm not available")
+def test_tuner_measures_again_after_its_period(monkeypatch):
+    monkeypatch.setattr(experts_mod, "_TUNERS", {})
+    monkeypatch.setattr(experts_mod, "_TUNE_EVERY", 12)  # calls 1-6 timed, 7-11 chosen, 12-17 timed again
+    monkeypatch.setattr(experts_mod, "_TUNE_TRIALS", 3)
+    bank = _Slowed(num_experts=4, dim=8, hidden_dim=8)
+    x, idx, w = torch.randn(16, 8), torch.arange(32).remainder(4).view(16, 2), torch.rand(16, 2)
+    ran = []
+    for i in range(20):
+        bank.slow = "padded" if i < 11 else "grouped_mm"  # the machine's load changes before call 12
+        bank(x, idx, w)
+        ran.append(bank.last_backend)
+    assert ran[6:11] == ["grouped_mm"] * 5 and ran[17:] == ["padded"] * 3
