@@ -586,6 +586,11 @@ class MarketDataModule(_DayPanelLoaders):
             [-3, 3], Fillna 0: the networks' inputs) or ``none`` (raw features, NaN kept: qlib's LightGBM
             handler has no feature processors).
         step_len: T. label_norm: ``cszscore`` (qlib's tree/MLP configs) or ``csrank``. horizon: H.
+        label_scope: the stocks each day's learn label is normalised over: ``universe`` (the day's
+            membership, as qlib's processors on the handler's instruments) or ``market`` (every tradable
+            stock of the data with a label that day: for a qlib market, every instrument its file lists, in
+            the index that day or not). The universe's rows are the only training rows either way; test
+            metrics use the raw label.
         warmup_days: leading days used only as feature history.
         max_instruments: keep the first n instruments (tests).
         max_move: one-day moves beyond this are masked from labels (relistings, glitches); None = keep all.
@@ -610,6 +615,7 @@ class MarketDataModule(_DayPanelLoaders):
         feature_norm: Literal["robust_zscore", "none"] = "robust_zscore",
         step_len: int = 1,
         label_norm: Literal["csrank", "cszscore"] = "cszscore",
+        label_scope: Literal["universe", "market"] = "universe",
         horizon: int = 2,
         warmup_days: int = 60,
         max_instruments: int | None = None,
@@ -618,6 +624,9 @@ class MarketDataModule(_DayPanelLoaders):
         cache: bool = False,
     ) -> None:
         super().__init__()
+        if label_scope not in ("universe", "market"):
+            raise ValueError(f"label_scope must be 'universe' or 'market', got {label_scope!r}")
+        self.label_scope = label_scope
         if source not in ("qlib", "bars"):
             raise ValueError(f"source must be 'qlib' or 'bars', got {source!r}")
         if features not in ("alpha158", "alpha360"):
@@ -734,8 +743,8 @@ class MarketDataModule(_DayPanelLoaders):
         lab[(end > seg_end[:, None])] = np.nan
         self.y_raw = lab
         # the learn label is normalised over each day's universe (qlib's CSZScoreNorm / CSRankNorm run on the
-        # handler's instruments), not over every instrument with a price that day
-        lab_u = np.where(present, lab, np.nan)
+        # handler's instruments) or (label_scope="market") over every tradable instrument with a label
+        lab_u = np.where(present if self.label_scope == "universe" else md.tradable.to_numpy(), lab, np.nan)
         self.y = cs_rank_norm(lab_u) if self.label_norm == "csrank" else cs_zscore_norm(lab_u)
         self.present = present
         self._ready = True

@@ -241,3 +241,43 @@ def test_market_data_module_on_a_users_folder(tmp_path: Path) -> None:
     assert last_train < dm.split.valid.min() - 2
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape[1:] == (1, 157)
+
+
+@pytest.mark.parametrize("scope", ["universe", "market"])
+def test_learn_label_normalised_over_the_universe_or_the_market(tmp_path: Path, scope: str) -> None:
+    """label_scope: the day's universe (qlib: the handler's instruments) or every tradable stock; the oracle
+    ranks each day's raw labels by hand, with pandas, over the chosen stocks."""
+    rng = np.random.default_rng(3)
+    n_days, names = 160, [f"S{i:02d}" for i in range(10)]
+    cal = pd.bdate_range("2020-01-01", periods=n_days)
+    (tmp_path / "calendars").mkdir(parents=True)
+    (tmp_path / "calendars" / "day.txt").write_text("\n".join(cal.strftime("%Y-%m-%d")) + "\n")
+    (tmp_path / "instruments").mkdir()
+    # the market "m": half the stocks are members throughout, the other half only in the first 5 days (they go
+    # on trading, out of the index: in the data, not in the universe)
+    members = names[:5]
+    (tmp_path / "instruments" / "m.txt").write_text(
+        "".join(f"{n}\t{cal[0]:%Y-%m-%d}\t{cal[-1 if n in members else 4]:%Y-%m-%d}\n" for n in names)
+    )
+    for n in names:
+        c = 10 * np.exp(np.cumsum(rng.normal(0, 0.02, n_days)))
+        for f, vals in (("open", c), ("high", c * 1.01), ("low", c * 0.99), ("close", c)):
+            write_bin(tmp_path / "features" / n / f"{f}.day.bin", 0, vals)
+        write_bin(tmp_path / "features" / n / "volume.day.bin", 0, np.full(n_days, 100.0))
+    dm = MarketDataModule(
+        path=str(tmp_path), source="qlib", market="m", label_norm="csrank", label_scope=scope,
+        train=("2020-01-01", "2020-04-30"), valid=("2020-05-01", "2020-06-15"),
+        test=("2020-06-16", "2020-12-31"), warmup_days=20,
+    )  # fmt: skip
+    dm.setup()
+    day = int(dm.split.train[10])
+    cols = [dm.panel.tickers.index(n) for n in (members if scope == "universe" else names)]
+    raw = pd.Series(dm.y_raw[day, cols])
+    want = (raw.rank(pct=True) - 0.5) * 3.46
+    np.testing.assert_allclose(dm.y[day, cols], want.to_numpy(), rtol=1e-12)
+    # training rows are the universe's in both scopes
+    assert dm.present[day].sum() == len(members)
+    x, y, _, idx = dm.flat(dm.split.train, train=True)
+    assert set(np.asarray(dm.panel.tickers)[np.unique(idx[:, 1])]) == set(members)
+    with pytest.raises(ValueError, match="label_scope must be"):
+        MarketDataModule(path="x", label_scope="all", train=("a", "b"), valid=("a", "b"), test=("a", "b"))
