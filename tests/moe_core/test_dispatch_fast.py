@@ -187,3 +187,37 @@ def test_tuner_measures_again_after_its_period(monkeypatch):
         bank(x, idx, w)
         ran.append(bank.last_backend)
     assert ran[6:11] == ["grouped_mm"] * 5 and ran[17:] == ["padded"] * 3
+
+
+def test_finite_logits_equals_the_clamp_composition():
+    """The router's one-pass guard (issue 17) against autograd of ``clamp(nan_to_num(z))``: values and
+    gradients, at NaN, +/-inf, exactly +/-LOGIT_BOUND, beyond it and at ordinary logits."""
+    from moe_core.routers import LOGIT_BOUND, finite_logits
+
+    b = LOGIT_BOUND
+    vals = [float("nan"), float("inf"), -float("inf"), b, -b, 2 * b, -2 * b, 0.0, 1.5, -3.25]
+    z1 = torch.tensor(vals).requires_grad_()
+    z2 = torch.tensor(vals).requires_grad_()
+    grad = torch.arange(1.0, len(vals) + 1)
+    got = finite_logits(z1)
+    want = torch.nan_to_num(z2, nan=0.0, posinf=b, neginf=-b).clamp(-b, b)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=0, atol=0)
+
+
+def test_router_finite_check_survives_an_overflowing_sum():
+    """The finite-input check sums x first; finite values whose sum overflows must still pass, and one NaN or
+    inf anywhere must still be refused."""
+    from moe_core.routers import TopKRouter
+
+    router = TopKRouter(dim=4, num_experts=3, top_k=2)
+    big = torch.full((5, 4), 3e38)  # finite; the sum is inf in float32
+    assert not torch.isfinite(big.sum())
+    assert torch.isfinite(router(big).weights).all()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(5, 4)
+        x[3, 2] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            router(x)
