@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import moe_core.experts as experts_mod
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import MoELayer, SwiGLU
 from moe_core.routers import TopKRouter
@@ -164,8 +165,11 @@ def run(tokens: int, repeats: int, backends: list[str], shapes: list[str], hf: b
             err = float((o - ref).abs().max())
             if err > 1e-3:
                 raise RuntimeError(f"{name}/{k} disagrees with moekit by {err}")
-        for m in impls.values():
-            _time_once(m, x, grad)  # warm-up
+        for k, m in impls.items():
+            # warm-up: one call each; auto's tuner also makes its timed trial calls here, as a training run
+            # makes them in its first steps (steady state is what the rounds measure)
+            for _ in range(1 + (2 * experts_mod._TUNE_TRIALS if k == "moekit" else 0)):
+                _time_once(m, x, grad)
         times: dict[str, list[float]] = {k: [] for k in impls}
         names = list(impls)
         for r in range(repeats):
