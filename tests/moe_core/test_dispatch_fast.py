@@ -221,3 +221,28 @@ def test_router_finite_check_survives_an_overflowing_sum():
         x[3, 2] = bad
         with pytest.raises(ValueError, match="non-finite"):
             router(x)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("bags", [True, False])
+def test_padded_bank_with_and_without_bags_matches_reference(monkeypatch, masked, bags):
+    """``padded`` builds its zero rows as empty ``embedding_bag`` bags; dtypes that function lacks take the
+    appended-zero-row path (forced here by emptying ``_BAG_DTYPES``). Both equal the reference."""
+    if not bags:
+        monkeypatch.setattr(experts_mod, "_BAG_DTYPES", ())
+    torch.manual_seed(3)
+    e, k, n, d, h = 4, 2, 19, 8, 12
+    bank = SwiGLUExperts(num_experts=e, dim=d, hidden_dim=h, backend="padded").double()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_()
+    idx = torch.randint(0, e, (n, k), generator=gen)
+    w = torch.rand(n, k, generator=gen, dtype=torch.float64).requires_grad_()
+    mask = torch.rand(n, k, generator=gen) < 0.6 if masked else None
+    g = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    (bank(x, idx, w, mask) * g).sum().backward()
+    ps = [p.detach().clone().requires_grad_() for p in bank.parameters()]
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = reference_moe(xr, idx, wr, mask, swiglu_expert_fn(*ps))
+    (ref * g).sum().backward()
+    for got, want in [(x, xr), (w, wr), *zip(bank.parameters(), ps, strict=True)]:
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)
