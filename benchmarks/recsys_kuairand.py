@@ -434,13 +434,17 @@ def main() -> None:
     ap.add_argument(
         "--merge", nargs="+", metavar="JSON",
         help="only merge the rows of earlier runs (e.g. seeds 0-2 and 3-4, run one after the other) into "
-        "--out: summary, targets and plot recomputed; meta and speed rows from the first file",
+        "--out: summary, targets and plot recomputed; meta from the first file, speed rows from the last",
     )  # fmt: skip
     args = ap.parse_args()
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        payload = {**parts[0], "rows": [r for p in parts for r in p["rows"]]}
+        payload = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "speed": parts[-1]["speed"]}
         tasks = list(payload["rows"][0]["test_per_task"])
+        payload["meta"]["speed"] = {
+            **parts[-1]["meta"].get("speed", {}), "commit": parts[-1]["meta"]["commit"],
+            "date": parts[-1]["meta"]["date"], "from": "the last merged run",
+        }  # fmt: skip
         payload["meta"]["merged_from"] = [
             {"commit": p["meta"]["commit"], "date": p["meta"]["date"], "protocol": p["meta"]["protocol"]}
             for p in parts
