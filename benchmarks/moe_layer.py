@@ -235,6 +235,7 @@ def main() -> None:
         help="explicit moekit backends timed beside auto (default: all, so auto is checked against each)",
     )
     p.add_argument("--no-hf", action="store_true", help="skip the transformers Mixtral rows")
+    p.add_argument("--note", default="", help="free text stored in meta (e.g. what else loaded the machine)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument(
@@ -268,6 +269,8 @@ def main() -> None:
         "load_avg_before": load_before,
         "load_avg_after": _load(),
         "malloc_tuning": allocator_state() or "glibc defaults",
+        "dispatch_tuning": experts_mod._tuning_enabled(),
+        "user_note": a.note,
         "targets_vs_dense": TARGETS,
         "target_auto_vs_best_backend": AUTO_SLACK,
         "note": "forward+backward of the whole layer (router included except for dense); "
