@@ -72,8 +72,9 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BAG_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # embedding_bag's dtypes
 # ``auto`` on CPU pads to the largest group only when routing is nearly balanced (buffer <= 1.2x the useful
-# rows): padding buys one batched GEMM per projection, but its wasted rows cost FLOPs. Measured [M] fwd+bwd:
-# fine-grained E=64, k=6, D=512, H=256, T=4096 (waste ~1.1): padded and grouped_mm within 1 % of each other;
+# rows): padding buys one batched GEMM per projection, but its wasted rows cost FLOPs. Measured [M] fwd+bwd
+# (before the fused activation and embedding_bag combine of the grouped path, which made it 7-9 % faster on
+# one thread): fine-grained E=64, k=6, D=512, H=256, T=4096 (waste ~1.1): padded and grouped_mm within 1 %;
 # the LM benchmark's top-2 layer (E=8, D=128, H=176, 768 tokens, waste 1.4-1.8 at init): a whole training step
 # took 107 ms padded vs 88 ms grouped_mm on 1 thread (72 vs 58 ms on 2 threads; dense model 67 / 53 ms).
 _PAD_WASTE = 1.2
