@@ -32,11 +32,11 @@ Backends (``backend`` argument):
 * ``auto``: on accelerators ``grouped_mm`` where it can run (no host sync). On CPU it reads the group sizes
   once; when the buffer holds at most 1.2x the useful rows (balanced routing) and ``grouped_mm`` can run,
   it times both on the first calls of each problem size and keeps the faster (re-timed every few hundred
-  calls; ``MOEKIT_DISPATCH_TUNING=0``: ``padded`` only when its padding costs fewer multiply-adds than one
-  kernel call per expert, see ``_CALL_MACS``); balanced without ``grouped_mm``: ``padded``; skewed:
-  ``grouped_mm`` where it can run, else ``loop``. "Can run": kernel present
-  and working on that device and dtype (checked once by a tiny forward+backward probe), weights of the
-  input's dtype, strides aligned.
+  calls). Problems under ``_TUNE_MIN_MACS``, and all with ``MOEKIT_DISPATCH_TUNING=0``, take ``padded`` only
+  when its padding costs fewer multiply-adds than one kernel call per expert (see ``_CALL_MACS``). Balanced
+  without ``grouped_mm``: ``padded``; skewed: ``grouped_mm`` where it can run, else ``loop``. "Can run":
+  kernel present and working on that device and dtype (checked once by a tiny forward+backward probe),
+  weights of the input's dtype, strides aligned.
 
 Requesting ``grouped_mm`` explicitly for tensors it cannot handle raises ``RuntimeError`` (so a test that asks
 for it really runs it).
@@ -90,6 +90,9 @@ _CALL_MACS = 1 << 20
 # 1 thread pinned: 1.07-1.09. So when both can run on CPU, ``auto`` times them (see :class:`_Tuner`);
 # ``MOEKIT_DISPATCH_TUNING=0`` keeps the static rule above (reproducible backend choice).
 _TUNE_TRIALS = 3  # timed forward calls per candidate
+# problems below this many multiply-adds per projection (P * D * H) keep the static rule: their forward takes
+# well under a millisecond, too little to rank by wall time, and small test problems stay deterministic
+_TUNE_MIN_MACS = 1 << 24
 _TUNE_EVERY = 400  # calls between re-measurements (load on a shared machine drifts)
 _TUNERS: dict[tuple, _Tuner] = {}
 
@@ -479,7 +482,11 @@ class _ExpertBank(nn.Module):
             w = self._weights3d()[0]
             if not self._grouped_mm_ok(x):
                 return "padded", counts_host
-            if _tuning_enabled() and not torch.compiler.is_compiling():
+            if (
+                used * w.shape[1] * w.shape[2] >= _TUNE_MIN_MACS
+                and _tuning_enabled()
+                and not torch.compiler.is_compiling()
+            ):
                 key = (
                     type(self).__name__, x.dtype, torch.get_num_threads(), torch.is_grad_enabled(),
                     *w.shape, len(counts_host), used.bit_length(),

@@ -143,12 +143,12 @@ class _Slowed(SwiGLUExperts):
 
     def _forward_padded(self, *a):
         if self.slow == "padded":
-            time.sleep(0.02)
+            time.sleep(0.05)
         return super()._forward_padded(*a)
 
     def _forward_grouped_mm(self, *a, **kw):
         if self.slow == "grouped_mm":
-            time.sleep(0.02)
+            time.sleep(0.05)
         return super()._forward_grouped_mm(*a, **kw)
 
 
@@ -156,6 +156,7 @@ class _Slowed(SwiGLUExperts):
 @pytest.mark.parametrize("slow,fast", [("padded", "grouped_mm"), ("grouped_mm", "padded")])
 def test_auto_times_both_backends_and_keeps_the_faster(monkeypatch, slow, fast):
     monkeypatch.setattr(experts_mod, "_TUNERS", {})
+    monkeypatch.setattr(experts_mod, "_TUNE_MIN_MACS", 0)
     monkeypatch.setattr(experts_mod, "_TUNE_EVERY", 1000)
     torch.manual_seed(0)
     bank = _Slowed(num_experts=4, dim=8, hidden_dim=8)
@@ -177,6 +178,7 @@ def test_auto_times_both_backends_and_keeps_the_faster(monkeypatch, slow, fast):
 @pytest.mark.skipif(not HAS_GMM, reason="torch grouped_mm not available")
 def test_tuner_measures_again_after_its_period(monkeypatch):
     monkeypatch.setattr(experts_mod, "_TUNERS", {})
+    monkeypatch.setattr(experts_mod, "_TUNE_MIN_MACS", 0)
     monkeypatch.setattr(experts_mod, "_TUNE_EVERY", 12)  # calls 1-6 timed, 7-11 chosen, 12-17 timed again
     monkeypatch.setattr(experts_mod, "_TUNE_TRIALS", 3)
     bank = _Slowed(num_experts=4, dim=8, hidden_dim=8)
@@ -246,3 +248,15 @@ def test_padded_bank_with_and_without_bags_matches_reference(monkeypatch, masked
     (ref * g).sum().backward()
     for got, want in [(x, xr), (w, wr), *zip(bank.parameters(), ps, strict=True)]:
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_small_problems_are_not_timed(monkeypatch):
+    """Below ``_TUNE_MIN_MACS`` the static rule decides: the same backend on every call, no tuner made."""
+    monkeypatch.setattr(experts_mod, "_TUNERS", {})
+    bank = SwiGLUExperts(num_experts=4, dim=8, hidden_dim=8)
+    x, idx, w = torch.randn(16, 8), torch.arange(32).remainder(4).view(16, 2), torch.rand(16, 2)
+    ran = set()
+    for _ in range(8):
+        bank(x, idx, w)
+        ran.add(bank.last_backend)
+    assert ran == {"padded"} and experts_mod._TUNERS == {}
