@@ -31,7 +31,7 @@ Backends (``backend`` argument):
   gradient; they do cost FLOPs (``E*C/P - 1`` of the useful work). Works for any dtype.
 * ``auto``: on accelerators ``grouped_mm`` where it can run (no host sync). On CPU it reads the group sizes
   once; when the buffer holds at most 1.2x the useful rows (balanced routing) and ``grouped_mm`` can run,
-  it times both on the first calls of each problem size and keeps the faster (re-timed every few hundred
+  it times both on the first calls of each problem size and keeps the faster (re-timed every thousand
   calls). Problems under ``_TUNE_MIN_MACS``, and all with ``MOEKIT_DISPATCH_TUNING=0``, take ``padded`` only
   when its padding costs fewer multiply-adds than one kernel call per expert (see ``_CALL_MACS``). Balanced
   without ``grouped_mm``: ``padded``; skewed: ``grouped_mm`` where it can run, else ``loop``. "Can run":
@@ -93,7 +93,7 @@ _TUNE_TRIALS = 3  # timed forward calls per candidate
 # problems below this many multiply-adds per projection (P * D * H) keep the static rule: their forward takes
 # well under a millisecond, too little to rank by wall time, and small test problems stay deterministic
 _TUNE_MIN_MACS = 1 << 24
-_TUNE_EVERY = 400  # calls between re-measurements (load on a shared machine drifts)
+_TUNE_EVERY = 1000  # calls between re-measurements (load drifts); each costs ~3 calls of the slower one
 _TUNERS: dict[tuple, _Tuner] = {}
 
 
