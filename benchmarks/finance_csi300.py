@@ -106,7 +106,18 @@ def models(nf: int, n20: int) -> dict[str, tuple[Callable, dict, dict]]:
             {"loss": "mse", "balance_loss": "switch", "w_balance": 0.01, "lr": 5e-4},
             full1,
         ),
+        "MIGA-mse-ctx": (
+            miga(hidden_dim=128, market_context="cross_section"),
+            {"loss": "mse", "balance_loss": "switch", "w_balance": 0.01, "lr": 5e-4},
+            full1,
+        ),
         "MIGA-lstm": (miga(encoder="lstm", step_len=5, hidden_dim=32), mig_loss, {**full1, "step_len": 5}),
+        "MIGA-mkt": (miga(), mig_loss, {**full1, "label": "csrank_mkt"}),
+        "MLP-mkt": (
+            lambda: MLP(num_features=nf, hidden_dim=128, num_layers=2),
+            {"loss": "mse", "lr": 5e-4},
+            {**full1, "label": "csrank_mkt"},
+        ),
         "MLP": (
             lambda: MLP(num_features=nf, hidden_dim=128, num_layers=2),
             {"loss": "mse", "lr": 5e-4},
@@ -144,11 +155,13 @@ class Views:
         self.x20 = np.ascontiguousarray(self.x_nn[..., self.cols20])
         # CSRankNorm over each day's universe, as dm.y (qlib normalises the handler's instruments)
         self.y_rank = cs_rank_norm(np.where(dm.present, dm.y_raw, np.nan))
+        # label_scope="market": ranked over every tradable instrument of the data (in the index or not)
+        self.y_rank_mkt = cs_rank_norm(np.where(dm.panel.tradable.to_numpy(), dm.y_raw, np.nan))
 
     def ds(self, view: dict, days: np.ndarray, train: bool) -> DayDataset:
         dm = self.dm
         x = self.x_nn if view["features"] == "all" else self.x20
-        y = dm.y if view["label"] == "cszscore" else self.y_rank
+        y = {"cszscore": dm.y, "csrank": self.y_rank, "csrank_mkt": self.y_rank_mkt}[view["label"]]
         return DayDataset(x=x, y=y, y_raw=dm.y_raw, present=dm.present, days=days, step_len=view["step_len"],
                           drop_nan_label=train)  # fmt: skip
 
@@ -209,8 +222,8 @@ def train_lgb(dm: MarketDataModule, views: Views, seed: int, label: str = "cszsc
     from apps.finance.gbdt import fit_lightgbm, predict_lightgbm
 
     saved = dm.y
-    if label == "csrank":
-        dm.y = views.y_rank
+    if label != "cszscore":
+        dm.y = views.y_rank if label == "csrank" else views.y_rank_mkt
     try:
         t0 = time.perf_counter()
         b = fit_lightgbm(dm, seed=seed, num_threads=1)
@@ -259,6 +272,7 @@ def main() -> None:
         help="comma-separated --out names of runs (same protocol, other models) whose rows, summary and "
         "curves join this run's JSON and plots (e.g. the sequence networks run in a second process)",
     )
+    ap.add_argument("--plot_models", default="", help="comma-separated models in the plots (default: all)")
     a = ap.parse_args()
     torch.set_num_threads(1)  # shared 2-core machine
     RES.mkdir(parents=True, exist_ok=True)
@@ -316,10 +330,11 @@ def main() -> None:
     def finish() -> None:
         summary = []
         merged = dict(per_model)
-        for o in others:
+        for o in others:  # a model is taken from the first run that has it
             if (RES / f"{o}.json").exists():
+                taken = set(merged)
                 for r in json.loads((RES / f"{o}.json").read_text())["rows"][1:]:
-                    if r["model"] not in per_model:
+                    if r["model"] not in taken:
                         merged.setdefault(r["model"], []).append(r)
         for name, rs in merged.items():
 
@@ -371,16 +386,26 @@ def main() -> None:
         os.replace(tmp, RES / f"{a.out}.json")
         from apps.finance.plots import plot_daily_ic, plot_excess
 
-        for d in [curves] + [RES / f"{o}_curves" for o in others]:
+        for d in [curves] + [RES / f"{o}_curves" for o in others]:  # first run with a model's curves wins
             for f in sorted(d.glob("*.ic.parquet")) if d.exists() else []:
                 name = f.name[: -len(".ic.parquet")]
                 if name not in ic_plot:
                     ic_plot[name] = pd.read_parquet(f)
                     bt_plot[name] = pd.read_parquet(d / f"{name}.bt.parquet")
+        by_year = {}  # seed 0's test RankIC per calendar year: does the signal decay over the 6-year test?
+        for name, ic in ic_plot.items():
+            d = ic.set_index("date") if "date" in ic.columns else ic
+            y = d["rank_ic"].groupby(pd.DatetimeIndex(d.index).year).mean()
+            by_year[name] = {int(k): round(float(v), 4) for k, v in y.items()}
+        if by_year:
+            out["test_rank_ic_by_year_seed0"] = by_year
+            tmp.write_text(json.dumps(out, indent=1, default=float))
+            os.replace(tmp, RES / f"{a.out}.json")
+        keep = [m for m in a.plot_models.split(",") if m in bt_plot] or list(bt_plot)
         if bt_plot:
             title = "TopK-Dropout(50,5), cn rules, excess over CSI 300 after costs, test, seed 0"
-            plot_excess(bt_plot, RES / f"{a.out}_excess.png", title=title)
-            plot_daily_ic(ic_plot, RES / f"{a.out}_daily_ic.png")
+            plot_excess({m: bt_plot[m] for m in keep}, RES / f"{a.out}_excess.png", title=title)
+            plot_daily_ic({m: ic_plot[m] for m in keep}, RES / f"{a.out}_daily_ic.png")
         print("| model | seeds | IC | ICIR | RankIC (std) | RankICIR | AR | IR | MDD |", flush=True)
         for s in summary[:-1]:
             print(f"| {s['model']} | {s['n_seeds']} | {s['IC']:.4f} | {s['ICIR']:.3f} | {s['RankIC']:.4f} "
@@ -390,8 +415,12 @@ def main() -> None:
     for name in [m for m in a.models.split(",") if m]:
         n_seeds = a.variant_seeds if name.startswith("MIGA-") and a.variant_seeds else a.seeds
         for seed in range(n_seeds):
-            if name in ("LightGBM", "LightGBM-rank"):
-                label = "csrank" if name == "LightGBM-rank" else "cszscore"
+            if name.startswith("LightGBM"):
+                label = {
+                    "LightGBM": "cszscore",
+                    "LightGBM-rank": "csrank",
+                    "LightGBM-rank-mkt": "csrank_mkt",
+                }[name]
                 valid, test, fit_s, best = train_lgb(dm, views, seed, label)
             else:
                 make, kw, view = zoo[name]

@@ -28,21 +28,30 @@ def plot_excess(report: pd.DataFrame | dict[str, pd.DataFrame], path: str | Path
     plt.close(fig)
 
 
+def _dates(d: pd.DataFrame) -> pd.DatetimeIndex | range:
+    """The x axis of a daily table: its dates (a ``date`` column or a DatetimeIndex), else day numbers."""
+    if "date" in d.columns:
+        return pd.DatetimeIndex(d["date"])
+    return d.index if isinstance(d.index, pd.DatetimeIndex) else range(len(d))
+
+
 def plot_daily_ic(ic: pd.DataFrame | dict[str, pd.DataFrame], path: str | Path) -> None:
-    """Daily RankIC (bars for one model) and its 20-day rolling mean."""
+    """One model: daily RankIC (bars) and its 20-day rolling mean. Several models (a dict): their
+    cumulative daily RankIC (sum over days; a period's slope is its RankIC), readable where eight rolling
+    means would overlap."""
     ics = ic if isinstance(ic, dict) else {"model": ic}
     fig, ax = plt.subplots(figsize=(10, 4))
     for name, d in ics.items():
+        x = _dates(d)
         if len(ics) == 1:
-            ax.bar(range(len(d)), d["rank_ic"].to_numpy(), color="0.7", label="daily RankIC")
-        ax.plot(
-            range(len(d)),
-            d["rank_ic"].rolling(20, min_periods=1).mean().to_numpy(),
-            label=f"{name} (20d mean)",
-        )
+            ax.bar(x, d["rank_ic"].to_numpy(), color="0.7", label="daily RankIC")
+            ax.plot(x, d["rank_ic"].rolling(20, min_periods=1).mean().to_numpy(), label=f"{name} (20d mean)")
+        else:
+            ax.plot(x, d["rank_ic"].fillna(0).cumsum().to_numpy(), label=name)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xlabel("trading day")
-    ax.set_ylabel("RankIC")
+    dated = all(isinstance(_dates(d), pd.DatetimeIndex) for d in ics.values())
+    ax.set_xlabel("date" if dated else "trading day")
+    ax.set_ylabel("RankIC" if len(ics) == 1 else "cumulative daily RankIC (sum)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
