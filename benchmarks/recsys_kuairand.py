@@ -449,6 +449,8 @@ def main() -> None:
             {"commit": p["meta"]["commit"], "date": p["meta"]["date"], "protocol": p["meta"]["protocol"]}
             for p in parts
         ]
+        seeds = sorted({r["seed"] for r in payload["rows"]})
+        payload["meta"]["protocol"] += f" [merged runs, seeds in all: {seeds}; see merged_from]"
         payload["summary"] = summarise(payload["rows"], tasks)
         payload["targets"] = targets(payload["summary"], payload["speed"])
         write(Path(args.out), payload)
