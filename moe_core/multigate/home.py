@@ -82,7 +82,13 @@ class HoME(nn.Module):
       ``levels=2``, every expert with ``levels=1``) reads ``v ⊙ 2σ(v B_e A_e)``, one low-rank gate per expert.
     * Self-gate (``self_gate``; form our reading): a gated residual of task t's own experts,
       ``h_t += Σ_j w_j E_{t,j}`` with ``w = σ(Linear(z_c(t)))`` for one task expert and
-      ``softmax(Linear(z_c(t)))`` for several (``levels=1``: ``Linear(v)``).
+      ``softmax(Linear(z_c(t)))`` for several (``levels=1``: ``Linear(v)``). The secondary sources give the
+      gate's form (Sigmoid for one expert, Softmax for several, "in a residual manner", to pass gradient to
+      the specific experts of sparse tasks) but not where the residual lands; two readings remain open: the
+      one implemented (the task's experts stay candidates of its softmax gate *and* enter once more through
+      the self-gate), and one where the specific experts enter *only* through the self-gate residual (the
+      softmax then mixes shared and category experts). On KuaiRand-Pure the implemented reading lets sparse
+      tasks put 0.8-1.0 of their softmax weight on their own expert (``BENCHMARKS.md``).
 
     Gate logits are computed in float32, or float64 for float64 inputs (see :func:`routing_float`).
 
