@@ -89,6 +89,9 @@ class HoME(nn.Module):
       the self-gate), and one where the specific experts enter *only* through the self-gate residual (the
       softmax then mixes shared and category experts). On KuaiRand-Pure the implemented reading lets sparse
       tasks put 0.8-1.0 of their softmax weight on their own expert (``BENCHMARKS.md``).
+      ``self_gate_only_specific=True`` selects the second reading: every task expert is left out of every
+      task gate's candidates (with or without the hierarchy mask) and reaches ``h_t`` only through the
+      self-gate.
 
     Gate logits are computed in float32, or float64 for float64 inputs (see :func:`routing_float`).
 
@@ -111,6 +114,8 @@ class HoME(nn.Module):
         hierarchy_mask: restrict gates to their branch.
         feature_gate_rank: rank l of the feature gates, or None for no feature gate.
         self_gate: add the task-expert gated residual.
+        self_gate_only_specific: the task experts reach the task output only through the self-gate (not as
+            softmax candidates); needs ``self_gate`` and shared or category experts.
         dropout: expert dropout.
     """
 
@@ -131,6 +136,7 @@ class HoME(nn.Module):
         hierarchy_mask: bool = True,
         feature_gate_rank: int | None = None,
         self_gate: bool = True,
+        self_gate_only_specific: bool = False,
         dropout: float = 0.0,
         expert_norm_layers: NormLayers = "last",
     ) -> None:
@@ -144,6 +150,11 @@ class HoME(nn.Module):
         check_choice("activation", activation, get_args(Activation))
         if self_gate and num_per_task < 1:
             raise ValueError("self_gate needs num_per_task >= 1 (it gates the task-specific experts)")
+        if self_gate_only_specific and not self_gate:
+            raise ValueError("self_gate_only_specific needs self_gate=True")
+        if self_gate_only_specific and num_shared + num_per_category < 1:
+            raise ValueError("self_gate_only_specific needs shared or category experts for the softmax gates")
+        self.self_gate_only_specific = self_gate_only_specific
         self.categories, self.levels = cats, levels
         self.num_tasks, self.num_cats = len(tasks), len(cats)
         self.cat_of = {t: c for c, ts in enumerate(cats) for t in ts}
@@ -195,9 +206,7 @@ class HoME(nn.Module):
             else None
         )
         self.task_gates = nn.ModuleList(
-            SoftmaxGate(
-                dim=gate_in, num_experts=n_task_level, mask=self._task_mask(t) if hierarchy_mask else None
-            )
+            SoftmaxGate(dim=gate_in, num_experts=n_task_level, mask=self._gate_mask(t, hierarchy_mask))
             for t in range(m)
         )
         if self_gate:
@@ -209,6 +218,17 @@ class HoME(nn.Module):
     def _meta_mask(self, ci: int) -> list[bool]:
         s, p = self.meta_num_shared, self.meta_num_per_category
         return [True] * s + [cj == ci for cj in range(self.num_cats) for _ in range(p)]
+
+    def _gate_mask(self, t: int, hierarchy_mask: bool) -> list[bool] | None:
+        """Task t's gate candidates: the hierarchy mask, minus every task expert with
+        ``self_gate_only_specific``; None when every expert of the level is a candidate."""
+        if not self.self_gate_only_specific:
+            return self._task_mask(t) if hierarchy_mask else None
+        n_sc = self.num_shared + self.num_cats * self.num_per_category
+        allowed = (
+            self._task_mask(t) if hierarchy_mask else [True] * (n_sc + self.num_tasks * self.num_per_task)
+        )
+        return allowed[:n_sc] + [False] * (len(allowed) - n_sc)
 
     def _task_mask(self, t: int) -> list[bool]:
         ci = self.cat_of[t]

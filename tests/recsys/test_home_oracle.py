@@ -155,3 +155,48 @@ def test_home_norm_on_expert_output_only_equals_oracle_with_identity_hidden_norm
     plain = _randomised(0, **kw, expert_norm_layers="all").eval()  # randomised hidden BN statistics
     plain.load_state_dict(last.state_dict(), strict=False)
     assert (plain(v).task_outputs - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("mask", [True, False])
+@pytest.mark.parametrize("q", [1, 2])
+def test_self_gate_only_specific_mixes_task_experts_only_through_the_self_gate(levels, mask, q):
+    """The second self-gate reading, one row and one task at a time: task t's softmax runs over the shared
+    and category experts only (its category's with the mask, every category's without), and its own experts
+    are added with the self-gate weights; the meta level (levels=2) is read from the module's meta outputs
+    and meta gates, which the loop oracle above covers."""
+    home = _randomised(
+        0, categories=[[0, 2], [1]], levels=levels, num_per_task=q, hierarchy_mask=mask,
+        self_gate_only_specific=True,
+    ).eval()  # fmt: skip
+    torch.manual_seed(1)
+    v = torch.randn(B, D, dtype=torch.float64)
+    out = home(v)
+    ex = torch.cat([out.expert_outputs[k] for k in ("shared", "category", "task")], 1)  # (B, E, H)
+    s, p, cats = home.num_shared, home.num_per_category, home.categories
+    cat_of = {t: c for c, ts in enumerate(cats) for t in ts}
+    n_sc = s + len(cats) * p
+    for b in range(B):
+        if levels == 2:
+            meta = out.expert_outputs["meta"][b]  # (E_meta, H)
+            z = [out.gates[f"meta_cat{c}"][b] @ meta for c in range(len(cats))]
+            z_sh = out.gates["meta_shared"][b] @ meta
+        for t in range(home.num_tasks):
+            c = cat_of[t]
+            gin = v[b] if levels == 1 else torch.cat([z[c], z_sh])
+            cand = list(range(s)) + ([s + c * p + j for j in range(p)] if mask else list(range(s, n_sc)))
+            proj = home.task_gates[t].proj
+            probs = torch.softmax(torch.stack([proj.weight[k] @ gin + proj.bias[k] for k in cand]), 0)
+            h = sum(pk * ex[b, k] for pk, k in zip(probs, cand))
+            sin = v[b] if levels == 1 else z[c]
+            sg = home.self_gates[t]
+            logits = torch.stack([sg.weight[j] @ sin + sg.bias[j] for j in range(q)])
+            w = torch.sigmoid(logits) if q == 1 else torch.softmax(logits, 0)
+            h = h + sum(w[j] * ex[b, n_sc + t * q + j] for j in range(q))
+            torch.testing.assert_close(out.task_outputs[b, t], h, **TOL)
+            assert (out.gates[f"task{t}"][b, n_sc:] == 0).all()
+
+
+def test_self_gate_only_specific_needs_the_self_gate():
+    with pytest.raises(ValueError, match="needs self_gate=True"):
+        HoME(dim=D, categories=[[0], [1]], self_gate=False, self_gate_only_specific=True)
