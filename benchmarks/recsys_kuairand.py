@@ -54,6 +54,8 @@ ABLATIONS = {  # HoME with one mechanism removed
     "home_no_feature_gate": {"feature_gate_rank": None},
     "home_no_self_gate": {"self_gate": False},
     "home_bn_every_layer": {"expert_norm_layers": "all"},  # moekit's earlier reading of the expert norm
+    # the other open reading of the self-gate: task experts only through the self-gate residual
+    "home_self_gate_only_specific": {"self_gate_only_specific": True},
 }
 MOEKIT = ("shared_bottom", "mmoe", "ple", "home", *ABLATIONS)
 RECHUB = ("rechub_mmoe", "rechub_ple")
@@ -449,6 +451,8 @@ def main() -> None:
             {"commit": p["meta"]["commit"], "date": p["meta"]["date"], "protocol": p["meta"]["protocol"]}
             for p in parts
         ]
+        for p in parts[1:]:  # variants run separately keep their settings in the meta
+            payload["meta"]["models"]["ablations"].update(p["meta"]["models"]["ablations"])
         seeds = sorted({r["seed"] for r in payload["rows"]})
         payload["meta"]["protocol"] += f" [merged runs, seeds in all: {seeds}; see merged_from]"
         payload["summary"] = summarise(payload["rows"], tasks)
