@@ -2,10 +2,11 @@
 HoME: arXiv 2408.05430): the stacked gates (one matmul for all task gates, one ``bmm`` for all task mixtures)
 against the per-task Python loop they replaced, on the same module and weights, interleaved in one process.
 
-The loop versions below are the pre-stacking forwards (``moe_core.multigate`` before the stacked gates): each
-task's gate called alone and each task mixed alone with :func:`moe_core.multigate.mix`; both call the same
-(current) expert banks, so the ratio is what stacking the gates and mixtures alone buys. Outputs are checked
-equal (float32, 1e-5) before timing. Shapes follow the KuaiRand benchmark configs (``apps/recsys/configs``):
+The loop versions (``moe_core.reference.loop_mmoe`` / ``loop_ple``, ``loop_home`` below) are the
+pre-stacking forwards (``moe_core.multigate`` before the stacked gates): each task's gate called alone and
+each task mixed alone with :func:`moe_core.multigate.mix`; both call the same (current) expert banks, so the
+ratio is what stacking the gates and mixtures alone buys. Outputs are checked equal (float32, 1e-5) before
+timing. Shapes follow the KuaiRand benchmark configs (``apps/recsys/configs``):
 B=1024 rows, D=319 inputs, M=8 tasks, experts [128, 64].
 
 Usage: ``python benchmarks/multigate_speed.py [--blocks 7] [--steps 5] [--threads 1]``
@@ -28,42 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_core.multigate import PLE, CGCLevel, HoME, MMoE, mix, routing_float
+from moe_core.multigate import PLE, HoME, MMoE, mix, routing_float
+from moe_core.reference import loop_mmoe, loop_ple
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "multigate_speed.json"
-
-
-def loop_mmoe(m: MMoE, v: torch.Tensor) -> torch.Tensor:
-    """Per-task loop MMoE: ``(B, D) -> (B, M, H)``."""
-    ex = m.experts(v)  # (B, E, H)
-    return torch.stack([mix(g(v), ex) for g in m.gates], dim=1)
-
-
-def loop_cgc(level: CGCLevel, streams: torch.Tensor) -> torch.Tensor:
-    """Per-task loop CGC level: ``(B, D)`` or ``(B, M+1, D)`` -> ``(B, M(+1), H)``."""
-    m, s = level.num_tasks, level.num_specific
-    same = streams.dim() == 2
-    parts = [streams] * (m + 1) if same else list(streams.unbind(1))
-    ex_sh = level.shared(parts[m])
-    if s:
-        ex_sp = level.specific(
-            parts[m] if same else torch.stack([parts[k] for k in range(m) for _ in range(s)], 1)
-        )
-    outs = []
-    for k, g in enumerate(level.task_gates):
-        cand = torch.cat([ex_sp[:, k * s : (k + 1) * s], ex_sh], 1) if s else ex_sh
-        outs.append(mix(g(parts[k]), cand))
-    if level.shared_gate is not None:
-        outs.append(mix(level.shared_gate(parts[m]), torch.cat([ex_sp, ex_sh], 1) if s else ex_sh))
-    return torch.stack(outs, 1)
-
-
-def loop_ple(ple: PLE, v: torch.Tensor) -> torch.Tensor:
-    x = v
-    for level in ple.levels:
-        x = loop_cgc(level, x)
-    return x
 
 
 def loop_home(h: HoME, v: torch.Tensor) -> torch.Tensor:

@@ -268,3 +268,43 @@ def home_reference(home: torch.nn.Module, v: torch.Tensor) -> tuple[torch.Tensor
             outs[t].append(h)
     task_outputs = torch.stack([torch.stack(o) for o in outs], dim=1)  # (B, M, H)
     return task_outputs, {name: torch.stack(g) for name, g in gates.items()}
+
+
+def loop_mmoe(m: torch.nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """MMoE's per-task loop forward (before the stacked gates): each task gate called alone and each task
+    mixed alone. ``m``: a :class:`moe_core.multigate.MMoE`; ``v (B, D)`` -> ``(B, M, H)``."""
+    from moe_core.multigate.gates import mix
+
+    ex = m.experts(v)  # (B, E, H)
+    return torch.stack([mix(g(v), ex) for g in m.gates], dim=1)
+
+
+def loop_cgc(level: torch.nn.Module, streams: torch.Tensor) -> torch.Tensor:
+    """A CGC level's per-task loop forward: task k's gate reads stream k and mixes [task-k experts ; shared].
+    ``level``: a :class:`moe_core.multigate.CGCLevel`; ``streams (B, D)`` (one input for every gate) or
+    ``(B, M+1, D)`` (one stream per task + the shared one) -> ``(B, M(+1), H)``."""
+    from moe_core.multigate.gates import mix
+
+    m, s = level.num_tasks, level.num_specific
+    same = streams.dim() == 2
+    parts = [streams] * (m + 1) if same else list(streams.unbind(1))
+    ex_sh = level.shared(parts[m])
+    if s:
+        ex_sp = level.specific(
+            parts[m] if same else torch.stack([parts[k] for k in range(m) for _ in range(s)], 1)
+        )
+    outs = []
+    for k, g in enumerate(level.task_gates):
+        cand = torch.cat([ex_sp[:, k * s : (k + 1) * s], ex_sh], 1) if s else ex_sh
+        outs.append(mix(g(parts[k]), cand))
+    if level.shared_gate is not None:
+        outs.append(mix(level.shared_gate(parts[m]), torch.cat([ex_sp, ex_sh], 1) if s else ex_sh))
+    return torch.stack(outs, 1)
+
+
+def loop_ple(ple: torch.nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """PLE's per-task loop forward: :func:`loop_cgc` level by level. ``v (B, D)`` -> ``(B, M, H)``."""
+    x = v
+    for level in ple.levels:
+        x = loop_cgc(level, x)
+    return x

@@ -17,6 +17,7 @@ from moe_core.multigate import (
     SoftmaxGate,
     mix,
 )
+from moe_core.reference import loop_cgc, loop_mmoe, loop_ple
 
 D, H, B = 12, 8, 16
 
@@ -287,35 +288,6 @@ def test_bad_arguments_raise():
 # ---- the stacked (all tasks at once) gates and mixtures against a per-task loop oracle -------------------
 
 
-def _loop_mmoe(m: MMoE, v: torch.Tensor) -> torch.Tensor:
-    """The per-task loop MMoE forward: each gate called alone, each task mixed alone."""
-    ex = m.experts(v)
-    return torch.stack([mix(g(v), ex) for g in m.gates], 1)
-
-
-def _loop_cgc(level: CGCLevel, streams: torch.Tensor) -> torch.Tensor:
-    """The per-task loop CGC level: task k's gate reads stream k and mixes [task-k experts ; shared]."""
-    m, s = level.num_tasks, level.num_specific
-    parts = [streams] * (m + 1) if streams.dim() == 2 else list(streams.unbind(1))
-    ex_sh = level.shared(parts[m])
-    if s:
-        ex_sp = level.specific(torch.stack([parts[k] for k in range(m) for _ in range(s)], 1))
-    outs = []
-    for k, g in enumerate(level.task_gates):
-        cand = torch.cat([ex_sp[:, k * s : (k + 1) * s], ex_sh], 1) if s else ex_sh
-        outs.append(mix(g(parts[k]), cand))
-    if level.shared_gate is not None:
-        outs.append(mix(level.shared_gate(parts[m]), torch.cat([ex_sp, ex_sh], 1) if s else ex_sh))
-    return torch.stack(outs, 1)
-
-
-def _loop_ple(ple: PLE, v: torch.Tensor) -> torch.Tensor:
-    x = v
-    for level in ple.levels:
-        x = _loop_cgc(level, x)
-    return x
-
-
 def _assert_same_function(model: nn.Module, fast, oracle, v: torch.Tensor) -> None:  # noqa: ANN001
     """Forward outputs and the gradients w.r.t. the input and every parameter agree (float64)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -335,7 +307,7 @@ def test_stacked_mmoe_equals_per_task_loop_forward_and_gradients(num_experts, nu
     torch.manual_seed(0)
     m = MMoE(dim=D, num_tasks=num_tasks, num_experts=num_experts, expert_hidden=(10, H)).double()
     v = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
-    _assert_same_function(m, lambda x: m(x).task_outputs, lambda x: _loop_mmoe(m, x), v)
+    _assert_same_function(m, lambda x: m(x).task_outputs, lambda x: loop_mmoe(m, x), v)
     out = m(v)
     for k, g in enumerate(m.gates):  # the reported gates are each task's own softmax
         torch.testing.assert_close(out.gates[f"task{k}"], g(v), rtol=1e-12, atol=1e-12)
@@ -348,11 +320,11 @@ def test_stacked_ple_equals_per_task_loop_forward_and_gradients(num_specific, nu
         dim=D, num_tasks=3, num_levels=num_levels, num_shared=2, num_specific=num_specific, expert_hidden=(H,)
     ).double()
     v = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
-    _assert_same_function(ple, lambda x: ple(x).task_outputs, lambda x: _loop_ple(ple, x), v)
+    _assert_same_function(ple, lambda x: ple(x).task_outputs, lambda x: loop_ple(ple, x), v)
     # a middle level fed distinct streams (the same_input shortcut off) against the loop too
     level = ple.levels[0]
     streams = torch.randn(B, 4, D, dtype=torch.float64, requires_grad=True)
-    _assert_same_function(level, lambda x: level(x)[0], lambda x: _loop_cgc(level, x), streams)
+    _assert_same_function(level, lambda x: level(x)[0], lambda x: loop_cgc(level, x), streams)
 
 
 def test_stacked_gates_keep_the_per_gate_state_dict():
