@@ -158,10 +158,14 @@ class Views:
         # label_scope="market": ranked over every tradable instrument of the data (in the index or not)
         self.y_rank_mkt = cs_rank_norm(np.where(dm.panel.tradable.to_numpy(), dm.y_raw, np.nan))
 
+    def label(self, name: str) -> np.ndarray:
+        """The ``(days, tickers)`` learn label called ``cszscore``, ``csrank`` or ``csrank_mkt``."""
+        return {"cszscore": self.dm.y, "csrank": self.y_rank, "csrank_mkt": self.y_rank_mkt}[name]
+
     def ds(self, view: dict, days: np.ndarray, train: bool) -> DayDataset:
         dm = self.dm
         x = self.x_nn if view["features"] == "all" else self.x20
-        y = {"cszscore": dm.y, "csrank": self.y_rank, "csrank_mkt": self.y_rank_mkt}[view["label"]]
+        y = self.label(view["label"])
         return DayDataset(x=x, y=y, y_raw=dm.y_raw, present=dm.present, days=days, step_len=view["step_len"],
                           drop_nan_label=train)  # fmt: skip
 
@@ -221,15 +225,9 @@ def train_lgb(dm: MarketDataModule, views: Views, seed: int, label: str = "cszsc
     LightGBM handler) or on the universe CSRank label (``label="csrank"``)."""
     from apps.finance.gbdt import fit_lightgbm, predict_lightgbm
 
-    saved = dm.y
-    if label != "cszscore":
-        dm.y = views.y_rank if label == "csrank" else views.y_rank_mkt
-    try:
-        t0 = time.perf_counter()
-        b = fit_lightgbm(dm, seed=seed, num_threads=1)
-        fit_s = time.perf_counter() - t0
-    finally:
-        dm.y = saved
+    t0 = time.perf_counter()
+    b = fit_lightgbm(dm, seed=seed, num_threads=1, y=views.label(label))
+    fit_s = time.perf_counter() - t0
     valid, test = predict_lightgbm(b, dm, dm.split.valid), predict_lightgbm(b, dm, dm.split.test)
     return valid, test, fit_s, b.best_iteration
 

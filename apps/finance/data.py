@@ -412,14 +412,18 @@ class _DayPanelLoaders(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    def flat(self, days: np.ndarray, *, train: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Tabular view for tree models: ``X (S, F)``, learn label, raw label, ``(day, ticker)`` index."""
+    def flat(
+        self, days: np.ndarray, *, train: bool, y: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Tabular view for tree models: ``X (S, F)``, learn label, raw label, ``(day, ticker)`` index.
+        ``y``: another ``(days, tickers)`` learn label instead of ``self.y`` (e.g. another normalisation)."""
+        y = self.y if y is None else y
         d, t = np.nonzero(self.present[days])
         d = days[d]
         if train:
-            ok = ~np.isnan(self.y[d, t])
+            ok = ~np.isnan(y[d, t])
             d, t = d[ok], t[ok]
-        return self.x[d, t], self.y[d, t], self.y_raw[d, t], np.stack([d, t], 1)
+        return self.x[d, t], y[d, t], self.y_raw[d, t], np.stack([d, t], 1)
 
 
 class SP500DataModule(_DayPanelLoaders):

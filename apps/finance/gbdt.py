@@ -36,10 +36,12 @@ def fit_lightgbm(
     num_boost_round: int = 500,  # noqa: ANN001
     early_stopping: int = 50,
     params: dict | None = None,
+    y: np.ndarray | None = None,
 ) -> lgb.Booster:
-    """Fit LightGBM on ``dm``'s train days with early stopping on valid (``dm``: a set-up SP500DataModule)."""
-    xt, yt, _, _ = dm.flat(dm.split.train, train=True)
-    xv, yv, _, _ = dm.flat(dm.split.valid, train=True)
+    """Fit LightGBM on ``dm``'s train days with early stopping on valid (``dm``: a set-up DataModule; ``y``: a
+    ``(days, tickers)`` learn label to use instead of ``dm.y``)."""
+    xt, yt, _, _ = dm.flat(dm.split.train, train=True, y=y)
+    xv, yv, _, _ = dm.flat(dm.split.valid, train=True, y=y)
     p = {**QLIB_PARAMS, **(params or {}), "seed": seed, "num_threads": num_threads}
     dtrain, dvalid = lgb.Dataset(xt, yt), lgb.Dataset(xv, yv)
     return lgb.train(
