@@ -178,7 +178,11 @@ def metrics(probs: np.ndarray, split: dict, tasks: list[str], *, with_gauc: bool
     }  # fmt: skip
 
 
-def train_run(name: str, seed: int, dm: KuaiRandDataModule, epochs: int, lr: float, bs: int) -> dict:
+def fit_run(
+    name: str, seed: int, dm: KuaiRandDataModule, epochs: int, lr: float, bs: int
+) -> tuple[nn.Module, dict]:
+    """Train ``name`` for ``epochs`` with the plain loop; return the network at its best-validation epoch
+    (mean GAUC) and the run's record (no test metric: the selection reads this alone)."""
     torch.manual_seed(seed)
     net = build(name, dm)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -190,6 +194,7 @@ def train_run(name: str, seed: int, dm: KuaiRandDataModule, epochs: int, lr: flo
         net.train()
         perm = torch.randperm(n, generator=g)
         t0 = time.perf_counter()
+        loss_sum = 0.0
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
             b = {k: v[idx] for k, v in tr.items()}
@@ -203,24 +208,114 @@ def train_run(name: str, seed: int, dm: KuaiRandDataModule, epochs: int, lr: flo
             loss.backward()
             opt.step()
             seen += len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
         secs += time.perf_counter() - t0
         val = metrics(predict(net, dm.splits["val"]), dm.splits["val"], dm.task_names)
-        history.append({"epoch": epoch, "val_auc_mean": val["auc_mean"], "val_gauc_mean": val["gauc_mean"]})
-        print(f"  {name} seed {seed} epoch {epoch}: val auc_mean {val['auc_mean']:.4f} gauc_mean "
-              f"{val['gauc_mean']:.4f}", flush=True)  # fmt: skip
+        val_loss = float(np.mean([val["per_task"][t]["logloss"] for t in dm.task_names]))
+        history.append({
+            "epoch": epoch, "val_auc_mean": val["auc_mean"], "val_gauc_mean": val["gauc_mean"],
+            "val_logloss_mean": val_loss, "train_loss_mean_per_task": loss_sum / n / len(dm.task_names),
+        })  # fmt: skip
+        print(f"  {name} lr {lr:g} seed {seed} epoch {epoch}: val auc_mean {val['auc_mean']:.4f} gauc_mean "
+              f"{val['gauc_mean']:.4f} logloss {val_loss:.4f}", flush=True)  # fmt: skip
         if val["gauc_mean"] > best:  # model selection on the headline metric, for every model alike
             best, best_state, best_epoch = val["gauc_mean"], copy.deepcopy(net.state_dict()), epoch
     net.load_state_dict(best_state)
-    test = metrics(predict(net, dm.splits["test"]), dm.splits["test"], dm.task_names)
     row = {
-        "model": name, "impl": "torch-rechub" if name in RECHUB else "moekit", "seed": seed,
-        "best_val_gauc_mean": best, "best_epoch": best_epoch, "val_history": history,
-        "train_samples_per_s": seen / secs,
-        "params": sum(p.numel() for p in net.parameters()), **{f"test_{k}": v for k, v in test.items()},
+        "model": name, "impl": "torch-rechub" if name in RECHUB else "moekit", "seed": seed, "lr": lr,
+        "epochs": epochs, "best_val_gauc_mean": best, "best_epoch": best_epoch, "val_history": history,
+        "train_samples_per_s": seen / secs, "params": sum(p.numel() for p in net.parameters()),
     }  # fmt: skip
-    if seed == 0 and name in ("mmoe", "home"):
+    return net, row
+
+
+def test_row(net: nn.Module, row: dict, dm: KuaiRandDataModule, *, diagnose: bool = False) -> dict:
+    """``row`` completed with the test metrics of ``net`` (and the expert diagnostics when asked)."""
+    test = metrics(predict(net, dm.splits["test"]), dm.splits["test"], dm.task_names)
+    row = {**row, **{f"test_{k}": v for k, v in test.items()}}
+    if diagnose:
         row["diagnostics"] = diagnostics(net, dm)
     return row
+
+
+def train_run(name: str, seed: int, dm: KuaiRandDataModule, epochs: int, lr: float, bs: int) -> dict:
+    net, row = fit_run(name, seed, dm, epochs, lr, bs)
+    return test_row(net, row, dm, diagnose=seed == 0 and name in ("mmoe", "home"))
+
+
+def parse_select(spec: str) -> list[float]:
+    """``"lr=1e-3,2e-3"`` -> the candidate learning rates (the only selectable setting)."""
+    key, _, values = spec.partition("=")
+    if key.strip() != "lr" or not values:
+        raise ValueError(f"--select takes lr=<comma-separated values>, got {spec!r}")
+    try:
+        lrs = [float(x) for x in values.split(",")]
+    except ValueError as e:
+        raise ValueError(f"--select: every lr must be a number, got {values!r}") from e
+    if not lrs or any(v <= 0 for v in lrs) or len(set(lrs)) != len(lrs):
+        raise ValueError(f"--select: learning rates must be positive and distinct, got {lrs}")
+    return lrs
+
+
+def select_and_test(
+    models: list[str],
+    lrs: list[float],
+    *,
+    select_seeds: list[int],
+    test_seeds: list[int],
+    epochs: int,
+    bs: int,
+    dm: KuaiRandDataModule,
+    on_update,  # noqa: ANN001 (callback(selection, rows))
+) -> tuple[dict, list[dict]]:
+    """Equal-budget selection on validation, then the chosen setting on the test seeds.
+
+    Every model trains every candidate lr for ``epochs`` epochs on each of ``select_seeds``; a run keeps its
+    best-validation epoch (mean GAUC, the existing rule), a candidate scores the mean of its runs' best
+    validation mean GAUC, and the best candidate is chosen. No test metric is computed before the choice.
+    Then the chosen lr is tested on every seed of ``test_seeds`` as rows named ``<model>_tuned``; a seed that
+    was also a selection seed reuses that run (same seed, same setting: the same network), the others train.
+    """
+    selection: dict = {}
+    kept: dict[tuple[str, float, int], tuple[nn.Module, dict]] = {}
+    for name in models:
+        cands = []
+        for lr in lrs:
+            runs = []
+            for seed in select_seeds:
+                t0 = time.perf_counter()
+                net, row = fit_run(name, seed, dm, epochs, lr, bs)
+                row["wall_s"] = time.perf_counter() - t0
+                kept[(name, lr, seed)] = (net, row)
+                runs.append({k: row[k] for k in ("seed", "best_val_gauc_mean", "best_epoch", "val_history")})
+            score = float(np.mean([r["best_val_gauc_mean"] for r in runs]))
+            cands.append({"lr": lr, "val_gauc_mean": score, "runs": runs})
+            print(f"select {name} lr {lr:g}: mean best valid gauc_mean {score:.4f}", flush=True)
+        chosen = max(cands, key=lambda c: c["val_gauc_mean"])
+        selection[name] = {
+            "candidates": cands,
+            "chosen_lr": chosen["lr"],
+            "chosen_val_gauc_mean": chosen["val_gauc_mean"],
+        }
+        for key in [k for k in kept if k[0] == name and k[1] != chosen["lr"]]:
+            del kept[key]  # only the chosen setting's networks are ever tested
+        on_update(selection, [])
+    rows: list[dict] = []
+    for seed in test_seeds:  # seed-major: a run cut short still has whole comparisons
+        for name in models:
+            lr = selection[name]["chosen_lr"]
+            if (name, lr, seed) in kept:
+                net, row = kept.pop((name, lr, seed))
+            else:
+                t0 = time.perf_counter()
+                net, row = fit_run(name, seed, dm, epochs, lr, bs)
+                row["wall_s"] = time.perf_counter() - t0
+            row = test_row(net, {**row, "model": f"{name}_tuned"}, dm)
+            rows.append(row)
+            print(f"{name}_tuned (lr {lr:g}) seed {seed}: test auc_mean {row['test_auc_mean']:.4f} gauc_mean "
+                  f"{row['test_gauc_mean']:.4f}", flush=True)  # fmt: skip
+            on_update(selection, rows)
+    return selection, rows
 
 
 @torch.no_grad()
@@ -322,17 +417,49 @@ def summarise(rows: list[dict], tasks: list[str]) -> list[dict]:
     return out
 
 
-def targets(summary: list[dict], speed: list[dict]) -> dict:
+def paired(rows: list[dict], suffix: str = "") -> dict:
+    """Per seed, HoME's test mean GAUC minus MMoE's and PLE's (rows ``home<suffix>`` etc.; a seed fixes the
+    initialisation order and the data order of every model alike): the differences, their mean and std
+    (population, like the summary's), over the seeds that every compared model has."""
+    by = {(r["model"], r["seed"]): r["test_gauc_mean"] for r in rows if r["impl"] == "moekit"}
+    out = {}
+    for other in ("mmoe", "ple"):
+        seeds = sorted(s for (m, s) in by if m == f"home{suffix}" and (f"{other}{suffix}", s) in by)
+        if not seeds:
+            continue
+        d = [by[(f"home{suffix}", s)] - by[(f"{other}{suffix}", s)] for s in seeds]
+        out[f"home{suffix}_minus_{other}{suffix}"] = {
+            "seeds": seeds, "diffs": d, "mean": float(np.mean(d)), "std": float(np.std(d)),
+            "wins": int(sum(x > 0 for x in d)),
+        }  # fmt: skip
+    return out
+
+
+def targets(summary: list[dict], speed: list[dict], rows: list[dict] | None = None) -> dict:
     """The issue's targets read off the summary: HoME's mean-GAUC rank and margins over MMoE/PLE against the
-    seed std, its per-task GAUC gain over the mean of MMoE and PLE by task kind, and the speed ratios."""
+    seed std (for the default rows and, when present, the ``_tuned`` rows), its per-task GAUC gain over the
+    mean of MMoE and PLE by task kind, the per-seed paired differences (with ``rows``), and the speed
+    ratios."""
     s = {(r["model"], r["impl"]): r for r in summary}
     out: dict = {}
+    if rows is not None:
+        out["paired_test_gauc_mean"] = {**paired(rows), **paired(rows, "_tuned")}
+    tuned = s.get(("home_tuned", "moekit"))
+    if tuned is not None:
+        for other in ("mmoe_tuned", "ple_tuned"):
+            o = s.get((other, "moekit"))
+            if o is not None:
+                std = max(tuned["gauc_mean_std"], o["gauc_mean_std"])
+                out[f"home_tuned_minus_{other}_gauc_mean"] = tuned["gauc_mean"] - o["gauc_mean"]
+                out[f"home_tuned_beats_{other}_by_more_than_std"] = tuned["gauc_mean"] - o["gauc_mean"] > std
     home = s.get(("home", "moekit"))
     if home is not None:
         main = [r for r in summary if r["model"] not in ABLATIONS]
         ranked = sorted(main, key=lambda r: -r["gauc_mean"])
         out["gauc_mean_ranking"] = [f"{r['model']} ({r['impl']})" for r in ranked]
         out["home_best_gauc_mean"] = ranked[0] is home
+        if tuned is not None:
+            out["home_tuned_best_gauc_mean"] = ranked[0] is tuned
         for other in ("mmoe", "ple"):
             o = s.get((other, "moekit"))
             if o is not None:
@@ -432,6 +559,15 @@ def main() -> None:
         help="only re-measure the interleaved speed rows and merge them into the existing results JSON "
         "(quality rows, summary and meta untouched; the run is described under meta.speed)",
     )  # fmt: skip
+    ap.add_argument(
+        "--select", metavar="lr=V1,V2,...",
+        help="equal-budget selection on validation for --models (mmoe ple home): every model trains every "
+        "candidate lr for --max-epochs on each --select-seeds, the lr with the best mean validation "
+        "mean GAUC (each run at its best-validation epoch) is chosen, then tested on --seeds as rows "
+        "<model>_tuned",
+    )  # fmt: skip
+    ap.add_argument("--max-epochs", type=int, default=5, help="epochs of every --select run")
+    ap.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--speed-blocks", type=int, default=5, help="interleaved blocks of the speed comparison")
     ap.add_argument(
         "--merge", nargs="+", metavar="JSON",
@@ -452,11 +588,15 @@ def main() -> None:
             for p in parts
         ]
         for p in parts[1:]:  # variants run separately keep their settings in the meta
-            payload["meta"]["models"]["ablations"].update(p["meta"]["models"]["ablations"])
+            payload["meta"]["models"]["ablations"].update(p["meta"]["models"].get("ablations", {}))
         seeds = sorted({r["seed"] for r in payload["rows"]})
         payload["meta"]["protocol"] += f" [merged runs, seeds in all: {seeds}; see merged_from]"
+        sel = [p for p in parts if p.get("selection")]  # the --select runs' validation records
+        if sel:
+            payload["selection"] = {m: v for p in sel for m, v in p["selection"].items()}
+            payload["meta"]["selection_protocol"] = sel[-1]["meta"]["protocol"]
         payload["summary"] = summarise(payload["rows"], tasks)
-        payload["targets"] = targets(payload["summary"], payload["speed"])
+        payload["targets"] = targets(payload["summary"], payload["speed"], payload["rows"])
         write(Path(args.out), payload)
         plot(payload["rows"], Path(args.out).with_suffix(".png"))
         return
@@ -486,6 +626,36 @@ def main() -> None:
         }  # fmt: skip
         write(out, payload)
         print(json.dumps([{k: r[k] for k in ("model", "samples_per_s_median")} for r in speed]))
+        return
+    if args.select:
+        lrs = parse_select(args.select)
+        bad = [m for m in args.models if m not in ("mmoe", "ple", "home", "shared_bottom")]
+        if bad:
+            ap.error(f"--select trains moekit's main models only, got {bad}")
+        meta = {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, torch "
+            f"{torch.__version__}, {args.threads} thread(s)",
+            "protocol": f"--select: equal budget per model: every lr in {lrs} x seeds {args.select_seeds} x "
+            f"{args.max_epochs} epochs (Adam, batch {args.batch_size}); a run keeps its best-validation "
+            "epoch (mean GAUC); the lr with the best mean of those validation scores is chosen (no test "
+            f"metric before the choice) and tested on seeds {args.seeds} as <model>_tuned rows (a "
+            "selection seed reuses its run)",
+            "models": {"ablations": {}},
+        }  # fmt: skip
+        payload = {"meta": meta, "summary": [], "rows": [], "speed": [], "selection": {}}
+
+        def update(selection: dict, rows: list[dict]) -> None:
+            payload["selection"], payload["rows"] = selection, rows
+            if rows:
+                payload["summary"] = summarise(rows, dm.task_names)
+                payload["targets"] = targets(payload["summary"], [], rows)
+            write(out, payload)
+
+        select_and_test(
+            args.models, lrs, select_seeds=args.select_seeds, test_seeds=args.seeds, epochs=args.max_epochs,
+            bs=args.batch_size, dm=dm, on_update=update,
+        )  # fmt: skip
         return
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
@@ -525,7 +695,7 @@ def main() -> None:
         print(f"{name} seed {seed}: test auc_mean {r['test_auc_mean']:.4f} gauc_mean "
               f"{r['test_gauc_mean']:.4f} ({r['wall_s']:.0f} s)", flush=True)  # fmt: skip
         payload["summary"] = summarise(rows, dm.task_names)
-        payload["targets"] = targets(payload["summary"], payload["speed"])
+        payload["targets"] = targets(payload["summary"], payload["speed"], rows)
         write(out, payload)
         plot(rows, out.with_suffix(".png"))
     keys = ("model", "impl", "gauc_mean", "gauc_mean_std", "auc_mean", "train_samples_per_s")
