@@ -57,6 +57,46 @@ def test_task_groups_are_checked_against_the_tasks() -> None:
     assert KuaiRandDataModule(tasks=["long_view", "is_hate"]).task_categories == [[0], [1]]
 
 
+def _bench():  # noqa: ANN202
+    """benchmarks/recsys_kuairand.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "recsys_kuairand_bench", REPO / "benchmarks" / "recsys_kuairand.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_paired_differences_and_select_spec() -> None:
+    bench = _bench()
+
+    def row(model: str, seed: int, g: float) -> dict:
+        return {"model": model, "impl": "moekit", "seed": seed, "test_gauc_mean": g}
+
+    rows = [row("home", s, g) for s, g in [(0, 0.6), (1, 0.5), (2, 0.7)]]
+    rows += [row("mmoe", 0, 0.55), row("mmoe", 1, 0.6), row("ple", 2, 0.65)]
+    rows += [row("home_tuned", 0, 0.61), row("ple_tuned", 0, 0.6)]
+    rows += [{**row("home", 3, 0.9), "impl": "torch-rechub"}, row("mmoe", 3, 0.1)]  # not a moekit pair
+    out = bench.paired(rows)
+    # hand-computed: home - mmoe on the shared seeds 0, 1 = [0.05, -0.1]
+    mm = out["home_minus_mmoe"]
+    assert mm["seeds"] == [0, 1] and mm["wins"] == 1
+    np.testing.assert_allclose(mm["diffs"], [0.05, -0.1], atol=1e-12)
+    np.testing.assert_allclose([mm["mean"], mm["std"]], [-0.025, 0.075], atol=1e-12)
+    assert out["home_minus_ple"]["seeds"] == [2]
+    np.testing.assert_allclose(out["home_minus_ple"]["diffs"], [0.05], atol=1e-12)
+    tuned = bench.paired(rows, "_tuned")
+    assert list(tuned) == ["home_tuned_minus_ple_tuned"] and tuned["home_tuned_minus_ple_tuned"]["seeds"] == [
+        0
+    ]
+    assert bench.parse_select("lr=1e-3,2e-3") == [1e-3, 2e-3]
+    for bad in ("wd=1e-3", "lr=", "lr=fast", "lr=1e-3,1e-3", "lr=0,1e-3"):
+        with pytest.raises(ValueError, match="--select"):
+            bench.parse_select(bad)
+
+
 def test_schema_has_no_outcome_column() -> None:
     schema = kuairand_schema(KUAIRAND_TASKS, history=True, history_len=50, min_count=1)
     assert not set(schema.features) & set(KUAIRAND_LEAKY)
