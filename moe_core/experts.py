@@ -143,12 +143,19 @@ def _resolve_activation(activation: str) -> Callable[[torch.Tensor], torch.Tenso
     return _ACTIVATIONS[check_choice("activation", activation, get_args(Activation))]
 
 
-# d act(g) / d g times an upstream gradient, as the aten ops autograd itself runs for these activations
-_ACT_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "silu": lambda grad, g: torch.ops.aten.silu_backward(grad, g),
-    "gelu": lambda grad, g: torch.ops.aten.gelu_backward(grad, g, approximate="none"),
-    "gelu_tanh": lambda grad, g: torch.ops.aten.gelu_backward(grad, g, approximate="tanh"),
-    "relu": lambda grad, g: torch.ops.aten.threshold_backward(grad, g, 0.0),
+# d act(g) / d g times an upstream gradient, written into ``out``, as the aten ops autograd itself runs for
+# these activations. They write straight into the strided half of the fused ``(P, 2H)`` gradient (the
+# ``.grad_input`` forms) instead of into a new tensor then a copy: silu_backward with the half-view ``g`` and
+# a fresh output took 11.8 ms, the ``grad_input=`` form 4.3 ms (24576 x 256, one thread)
+_ACT_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "silu": lambda grad, g, out: torch.ops.aten.silu_backward.grad_input(grad, g, grad_input=out),
+    "gelu": lambda grad, g, out: torch.ops.aten.gelu_backward.grad_input(
+        grad, g, approximate="none", grad_input=out
+    ),
+    "gelu_tanh": lambda grad, g, out: torch.ops.aten.gelu_backward.grad_input(
+        grad, g, approximate="tanh", grad_input=out
+    ),
+    "relu": lambda grad, g, out: torch.ops.aten.threshold_backward.grad_input(grad, g, 0.0, grad_input=out),
 }
 
 
@@ -187,7 +194,7 @@ class _GatedAct(torch.autograd.Function):
             torch.mul(grad, ws, out=out[:, hdim:]).mul_(a)
         else:
             torch.mul(grad, a, out=out[:, hdim:])
-        out[:, :hdim] = _ACT_GRADS[ctx.activation](t, g)
+        _ACT_GRADS[ctx.activation](t, g, out[:, :hdim])
         return out, grad_ws, None
 
 
