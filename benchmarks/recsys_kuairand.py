@@ -620,20 +620,24 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        payload = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "speed": parts[-1]["speed"]}
+        timed = [p for p in parts if p["speed"]] or parts  # a --select run measures no speed rows
+        payload = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "speed": timed[-1]["speed"]}
         tasks = list(payload["rows"][0]["test_per_task"])
         payload["meta"]["speed"] = {
-            **parts[-1]["meta"].get("speed", {}), "commit": parts[-1]["meta"]["commit"],
-            "date": parts[-1]["meta"]["date"], "from": "the last merged run",
+            **timed[-1]["meta"].get("speed", {}), "commit": timed[-1]["meta"]["commit"],
+            "date": timed[-1]["meta"]["date"], "from": "the last merged run with speed rows",
         }  # fmt: skip
-        payload["meta"]["merged_from"] = [
-            {"commit": p["meta"]["commit"], "date": p["meta"]["date"], "protocol": p["meta"]["protocol"]}
-            for p in parts
-        ]
+        merged: list[dict] = []
+        for p in parts:  # an already merged file contributes the runs it was merged from
+            merged += p["meta"].get("merged_from") or [
+                {"commit": p["meta"]["commit"], "date": p["meta"]["date"], "protocol": p["meta"]["protocol"]}
+            ]
+        payload["meta"]["merged_from"] = merged
         for p in parts[1:]:  # variants run separately keep their settings in the meta
             payload["meta"]["models"]["ablations"].update(p["meta"]["models"].get("ablations", {}))
         seeds = sorted({r["seed"] for r in payload["rows"]})
-        payload["meta"]["protocol"] += f" [merged runs, seeds in all: {seeds}; see merged_from]"
+        base = payload["meta"]["protocol"].split(" [merged runs")[0]
+        payload["meta"]["protocol"] = f"{base} [merged runs, seeds in all: {seeds}; see merged_from]"
         sel = [p for p in parts if p.get("selection")]  # the --select runs' validation records
         if sel:
             payload["selection"] = {m: v for p in sel for m, v in p["selection"].items()}
