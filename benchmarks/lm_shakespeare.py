@@ -78,6 +78,7 @@ VARIANTS: dict[str, dict] = {
     "coe_c2": dict(
         ffn="coe", num_experts=8, top_k=1, expert_hidden=176, coe_iterations=2,
         router_kwargs={"renormalize": False},  # official CoE: raw softmax weight of the selected expert
+        coe_outer_residual=False,  # recorded with the CoE code's residual (LMConfig's earlier default)
     ),
     "evomoe": dict(ffn="evomoe", num_experts=4, top_k=1, expert_hidden=352),
     "top_p": dict(

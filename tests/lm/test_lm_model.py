@@ -103,9 +103,21 @@ def test_coe_one_iteration_with_outer_residual_equals_moe_block():
     moe.load_state_dict({k.replace("ffn.routers.0.", "ffn.router."): v for k, v in sd.items()})
     x = torch.randint(0, V, (2, T))
     torch.testing.assert_close(coe(x).logits, moe(x).logits, rtol=0, atol=0)
-    # with the paper's default (no outer residual, inner residual) the output differs
+    # with the CoE code's default (no outer residual, inner residual) the output differs
     coe.blocks[0].ffn_residual = False
     assert not torch.allclose(coe(x).logits, moe(x).logits)
+
+
+def test_coe_block_keeps_the_residual_stream_by_default():
+    # block output = h + z^C with h = x + attn(norm1(x)) (the stream every other FFN kind keeps); the CoE
+    # code's default (z^C alone) stalled at the unigram loss in the Wikipedia benchmark
+    model = _model(ffn="coe", num_experts=4, top_k=1, coe_iterations=2)
+    block = model.blocks[0]
+    x = torch.randn(2, T, model.config.dim)
+    h = x + block.attn(block.norm1(x))[0]
+    expected = h + block.ffn(block.norm2(h)).output
+    torch.testing.assert_close(block(x)[0], expected)
+    assert not torch.allclose(block(x)[0], block.ffn(block.norm2(h)).output)
 
 
 def test_coe_params_independent_of_iterations_apart_from_routers():
