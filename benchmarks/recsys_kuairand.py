@@ -611,6 +611,10 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--max-epochs", type=int, default=5, help="epochs of every --select run")
     ap.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument(
+        "--select-only", action="store_true",
+        help="with --select: record the candidates' validation scores and the choice, test nothing",
+    )  # fmt: skip
     ap.add_argument("--speed-blocks", type=int, default=5, help="interleaved blocks of the speed comparison")
     ap.add_argument(
         "--merge", nargs="+", metavar="JSON",
@@ -676,6 +680,7 @@ def main() -> None:
         return
     if args.select:
         lrs = parse_select(args.select)
+        test_seeds = [] if args.select_only else args.seeds
         bad = [m for m in args.models if m not in ("mmoe", "ple", "home", "shared_bottom")]
         if bad:
             ap.error(f"--select trains moekit's main models only, got {bad}")
@@ -686,8 +691,9 @@ def main() -> None:
             "protocol": f"--select: equal budget per model: every lr in {lrs} x seeds {args.select_seeds} x "
             f"{args.max_epochs} epochs (Adam, batch {args.batch_size}); a run keeps its best-validation "
             "epoch (mean GAUC); the lr with the best mean of those validation scores is chosen (no test "
-            f"metric before the choice) and tested on seeds {args.seeds} as <model>_tuned rows (a "
-            "selection seed reuses its run)",
+            f"metric before the choice) and tested on seeds {test_seeds} as <model>_tuned rows (a "
+            "selection seed reuses its run); the same runs read by validation mean AUC (lr and epoch) give "
+            "the <model>_tuned_aucsel rows",
             "models": {"ablations": {}},
         }  # fmt: skip
         payload = {"meta": meta, "summary": [], "rows": [], "speed": [], "selection": {}}
@@ -700,7 +706,7 @@ def main() -> None:
             write(out, payload)
 
         select_and_test(
-            args.models, lrs, select_seeds=args.select_seeds, test_seeds=args.seeds, epochs=args.max_epochs,
+            args.models, lrs, select_seeds=args.select_seeds, test_seeds=test_seeds, epochs=args.max_epochs,
             bs=args.batch_size, dm=dm, on_update=update,
         )  # fmt: skip
         return
