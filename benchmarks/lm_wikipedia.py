@@ -211,6 +211,14 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(r)
         print(f"-> {name}: val bpb {r['val_bpb']:.4f} tok/s {r['tokens_per_s']:.0f} "
               f"step {r['step_ms']:.1f} ms steps {r['steps']}", flush=True)
+        write_results(rows, args, base=base, dm=dm, n_val=len(val_x), val_tokens=int(val_y.numel()),
+                      final=name == args.variants.split(",")[-1])
+
+
+def write_results(rows: list[dict], args: argparse.Namespace, *, base: dict, dm: LMDataModule, n_val: int,
+                  val_tokens: int, final: bool) -> None:
+    """Print the table and write the JSON and the plot (atomically); called after every variant, so that a
+    run cut short keeps the variants it finished."""
     dense = next((r for r in rows if r["variant"] == "dense"), None)
     print(f"\n{'variant':12s} {'val bpb':>8s} {'vs dense':>8s} {'tok/s':>7s} {'step ms':>8s} {'x dense':>7s} "
           f"{'total':>9s} {'active':>9s}")
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}",
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit,
         "budget_s": args.budget_s, "shape": base, "batch_size": args.batch_size, "lr": args.lr,
-        "seed": args.seed, "val_windows": len(val_x), "val_tokens": int(val_y.numel()),
+        "seed": args.seed, "val_windows": n_val, "val_tokens": val_tokens,
         "malloc_tuning": allocator_state() or "glibc defaults",
         "load_avg_1m": {"min": min(x for r in rows for x in r["load_avg_1m"]),
                         "max": max(x for r in rows for x in r["load_avg_1m"])},
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     os.replace(tmp, out)
     plot(rows, out.with_suffix(".png"), f"wikipedia_en, BPE {dm.vocab_size}, {args.threads} thread(s), "
          f"equal {args.clock}-clock budget")
-    print(f"wrote {out}")
+    print(f"wrote {out}" + ("" if final else f" ({len(rows)} variant(s) so far)"), flush=True)
 
 
 if __name__ == "__main__":
