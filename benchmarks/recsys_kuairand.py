@@ -433,6 +433,34 @@ def interleaved_speed(dm: KuaiRandDataModule, *, bs: int, blocks: int = 5, steps
     return [{"model": k, "samples_per_s_median": v, "samples_per_s_blocks": rates[k]} for k, v in med.items()]
 
 
+def merge_selections(selections: list[dict], rows: list[dict]) -> dict:
+    """The candidates of several ``--select`` records (a later candidate of the same model and lr replaces an
+    earlier one), the choice per rule made again over all of them, and a check that every ``_tuned`` row
+    was trained with its model's chosen lr (a stale row would otherwise be averaged in silently)."""
+    cands: dict[str, dict[float, dict]] = {}
+    for sel in selections:
+        for model, rec in sel.items():
+            cands.setdefault(model, {}).update({c["lr"]: c for c in rec["candidates"]})
+    out = {}
+    for model, by_lr in cands.items():
+        rec: dict = {"candidates": [by_lr[lr] for lr in sorted(by_lr)]}
+        for rule in RULES:
+            chosen = max(rec["candidates"], key=lambda c, r=rule: c[f"val_{r}"])
+            rec[f"chosen_lr_by_val_{rule}"], rec[f"chosen_val_{rule}"] = chosen["lr"], chosen[f"val_{rule}"]
+        out[model] = rec
+    for r in rows:
+        for rule, suffix in RULES.items():
+            base = r["model"][: -len(suffix)] if r["model"].endswith(suffix) else None
+            want = out[base][f"chosen_lr_by_val_{rule}"] if base in out else None
+            if want is not None and r["lr"] != want:
+                raise ValueError(
+                    f"row {r['model']} seed {r['seed']} was trained with lr {r['lr']:g}, but the merged "
+                    f"selection chooses lr {want:g} for {base} by val {rule}: merge the run of the chosen lr "
+                    "after it"
+                )
+    return out
+
+
 def summarise(rows: list[dict], tasks: list[str]) -> list[dict]:
     out = []
     for model, impl in dict.fromkeys((r["model"], r["impl"]) for r in rows):
@@ -625,7 +653,10 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         timed = [p for p in parts if p["speed"]] or parts  # a --select run measures no speed rows
-        payload = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "speed": timed[-1]["speed"]}
+        by_key: dict = {}  # a later run's row replaces an earlier one of the same model, impl and seed
+        for p in parts:
+            by_key.update({(r["model"], r["impl"], r["seed"]): r for r in p["rows"]})
+        payload = {**parts[0], "rows": list(by_key.values()), "speed": timed[-1]["speed"]}
         tasks = list(payload["rows"][0]["test_per_task"])
         payload["meta"]["speed"] = {
             **timed[-1]["meta"].get("speed", {}), "commit": timed[-1]["meta"]["commit"],
@@ -644,8 +675,10 @@ def main() -> None:
         payload["meta"]["protocol"] = f"{base} [merged runs, seeds in all: {seeds}; see merged_from]"
         sel = [p for p in parts if p.get("selection")]  # the --select runs' validation records
         if sel:
-            payload["selection"] = {m: v for p in sel for m, v in p["selection"].items()}
-            payload["meta"]["selection_protocol"] = sel[-1]["meta"]["protocol"]
+            payload["selection"] = merge_selections([p["selection"] for p in sel], payload["rows"])
+            payload["meta"]["selection_protocol"] = " | ".join(
+                dict.fromkeys(p["meta"].get("selection_protocol", p["meta"]["protocol"]) for p in sel)
+            )
         payload["summary"] = summarise(payload["rows"], tasks)
         payload["targets"] = targets(payload["summary"], payload["speed"], payload["rows"])
         write(Path(args.out), payload)

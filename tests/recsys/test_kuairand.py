@@ -97,6 +97,29 @@ def test_benchmark_paired_differences_and_select_spec() -> None:
             bench.parse_select(bad)
 
 
+def test_benchmark_merged_selection_chooses_again_and_rejects_stale_rows() -> None:
+    bench = _bench()
+
+    def cand(lr: float, g: float, a: float) -> dict:
+        return {"lr": lr, "val_gauc_mean": g, "val_auc_mean": a, "runs": []}
+
+    first = {"mmoe": {"candidates": [cand(1e-3, 0.60, 0.71), cand(2e-3, 0.61, 0.72)]}}
+    later = {"mmoe": {"candidates": [cand(4e-3, 0.62, 0.70)]}, "home": {"candidates": [cand(2e-3, 0.5, 0.6)]}}
+    rows = [
+        {"model": "mmoe_tuned", "seed": 0, "lr": 4e-3},  # by val GAUC: 4e-3 (0.62)
+        {"model": "mmoe_tuned_aucsel", "seed": 0, "lr": 2e-3},  # by val AUC: 2e-3 (0.72)
+        {"model": "mmoe", "seed": 0, "lr": 1.0},  # not a tuned row: never checked
+    ]
+    out = bench.merge_selections([first, later], rows)
+    assert [c["lr"] for c in out["mmoe"]["candidates"]] == [1e-3, 2e-3, 4e-3]
+    assert out["mmoe"]["chosen_lr_by_val_gauc_mean"] == 4e-3 and out["mmoe"]["chosen_val_gauc_mean"] == 0.62
+    assert (
+        out["mmoe"]["chosen_lr_by_val_auc_mean"] == 2e-3 and out["home"]["chosen_lr_by_val_auc_mean"] == 2e-3
+    )
+    with pytest.raises(ValueError, match=r"mmoe_tuned seed 0 was trained with lr 0.002.*chooses lr 0.004"):
+        bench.merge_selections([first, later], [{"model": "mmoe_tuned", "seed": 0, "lr": 2e-3}])
+
+
 def test_schema_has_no_outcome_column() -> None:
     schema = kuairand_schema(KUAIRAND_TASKS, history=True, history_len=50, min_count=1)
     assert not set(schema.features) & set(KUAIRAND_LEAKY)
