@@ -277,6 +277,15 @@ def parse_select(spec: str) -> list[float]:
 RULES = {"gauc_mean": "_tuned", "auc_mean": "_tuned_aucsel"}  # validation metric -> row suffix
 
 
+def choose(cands: list[dict]) -> dict:
+    """A model's selection record: its candidates and, per rule, the lr with the best validation score."""
+    rec: dict = {"candidates": cands}
+    for rule in RULES:
+        chosen = max(cands, key=lambda c, r=rule: c[f"val_{r}"])
+        rec[f"chosen_lr_by_val_{rule}"], rec[f"chosen_val_{rule}"] = chosen["lr"], chosen[f"val_{rule}"]
+    return rec
+
+
 def select_and_test(
     models: list[str],
     lrs: list[float],
@@ -321,11 +330,7 @@ def select_and_test(
             cands.append(cand)
             print(f"select {name} lr {lr:g}: mean best valid gauc_mean {cand['val_gauc_mean']:.4f}, "
                   f"auc_mean {cand['val_auc_mean']:.4f}", flush=True)  # fmt: skip
-        selection[name] = {"candidates": cands}
-        for rule in RULES:
-            chosen = max(cands, key=lambda c, r=rule: c[f"val_{r}"])
-            selection[name][f"chosen_lr_by_val_{rule}"] = chosen["lr"]
-            selection[name][f"chosen_val_{rule}"] = chosen[f"val_{rule}"]
+        selection[name] = choose(cands)
         chosen_lrs = {selection[name][f"chosen_lr_by_val_{rule}"] for rule in RULES}
         for key in [k for k in kept if k[0] == name and k[1] not in chosen_lrs]:
             del kept[key]  # only the chosen settings' networks are ever tested
@@ -443,11 +448,7 @@ def merge_selections(selections: list[dict], rows: list[dict]) -> dict:
             cands.setdefault(model, {}).update({c["lr"]: c for c in rec["candidates"]})
     out = {}
     for model, by_lr in cands.items():
-        rec: dict = {"candidates": [by_lr[lr] for lr in sorted(by_lr)]}
-        for rule in RULES:
-            chosen = max(rec["candidates"], key=lambda c, r=rule: c[f"val_{r}"])
-            rec[f"chosen_lr_by_val_{rule}"], rec[f"chosen_val_{rule}"] = chosen["lr"], chosen[f"val_{rule}"]
-        out[model] = rec
+        out[model] = choose([by_lr[lr] for lr in sorted(by_lr)])
     for r in rows:
         for rule, suffix in RULES.items():
             base = r["model"][: -len(suffix)] if r["model"].endswith(suffix) else None
