@@ -17,8 +17,7 @@ HAS_GMM = grouped_mm_works(torch.device("cpu"), torch.float32)
 ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
 
 
-def _plain_gated(gu: torch.Tensor, ws: torch.Tensor | None, activation: str) -> torch.Tensor:
-    g, u = gu.chunk(2, dim=1)
+def _plain_gated(g: torch.Tensor, u: torch.Tensor, ws: torch.Tensor | None, activation: str) -> torch.Tensor:
     h = _ACTIVATIONS[activation](g) * u
     return h if ws is None else h * ws
 
@@ -27,14 +26,15 @@ def _plain_gated(gu: torch.Tensor, ws: torch.Tensor | None, activation: str) -> 
 @pytest.mark.parametrize("scaled", [True, False])
 def test_gated_act_matches_autograd(activation, scaled):
     gen = torch.Generator().manual_seed(len(activation) + scaled)
-    gu = torch.randn(37, 10, generator=gen, dtype=torch.float64)
-    gu[0, 0] = 0.0  # relu's kink: both take the derivative 0 there
+    g = torch.randn(37, 5, generator=gen, dtype=torch.float64)
+    g[0, 0] = 0.0  # relu's kink: both take the derivative 0 there
+    u = torch.randn(37, 5, generator=gen, dtype=torch.float64)
     ws = torch.rand(37, 1, generator=gen, dtype=torch.float64) if scaled else None
     grad = torch.randn(37, 5, generator=gen, dtype=torch.float64)
-    ins = [gu.clone().requires_grad_(), None if ws is None else ws.clone().requires_grad_()]
-    ref = [gu.clone().requires_grad_(), None if ws is None else ws.clone().requires_grad_()]
-    out = _GatedAct.apply(ins[0], ins[1], activation)
-    want = _plain_gated(ref[0], ref[1], activation)
+    ins = [t if t is None else t.clone().requires_grad_() for t in (g, u, ws)]
+    ref = [t if t is None else t.clone().requires_grad_() for t in (g, u, ws)]
+    out = _GatedAct.apply(*ins, activation)
+    want = _plain_gated(*ref, activation)
     torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
     out.backward(grad)
     want.backward(grad)
@@ -45,9 +45,10 @@ def test_gated_act_matches_autograd(activation, scaled):
 
 def test_gated_act_gradcheck():
     gen = torch.Generator().manual_seed(0)
-    gu = torch.randn(6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     ws = torch.rand(6, 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: _GatedAct.apply(a, b, "silu"), (gu, ws))
+    assert torch.autograd.gradcheck(lambda a, b, c: _GatedAct.apply(a, b, c, "silu"), (g, u, ws))
 
 
 @pytest.mark.skipif(not HAS_GMM, reason="torch grouped_mm not available")
@@ -130,7 +131,7 @@ def test_gated_act_is_used_by_the_grouped_bank(monkeypatch):
         pytest.skip("torch grouped_mm not available")
     calls = []
     real = _GatedAct.apply
-    monkeypatch.setattr(_GatedAct, "apply", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(_GatedAct, "apply", lambda *a: calls.append(a[3]) or real(*a))
     bank = SwiGLUExperts(num_experts=3, dim=16, hidden_dim=4, backend="grouped_mm", activation="gelu")
     bank(torch.randn(5, 16), torch.randint(0, 3, (5, 2)), torch.rand(5, 2))
     assert calls == ["gelu"]
