@@ -117,8 +117,7 @@ def set_expert_weights(bank: nn.Module, gate: torch.Tensor, up: torch.Tensor, do
     bank = unwrap_bank(bank)
     e, _, h = gate.shape
     if is_moekit_bank(bank):
-        bank.gate_proj = nn.Parameter(gate.detach().clone().contiguous())
-        bank.up_proj = nn.Parameter(up.detach().clone().contiguous())
+        bank.gate_up_proj = nn.Parameter(torch.cat([gate.detach(), up.detach()], dim=-1))  # (E, D, 2H)
         bank.down_proj = nn.Parameter(down.detach().clone().contiguous())
         bank.num_experts, bank.hidden_dim = e, h
     elif is_hf_bank(bank):

@@ -16,7 +16,8 @@ Backends (``backend`` argument):
 
 * ``grouped_mm``: one stable sort of the ``N*K`` (token, slot) pairs by expert id, one gather, one
   ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) per projection (for SwiGLU the gate and up
-  projections as two GEMMs, their activation and the combine weights fused in :class:`_GatedAct`) with
+  projections as one GEMM of width 2H on the fused ``gate_up_proj``, its activation and the combine weights
+  fused in :class:`_GatedAct`) with
   device-side int32 group offsets, one gather-sum (``embedding_bag``) back to tokens. No host
   synchronisation. Masked slots get the sentinel id ``E`` so that the sort moves them behind the last group;
   the kernel skips those rows (their outputs are uninitialised and are zeroed with ``masked_fill`` before
@@ -161,40 +162,42 @@ _ACT_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch
 
 
 class _GatedAct(torch.autograd.Function):
-    """``act(g) * u * ws`` from the gate and up projections ``g, u (P, H)``; ``ws (P, 1)`` or None.
+    """``act(g) * u * ws`` from the fused projection ``gu = [g | u] (P, 2H)``; ``ws (P, 1)`` or None.
 
-    One pass per product in each direction: ``d g = act'(g) * (grad * u * ws)``, ``d u = grad * act(g) * ws``,
-    ``d ws = sum_h grad * act(g) * u`` (autograd of ``act -> mul -> mul`` takes extra passes for the scale).
-    ``g`` and ``u`` come from two grouped GEMMs, not from one of width 2H: element-wise kernels on the halves
-    of a ``(P, 2H)`` buffer run about 2x slower than on contiguous ``(P, H)`` tensors (strided rows), and the
-    fused GEMM needs its weights concatenated every step and its weight gradient split and copied back [M].
+    Autograd of ``chunk -> act -> mul -> mul`` ends in a ``cat`` of the two halves' gradients (a copy of the
+    whole ``(P, 2H)`` gradient) and takes two passes for the scale; this backward writes both halves straight
+    into one ``(P, 2H)`` buffer: ``d g = act'(g) * (grad * u * ws)``, ``d u = grad * act(g) * ws``,
+    ``d ws = sum_h grad * act(g) * u``.
     """
 
     @staticmethod
-    def forward(ctx, g, u, ws, activation):  # noqa: ANN001, ANN205
-        a = _ACTIVATIONS[activation](g)  # (P, H)
-        h = a * u  # (P, H)
+    def forward(ctx, gu, ws, activation):  # noqa: ANN001, ANN205
+        hdim = gu.shape[1] // 2
+        a = _ACTIVATIONS[activation](gu[:, :hdim])  # (P, H)
+        h = a * gu[:, hdim:]  # (P, H)
         if ws is not None:
             h.mul_(ws)
-        ctx.save_for_backward(g, u, a, ws)
+        ctx.save_for_backward(gu, a, ws)
         ctx.activation = activation
         return h
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        g, u, a, ws = ctx.saved_tensors
-        grad = grad.contiguous()
+        gu, a, ws = ctx.saved_tensors
+        hdim = gu.shape[1] // 2
+        g, u = gu[:, :hdim], gu[:, hdim:]
+        out = torch.empty_like(gu)  # (P, 2H): [d g | d u]
         t = grad * u  # (P, H) grad * u
         grad_ws = None
         if ws is not None:
-            if ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[1]:
                 grad_ws = torch.linalg.vecdot(t, a, dim=1)[:, None]  # (P, 1)
             t.mul_(ws)
-            grad_u = (grad * ws).mul_(a)  # (P, H)
+            torch.mul(grad, ws, out=out[:, hdim:]).mul_(a)
         else:
-            grad_u = grad * a  # (P, H)
-        grad_g = _ACT_GRADS[ctx.activation](t, g, torch.empty_like(g))  # (P, H)
-        return grad_g, grad_u, grad_ws, None
+            torch.mul(grad, a, out=out[:, hdim:])
+        _ACT_GRADS[ctx.activation](t, g, out[:, :hdim])
+        return out, grad_ws, None
 
 
 def _grouped_mm_op() -> Callable[..., torch.Tensor] | None:
@@ -368,7 +371,13 @@ class _ExpertBank(nn.Module):
         self.last_backend: str | None = None  # the backend the last forward ran (see _note_backend)
 
     def _weights3d(self) -> tuple[torch.Tensor, ...]:
+        """The stacked weight parameters, first ``(E, D, *)``, last the down projection ``(E, H, D)``."""
         raise NotImplementedError
+
+    def _dim_hidden(self) -> tuple[int, int]:
+        """``(D, H)`` read from the down projection (banks may be resharded or called with other weights)."""
+        h, d = self._weights3d()[-1].shape[1:]
+        return d, h
 
     def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
         """Sorted rows ``(P, D)``, group ends ``offs (E,)``, row scales ``(P, 1)`` or None -> ``(P, D)``."""
@@ -391,7 +400,7 @@ class _ExpertBank(nn.Module):
             x.dtype in _GMM_DTYPES
             and all(w.dtype == x.dtype for w in ws)
             and all(_aligned(w) for w in ws)
-            and _dims_aligned(x.dtype, ws[0].shape[-2], ws[0].shape[-1])
+            and all(_dims_aligned(x.dtype, w.shape[-2], w.shape[-1]) for w in ws)
             and grouped_mm_works(x.device, x.dtype)
         )
 
@@ -400,7 +409,7 @@ class _ExpertBank(nn.Module):
             raise RuntimeError(
                 f"backend='grouped_mm' cannot run here: needs torch grouped_mm on {x.device} for dtype "
                 f"{x.dtype} (float32/bfloat16/float16), weights of the input's dtype, and D, H whose rows "
-                f"are multiples of 16 bytes (got D, H = {tuple(self._weights3d()[0].shape[1:])}); "
+                f"are multiples of 16 bytes (got D, H = {self._dim_hidden()}); "
                 "use backend='auto' or 'loop'"
             )
 
@@ -486,10 +495,11 @@ class _ExpertBank(nn.Module):
         if used and len(counts_host) * cap <= _PAD_WASTE * used:
             # balanced: the padding's wasted FLOPs against one kernel call per expert and projection
             w = self._weights3d()[0]
+            macs_per_row = math.prod(self._dim_hidden())  # D * H: one projection
             if not self._grouped_mm_ok(x):
                 return "padded", counts_host
             if (
-                used * w.shape[1] * w.shape[2] >= _TUNE_MIN_MACS
+                used * macs_per_row >= _TUNE_MIN_MACS
                 and _tuning_enabled()
                 and not torch.compiler.is_compiling()
             ):
@@ -500,7 +510,7 @@ class _ExpertBank(nn.Module):
                 if key not in _TUNERS:
                     _TUNERS[key] = _Tuner(("grouped_mm", "padded"))
                 return _TUNERS[key], counts_host
-            pad_macs = (len(counts_host) * cap - used) * w.shape[1] * w.shape[2]
+            pad_macs = (len(counts_host) * cap - used) * macs_per_row
             return ("padded" if pad_macs <= len(counts_host) * _CALL_MACS else "grouped_mm"), counts_host
         return ("grouped_mm" if self._grouped_mm_ok(x) else "loop"), counts_host
 
@@ -588,9 +598,15 @@ class SwiGLUExperts(_ExpertBank):
         backend: dispatch backend (see module docstring).
         activation: gating activation (``silu`` for SwiGLU).
 
-    Weights: ``gate_proj``/``up_proj`` ``(E, D, H)``, ``down_proj`` ``(E, H, D)`` in ``x @ W`` layout; expert
-    ``e`` equals :class:`moe_core.layer.SwiGLU` with weights ``gate_proj[e]``, ``up_proj[e]``,
-    ``down_proj[e]``.
+    Weights, in ``x @ W`` layout: the parameter ``gate_up_proj (E, D, 2H)`` holds the gate columns then the
+    up columns (``[gate | up]``), ``down_proj (E, H, D)``. ``gate_proj`` and ``up_proj`` ``(E, D, H)`` are
+    views of its two halves (read them, or write them in place under ``torch.no_grad()``). Expert ``e``
+    equals :class:`moe_core.layer.SwiGLU` with weights ``gate_proj[e]``, ``up_proj[e]``, ``down_proj[e]``.
+
+    One fused parameter, not two, because the grouped and loop backends multiply by ``[gate | up]`` as one
+    GEMM of width 2H: with two parameters every step concatenated them (``E*D*2H`` floats, 67 MB at E=64,
+    D=512, H=256) and copied the halves of the weight gradient back out [M]. State dicts of the former
+    layout (keys ``gate_proj``/``up_proj``) still load; they are fused on the way in.
     """
 
     def __init__(
@@ -605,19 +621,40 @@ class SwiGLUExperts(_ExpertBank):
         super().__init__(
             num_experts=num_experts, dim=dim, hidden_dim=hidden_dim, backend=backend, activation=activation
         )
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters()
 
+    @property
+    def gate_proj(self) -> torch.Tensor:
+        """``(E, D, H)`` view of the gate columns of ``gate_up_proj``."""
+        return self.gate_up_proj[..., : self.gate_up_proj.shape[-1] // 2]
+
+    @property
+    def up_proj(self) -> torch.Tensor:
+        """``(E, D, H)`` view of the up columns of ``gate_up_proj``."""
+        return self.gate_up_proj[..., self.gate_up_proj.shape[-1] // 2 :]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        """Fuse a checkpoint of the two-parameter layout (``gate_proj``, ``up_proj`` ``(E, D, H)``) into
+        ``gate_up_proj (E, D, 2H)`` first (a method, not a registered hook: pickled modules stay plain)."""
+        g, u = prefix + "gate_proj", prefix + "up_proj"
+        if g in state_dict and u in state_dict and prefix + "gate_up_proj" not in state_dict:
+            state_dict[prefix + "gate_up_proj"] = torch.cat([state_dict.pop(g), state_dict.pop(u)], dim=-1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_parameters(self) -> None:
-        """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` per projection (the ``nn.Linear`` default bound)."""
-        for w, fan_in in (
-            (self.gate_proj, self.dim),
-            (self.up_proj, self.dim),
-            (self.down_proj, self.hidden_dim),
-        ):
-            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` per projection (the ``nn.Linear`` default bound).
+
+        Gate, up, down drawn in that order, each as one contiguous ``(E, D, H)`` block: the same numbers for a
+        given seed as when gate and up were two parameters.
+        """
+        e, d, h = self.num_experts, self.dim, self.hidden_dim
+        with torch.no_grad():
+            for view in (self.gate_proj, self.up_proj):
+                block = torch.empty(e, d, h, device=view.device, dtype=view.dtype)
+                view.copy_(nn.init.uniform_(block, -1 / math.sqrt(d), 1 / math.sqrt(d)))
+        nn.init.uniform_(self.down_proj, -1 / math.sqrt(h), 1 / math.sqrt(h))
 
     def extra_repr(self) -> str:
         return (
@@ -626,32 +663,29 @@ class SwiGLUExperts(_ExpertBank):
         )
 
     def _weights3d(self) -> tuple[torch.Tensor, ...]:
-        return self.gate_proj, self.up_proj, self.down_proj
+        return self.gate_up_proj, self.down_proj
 
-    def _gate_up(self) -> torch.Tensor:
-        # one GEMM of width 2H instead of two of width H: fewer kernel calls (parallel regions) per expert
-        return torch.cat([self.gate_proj, self.up_proj], dim=2)  # (E, D, 2H)
-
-    def _gated(self, g: torch.Tensor, u: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
-        """``act(g) * u`` of ``g, u (P, H)``, scaled by ``ws (P, 1)`` when given -> ``(P, H)``."""
+    def _gated(self, gu: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
+        """``act(g) * u`` of ``gu = [g | u] (P, 2H)``, scaled by ``ws (P, 1)`` when given -> ``(P, H)``."""
         if self.activation in _ACT_GRADS and self.act is _ACTIVATIONS[self.activation]:
-            return _GatedAct.apply(g, u, ws, self.activation)  # type: ignore[no-any-return]
+            return _GatedAct.apply(gu, ws, self.activation)  # type: ignore[no-any-return]
+        g, u = gu.chunk(2, dim=1)  # (P, H), (P, H)
         h = self.act(g) * u  # (P, H)
         return h if ws is None else h * ws
 
     def _ffn_grouped(self, xs: torch.Tensor, offs: torch.Tensor, ws: torch.Tensor | None) -> torch.Tensor:
-        g, u = _gmm(xs, self.gate_proj, offs), _gmm(xs, self.up_proj, offs)  # (P, H), (P, H)
+        gu = _gmm(xs, self.gate_up_proj, offs)  # (P, 2H)
         if ws is not None and self.hidden_dim < self.down_proj.shape[-1]:
             # scale the narrower side (see _scaled_down), inside the fused activation
-            return _gmm(self._gated(g, u, ws), self.down_proj, offs)  # (P, D)
-        return _scaled_down(self._gated(g, u, None), self.down_proj, ws, partial(_gmm, offs=offs))  # (P, D)
+            return _gmm(self._gated(gu, ws), self.down_proj, offs)  # (P, D)
+        return _scaled_down(self._gated(gu, None), self.down_proj, ws, partial(_gmm, offs=offs))  # (P, D)
 
     def _ffn_batched(self, xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-        h = self.act(torch.bmm(xb, self.gate_proj)) * torch.bmm(xb, self.up_proj)  # (E, C, H)
-        return _scaled_down(h, self.down_proj, wb)  # (E, C, D)
+        g, u = torch.bmm(xb, self.gate_up_proj).chunk(2, dim=2)  # (E, C, H), (E, C, H)
+        return _scaled_down(self.act(g) * u, self.down_proj, wb)  # (E, C, D)
 
     def _ffn_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        gate_ups, downs = self._gate_up().unbind(0), self.down_proj.unbind(0)  # unbind once, never W[e]
+        gate_ups, downs = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)  # unbind once, never W[e]
         outs, start = [], 0
         for e, c in enumerate(counts):
             if c:

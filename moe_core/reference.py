@@ -70,6 +70,15 @@ def swiglu_expert_fn(
     return lambda e, xr: (act(xr @ gate[e]) * (xr @ up[e])) @ down[e]
 
 
+def fused_swiglu_expert_fn(
+    gate_up: torch.Tensor, down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> ExpertFn:
+    """:func:`swiglu_expert_fn` of a bank's parameters as stored: ``gate_up (E, D, 2H)`` (gate columns first),
+    ``down (E, H, D)``; gradients reach ``gate_up`` through its two halves."""
+    gate, up = gate_up.chunk(2, dim=-1)  # (E, D, H) views
+    return swiglu_expert_fn(gate, up, down, act)
+
+
 def mlp_expert_fn(
     up: torch.Tensor, down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
 ) -> ExpertFn:

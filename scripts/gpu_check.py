@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe_core.experts import SwiGLUExperts, grouped_mm_works  # noqa: E402
-from moe_core.reference import reference_moe, swiglu_expert_fn  # noqa: E402
+from moe_core.reference import fused_swiglu_expert_fn, reference_moe  # noqa: E402
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2}  # max |err| / max |ref|, forward and every gradient
 
@@ -45,8 +45,8 @@ def dispatch_check(device: torch.device, backend: str, dtype: torch.dtype, scena
     # reference in float64 on CPU with the same weights
     params = {name: p.detach().double().cpu().requires_grad_() for name, p in bank.named_parameters()}
     xr = x.detach().double().cpu().requires_grad_()
-    ref = reference_moe(xr, idx, w.double(), mask, swiglu_expert_fn(
-        params["gate_proj"], params["up_proj"], params["down_proj"]))
+    ref = reference_moe(xr, idx, w.double(), mask, fused_swiglu_expert_fn(
+        params["gate_up_proj"], params["down_proj"]))
     ref.backward(up.double())
     pairs = [("out", out.detach(), ref.detach()), ("grad_x", x.grad, xr.grad)]
     pairs += [(f"grad_{nm}", p.grad, params[nm].grad) for nm, p in bank.named_parameters()]

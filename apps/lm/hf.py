@@ -12,8 +12,8 @@ Layout differences handled here [D]:
   ``(2j, 2j+1)``. The query and key rows of every head are permuted (``_half_to_pairs``); attention scores are
   unchanged (the same permutation on q and k, the same frequency per pair), so are q/k biases and q/k norm
   weights (permuted alike).
-* Fused ``qkv`` (moekit) vs ``q_proj``/``k_proj``/``v_proj``; expert banks ``(E, D, H)`` (moekit ``x @ W``)
-  vs ``gate_up_proj (E, 2H, D)`` / ``down_proj (E, D, H)``.
+* Fused ``qkv`` (moekit) vs ``q_proj``/``k_proj``/``v_proj``; expert banks ``gate_up_proj (E, D, 2H)`` /
+  ``down_proj (E, H, D)`` (moekit ``x @ W``) vs ``gate_up_proj (E, 2H, D)`` / ``down_proj (E, D, H)``.
 * Qwen2-MoE's shared expert always has a sigmoid gate. A moekit shared expert without gate (DeepSeekMoE) is
   exported with a zero gate (``sigmoid(0) = 1/2``) and a doubled down projection: exact in floating point.
 """
@@ -157,9 +157,8 @@ def from_hf(hf_model: nn.Module, *, context_len: int | None = None) -> Transform
         if lm_cfg.sparse_layer(i):
             out[f + "router.gate.weight"] = sd[m + "gate.weight"]
             gu, down = sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"]  # (E, 2H, D), (E, D, H)
-            hh = gu.shape[1] // 2
-            out[f + "experts.gate_proj"] = gu[:, :hh, :].transpose(1, 2).contiguous()  # (E, D, H)
-            out[f + "experts.up_proj"] = gu[:, hh:, :].transpose(1, 2).contiguous()  # (E, D, H)
+            # both store the gate rows/columns first: a transpose is the whole conversion
+            out[f + "experts.gate_up_proj"] = gu.transpose(1, 2).contiguous()  # (E, D, 2H)
             out[f + "experts.down_proj"] = down.transpose(1, 2).contiguous()  # (E, H, D)
             if lm_cfg.num_shared_experts:
                 for n in ("gate_proj", "up_proj", "down_proj"):
@@ -279,10 +278,8 @@ def to_hf(model: TransformerLM, family: Family | None = None) -> nn.Module:
         m, f = p + "mlp.", q + "ffn."
         if cfg.sparse_layer(i):
             out[m + "gate.weight"] = sd[f + "router.gate.weight"]
-            gate, up = sd[f + "experts.gate_proj"], sd[f + "experts.up_proj"]  # (E, D, H)
-            down = sd[f + "experts.down_proj"]  # (E, H, D)
-            gu = torch.cat([gate.transpose(1, 2), up.transpose(1, 2)], 1)  # (E, 2H, D)
-            out[m + "experts.gate_up_proj"] = gu
+            gu, down = sd[f + "experts.gate_up_proj"], sd[f + "experts.down_proj"]  # (E, D, 2H), (E, H, D)
+            out[m + "experts.gate_up_proj"] = gu.transpose(1, 2).contiguous()  # (E, 2H, D)
             out[m + "experts.down_proj"] = down.transpose(1, 2).contiguous()  # (E, D, H)
             if cfg.num_shared_experts:
                 for n in ("gate_proj", "up_proj"):

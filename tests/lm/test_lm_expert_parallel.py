@@ -68,5 +68,5 @@ def test_expert_parallel_lm_equals_single_process(ranks, name):
         torch.testing.assert_close(g, grads[n], **GRAD_TOL, msg=n)
     # the comparison is not vacuous: every routed expert and every router got gradient
     for s in sparse:
-        assert bool((grads[f"{s}.experts.gate_proj"].flatten(1).abs().sum(1) > 0).all()), s
+        assert bool((grads[f"{s}.experts.gate_up_proj"].flatten(1).abs().sum(1) > 0).all()), s
         assert float(grads[f"{s}.router.gate.weight"].abs().sum()) > 0, s

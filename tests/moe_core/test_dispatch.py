@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import moe_core.experts as experts_mod
 from moe_core.experts import MLPExperts, SwiGLUExperts, grouped_mm_works
-from moe_core.reference import mlp_expert_fn, reference_moe, swiglu_expert_fn
+from moe_core.reference import fused_swiglu_expert_fn, mlp_expert_fn, reference_moe
 
 E, D, H, K = 5, 8, 12, 3  # D, H multiples of 4: grouped_mm's 16-byte stride rule holds in float32
 
@@ -63,7 +63,7 @@ def _routing(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, tor
 def _reference(bank: torch.nn.Module) -> tuple[list[torch.Tensor], object]:
     ps = [p.detach().double().requires_grad_() for p in bank.parameters()]
     if isinstance(bank, SwiGLUExperts):
-        return ps, swiglu_expert_fn(*ps)
+        return ps, fused_swiglu_expert_fn(*ps)
     return ps, mlp_expert_fn(*ps, F.gelu)
 
 
@@ -257,7 +257,7 @@ def test_bfloat16_bank_runs_and_tracks_float32():
     ref = bank(x, idx, w)
     out = bank.to(torch.bfloat16)(x.bfloat16().requires_grad_(), idx, w)
     out.float().sum().backward()
-    assert out.dtype == torch.bfloat16 and bank.gate_proj.grad.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and bank.gate_up_proj.grad.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
 
 

@@ -11,13 +11,14 @@ import torch
 
 import moe_core.experts as experts_mod
 from moe_core.experts import _ACTIVATIONS, SwiGLUExperts, _GatedAct, _gather_sum, grouped_mm_works
-from moe_core.reference import reference_moe, swiglu_expert_fn
+from moe_core.reference import fused_swiglu_expert_fn, reference_moe
 
 HAS_GMM = grouped_mm_works(torch.device("cpu"), torch.float32)
 ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
 
 
-def _plain_gated(g: torch.Tensor, u: torch.Tensor, ws: torch.Tensor | None, activation: str) -> torch.Tensor:
+def _plain_gated(gu: torch.Tensor, ws: torch.Tensor | None, activation: str) -> torch.Tensor:
+    g, u = gu.chunk(2, dim=1)
     h = _ACTIVATIONS[activation](g) * u
     return h if ws is None else h * ws
 
@@ -26,15 +27,14 @@ def _plain_gated(g: torch.Tensor, u: torch.Tensor, ws: torch.Tensor | None, acti
 @pytest.mark.parametrize("scaled", [True, False])
 def test_gated_act_matches_autograd(activation, scaled):
     gen = torch.Generator().manual_seed(len(activation) + scaled)
-    g = torch.randn(37, 5, generator=gen, dtype=torch.float64)
-    g[0, 0] = 0.0  # relu's kink: both take the derivative 0 there
-    u = torch.randn(37, 5, generator=gen, dtype=torch.float64)
+    gu = torch.randn(37, 10, generator=gen, dtype=torch.float64)
+    gu[0, 0] = 0.0  # relu's kink: both take the derivative 0 there
     ws = torch.rand(37, 1, generator=gen, dtype=torch.float64) if scaled else None
     grad = torch.randn(37, 5, generator=gen, dtype=torch.float64)
-    ins = [t if t is None else t.clone().requires_grad_() for t in (g, u, ws)]
-    ref = [t if t is None else t.clone().requires_grad_() for t in (g, u, ws)]
-    out = _GatedAct.apply(*ins, activation)
-    want = _plain_gated(*ref, activation)
+    ins = [gu.clone().requires_grad_(), None if ws is None else ws.clone().requires_grad_()]
+    ref = [gu.clone().requires_grad_(), None if ws is None else ws.clone().requires_grad_()]
+    out = _GatedAct.apply(ins[0], ins[1], activation)
+    want = _plain_gated(ref[0], ref[1], activation)
     torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
     out.backward(grad)
     want.backward(grad)
@@ -45,10 +45,9 @@ def test_gated_act_matches_autograd(activation, scaled):
 
 def test_gated_act_gradcheck():
     gen = torch.Generator().manual_seed(0)
-    g = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    u = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    gu = torch.randn(6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     ws = torch.rand(6, 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: _GatedAct.apply(a, b, c, "silu"), (g, u, ws))
+    assert torch.autograd.gradcheck(lambda a, b: _GatedAct.apply(a, b, "silu"), (gu, ws))
 
 
 @pytest.mark.skipif(not HAS_GMM, reason="torch grouped_mm not available")
@@ -72,7 +71,7 @@ def test_grouped_swiglu_bank_matches_reference(activation, dim, hidden, masked):
 
     ps = [p.detach().double().requires_grad_() for p in bank.parameters()]
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = reference_moe(xr, idx, wr, mask, swiglu_expert_fn(*ps, act=_ACTIVATIONS[activation]))
+    ref = reference_moe(xr, idx, wr, mask, fused_swiglu_expert_fn(*ps, act=_ACTIVATIONS[activation]))
     (ref * g.double()).sum().backward()
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
     for got, want in [(x, xr), (w, wr), *zip(bank.parameters(), ps, strict=True)]:
@@ -131,7 +130,7 @@ def test_gated_act_is_used_by_the_grouped_bank(monkeypatch):
         pytest.skip("torch grouped_mm not available")
     calls = []
     real = _GatedAct.apply
-    monkeypatch.setattr(_GatedAct, "apply", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(_GatedAct, "apply", lambda *a: calls.append(a[2]) or real(*a))
     bank = SwiGLUExperts(num_experts=3, dim=16, hidden_dim=4, backend="grouped_mm", activation="gelu")
     bank(torch.randn(5, 16), torch.randint(0, 3, (5, 2)), torch.rand(5, 2))
     assert calls == ["gelu"]
@@ -245,7 +244,7 @@ def test_padded_bank_with_and_without_bags_matches_reference(monkeypatch, masked
     (bank(x, idx, w, mask) * g).sum().backward()
     ps = [p.detach().clone().requires_grad_() for p in bank.parameters()]
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    ref = reference_moe(xr, idx, wr, mask, swiglu_expert_fn(*ps))
+    ref = reference_moe(xr, idx, wr, mask, fused_swiglu_expert_fn(*ps))
     (ref * g).sum().backward()
     for got, want in [(x, xr), (w, wr), *zip(bank.parameters(), ps, strict=True)]:
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)

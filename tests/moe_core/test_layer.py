@@ -8,7 +8,7 @@ from torch import nn
 
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import ChainOfExpertsLayer, MoELayer, SwiGLU, build_moe_layer, deepseek_moe, segment_ffn
-from moe_core.reference import dense_mixture, swiglu_expert_fn
+from moe_core.reference import dense_mixture, reference_moe, swiglu_expert_fn
 from moe_core.routers import TopKRouter
 
 D, H = 8, 12
@@ -34,8 +34,9 @@ def test_one_expert_equals_dense_ffn(backend):
     (out * g).sum().backward()
     (ref * g).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
-    for a, b in zip(bank.parameters(), ffn.parameters(), strict=True):
-        torch.testing.assert_close(a.grad[0], b.grad, rtol=1e-12, atol=1e-12)
+    gate_grad, up_grad = bank.gate_up_proj.grad[0].chunk(2, dim=-1)  # (D, H) each
+    for a, b in zip((gate_grad, up_grad, bank.down_proj.grad[0]), ffn.parameters(), strict=True):
+        torch.testing.assert_close(a, b.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -143,7 +144,7 @@ def test_bfloat16_layer():
     res = layer(xb)
     assert res.output.dtype == torch.bfloat16 and res.routing.probs.dtype == torch.float32
     res.output.float().sum().backward()
-    assert xb.grad is not None and layer.experts.gate_proj.grad.dtype == torch.bfloat16
+    assert xb.grad is not None and layer.experts.gate_up_proj.grad.dtype == torch.bfloat16
     torch.testing.assert_close(res.output.float(), ref, rtol=6e-2, atol=6e-2)
 
 
@@ -202,3 +203,30 @@ def test_coe_bad_router_count():
         )
     with pytest.raises(ValueError, match="num_iterations"):
         _coe(0)
+
+
+def test_swiglu_bank_loads_the_two_parameter_state_dict_and_keeps_its_init():
+    """The fused ``gate_up_proj`` still loads checkpoints with separate ``gate_proj``/``up_proj`` (a
+    prefixed layer state dict included), and a seed gives the same initial weights as that layout did:
+    gate, up, down drawn in that order as contiguous blocks."""
+    e, d, h = 3, 8, 4
+    torch.manual_seed(7)
+    bound_in, bound_h = 1 / d**0.5, 1 / h**0.5
+    gate = torch.empty(e, d, h).uniform_(-bound_in, bound_in)
+    up = torch.empty(e, d, h).uniform_(-bound_in, bound_in)
+    down = torch.empty(e, h, d).uniform_(-bound_h, bound_h)
+    torch.manual_seed(7)
+    bank = SwiGLUExperts(num_experts=e, dim=d, hidden_dim=h)
+    for got, want in ((bank.gate_proj, gate), (bank.up_proj, up), (bank.down_proj, down)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    legacy = {"router.gate.weight": torch.randn(e, d), "experts.gate_proj": gate.flip(0),
+              "experts.up_proj": up.flip(0), "experts.down_proj": down.flip(0)}  # fmt: skip
+    layer = MoELayer(router=TopKRouter(dim=d, num_experts=e, top_k=2), experts=bank)
+    layer.load_state_dict(legacy)
+    assert set(layer.state_dict()) == {"router.gate.weight", "experts.gate_up_proj", "experts.down_proj"}
+    torch.testing.assert_close(bank.gate_up_proj, torch.cat([gate.flip(0), up.flip(0)], -1), rtol=0, atol=0)
+    x = torch.randn(5, d, dtype=torch.float64)
+    idx, w = torch.randint(0, e, (5, 2)), torch.rand(5, 2, dtype=torch.float64)
+    want = reference_moe(x, idx, w, None, swiglu_expert_fn(gate.flip(0).double(), up.flip(0).double(),
+                                                           down.flip(0).double()))  # fmt: skip
+    torch.testing.assert_close(bank.double()(x, idx, w), want, rtol=1e-12, atol=1e-12)
