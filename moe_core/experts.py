@@ -17,13 +17,12 @@ Backends (``backend`` argument):
 * ``grouped_mm``: one stable sort of the ``N*K`` (token, slot) pairs by expert id, one gather, one
   ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) per projection (for SwiGLU the gate and up
   projections as one GEMM of width 2H on the fused ``gate_up_proj``, its activation and the combine weights
-  fused in :class:`_GatedAct`) with
-  device-side int32 group offsets, one gather-sum (``embedding_bag``) back to tokens. No host
-  synchronisation. Masked slots get the sentinel id ``E`` so that the sort moves them behind the last group;
-  the kernel skips those rows (their outputs are uninitialised and are zeroed with ``masked_fill`` before
-  and after). The kernel needs float32/bfloat16/float16 and row strides that are multiples of 16 bytes; its
-  backward fails on an expanded (stride-0) upstream gradient, so every grouped GEMM output passes through
-  :class:`_ContiguousGrad`.
+  fused in :class:`_GatedAct`) with device-side int32 group offsets, one gather-sum (``embedding_bag``) back
+  to tokens. No host synchronisation. Masked slots get the sentinel id ``E`` so that the sort moves them
+  behind the last group; the kernel skips those rows (their outputs are uninitialised and are zeroed with
+  ``masked_fill`` before and after). The kernel needs float32/bfloat16/float16 and row strides that are
+  multiples of 16 bytes; its backward fails on an expanded (stride-0) upstream gradient, so every grouped
+  GEMM output passes through :class:`_ContiguousGrad`.
 * ``loop``: the same sort, one ``bincount(...).tolist()`` (a single host sync), the stacked weights
   ``unbind(0)`` once, one dense GEMM per non-empty expert on its contiguous slice, ``index_add_`` back.
   Works for any dtype.
