@@ -133,7 +133,7 @@ def load_checkpoint(path: str | Path):
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} not found")
     try:
-        task = LMTask.load_from_checkpoint(p, map_location="cpu", weights_only=True)
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))  # torch names the first global it refused
         detail = f"it names {found.group(1)}" if found else str(e).strip().splitlines()[0]
@@ -141,6 +141,18 @@ def load_checkpoint(path: str | Path):
             f"checkpoint {p}: refused by torch.load(weights_only=True): {detail}, outside the allow-list; "
             "unpickling it could run code from the file, so nothing of it was loaded"
         ) from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"checkpoint {p} is not a Lightning checkpoint (no state_dict)")
+    # LightningCLI (``moekit lm fit``) stores an ``_instantiator`` that re-parses the hyper-parameters with
+    # jsonargparse, which cannot take the stored LMConfig object; LMTask takes its saved arguments directly
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    try:
+        task = LMTask(**hparams)
+    except TypeError as e:
+        raise ValueError(f"checkpoint {p}: its hyper-parameters do not fit apps.lm.task.LMTask: {e}") from e
+    task.on_load_checkpoint(ckpt)
+    if task.model is not None:
+        task.load_state_dict(ckpt["state_dict"])
     if task.model is None or task.tokenizer is None:
         raise ValueError(
             f"checkpoint {p} carries no model config or tokenizer (was it written by apps.lm.task.LMTask?)"

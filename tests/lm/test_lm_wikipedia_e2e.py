@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from apps.lm.data import WIKIPEDIA_SPLIT, load_tokens
+from apps.lm.generate import load_checkpoint
 from pipelines.lightning_cli import MoekitCLI
 
 CONFIG = Path(__file__).resolve().parents[2] / "apps" / "lm" / "configs" / "wikipedia_moe.yaml"
@@ -57,3 +59,19 @@ def test_wikipedia_moe_fit_beats_unigram_bits_per_byte(require_data, tmp_path, m
     )  # windows cover a prefix of val: bytes per token close to the split's
     (res,) = cli.trainer.test(cli.model, datamodule=dm, verbose=False)
     assert WIKIPEDIA_SPLIT["test"] == (96, 97) and abs(res["test/bpb"] - bpb) < 0.4
+    # what `moekit lm generate/merge/quantize --ckpt` read: the CLI's checkpoint (LightningCLI stores an
+    # `_instantiator` in it), and the same weights in the two-parameter expert layout of earlier versions
+    ckpt = tmp_path / "run" / "last.ckpt"
+    window = torch.as_tensor(np.asarray(val[:64], dtype=np.int64))[None]  # (1, 64)
+    want = cli.model.model.eval()(window).logits
+    model, tok = load_checkpoint(ckpt)
+    torch.testing.assert_close(model(window).logits, want, rtol=0, atol=0)
+    assert tok.to_json() == dm.tokenizer.to_json()
+    legacy = torch.load(ckpt, map_location="cpu", weights_only=True)
+    sd = legacy["state_dict"]
+    for k in [k for k in sd if k.endswith("experts.gate_up_proj")]:
+        gate, up = sd.pop(k).chunk(2, dim=-1)
+        sd[k.replace("gate_up_proj", "gate_proj")], sd[k.replace("gate_up_proj", "up_proj")] = gate, up
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    model, _ = load_checkpoint(tmp_path / "legacy.ckpt")
+    torch.testing.assert_close(model(window).logits, want, rtol=0, atol=0)
