@@ -372,6 +372,39 @@ class MoekitCLI(LightningCLI):
             subclasses=self.subclass_mode_model,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's merge of a ``--ckpt_path`` file's model hyper-parameters into the config, with
+        dataclass values handed to the parser as dicts.
+
+        The parser validates a dataclass-typed argument (the LM's ``config: LMConfig``) from a mapping, not
+        from the object that ``save_hyperparameters`` stored, so ``moekit lm test --ckpt_path FILE`` failed
+        with "Does not validate against any of the Union subtypes". Read weights-only, as Lightning does.
+        """
+        import dataclasses
+
+        import torch
+
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        hparams = {
+            k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+            for k, v in hparams.items()
+        }
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing of the model hyper-parameters of {ckpt_path} failed\n")
+            raise
+
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, argv
         if args is None or isinstance(args, (list, tuple)):
             argv = [str(a) for a in (sys.argv[1:] if args is None else args)]

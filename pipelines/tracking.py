@@ -41,6 +41,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from pipelines.apps import get_app
 
@@ -183,6 +184,18 @@ class MoekitMLFlowLogger(MLFlowLogger):
             self._open = True
         return client
 
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:  # noqa: ANN401 - dict or Namespace, as the parent's
+        """The module's hyper-parameters through :func:`log_params`: in a run that already has them (``test``
+        of a checkpoint reopens its fit's run) only new keys are logged, and the keys whose value changed
+        (e.g. ``config/vocab_size``, None at fit start and resolved from the data later) are listed in the
+        tag ``moekit.changed_hparams`` instead of failing the command on MLflow's immutable params."""
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+        changed = log_params(self, _flatten_dict(_convert_params(params)))
+        if changed:
+            self.experiment.set_tag(self.run_id, "moekit.changed_hparams", ",".join(changed)[:4900])
+
     def finalize(self, status: str = "success") -> None:
         if status == "failed":
             status = self.failure_status
@@ -238,12 +251,21 @@ def make_logger(
         all_tags["mlflow.source.git.commit"] = commit
     all_tags.update(tags or {})
     if run_id is not None and reopen:
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        client.update_run(run_id, status="RUNNING")
-        for k, v in (tags or {}).items():
-            client.set_tag(run_id, k, v)
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            # a checkpoint from another store (another machine, a copied run folder): its run is not here
+            log.warning("MLflow run %s (named in the checkpoint) is not in %s: logging to a new run", run_id,
+                        uri)  # fmt: skip
+            run_id = None
+        else:
+            client.update_run(run_id, status="RUNNING")
+            for k, v in (tags or {}).items():
+                client.set_tag(run_id, k, v)
     return MoekitMLFlowLogger(
         experiment_name=name,
         run_name=run_name or (unique_run_name(app, config_stem) if run_id is None else None),

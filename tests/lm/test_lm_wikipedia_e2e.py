@@ -59,9 +59,14 @@ def test_wikipedia_moe_fit_beats_unigram_bits_per_byte(require_data, tmp_path, m
     )  # windows cover a prefix of val: bytes per token close to the split's
     (res,) = cli.trainer.test(cli.model, datamodule=dm, verbose=False)
     assert WIKIPEDIA_SPLIT["test"] == (96, 97) and abs(res["test/bpb"] - bpb) < 0.4
+    # the README's `moekit lm test --config ... --ckpt_path FILE`: LightningCLI merges the checkpoint's model
+    # hyper-parameters (an LMConfig) into the config, and the test reopens the fit's MLflow run, whose
+    # `config/vocab_size` was logged as None before the data resolved it
+    ckpt = tmp_path / "run" / "last.ckpt"
+    tested = MoekitCLI(app="lm", args=["test", *args[1:], "--ckpt_path", str(ckpt)])
+    assert float(tested.trainer.callback_metrics["test/bpb"]) == pytest.approx(res["test/bpb"], rel=1e-5)
     # what `moekit lm generate/merge/quantize --ckpt` read: the CLI's checkpoint (LightningCLI stores an
     # `_instantiator` in it), and the same weights in the two-parameter expert layout of earlier versions
-    ckpt = tmp_path / "run" / "last.ckpt"
     window = torch.as_tensor(np.asarray(val[:64], dtype=np.int64))[None]  # (1, 64)
     want = cli.model.model.eval()(window).logits
     model, tok = load_checkpoint(ckpt)

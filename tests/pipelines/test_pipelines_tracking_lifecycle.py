@@ -68,6 +68,25 @@ def test_resumed_fit_and_test_continue_the_checkpoint_run(
     assert Path(run.data.tags["moekit.checkpoint.last"]) == ckpt.resolve()
 
 
+def test_checkpoint_from_another_store_is_tested_in_a_new_run(
+    tmp_path: Path, toy_config: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A checkpoint copied from another machine names a run that this store lacks: ``test`` warns and logs
+    to a new run instead of failing with MLflow's "Run with id=... not found"."""
+    _fit(toy_config, tmp_path / "ck", "--trainer.max_epochs=1")
+    ckpt = tmp_path / "ck" / "last.ckpt"
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    with caplog.at_level("WARNING", logger="pipelines.tracking"):
+        main(["toy", "test", "--config", str(toy_config), f"--run_dir={tmp_path / 'ck'}",
+              "--ckpt_path", str(ckpt)])  # fmt: skip
+    assert "is not in" in caplog.text and "logging to a new run" in caplog.text
+    (run,) = _runs(other)
+    assert run.info.status == "FINISHED" and "test/auc" in run.data.metrics
+    (first,) = _runs(tracking_uri)
+    assert run.info.run_id != first.info.run_id
+
+
 class _Raise(Callback):
     """Fails the fit before training (at setup) or, with ``sigterm``, sends SIGTERM to this process at the
     second training batch."""
