@@ -94,9 +94,9 @@ def lm_config_from_hf(cfg: Any, *, context_len: int | None = None) -> LMConfig:
         raise ValueError("clip_qkv is not supported")
     e = _get(cfg, "num_local_experts", "num_experts")
     k = cfg.num_experts_per_tok
-    step = _get(cfg, "decoder_sparse_step", default=1)
-    if _get(cfg, "mlp_only_layers", default=[]):
-        raise ValueError("mlp_only_layers is not supported (use decoder_sparse_step)")
+    first, every = _sparse_pattern(
+        cfg.num_hidden_layers, _get(cfg, "decoder_sparse_step", default=1), _get(cfg, "mlp_only_layers") or []
+    )
     renorm = True if family == "mixtral" else bool(_get(cfg, "norm_topk_prob", default=False))
     expert_hidden = cfg.intermediate_size if family in ("mixtral", "olmoe") else cfg.moe_intermediate_size
     shared = family == "qwen2_moe" and _get(cfg, "shared_expert_intermediate_size", default=0) > 0
@@ -108,12 +108,33 @@ def lm_config_from_hf(cfg: Any, *, context_len: int | None = None) -> LMConfig:
         attn_bias=family == "qwen2_moe" and bool(_get(cfg, "qkv_bias", default=True)),
         qk_norm={"olmoe": "full", "qwen3_moe": "head"}.get(family, "none"),
         norm_eps=float(cfg.rms_norm_eps), ffn_hidden=cfg.intermediate_size, ffn="moe",
-        first_dense_layers=step - 1, moe_every=step, num_experts=e, top_k=k, expert_hidden=expert_hidden,
+        first_dense_layers=first, moe_every=every, num_experts=e, top_k=k, expert_hidden=expert_hidden,
         num_shared_experts=1 if shared else 0,
         shared_expert_hidden=cfg.shared_expert_intermediate_size if shared else None, shared_gate=shared,
         router="topk", router_kwargs={"renormalize": renorm}, dropout=0.0,
         tie_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)), rope_base=_rope_theta(cfg),
     )  # fmt: skip
+
+
+def _sparse_pattern(n_layers: int, step: int, mlp_only: list[int]) -> tuple[int, int]:
+    """moekit's ``(first_dense_layers, moe_every)`` for transformers' sparse layers: ``i`` not in
+    ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0`` (Qwen2/3-MoE).
+
+    Raises:
+        ValueError: no MoE layer, or sparse layers that are not one run ``first, first + every, ...``
+            to the last layer.
+    """
+    sparse = [i for i in range(n_layers) if i not in set(mlp_only) and (i + 1) % step == 0]
+    if not sparse:
+        raise ValueError(f"no MoE layer (decoder_sparse_step={step}, mlp_only_layers={mlp_only})")
+    first = sparse[0]
+    every = sparse[1] - sparse[0] if len(sparse) > 1 else n_layers - first
+    if sparse != list(range(first, n_layers, every)):
+        raise ValueError(
+            f"sparse layers {sparse} (decoder_sparse_step={step}, mlp_only_layers={mlp_only}): moekit needs "
+            "dense layers first, then one MoE layer every moe_every layers up to the last"
+        )
+    return first, every
 
 
 def _linear_t(w: torch.Tensor) -> torch.Tensor:
@@ -180,7 +201,7 @@ def _family_of(cfg: LMConfig) -> Family:
         return "olmoe"
     if cfg.qk_norm == "head":
         return "qwen3_moe"
-    if cfg.attn_bias or cfg.num_shared_experts or cfg.first_dense_layers:
+    if cfg.attn_bias or cfg.num_shared_experts or cfg.first_dense_layers or cfg.moe_every != 1:
         return "qwen2_moe"
     return "mixtral" if cfg.router_kwargs.get("renormalize", cfg.top_k > 1) else "qwen2_moe"
 
@@ -206,17 +227,14 @@ def hf_config_for(cfg: LMConfig, family: Family | None = None) -> Any:
     if cfg.attention != "mha":
         problems.append(f"attention={cfg.attention!r}")
     renorm = bool(cfg.router_kwargs.get("renormalize", cfg.top_k > 1))
-    dense_ok = cfg.moe_every == cfg.first_dense_layers + 1
     if family in ("mixtral", "olmoe") and (cfg.first_dense_layers or cfg.moe_every != 1):
         problems.append(f"{family} has no dense layers")
-    elif not dense_ok:
-        problems.append("dense layers must follow decoder_sparse_step (first_dense_layers = moe_every - 1)")
     if family == "mixtral" and not renorm:
         problems.append("mixtral renormalises the top-k weights")
     if cfg.num_shared_experts and family != "qwen2_moe":
         problems.append(f"shared experts need qwen2_moe, not {family}")
-    if cfg.attn_bias != (family == "qwen2_moe"):
-        problems.append(f"attn_bias={cfg.attn_bias} does not match {family}")
+    if cfg.attn_bias and family != "qwen2_moe":
+        problems.append(f"attn_bias=True: {family} has no q/k/v bias")
     want_norm = {"olmoe": "full", "qwen3_moe": "head"}.get(family, "none")
     if cfg.qk_norm != want_norm:
         problems.append(f"qk_norm={cfg.qk_norm!r} but {family} uses {want_norm!r}")
@@ -237,13 +255,15 @@ def hf_config_for(cfg: LMConfig, family: Family | None = None) -> Any:
     if family == "olmoe":
         return transformers.OlmoeConfig(**common, intermediate_size=h, num_experts=cfg.num_experts,
                                         norm_topk_prob=renorm)
+    # any dense-layer pattern: every non-MoE layer listed in mlp_only_layers
+    dense = [i for i in range(cfg.n_layers) if not cfg.sparse_layer(i)]
     moe = dict(moe_intermediate_size=h, intermediate_size=cfg.ffn_hidden, num_experts=cfg.num_experts,
-               norm_topk_prob=renorm, decoder_sparse_step=cfg.moe_every, mlp_only_layers=[])
+               norm_topk_prob=renorm, decoder_sparse_step=1, mlp_only_layers=dense)
     if family == "qwen3_moe":
         return transformers.Qwen3MoeConfig(**common, **moe, head_dim=cfg.dim // cfg.n_heads)
     shared = (cfg.shared_expert_hidden or cfg.num_shared_experts * h) if cfg.num_shared_experts else 0
-    return transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=shared, qkv_bias=True,
-                                       use_sliding_window=False)
+    return transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=shared,
+                                       qkv_bias=cfg.attn_bias, use_sliding_window=False)
 
 
 def to_hf(model: TransformerLM, family: Family | None = None) -> nn.Module:

@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from apps.lm.hf import export_hf, from_hf, import_hf, to_hf  # noqa: E402
+from apps.lm.hf import _sparse_pattern, export_hf, from_hf, import_hf, to_hf  # noqa: E402
 from apps.lm.model import LMConfig, TransformerLM  # noqa: E402
 from apps.lm.tokenizers import BPETokenizer  # noqa: E402
 
@@ -60,6 +60,20 @@ def test_import_matches_transformers_logits(family):
     assert lm.blocks[0].ffn.router.top_k == 2
 
 
+def test_qwen2_mlp_only_layers_import_and_patterns_moekit_cannot_express():
+    hf = _hf("qwen2_moe", mlp_only_layers=[0])  # layer 0 dense MLP, layer 1 MoE (the DeepSeekMoE pattern)
+    lm = from_hf(hf)
+    assert (lm.config.first_dense_layers, lm.config.moe_every) == (1, 1)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-5)
+    assert _sparse_pattern(6, 1, [0, 1]) == (2, 1) and _sparse_pattern(6, 2, []) == (1, 2)
+    with pytest.raises(ValueError, match=r"sparse layers \[0, 2, 3\]"):
+        _sparse_pattern(4, 1, [1])  # a dense layer between MoE layers
+    with pytest.raises(ValueError, match="no MoE layer"):
+        _sparse_pattern(2, 1, [0, 1])
+
+
 def test_qwen2_sparse_step_pattern_imports():
     hf = _hf("qwen2_moe", decoder_sparse_step=2)  # layer 0 dense MLP, layer 1 MoE
     lm = from_hf(hf)
@@ -76,8 +90,11 @@ def test_qwen2_sparse_step_pattern_imports():
         ("qwen2_moe", dict(attn_bias=True, num_shared_experts=1, router_kwargs={"renormalize": False})),
         ("qwen2_moe", dict(attn_bias=True, num_shared_experts=1, shared_gate=True, first_dense_layers=1,
                            moe_every=2)),
+        # the shipped DeepSeekMoE (wikipedia_moe.yaml): no q/k/v bias, ungated shared expert, layer 0 dense
+        ("qwen2_moe", dict(num_shared_experts=1, first_dense_layers=1, router_kwargs={"renormalize": False})),
         ("olmoe", dict(qk_norm="full")),
         ("qwen3_moe", dict(qk_norm="head", tie_embeddings=False)),
+        ("qwen3_moe", dict(qk_norm="head", first_dense_layers=1)),
     ],
 )
 def test_export_matches_moekit_logits_and_round_trips(family, extra, tmp_path):
@@ -104,8 +121,10 @@ def test_export_matches_moekit_logits_and_round_trips(family, extra, tmp_path):
     assert tok2.encode("the mat") == tok.encode("the mat")
     a, b = lm.state_dict(), back.state_dict()
     gated_on_import = cfg.num_shared_experts and not cfg.shared_gate  # Qwen2-MoE's shared expert has a gate
-    assert set(b) - set(a) == ({"blocks.0.ffn.shared_gate.weight", "blocks.1.ffn.shared_gate.weight"}
-                               if gated_on_import else set())
+    sparse = [i for i in range(cfg.n_layers) if cfg.sparse_layer(i)]
+    assert [i for i in range(cfg.n_layers) if back.config.sparse_layer(i)] == sparse
+    assert set(b) - set(a) == ({f"blocks.{i}.ffn.shared_gate.weight" for i in sparse} if gated_on_import
+                               else set())  # fmt: skip
     for k in a:
         if "shared_experts.down_proj" in k and not cfg.shared_gate:
             continue  # exported as 2x down with a zero gate; checked through the logits below
