@@ -15,7 +15,9 @@ removes an expert the current step needs.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,16 +46,19 @@ class ExpertStore:
 
     Args:
         location: ``memory`` (CPU tensors) or ``disk`` (``torch.save`` files, read on every load).
-        directory: folder for ``disk`` (default: a fresh temporary folder).
+        directory: folder for ``disk`` (default: a fresh temporary folder, deleted with its files when the
+            store is garbage-collected or the interpreter exits; a given folder is left as it is).
     """
 
     def __init__(
         self, *, location: Location = "memory", directory: str | None = None
     ) -> None:
         self.location = check_choice("location", location, get_args(Location))
-        self.directory = directory or (
-            tempfile.mkdtemp(prefix="moekit_experts_") if location == "disk" else None
-        )
+        self.directory = directory
+        if directory is None and location == "disk":
+            self.directory = tempfile.mkdtemp(prefix="moekit_experts_")
+            # one file per expert of the whole model: never leave them behind in the temp folder
+            weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
         self._mem: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._bytes: dict[tuple[int, int], int] = {}
 
@@ -70,7 +75,7 @@ class ExpertStore:
         """Load one expert (CPU tensors; a fresh copy, as a transfer would make)."""
         if self.location == "memory":
             return {k: t.clone() for k, t in self._mem[(layer, expert)].items()}
-        return torch.load(os.path.join(self.directory, f"l{layer}_e{expert}.pt"))
+        return torch.load(os.path.join(self.directory, f"l{layer}_e{expert}.pt"), weights_only=True)
 
     def nbytes(self, layer: int, expert: int) -> int:
         """Size of one expert's weights in bytes."""

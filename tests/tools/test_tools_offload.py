@@ -152,3 +152,27 @@ def test_placement_makespan_never_worse_than_trivial_plans_and_close_to_optimal(
     assert worse_than_opt <= 6  # the greedy plan is usually within 25 % of the brute-force optimum
     with pytest.raises(ValueError, match="differ"):
         HybridPlacement(cpu_time_per_token=1, gpu_time_per_token=1, transfer_time=1).plan([1, 2], [True])
+
+
+def test_disk_store_removes_only_the_folder_it_created(tmp_path):
+    """A default ``disk`` store writes one file per expert into a fresh temporary folder and deletes it when
+    the store goes away; a folder the caller named is left with its files."""
+    import gc
+    import os
+
+    from moe_core.inference.offload import ExpertStore
+
+    w = {"gate_up_proj": torch.randn(4, 6), "down_proj": torch.randn(3, 4)}
+    store = ExpertStore(location="disk")
+    store.put(0, 1, w)
+    folder = store.directory
+    assert os.listdir(folder) == ["l0_e1.pt"]
+    torch.testing.assert_close(store.get(0, 1), w, rtol=0, atol=0)
+    del store
+    gc.collect()
+    assert not os.path.exists(folder)
+    kept = ExpertStore(location="disk", directory=str(tmp_path))
+    kept.put(0, 0, w)
+    del kept
+    gc.collect()
+    assert os.listdir(tmp_path) == ["l0_e0.pt"]
