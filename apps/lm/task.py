@@ -408,6 +408,7 @@ class LMTask(L.LightningModule):
         into the moe_core layers: the weights are renamed and transposed
         (``apps.lm.model.upgrade_state_dict``) and so are their AdamW moments, so that training resumes
         exactly. Lightning calls this hook before it loads the state dict and the optimizer states."""
+        self._fuse_two_parameter_banks(checkpoint)
         renamed = upgrade_state_dict(checkpoint.get("state_dict", {}))
         if not renamed or self.model is None:
             return
@@ -418,6 +419,49 @@ class LMTask(L.LightningModule):
                 for k, v in state.items():
                     if isinstance(v, torch.Tensor) and v.dim() == 2:
                         state[k] = v.t().contiguous()  # exp_avg, exp_avg_sq: (out, in) -> (in, out)
+
+
+    def _fuse_two_parameter_banks(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written while SwiGLU expert banks stored ``gate_proj`` and ``up_proj`` ``(E, D, H)`` as
+        two parameters load with the fused ``gate_up_proj (E, D, 2H)``: the weights are concatenated (gate
+        first) and so are their AdamW moments; the optimizer ids after each fused bank shift down by one, in
+        both parameter groups, so that a resumed fit continues exactly."""
+        sd = checkpoint.get("state_dict", {})
+        # the model's banks (only SwiGLUExperts has a gate_up_proj; a dense shared expert keeps gate/up_proj)
+        banks = {n.removesuffix("gate_up_proj") for n, _ in self.named_parameters()
+                 if n.endswith(".gate_up_proj")}  # fmt: skip
+        banks = {b for b in banks if b + "gate_proj" in sd and b + "up_proj" in sd}
+        if not banks or self.model is None:
+            return
+        for b in banks:
+            sd[b + "gate_up_proj"] = torch.cat([sd.pop(b + "gate_proj"), sd.pop(b + "up_proj")], dim=-1)
+        decay, no_decay = (len(g) for g in self._param_groups())
+        new = [n for n, _ in self._param_groups()[0]]
+        old: list[str] = []
+        for n in new:
+            base = n.removesuffix("gate_up_proj")
+            old += [base + "gate_proj", base + "up_proj"] if base in banks else [n]
+        index = {n: i for i, n in enumerate(old)}
+        for opt in checkpoint.get("optimizer_states", []):
+            groups, state = opt.get("param_groups", []), opt.get("state", {})
+            if len(groups) != 2 or len(groups[0]["params"]) != len(old):
+                continue  # not this task's optimizer layout: leave it to Lightning's own check
+            fused: dict[int, dict] = {}
+            for i, n in enumerate(new):
+                base = n.removesuffix("gate_up_proj")
+                if base in banks:
+                    g, u = state.get(index[base + "gate_proj"]), state.get(index[base + "up_proj"])
+                    if g is not None and u is not None:
+                        fused[i] = {k: torch.cat([v, u[k]], dim=-1) if k in ("exp_avg", "exp_avg_sq") else v
+                                    for k, v in g.items()}  # fmt: skip
+                elif index[n] in state:
+                    fused[i] = state[index[n]]
+            for j in range(no_decay):
+                if len(old) + j in state:
+                    fused[decay + j] = state[len(old) + j]
+            opt["state"] = fused
+            groups[0]["params"] = list(range(decay))
+            groups[1]["params"] = list(range(decay, decay + no_decay))
 
 
 def eval_metrics(nll_sum: float, tokens: float, nbytes: float, words: float = 0.0) -> dict[str, float]:

@@ -300,6 +300,57 @@ def test_checkpoint_from_the_apps_own_swiglu_loads_and_resumes_exactly(tmp_path)
         assert res_losses[step] == pytest.approx(full_losses[step], rel=1e-6, abs=1e-7), step
 
 
+def _to_two_parameter_banks(ckpt: dict, task: LMTask) -> list[str]:
+    """The checkpoint as moekit wrote it before 2fb615c: each SwiGLU bank's ``gate_up_proj (E, D, 2H)`` as
+    ``gate_proj`` then ``up_proj`` ``(E, D, H)`` (registration order), AdamW moments split alike, every later
+    optimizer id one higher. Returns the banks' prefixes."""
+    decay = [n for n, p in task.named_parameters() if p.requires_grad and p.dim() >= 2]
+    n_no_decay = sum(1 for p in task.parameters() if p.requires_grad and p.dim() < 2)
+    banks = [n.removesuffix("gate_up_proj") for n in decay if n.endswith("experts.gate_up_proj")]
+    sd = ckpt["state_dict"]
+    for b in banks:
+        sd[b + "gate_proj"], sd[b + "up_proj"] = sd.pop(b + "gate_up_proj").chunk(2, dim=-1)
+    old = []  # the former decay group: each bank's gate_up_proj was gate_proj, up_proj
+    for n in decay:
+        base = n.removesuffix("gate_up_proj")
+        old += [base + "gate_proj", base + "up_proj"] if n.endswith("experts.gate_up_proj") else [n]
+    for opt in ckpt["optimizer_states"]:
+        state, new_state = opt["state"], {}
+        for i, n in enumerate(decay):
+            if n.endswith("experts.gate_up_proj"):
+                g, u = {}, {}
+                for k, v in state[i].items():
+                    g[k], u[k] = v.chunk(2, dim=-1) if k in ("exp_avg", "exp_avg_sq") else (v, v.clone())
+                new_state[old.index(n.removesuffix("gate_up_proj") + "gate_proj")] = g
+                new_state[old.index(n.removesuffix("gate_up_proj") + "up_proj")] = u
+            else:
+                new_state[old.index(n)] = state[i]
+        for j in range(n_no_decay):
+            new_state[len(old) + j] = state[len(decay) + j]
+        opt["state"] = new_state
+        opt["param_groups"][0]["params"] = list(range(len(old)))
+        opt["param_groups"][1]["params"] = list(range(len(old), len(old) + n_no_decay))
+    return banks
+
+
+def test_checkpoint_with_two_parameter_expert_banks_resumes_exactly(tmp_path):
+    """A fit checkpoint of the former expert layout (separate gate and up parameters, so one more optimizer
+    id per bank) resumes with the same losses as the uninterrupted run: weights and AdamW moments are fused
+    on load and the later optimizer ids shift back."""
+    cfg = LMConfig(ffn="moe", num_experts=4, top_k=2, num_shared_experts=1, first_dense_layers=1, **TINY)
+    full, full_losses, _ = _fit(tmp_path, ffn="moe", max_steps=10, save_every=7, config=cfg)  # mid-epoch
+    ckpt = torch.load(tmp_path / "ckpt" / "step=7.ckpt", weights_only=False)
+    banks = _to_two_parameter_banks(ckpt, full)
+    assert banks == [f"model.blocks.{i}.ffn.experts." for i in range(1, TINY["n_layers"])]
+    torch.save(ckpt, tmp_path / "two_parameter.ckpt")
+    cfg_task = LMTask(config=cfg, lr=3e-3, warmup_steps=2, log_routing_every_n_steps=3)
+    _, res_losses, _ = _fit(tmp_path, ffn="moe", max_steps=10, ckpt_path=str(tmp_path / "two_parameter.ckpt"),
+                            task=cfg_task)  # fmt: skip
+    assert sorted(res_losses) == list(range(8, 11))
+    for step in range(8, 11):
+        assert res_losses[step] == pytest.approx(full_losses[step], rel=1e-6, abs=1e-7), step
+
+
 def test_aux_loss_free_bias_is_updated_from_each_steps_loads():
     """DeepSeek-V3's bias balancing, end to end through ``Trainer.fit``: the task adds the callback by itself
     and, per optimizer step, every biased router's bias moves by ``gamma * sign(mean - load)`` of the loads it
