@@ -420,23 +420,21 @@ class LMTask(L.LightningModule):
                     if isinstance(v, torch.Tensor) and v.dim() == 2:
                         state[k] = v.t().contiguous()  # exp_avg, exp_avg_sq: (out, in) -> (in, out)
 
-
     def _fuse_two_parameter_banks(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints written while SwiGLU expert banks stored ``gate_proj`` and ``up_proj`` ``(E, D, H)`` as
-        two parameters load with the fused ``gate_up_proj (E, D, 2H)``: the weights are concatenated (gate
-        first) and so are their AdamW moments; the optimizer ids after each fused bank shift down by one, in
-        both parameter groups, so that a resumed fit continues exactly."""
+        two parameters resume exactly: their AdamW moments are concatenated (gate first) into those of
+        ``gate_up_proj (E, D, 2H)`` and the optimizer ids after each fused bank shift down by one, in both
+        parameter groups. The weights themselves are fused by ``SwiGLUExperts._load_from_state_dict``."""
         sd = checkpoint.get("state_dict", {})
         # the model's banks (only SwiGLUExperts has a gate_up_proj; a dense shared expert keeps gate/up_proj)
         banks = {n.removesuffix("gate_up_proj") for n, _ in self.named_parameters()
                  if n.endswith(".gate_up_proj")}  # fmt: skip
         banks = {b for b in banks if b + "gate_proj" in sd and b + "up_proj" in sd}
-        if not banks or self.model is None:
+        if not banks:
             return
-        for b in banks:
-            sd[b + "gate_up_proj"] = torch.cat([sd.pop(b + "gate_proj"), sd.pop(b + "up_proj")], dim=-1)
-        decay, no_decay = (len(g) for g in self._param_groups())
-        new = [n for n, _ in self._param_groups()[0]]
+        decay_named, no_decay_named = self._param_groups()
+        new = [n for n, _ in decay_named]
+        decay, no_decay = len(new), len(no_decay_named)
         old: list[str] = []
         for n in new:
             base = n.removesuffix("gate_up_proj")
