@@ -35,6 +35,7 @@ from torch import nn
 
 from apps.lm.generate import generate as generate_text
 from apps.lm.generate import load_checkpoint
+from apps.lm.model import as_lm_config
 from moe_core.blocks import find_moe_blocks
 from moe_core.experts import SwiGLUExperts
 from moe_core.surgery.mcsmoe import collect_routing_stats, compress_model, merge_model
@@ -257,7 +258,8 @@ def _read_lm_checkpoint(path: str | Path) -> dict | None:
     except pickle.UnpicklingError:
         return None  # a pickled module (or a refused file): load_saved_model decides
     if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
-        if getattr(obj["hyper_parameters"].get("config"), "vocab_size", None) is None:
+        cfg = obj["hyper_parameters"].get("config")
+        if cfg is None or as_lm_config(cfg).vocab_size is None:
             raise ValueError(f"checkpoint {p} has no model config with a vocab_size: not a lm fit checkpoint")
         return obj
     if isinstance(obj, dict):
@@ -268,7 +270,7 @@ def _read_lm_checkpoint(path: str | Path) -> dict | None:
 def _checkpoint_model(ckpt: dict, path: str | Path) -> nn.Module:
     from apps.lm.model import TransformerLM
 
-    net = TransformerLM(config=ckpt["hyper_parameters"]["config"])
+    net = TransformerLM(config=as_lm_config(ckpt["hyper_parameters"]["config"]))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -303,7 +305,7 @@ def _write_lm_checkpoint(ckpt: dict, net: nn.Module, out: str | Path, meta: dict
         if isinstance(ref.experts, RemappedExperts):
             im = ref.experts.index_map.cpu()
             gate, up, down = gate[im], up[im], down[im]  # (E, ...) one per router slot
-        cfg = ckpt["hyper_parameters"]["config"]
+        cfg = as_lm_config(ckpt["hyper_parameters"]["config"])
         bank = SwiGLUExperts(num_experts=gate.shape[0], dim=gate.shape[1], hidden_dim=gate.shape[2],
                              backend=cfg.expert_backend)
         set_expert_weights(bank, gate.float(), up.float(), down.float())

@@ -144,7 +144,8 @@ def load_checkpoint(path: str | Path):
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"checkpoint {p} is not a Lightning checkpoint (no state_dict)")
     # LightningCLI (``moekit lm fit``) stores an ``_instantiator`` that re-parses the hyper-parameters with
-    # jsonargparse, which cannot take the stored LMConfig object; LMTask takes its saved arguments directly
+    # jsonargparse; its checkpoints from before the config was kept as a mapping there hold an LMConfig
+    # object, which that parser cannot take. LMTask takes its saved arguments directly (object or mapping)
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     try:
         task = LMTask(**hparams)

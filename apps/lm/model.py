@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -162,6 +163,16 @@ class LMConfig:
             and i >= self.first_dense_layers
             and (i - self.first_dense_layers) % self.moe_every == 0
         )
+
+
+def as_lm_config(config: LMConfig | Mapping[str, Any] | None) -> LMConfig:
+    """An :class:`LMConfig` from one, from a mapping of its fields (as LightningCLI's checkpoints hold it),
+    or the default for None; a mapping with an unknown field raises ``TypeError`` naming it."""
+    if config is None:
+        return LMConfig()
+    if isinstance(config, Mapping):
+        return LMConfig(**config)
+    return config
 
 
 def check_causal_router(router: str, router_kwargs: dict[str, Any]) -> None:

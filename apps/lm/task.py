@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -31,7 +32,14 @@ from torch import nn
 
 from apps.lm.callbacks import RouterBiasUpdate, biased_routers
 from apps.lm.data import IGNORE_INDEX
-from apps.lm.model import LMConfig, LMOutput, TransformerLM, count_parameters, upgrade_state_dict
+from apps.lm.model import (
+    LMConfig,
+    LMOutput,
+    TransformerLM,
+    as_lm_config,
+    count_parameters,
+    upgrade_state_dict,
+)
 from moe_core.losses import router_z_loss, sum_aux_losses
 from moe_core.stats import routing_stats
 
@@ -93,7 +101,7 @@ class LMTask(L.LightningModule):
         super().__init__()
         if not lr > 0 or not 0 <= min_lr <= lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={lr}, min_lr={min_lr}")
-        config = config if config is not None else LMConfig()
+        config = as_lm_config(config)
         self.save_hyperparameters()
         self.config = config
         self.lr, self.min_lr, self.warmup_steps, self.decay_steps = lr, min_lr, warmup_steps, decay_steps
@@ -131,7 +139,13 @@ class LMTask(L.LightningModule):
         self.word_ppl = bool(getattr(dm, "word_ppl", False))
         if self.config.vocab_size is None:
             self.config = dataclasses.replace(self.config, vocab_size=vocab)
-            self.hparams["config"] = self.config  # checkpoints carry the resolved vocabulary size
+            # checkpoints carry the resolved vocabulary size, in the form the hyper-parameters hold: under
+            # LightningCLI a mapping, which its stored instantiator re-parses on
+            # ``LMTask.load_from_checkpoint`` (an LMConfig object there failed with "argument after ** must
+            # be a mapping, not LMConfig"); in plain Python the LMConfig itself
+            held = self.hparams.get("config")
+            resolved = {**held, "vocab_size": vocab} if isinstance(held, Mapping) else self.config
+            self.hparams["config"] = resolved
         elif self.config.vocab_size != vocab:
             raise ValueError(
                 f"model config.vocab_size={self.config.vocab_size} but the data's tokenizer has {vocab} "
@@ -392,7 +406,8 @@ class LMTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is None:
             cfg = checkpoint.get("hyper_parameters", {}).get("config")
-            if cfg is not None and getattr(cfg, "vocab_size", None) is not None:
+            cfg = as_lm_config(cfg) if cfg is not None else None
+            if cfg is not None and cfg.vocab_size is not None:
                 self.config = cfg
                 self.model = TransformerLM(config=cfg)
         self._upgrade_legacy_checkpoint(checkpoint)

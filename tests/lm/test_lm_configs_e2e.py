@@ -10,10 +10,12 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from apps.lm.data import LMDataModule, load_tokens
+from apps.lm.generate import load_checkpoint
 from apps.lm.model import LMConfig
 from apps.lm.task import LMTask
 
@@ -78,6 +80,18 @@ def test_tiny_config_trains_through_cli(tmp_path, monkeypatch):
     m = cli.trainer.callback_metrics
     assert math.isfinite(float(m["train/loss"])) and math.isfinite(float(m["val/loss"]))
     assert float(m["val/ppl"]) == pytest.approx(math.exp(float(m["val/loss"])), rel=1e-4)
+    # the run's checkpoint loads through Lightning's own reader: LightningCLI stores an instantiator that
+    # re-parses the hyper-parameters, and it failed on the resolved LMConfig object ("argument after ** must
+    # be a mapping, not LMConfig"); the project's reader takes it as well
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    loaded = LMTask.load_from_checkpoint(ckpt, map_location="cpu")
+    model, _ = load_checkpoint(ckpt)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = cli.model.model.eval()(ids).logits
+        assert loaded.config == cli.model.config
+        assert torch.equal(loaded.model.eval()(ids).logits, want)
+        assert torch.equal(model(ids).logits, want)
 
 
 @pytest.mark.slow
