@@ -283,6 +283,24 @@ class ResumableRng(Callback):
             torch.cuda.set_rng_state_all(states["cuda"])
 
 
+_EVALUATION = ("validate", "test", "predict")
+_CKPT_BULK = ("state_dict", "optimizer_states", "lr_schedulers")  # left out of the cached checkpoint extras
+
+
+def _class_paths(node: Any, prefix: str = "") -> dict[str, str]:
+    """``{dotted key: class path}`` of every ``class_path`` inside a (nested) config node."""
+    node = node.as_dict() if hasattr(node, "as_dict") else node
+    out: dict[str, str] = {}
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if k == "class_path" and isinstance(v, str):
+                out[key] = v
+            else:
+                out.update(_class_paths(v, f"{key}."))
+    return out
+
+
 class MoekitCLI(LightningCLI):
     """LightningCLI for one moekit app, with MLflow tracking and resumable checkpoints by default.
 
@@ -351,6 +369,13 @@ class MoekitCLI(LightningCLI):
             help="checkpoint folder (default: <trainer.default_root_dir>/runs/<app>/<config stem>); "
             "`--ckpt_path last` resumes from its last.ckpt",
         )
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="validate/test/predict without --ckpt_path: score the model's initial (untrained) weights "
+            "instead of refusing",
+        )
         parser.set_defaults({"trainer.enable_progress_bar": sys.stderr.isatty()})
         # checkpoints are always read with weights_only=True by AtomicCheckpointIO (allow-listed moekit types
         # only): nothing in a checkpoint file runs code
@@ -389,6 +414,8 @@ class MoekitCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        if isinstance(ckpt, dict):  # what the data module may need of it (load_fitted_state), no weights
+            self._ckpt_extras = {k: v for k, v in ckpt.items() if k not in _CKPT_BULK}
         hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
         hparams.pop("_instantiator", None)
         if not hparams:
@@ -399,11 +426,19 @@ class MoekitCLI(LightningCLI):
         }
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        before = _class_paths(self.config[sub].get("model"))
         try:
             self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         except SystemExit:
             sys.stderr.write(f"Parsing of the model hyper-parameters of {ckpt_path} failed\n")
             raise
+        after = _class_paths(self.config[sub].get("model"))
+        changed = {k: (v, after[k]) for k, v in before.items() if k in after and after[k] != v}
+        if changed:
+            what = "; ".join(f"model.{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))
+            log.warning(
+                "--ckpt_path %s holds another model than the config names; it is used (%s)", ckpt_path, what
+            )
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningArgumentParser, argv
         if args is None or isinstance(args, (list, tuple)):
@@ -477,6 +512,44 @@ class MoekitCLI(LightningCLI):
         trainer = super()._instantiate_trainer(config, callbacks)
         _fix_checkpointing(trainer, run_dir)
         return trainer
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg()
+        if self.subcommand in _EVALUATION and cfg.get("ckpt_path") is None and not cfg.get("allow_untrained"):
+            init_args = (cfg.get("model") or {}).get("init_args") or {}
+            if not init_args.get("init_weights"):  # a model that loads its own weights (lm: init_weights)
+                raise ConfigError(
+                    f"moekit {self.app} {self.subcommand}: no --ckpt_path, so the model would have its "
+                    "initial (untrained) weights; pass --ckpt_path FILE (or `last`: this config's run folder "
+                    f"{self.run_dir()}/last.ckpt), or --allow_untrained true to score them anyway"
+                )
+
+    def _use_checkpoint_data_state(self) -> None:
+        """Hand the checkpoint to a data module that keeps fitted preprocessing in it (``load_fitted_state``,
+        e.g. recsys vocabularies), before the trainer sets the data up."""
+        hook = getattr(self.datamodule, "load_fitted_state", None)
+        ckpt_path = self._cfg().get("ckpt_path")
+        if not callable(hook) or ckpt_path is None:
+            return
+        extras = getattr(self, "_ckpt_extras", None)
+        if extras is None and str(ckpt_path) == "last":
+            import torch
+
+            path = self.run_dir() / "last.ckpt"
+            ckpt = torch.load(path, weights_only=True, map_location="cpu")
+            extras = {k: v for k, v in ckpt.items() if k not in _CKPT_BULK}
+            ckpt_path = path
+        if extras is not None:
+            hook(extras, source=f"checkpoint {ckpt_path}")
+
+    def before_validate(self) -> None:
+        self._use_checkpoint_data_state()
+
+    def before_test(self) -> None:
+        self._use_checkpoint_data_state()
+
+    def before_predict(self) -> None:
+        self._use_checkpoint_data_state()
 
     def after_fit(self) -> None:
         print(fit_summary(self.trainer, monitor=self.contract.monitor, run_dir=self.run_dir()), flush=True)

@@ -9,6 +9,7 @@ published MMoE/PLE numbers (those train on the 199,523-row train file).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -289,6 +290,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.predict_path = predict_path
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.preprocessor: TabularPreprocessor | None = None
+        self._checkpoint_preprocessor: TabularPreprocessor | None = None
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
         self._schema_args = dict(
             categorical=tuple(categorical or ()), numeric=tuple(numeric or ()), labels=tuple(labels or ()),
@@ -335,6 +337,26 @@ class MultiTaskDataModule(L.LightningDataModule):
         path = getattr(self, "predict_path", None)
         return (read_table(path, sep=self.hparams.sep), str(path)) if path else None
 
+    def load_fitted_state(self, checkpoint: dict, source: str = "checkpoint") -> None:
+        """Preprocess with the vocabularies and statistics a checkpoint was trained with (its ``preprocessor``
+        entry, written by :class:`~apps.recsys.task.MultiTaskRecTask`) instead of fitting them on
+        ``train_path`` again. ``moekit recsys test/validate/predict --ckpt_path`` call this before
+        :meth:`setup`: category ids then mean what the model's embeddings learned, and numeric columns are
+        standardised with the training statistics, whatever ``train_path`` or ``val_fraction`` hold now (a
+        refit on a changed train file shifted every later category id, and the predictions with it, without
+        an error). A checkpoint without that entry changes nothing.
+
+        Raises:
+            ValueError: the configured columns (schema) differ from the checkpoint's, naming both.
+        """
+        state = checkpoint.get("preprocessor") if isinstance(checkpoint, dict) else None
+        if state is None:
+            return
+        if self.splits:
+            raise RuntimeError("load_fitted_state must be called before setup()")
+        self._checkpoint_preprocessor = TabularPreprocessor.from_state_dict(state)
+        self._checkpoint_source = source
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             if stage == "predict" and "predict" not in self.splits and self.preprocessor is not None:
@@ -353,6 +375,20 @@ class MultiTaskDataModule(L.LightningDataModule):
                     f"preprocessor {self.hparams.preprocessor_path} was fitted with a different schema "
                     f"({self.preprocessor.schema}) than configured ({schema})"
                 )
+        elif self._checkpoint_preprocessor is not None:
+            self.preprocessor = self._checkpoint_preprocessor
+            if self.preprocessor.schema != schema:
+                saved = self.preprocessor.schema
+                diff = "; ".join(
+                    f"{f.name}: {getattr(saved, f.name)!r} there, {getattr(schema, f.name)!r} here"
+                    for f in dataclasses.fields(schema)
+                    if getattr(saved, f.name) != getattr(schema, f.name)
+                )
+                raise ValueError(
+                    f"{self._checkpoint_source} was trained on other data settings than the config's "
+                    f"({diff}); use the fit's settings with this checkpoint"
+                )
+            log.info("preprocessing with the vocabularies and statistics of %s", self._checkpoint_source)
         else:
             train_df, src = frames["train"]
             self.preprocessor = TabularPreprocessor.fit(train_df, schema, source=src)

@@ -90,7 +90,8 @@ def test_user_folder_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert got["date"].min() >= pd.Timestamp("2019-11-01") and got["date"].max() == pd.Timestamp("2020-06-30")
     assert not got["ticker"].eq("000300.SH").any() and got["ticker"].nunique() == 12
     assert np.isfinite(got["score"]).all()
-    main(["finance", "test", "--config", str(cfg), f"--run_dir={tmp_path / 'test'}"])
+    last = f"--ckpt_path={tmp_path / 'fit' / 'last.ckpt'}"  # the fit's checkpoint, as a user scores it
+    main(["finance", "test", "--config", str(cfg), f"--run_dir={tmp_path / 'test'}", last])
     capsys.readouterr()
     main(["finance", "backtest", "--config", str(cfg), "--predictions", str(preds), "--topk", "4",
           "--n_drop", "1", "--out", str(tmp_path / "bt")])  # fmt: skip
@@ -99,7 +100,7 @@ def test_user_folder_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyP
     summary = (tmp_path / "bt" / "summary.json").read_text()
     assert all(f'"{k}"' in summary for k in ("annualized_return", "information_ratio", "max_drawdown"))
     # predict: the last two test days have no label (no future close) and are scored all the same
-    main(["finance", "predict", "--config", str(cfg), f"--run_dir={tmp_path / 'pred'}"])
+    main(["finance", "predict", "--config", str(cfg), f"--run_dir={tmp_path / 'pred'}", last])
     out = capsys.readouterr().out
     path = tmp_path / "pred" / "predictions.parquet"
     assert f"predictions: {path}" in out

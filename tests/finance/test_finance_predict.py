@@ -24,7 +24,7 @@ def test_finance_predict_writes_a_score_per_date_and_ticker(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     common = ["--config", str(TINY), "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
-    main(["finance", "predict", *common, f"--run_dir={tmp_path / 'run'}"])
+    main(["finance", "predict", *common, f"--run_dir={tmp_path / 'run'}", "--allow_untrained=true"])
     path = tmp_path / "run" / "predictions.parquet"
     assert f"predictions: {path}" in capsys.readouterr().out
     got = pd.read_parquet(path)

@@ -30,7 +30,7 @@ def test_predict_scores_unlabelled_text(tmp_path, monkeypatch, capsys):
         "predict", "--config", str(TINY), "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
         f"--data.init_args.text_path={tmp_path / 'train.txt'}",
         f"--data.init_args.predict_path={tmp_path / 'new.txt'}",
-        f"--run_dir={tmp_path / 'run'}",
+        f"--run_dir={tmp_path / 'run'}", "--allow_untrained=true",  # the format is tested, not the weights
     ]  # fmt: skip
     cli = MoekitCLI(app="lm", args=args)
     path = tmp_path / "run" / "predictions.parquet"

@@ -48,7 +48,7 @@ def test_toy_predict_writes_the_models_predictions(
 ) -> None:
     """``moekit toy predict``: one row per predicted example, equal to the in-process predictions."""
     run_dir = tmp_path / "run"
-    main(["toy", "predict", "--config", str(toy_config), f"--run_dir={run_dir}"])
+    main(["toy", "predict", "--config", str(toy_config), f"--run_dir={run_dir}", "--allow_untrained=true"])
     path = run_dir / "predictions.parquet"
     assert f"predictions: {path}" in capsys.readouterr().out
     got = pd.read_parquet(path)

@@ -227,6 +227,23 @@ def test_worked_example_trains_and_predicts_an_unlabelled_file(
     assert f"predictions: {path}" in capsys.readouterr().out
     got = pd.read_parquet(path)
     assert list(got.columns) == ["click", "like"] and len(got) == 50
+    # predict preprocesses with the checkpoint's vocabularies and statistics, not with a refit on whatever
+    # train_path and val_fraction hold now: a renamed user (every later category id shifts) and another
+    # validation share (other numeric statistics) leave the predictions exactly as they were
+    changed = pd.read_csv(EXAMPLES / "toy_train.csv", keep_default_na=False)
+    changed["user_id"] = changed["user_id"].replace({"u34": "a_new_user"})
+    changed.to_csv(tmp_path / "train_changed.csv", index=False)
+    main(["recsys", "predict", *common, f"--run_dir={tmp_path / 'pred2'}", f"--ckpt_path={ckpt}",
+          f"--data.init_args.predict_path={unlabelled}", "--data.init_args.val_fraction=0.3",
+          f"--data.init_args.train_path={tmp_path / 'train_changed.csv'}"])  # fmt: skip
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "pred2" / "predictions.parquet"), got)
+    # other columns than the checkpoint was trained on: one line naming the difference
+    with pytest.raises(SystemExit):
+        main(["recsys", "predict", *common, f"--run_dir={tmp_path / 'pred3'}", f"--ckpt_path={ckpt}",
+              f"--data.init_args.predict_path={unlabelled}", "--data.init_args.numeric=[price]",
+              "--data.init_args.log1p=[price]"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "was trained on other data settings than the config's (numeric: ('price', 'age') there" in err
 
     task = MultiTaskRecTask.load_from_checkpoint(ckpt, weights_only=True)
     dm = MultiTaskDataModule(**{k: v for k, v in _toy_data_args().items()})

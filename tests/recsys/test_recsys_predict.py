@@ -25,7 +25,7 @@ def test_recsys_predict_writes_per_task_probabilities(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     common = ["--config", str(TINY), "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
-    main(["recsys", "predict", *common, f"--run_dir={tmp_path / 'run'}"])
+    main(["recsys", "predict", *common, f"--run_dir={tmp_path / 'run'}", "--allow_untrained=true"])
     path = tmp_path / "run" / "predictions.parquet"
     assert f"predictions: {path}" in capsys.readouterr().out
     got = pd.read_parquet(path)
