@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -198,8 +199,25 @@ def topk_dropout_backtest(
     can_sell: pd.DataFrame | None = None,
     lot_size: int = 1,
     raw_close: pd.DataFrame | None = None,
+    last_trade: pd.Series | None = None,
 ) -> BacktestResult:
     """Run TopK-Dropout.
+
+    Untradable and delisted holdings (docs/finance.md §6-7). qlib's ``TopkDropoutStrategy`` (default
+    ``only_tradable=False``) picks the bottom ``n_drop`` of the held-plus-candidate list without looking at
+    tradability, skips the untradable ones at order time, and buys ``len(sell) + topk - len(last)`` names
+    anyway (holding more than topk); with ``only_tradable=True`` it picks the bottom ``n_drop`` among
+    tradable names only. Its account keeps a stock with no price (suspended or delisted) at its last price
+    for ever (``Account.update_current_position`` skips suspended stocks). moekit's reading:
+
+    * sells take the ``only_tradable=True`` reading: a holding that cannot be sold today (suspended, at its
+      limit-down, held under a day) is left out of the bottom-``n_drop`` choice, so it neither is sold nor
+      blocks the replacement of the sellable names below it; buys fill up to ``topk`` holdings, never more.
+    * a holding whose ticker has no trade on any later day of the calendar (delisted; ``last_trade``) is
+      closed at its last close (the value it is marked at), with the usual sell cost, on the first trading
+      day after its last trade, and one :class:`~apps.finance.sources.DataWarning` names the ticker(s) and
+      date(s). A suspended stock whose trading resumes later stays held (not sellable, marked at its last
+      close) as before.
 
     Args:
         scores: wide ``(signal days, tickers)`` scores (NaN = no score); row t is used to trade on the next
@@ -215,6 +233,10 @@ def topk_dropout_backtest(
             return that day).
         lot_size: buys are whole lots of this many shares at ``raw_close`` (default: the adjusted close).
         raw_close: ``(days, tickers)`` raw (unadjusted) close for the lot rounding.
+        last_trade: ticker -> date of its last trade on the market's whole calendar (NaT = never traded);
+            a holding is delisted after that date. Default: the last day with a return in ``returns``
+            (pass it when ``returns`` is cut from a longer calendar, so that a stock trading again after
+            the cut is not taken as delisted).
 
     Returns:
         :class:`BacktestResult`; the report covers the trading days after the first signal day.
@@ -239,6 +261,15 @@ def topk_dropout_backtest(
     S = S.to_numpy(dtype=np.float64)  # (signal days, N)
     B = bench.reindex(days).fillna(0.0).to_numpy(np.float64) if len(bench) else np.zeros(len(days))
     pos_of = {d: i for i, d in enumerate(days)}
+    # last_pos[j]: index in ``days`` of ticker j's last trade; a holding is delisted on days after it
+    if last_trade is None:
+        any_ok = ok.any(0)
+        last_pos = np.where(any_ok, len(days) - 1 - ok[::-1].argmax(0), -1)  # (N,)
+    else:
+        lt = pd.to_datetime(last_trade.reindex(cols))
+        last_pos = np.where(lt.isna(), -1, days.searchsorted(lt.fillna(days[0]).to_numpy(), side="right") - 1)
+    delisted: list[tuple[str, pd.Timestamp, pd.Timestamp]] = []  # (ticker, last trade, closed on)
+    n_sig, small_days, smallest = 0, 0, (np.inf, None)  # signal days used; those with <= topk scored
     cash, hold = float(account), {}  # column -> position value at the last close (insertion-ordered)
     held_days: dict[int, int] = {}
     rows = []
@@ -251,9 +282,22 @@ def topk_dropout_backtest(
             if ok[ti, j]:
                 hold[j] *= 1.0 + r[j]
         cost = traded = 0.0
+        for j in [j for j in hold if ti > last_pos[j]]:  # delisted: closed at the last close it is marked at
+            v = hold.pop(j)
+            held_days.pop(j, None)
+            c = max(v * sell_cost, min_cost) if v > 0 else 0.0
+            cash += v - c
+            cost, traded = cost + c, traded + v
+            delisted.append((str(cols[j]), days[last_pos[j]] if last_pos[j] >= 0 else None, days[ti]))
         si = srow.get(prev)
         if si is not None:
             s = S[si]  # (N,)
+            n_scored = int(np.isfinite(s).sum())
+            n_sig += 1
+            if topk >= n_scored:
+                small_days += 1
+                if n_scored < smallest[0]:
+                    smallest = (n_scored, prev)
             held = np.zeros(len(cols), bool)
             held[list(hold)] = True
             valid = ~np.isnan(s) & (ok[ti] | held)
@@ -267,8 +311,11 @@ def topk_dropout_backtest(
             cand = order[~held[order] & CB[ti, order]]
             today = [int(j) for j in cand[: max(n_drop + topk - len(last), 0)]]
             comb = sorted(last + today, key=key)
-            bottom = set(comb[-n_drop:]) if comb else set()
-            sell = [j for j in last if j in bottom and CS[ti, j] and held_days.get(j, 0) >= 1]
+            # the bottom n_drop among the names that could change hands today (qlib's only_tradable reading):
+            # an unsellable holding takes no slot, so it cannot block the sellable ones below it
+            pool = [j for j in comb if j not in hold or (CS[ti, j] and held_days.get(j, 0) >= 1)]
+            bottom = set(pool[-n_drop:]) if pool else set()
+            sell = [j for j in last if j in bottom]
             buy = today[: len(sell) + topk - len(last)]
             for j in sell:
                 v = hold.pop(j)
@@ -305,6 +352,27 @@ def topk_dropout_backtest(
                 "n_held": len(hold),
             }
         )
+    if delisted:
+        from apps.finance.sources import DataWarning
+
+        what = ", ".join(
+            f"{t} (last trade {a.date() if a is not None else 'none'}, closed {b.date()})"
+            for t, a, b in delisted
+        )
+        warnings.warn(
+            f"backtest: {len(delisted)} held stock(s) delisted (no trade on any later day of the calendar), "
+            f"sold at their last close with the sell cost: {what}",
+            DataWarning,
+            stacklevel=2,
+        )
+    if small_days:
+        warnings.warn(
+            f"backtest: topk={topk} >= the number of stocks scored on {small_days} of {n_sig} signal "
+            f"day(s) (smallest universe: {smallest[0]} stocks on {smallest[1].date()}); the portfolio holds "
+            "(nearly) every scored stock there: lower --topk",
+            UserWarning,
+            stacklevel=2,
+        )
     rep = pd.DataFrame(rows).set_index("date")
     rep["excess"] = rep["return"] - rep["bench"]
     ex = risk_analysis(rep["excess"], mode=mode, days_per_year=days_per_year)
@@ -319,6 +387,7 @@ def topk_dropout_backtest(
         ),
         "return": risk_analysis(rep["return"], mode=mode, days_per_year=days_per_year),
         "mean_turnover": float(rep["turnover"].mean()),
+        "delisted_closed": len(delisted),
         "topk": topk,
         "n_drop": n_drop,
         "buy_cost": buy_cost,
@@ -372,6 +441,7 @@ def backtest_market(
         can_sell=can_sell.loc[days],
         lot_size=rl.lot_size,
         raw_close=raw.loc[days] if rl.lot_size > 1 else None,
+        last_trade=md.tradable.apply(lambda c: c[c].index.max()),  # on the whole calendar: delistings
     )
 
 
@@ -389,24 +459,44 @@ def format_summary(s: dict) -> str:
 def backtest_predictions(
     preds: pd.DataFrame, *, data_dir: str | None = None, segment: str | None = "test", **kw
 ) -> BacktestResult:
-    """Backtest a predictions table (``date, ticker, score``) on the shipped panel and ^GSPC."""
+    """Backtest a predictions table (``date, ticker, score``) on the shipped panel and ^GSPC.
+
+    Raises:
+        ValueError: no (ticker, date) of the predictions is a bar of the shipped panel (predictions of
+            another market: pass its fit config, ``--config``).
+    """
+    from apps.datadir import data_dir as resolve_data_dir
     from apps.finance.data import daily_returns, load_index, load_sp500_panel, validate_panel
 
     if segment is not None and "segment" in preds.columns:
         preds = preds[preds["segment"] == segment]
     bench_close = load_index(data_dir)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         panel = validate_panel(load_sp500_panel(data_dir), calendar=pd.DatetimeIndex(bench_close.index))
     rets = daily_returns(panel.wide["close"], panel.move_mask)
     rets = rets.where(panel.wide["close"].notna())  # no close = not tradable
+    close = panel.wide["close"]
+    on_panel = close.stack().index  # (date, ticker) of every bar
+    pairs = pd.MultiIndex.from_arrays([pd.to_datetime(preds["date"]), preds["ticker"].astype(str)])
+    if not pairs.isin(on_panel).any():
+        folder = resolve_data_dir(data_dir) / "sp500_5yr" / "individual_stocks_5yr"
+        seg = f" of segment {segment!r}" if segment is not None and "segment" in preds.columns else ""
+        when = pairs.levels[0]
+        span = f"dates {when.min().date()}..{when.max().date()}" if len(preds) else "no dates"
+        raise ValueError(
+            f"backtest: no (ticker, date) of the {len(preds)} predictions{seg} (tickers e.g. "
+            f"{sorted(preds['ticker'].astype(str).unique())[:3]}, {span}) matches the returns panel used: "
+            f"the shipped S&P 500 panel {folder} ({close.shape[1]} tickers, {close.index[0].date()}.."
+            f"{close.index[-1].date()}; the default without a fit config); pass --config <the fit config> "
+            "to backtest on the market the model was fitted on"
+        )
     scores = preds.pivot(index="date", columns="ticker", values="score")
     bench = bench_close.pct_change().fillna(0.0)
     last = scores.index.max()
     days = rets.index[(rets.index >= scores.index.min()) & (rets.index <= last)]
-    return topk_dropout_backtest(scores, rets.loc[days], bench.loc[days], **kw)
+    last_trade = rets.apply(lambda c: c.last_valid_index())
+    return topk_dropout_backtest(scores, rets.loc[days], bench.loc[days], last_trade=last_trade, **kw)
 
 
 def fit_config_args(argv: list[str] | None) -> list[str]:

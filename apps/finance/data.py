@@ -656,10 +656,21 @@ class MarketDataModule(_DayPanelLoaders):
         self._ready = False
 
     def resolved_path(self) -> Path:
+        """``path`` as given (relative to the current directory), else under the data dir.
+
+        Raises:
+            FileNotFoundError: a relative path found in neither place (both are named).
+        """
         p = Path(self.path).expanduser()
         if p.exists() or p.is_absolute():
             return p
-        return resolve_data_dir(self.data_dir) / p
+        under = resolve_data_dir(self.data_dir) / p
+        if not under.exists():
+            raise FileNotFoundError(
+                f"{self.source}: data path {self.path!r} not found: looked for {Path.cwd() / p} (relative to "
+                f"the current directory) and {under} (under the data dir; set data_dir or MOEKIT_DATA)"
+            )
+        return under
 
     def read(self):  # noqa: ANN201 - MarketData
         """The market as read (:class:`~apps.finance.sources.MarketData`), without features."""

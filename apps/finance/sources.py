@@ -52,7 +52,13 @@ class MarketData:
         tradable: ``(days, tickers)`` bool, a real trade happened (close finite and volume > 0). Prices of
             non-tradable days may be stale (qlib forward-fills suspensions) and are never traded on.
         bench: benchmark close (index level) on the calendar; ``bench_name`` says which.
-        report: counts of every data problem found.
+        report: counts of every data problem found, by key: ``non_tradable_days`` (universe days without a
+            trade, any cause), ``missing_bars_in_span`` (days between a ticker's first and last bar with no
+            bar: suspensions, holes; days before listing and after delisting are not counted),
+            ``zero_volume_days`` (a bar with a close but zero or missing volume: no trade),
+            ``listed_after_start`` / ``delisted_before_end`` (tickers whose first bar is after the
+            calendar's first day / last bar before its last day), plus the repaired problems
+            (``negative_values``, ``missing_values``, ``non_positive_prices``, ``duplicated_dates``, ...).
         messages: the warnings issued (file / ticker / date named).
     """
 
@@ -336,8 +342,19 @@ def _finish(
             )
             wide[f] = wide[f].mask(bad)
     vol = wide["volume"]
-    tradable = wide["close"].notna() & vol.notna() & (vol > 0)
+    has_bar = wide["close"].notna()
+    tradable = has_bar & vol.notna() & (vol > 0)
     report["non_tradable_days"] = int((universe & ~tradable).to_numpy().sum())
+    bar = has_bar.to_numpy()
+    T = len(bar)
+    first = np.where(bar.any(0), bar.argmax(0), T)  # (tickers,) first bar
+    last = np.where(bar.any(0), T - 1 - bar[::-1].argmax(0), -1)  # (tickers,) last bar
+    day = np.arange(T)[:, None]
+    in_span = (day >= first[None, :]) & (day <= last[None, :])  # (days, tickers) first..last bar
+    report["missing_bars_in_span"] = int((in_span & ~bar).sum())
+    report["zero_volume_days"] = int((has_bar & ~tradable).to_numpy().sum())
+    report["listed_after_start"] = int(((first > 0) & (first < T)).sum())
+    report["delisted_before_end"] = int(((last >= 0) & (last < T - 1)).sum())
     if bench is None:
         bench = equal_weight_index(wide["close"], tradable, universe | tradable)
     else:
@@ -429,7 +446,10 @@ def parse_dates(s: pd.Series, fmt: str | None = None, *, where: str = "") -> pd.
             out = pd.to_datetime(st, errors="coerce", format="mixed")
     bad = out.isna() & s.notna()
     if bad.any():
-        raise ValueError(f"{where}: unparseable date {s[bad].iloc[0]!r} (row {int(np.flatnonzero(bad)[0])})")
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ValueError(
+            f"{where}: unparseable date {s[bad].iloc[0]!r} (data row {i + 1}, 1-based, header not counted)"
+        )
     return out.dt.normalize()
 
 
@@ -486,13 +506,23 @@ def read_bars(
     progress.info("finance: reading %d bar file(s) from %s ...", len(files), p)
     for f in files:
         df = _read_table(f)
-        miss = [f"{v!r} ({k})" for k, v in {**need, **optional}.items() if v not in df.columns]
-        if miss:
-            raise ValueError(f"bars: file {f} lacks column(s) {', '.join(miss)}; it has {list(df.columns)}")
+        miss = {k: v for k, v in {**need, **optional}.items() if v not in df.columns}
+        # a benchmark (index) file needs only its date and close (and ticker): only its close is used
+        bench_only = (
+            benchmark != EQUAL_WEIGHT
+            and not {"date", "close", "ticker"} & set(miss)
+            and (f.stem == benchmark if cm.ticker is None else df[cm.ticker].astype(str).eq(benchmark).all())
+        )
+        if miss and not bench_only:
+            what = ", ".join(f"{v!r} ({k})" for k, v in miss.items())
+            raise ValueError(f"bars: file {f} lacks column(s) {what}; it has {list(df.columns)}")
         if len(df) == 0:
             _warn(report, messages, "empty_files", 1, f"bars: file {f} has a header but no rows; skipped")
             continue
-        out = pd.DataFrame({k: df[v] for k, v in {**need, **optional}.items()})
+        fill = {"factor": 1.0}  # a close-only benchmark file is taken as unadjusted
+        out = pd.DataFrame(
+            {k: df[v] if k not in miss else fill.get(k, np.nan) for k, v in {**need, **optional}.items()}
+        )
         if cm.ticker is None:
             out["ticker"] = f.stem
         out["ticker"] = out["ticker"].astype(str)
@@ -525,6 +555,19 @@ def read_bars(
             report, messages, "negative_values", df[neg], "row(s) with a negative price or volume set to NaN"
         )
         df.loc[neg, [*PRICE_FIELDS, "volume"]] = np.nan
+    # a stock row with a missing price or volume: no trade that day, like a negative value (the benchmark's
+    # rows need only a close; its missing closes are counted as benchmark_missing_days)
+    stock = df["ticker"] != benchmark
+    nan = stock & ~neg & df[[*PRICE_FIELDS, "volume"]].isna().any(axis=1)
+    if nan.any():
+        _warn_rows(
+            report,
+            messages,
+            "missing_values",
+            df[nan],
+            "row(s) with a missing (NaN) price or volume set to NaN (no trade that day)",
+        )
+        df.loc[nan, [*PRICE_FIELDS, "volume"]] = np.nan
     df = df.sort_values(["ticker", "date"], kind="mergesort")
     df["volume"] = df["volume"] * cm.volume_unit
     if "vwap" not in df.columns and "amount" in df.columns:

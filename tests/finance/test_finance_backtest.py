@@ -182,3 +182,147 @@ def test_backtest_command_parses_its_options(tmp_path, monkeypatch, capsys):
     assert written == {"report.csv", "summary.json", "excess.png", "daily_ic.png"}
     with pytest.raises(SystemExit):
         bt.main(["--predictions", "p.parquet", "--mode", "median"])
+
+
+D5 = pd.bdate_range("2021-01-04", periods=5)
+
+
+def _one_stock_example(a_returns: list[float]):
+    """A always scores highest; topk 1, 5 bp sells, no buy cost, all cash invested (risk_degree 1)."""
+    scores = pd.DataFrame({"A": 3.0, "B": 2.0, "C": 1.0}, index=D5[:4])
+    rets = pd.DataFrame({"A": a_returns, "B": [0, 0, 0, 0, 0.05], "C": 0.0}, index=D5, dtype=float)
+    kw = dict(topk=1, n_drop=1, buy_cost=0.0, sell_cost=0.0005, risk_degree=1.0, account=1000.0)
+    return scores, rets, pd.Series(0.0, index=D5), kw
+
+
+def test_delisted_holding_is_sold_at_its_last_close_and_replaced():
+    """A trades for the last time on day 2 (+10 %): on day 3 it is sold at 1100 less 5 bp, B is bought."""
+    from apps.finance.sources import DataWarning
+
+    scores, rets, bench, kw = _one_stock_example([0, 0, 0.10, np.nan, np.nan])
+    want = r"1 held stock\(s\) delisted.*A \(last trade 2021-01-06, closed 2021-01-07\)"
+    with pytest.warns(DataWarning, match=want):
+        res = topk_dropout_backtest(scores, rets, bench, **kw)
+    rep = res.report
+    cash3 = 1100.0 - 1100.0 * 0.0005  # the delisted position, sold at its last close
+    np.testing.assert_allclose(rep["value"].to_numpy(), [1000.0, 1100.0, cash3, cash3 * 1.05])
+    np.testing.assert_allclose(rep.loc[D5[3], "cost"], 1100.0 * 0.0005 / 1100.0)
+    np.testing.assert_allclose(rep.loc[D5[3], "turnover"], (1100.0 + cash3) / (2 * 1100.0))
+    assert rep["n_held"].tolist() == [1, 1, 1, 1] and res.summary["delisted_closed"] == 1
+
+
+def test_suspended_holding_stays_held_until_trading_resumes():
+    """A has no bar on day 3 but trades again on day 4: held (not sold), the whole move earned on day 4;
+    ``last_trade`` on a longer calendar keeps a stock whose bars resume after the cut."""
+    import warnings
+
+    from apps.finance.sources import DataWarning
+
+    scores, rets, bench, kw = _one_stock_example([0, 0, 0.10, np.nan, 0.20])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        rep = topk_dropout_backtest(scores, rets, bench, **kw).report
+        np.testing.assert_allclose(rep["value"].to_numpy(), [1000.0, 1100.0, 1100.0, 1320.0])
+        assert rep["turnover"].iloc[1:].tolist() == [0.0, 0.0, 0.0]
+        scores, rets, bench, kw = _one_stock_example([0, 0, 0.10, np.nan, np.nan])
+        later = pd.Series(pd.Timestamp("2021-02-01"), index=["A", "B", "C"])
+        rep = topk_dropout_backtest(scores, rets, bench, last_trade=later, **kw).report
+    np.testing.assert_allclose(rep["value"].to_numpy(), [1000.0, 1100.0, 1100.0, 1100.0])
+
+
+def test_unsellable_holding_does_not_block_the_other_replacements():
+    """Held A is suspended and unscored on day 2, held B is the lowest scored: B is sold and C bought (A takes
+    no bottom slot); without that rule nothing trades and C's +20 % on day 3 is missed."""
+    scores = pd.DataFrame({"A": [3.0, np.nan, 3.0], "B": [2.0, 1.0, 1.0], "C": [1.0, 2.0, 2.0]}, index=D5[:3])
+    rets = pd.DataFrame(
+        {"A": [0, 0, np.nan, 0.10], "B": [0, 0, 0, 0], "C": [0, 0, 0, 0.20]}, index=D5[:4], dtype=float
+    )
+    res = topk_dropout_backtest(
+        scores, rets, pd.Series(0.0, index=D5[:4]), topk=2, n_drop=1, buy_cost=0.0, sell_cost=0.0,
+        risk_degree=1.0, account=1000.0,
+    )  # fmt: skip
+    rep = res.report
+    np.testing.assert_allclose(rep["turnover"].to_numpy(), [0.5, 0.5, 0.0])  # day 2: sell B 500, buy C 500
+    np.testing.assert_allclose(rep["value"].to_numpy(), [1000.0, 1000.0, 550.0 + 600.0])
+    assert rep["n_held"].tolist() == [2, 2, 2]
+
+
+def test_topk_at_least_the_scored_universe_warns_once():
+    import warnings
+
+    scores, rets, bench = example()
+    scores.iloc[2, 0] = np.nan  # 3 stocks scored on 2021-01-06
+    with pytest.warns(UserWarning, match=r"topk=3 >= the number of stocks scored on 1 of 5 signal day\(s\) "
+                      r"\(smallest universe: 3 stocks on 2021-01-06\)") as rec:  # fmt: skip
+        topk_dropout_backtest(scores, rets, bench, topk=3, n_drop=1)
+    assert sum("topk=" in str(w.message) for w in rec) == 1
+    with pytest.warns(UserWarning, match=r"topk=4 .* on 5 of 5 signal day\(s\) \(smallest universe: 3 "):
+        topk_dropout_backtest(scores, rets, bench, topk=4, n_drop=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        topk_dropout_backtest(scores, rets, bench, topk=2, n_drop=1)
+
+
+def test_predictions_of_another_market_name_the_panel_and_suggest_the_config(tmp_path, monkeypatch):
+    """Without a fit config the shipped S&P 500 panel is used: predictions of another market say so."""
+    import apps.finance.data as fd
+    from apps.finance.backtest import backtest_predictions
+
+    days = pd.bdate_range("2013-02-08", periods=6)
+    panel = pd.DataFrame(
+        [{"date": d, "ticker": t, "open": 10.0, "high": 10.0, "low": 10.0, "close": 10.0 + i, "volume": 1e6}
+         for i, d in enumerate(days) for t in ("AAPL", "MSFT")]
+    )  # fmt: skip
+    monkeypatch.setattr(fd, "load_sp500_panel", lambda data_dir=None: panel)
+    monkeypatch.setattr(fd, "load_index", lambda data_dir=None: pd.Series(1.0 + np.arange(6), index=days))
+    preds = pd.DataFrame({"date": pd.bdate_range("2022-07-01", periods=3), "ticker": "ZX001", "score": 1.0})
+    msg = (
+        r"no \(ticker, date\) of the 3 predictions \(tickers e.g. \['ZX001'\], "
+        r"dates 2022-07-01..2022-07-05\) "
+        r"matches the returns panel used: the shipped S&P 500 panel "
+        + str(tmp_path)
+        + r"/sp500_5yr/individual_stocks_5yr \(2 tickers, 2013-02-08..2013-02-15; .*--config <the fit config>"
+    )
+    with pytest.raises(ValueError, match=msg):
+        backtest_predictions(preds, data_dir=str(tmp_path), segment=None, topk=1, n_drop=1)
+    ok = preds.assign(ticker="AAPL", date=days[:3])  # on the panel: runs (trades on the 2 days after)
+    res = backtest_predictions(ok, data_dir=str(tmp_path), segment=None, topk=1, n_drop=1)
+    assert list(res.report.index) == list(days[1:3])
+
+
+def test_market_backtest_takes_delistings_from_the_whole_calendar(tmp_path):
+    """Bars: BBB (top score) has no bar on days 4-5, the predictions' last days, but trades again on day 6:
+    kept (value flat on days 4-5); CCC's bars end on day 3 for good: with CCC on top it is sold on day 4."""
+    import warnings
+
+    from apps.finance.backtest import backtest_market
+    from apps.finance.sources import DataWarning, read_bars
+
+    days = pd.bdate_range("2022-03-01", periods=8)
+    rows = [
+        {"ticker": t, "date": d, "open": 10.0, "high": 10.0, "low": 10.0, "close": 10.0 + i, "volume": 1e3}
+        for t in ("AAA", "BBB", "CCC")
+        for i, d in enumerate(days)
+        if not (t == "BBB" and i in (4, 5)) and not (t == "CCC" and i > 3)
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "bars.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        md = read_bars(tmp_path)
+
+    def preds(top: str) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                {"date": d, "ticker": t, "score": 2.0 if t == top else 1.0}
+                for d in days[:6]
+                for t in ("AAA", top)
+            ]
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        rep = backtest_market(preds("BBB"), md, topk=1, n_drop=1, account=1000.0).report
+    assert rep["n_held"].tolist() == [1] * 5 and rep["turnover"].iloc[3:].tolist() == [0.0, 0.0]
+    with pytest.warns(DataWarning, match=r"CCC \(last trade 2022-03-04, closed 2022-03-07\)"):
+        rep = backtest_market(preds("CCC"), md, topk=1, n_drop=1, account=1000.0).report
+    assert rep.loc[days[4], "turnover"] > 0.9  # CCC sold, AAA bought

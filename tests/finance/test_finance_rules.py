@@ -86,14 +86,18 @@ def test_no_sell_at_limit_down_close():
                           index=DAYS[:3], columns=TK)  # fmt: skip
     rets = pd.DataFrame(0.0, index=DAYS, columns=TK)
     rets.iloc[2, 0] = -0.10  # day 2: SH600000 (to be sold) closes limit-down
+    rets.iloc[3, 0] = 0.10  # day 3: it rebounds, earned only if it was kept on day 2
     cb, cs = trade_masks(rets, market_rules("cn"))
     assert not cs.iloc[2, 0] and cs.iloc[3, 0]
-    held = []
+    day3 = []
     for can_sell in (cs, None):
         r = topk_dropout_backtest(scores, rets, pd.Series(0.0, index=DAYS), topk=2, n_drop=1, can_buy=cb,
                                   can_sell=can_sell, account=1e6)  # fmt: skip
-        held.append(r.report["turnover"].iloc[1])
-    assert held[0] == 0.0 and held[1] > 0  # refused sell -> no trade on day 2; without the rule it sells
+        assert r.report["turnover"].iloc[1] > 0  # day 2 rotates one name either way
+        day3.append(r.report["return"].iloc[2])
+    # refused sell: SH600000 is kept (the unsellable name takes no bottom slot, so SZ300750 is the one
+    # rotated out for SZ000001) and earns its +10 % on day 3; without the rule it is sold on day 2
+    assert day3[0] > 0.04 and day3[1] == 0.0
 
 
 def test_suspended_stock_not_traded():

@@ -281,3 +281,78 @@ def test_learn_label_normalised_over_the_universe_or_the_market(tmp_path: Path, 
     assert set(np.asarray(dm.panel.tickers)[np.unique(idx[:, 1])]) == set(members)
     with pytest.raises(ValueError, match="label_scope must be"):
         MarketDataModule(path="x", label_scope="all", train=("a", "b"), valid=("a", "b"), test=("a", "b"))
+
+
+def test_unparseable_date_names_the_1_based_data_row(tmp_path: Path) -> None:
+    df = bars()
+    df.loc[2, "date"] = "2022-13-45"  # the third data row: line 4 of the file
+    df.to_csv(tmp_path / "d.csv", index=False)
+    assert (tmp_path / "d.csv").read_text().splitlines()[3].split(",")[1] == "2022-13-45"
+    want = r"d\.csv, column 'date': unparseable date '2022-13-45' \(data row 3, 1-based, header not counted\)"
+    with pytest.raises(ValueError, match=want):
+        read_bars(tmp_path)
+
+
+def test_relative_data_path_not_found_names_both_places(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    dm = MarketDataModule(path="zx_barz", data_dir=str(tmp_path / "dd"), train=("a", "b"), valid=("a", "b"),
+                          test=("a", "b"))  # fmt: skip
+    want = (
+        rf"bars: data path 'zx_barz' not found: looked for {tmp_path}/cwd/zx_barz \(relative to the current "
+        rf"directory\) and {tmp_path}/dd/zx_barz \(under the data dir"
+    )
+    with pytest.raises(FileNotFoundError, match=want):
+        dm.read()
+    (tmp_path / "dd" / "zx_barz").mkdir(parents=True)  # found under the data dir
+    assert dm.resolved_path() == tmp_path / "dd" / "zx_barz"
+
+
+def test_nan_price_warns_and_report_counts_missing_bars_apart_from_zero_volume(tmp_path: Path) -> None:
+    """6 days; AAA complete; BBB lists on day 1, NaN close on day 2, no bar on day 3, zero volume on day 4;
+    CCC delists after day 3."""
+    df = bars(("AAA", "BBB", "CCC"))
+    days = sorted(df["date"].unique())
+    b = df["ticker"] == "BBB"
+    df.loc[b & (df["date"] == days[2]), "close"] = np.nan
+    df.loc[b & (df["date"] == days[4]), "volume"] = 0.0
+    drop = (b & df["date"].isin([days[0], days[3]])) | ((df["ticker"] == "CCC") & df["date"].isin(days[4:]))
+    df[~drop].to_csv(tmp_path / "x.csv", index=False)
+    want = (
+        r"bars: 1 row\(s\) with a missing \(NaN\) price or volume set to NaN \(no trade that day\) "
+        r"\(first: file x\.csv, ticker BBB, date 2022-03-03\)"
+    )
+    with pytest.warns(DataWarning, match=want):
+        md = read_bars(tmp_path)
+    rep = md.report
+    assert rep["missing_values"] == 1
+    assert rep["missing_bars_in_span"] == 2  # BBB days 2 (NaN close) and 3 (no bar)
+    assert rep["zero_volume_days"] == 1  # BBB day 4
+    assert rep["listed_after_start"] == 1 and rep["delisted_before_end"] == 1  # BBB, CCC
+    assert rep["non_tradable_days"] == 1  # bars: the universe is the days with a bar
+    assert not md.tradable.loc[pd.Timestamp(days[2]), "BBB"]
+
+
+def test_close_only_benchmark_file(tmp_path: Path) -> None:
+    df = bars()
+    df.to_csv(tmp_path / "stocks.csv", index=False)
+    days = sorted(df["date"].unique())
+    idx = pd.DataFrame({"ticker": "IDX", "date": days, "close": 1000.0 + np.arange(6)})
+    idx.to_csv(tmp_path / "idx.csv", index=False)
+    md = read_bars(tmp_path, benchmark="IDX")
+    np.testing.assert_allclose(md.bench.to_numpy(), 1000.0 + np.arange(6))
+    assert md.tickers == ["AAA", "BBB"] and "missing_values" not in md.report
+    # one file per ticker (ticker = file stem), with a factor column the index file lacks
+    (tmp_path / "stem").mkdir()
+    for t, g in df.assign(f=2.0).groupby("ticker"):
+        g.drop(columns="ticker").to_csv(tmp_path / "stem" / f"{t}.csv", index=False)
+    idx.drop(columns="ticker").to_csv(tmp_path / "stem" / "IDX.csv", index=False)
+    md = read_bars(tmp_path / "stem", columns=ColumnMap(ticker=None, factor="f"), benchmark="IDX")
+    np.testing.assert_allclose(md.bench.to_numpy(), 1000.0 + np.arange(6))
+    np.testing.assert_allclose(md.wide["close"]["AAA"], 2 * df[df.ticker == "AAA"]["close"].to_numpy())
+    # a stock file still needs every bar column
+    df.drop(columns="open").to_csv(tmp_path / "stocks.csv", index=False)
+    with pytest.raises(ValueError, match=r"stocks\.csv lacks column\(s\) 'open' \(open\)"):
+        read_bars(tmp_path, benchmark="IDX")
