@@ -144,7 +144,9 @@ class RecsysApp:
         cols = list(s.features)
         frames = datamodule.load_frames()
         raw = frames["test" if "test" in frames else "val"][0]
-        return raw[cols].head(5).reset_index(drop=True)
+        example = raw[cols].head(5).reset_index(drop=True)
+        example.attrs = {}  # no file-row bookkeeping of a carved part in the logged example
+        return example
 
     def save_preprocessing(self, datamodule: L.LightningDataModule, out_dir: Path) -> list[Path]:
         pre = getattr(datamodule, "preprocessor", None)

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from apps.datadir import cache_dir, data_dir, require_file
-from apps.recsys.schema import FeatureSchema, TabularPreprocessor, read_table, validate_frame
+from apps.recsys.schema import FeatureSchema, FileRows, TabularPreprocessor, read_table, validate_frame
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,10 @@ def carve_validation(
         is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
     tr = df[~is_val].reset_index(drop=True)
     va = df[is_val].reset_index(drop=True)
+    # the rows' 1-based places in the file, for error messages (see apps.recsys.schema.data_row)
+    held = df.attrs.get("data_rows")
+    rows = held.rows if isinstance(held, FileRows) and len(held) == n else np.arange(1, n + 1)
+    tr.attrs["data_rows"], va.attrs["data_rows"] = FileRows(rows[~is_val]), FileRows(rows[is_val])
     how = f"latest {fraction:g} by {time_column}" if time_column else f"random {fraction:g}, seed {seed}"
     log.info("%s: held out %d of %d train rows for validation (%s)", source, len(va), n, how)
     return (tr, f"{source} [train part]"), (va, f"{source} [validation part: {how}]")

@@ -237,29 +237,84 @@ def validate_frame(df: pd.DataFrame, schema: FeatureSchema, *, source: str, need
         if bad.any():
             raise ValueError(
                 f"{source}: numeric column {c!r} has non-numeric value {df[c][bad].iloc[0]!r} "
-                f"(data row {int(np.flatnonzero(bad.to_numpy())[0]) + 1}, 1-based, header not counted)"
+                f"({data_row(df, bad)}, 1-based, header not counted)"
             )
         if schema.fill_missing == "error" and col.isna().any():
             raise ValueError(
                 f"{source}: numeric column {c!r} has {int(col.isna().sum())} missing value(s), the first "
-                f"in data row {int(np.flatnonzero(col.isna().to_numpy())[0]) + 1} (1-based, header not "
-                "counted); fill them, or set fill_missing: mean | zero"
+                f"in {data_row(df, col.isna())} (1-based, header not counted); fill them, or set "
+                "fill_missing: mean | zero"
             )
     if need_labels:
         for c in schema.labels:
-            _labels_as_float(df[c], column=c, source=source)
+            _labels_as_float(df[c], column=c, source=source, frame=df)
 
 
-def _labels_as_float(s: pd.Series, *, column: str, source: str) -> np.ndarray:
+class FileRows:
+    """The 1-based file rows of a frame's rows, kept in ``DataFrame.attrs["data_rows"]`` by
+    :func:`apps.recsys.data.carve_validation`, so that an error in a part carved from a file names the row
+    of the file. pandas deep-copies ``attrs`` on every operation and compares them on ``concat``: this holder
+    copies as itself and equals only itself, so neither costs a pass over the rows."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = np.asarray(rows)
+
+    def __deepcopy__(self, memo: dict) -> FileRows:
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = object.__hash__
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def data_row(obj: pd.DataFrame | pd.Series, mask: pd.Series | np.ndarray | int) -> str:
+    """``"data row R"``: the file row (1-based, header not counted) of the first True of ``mask`` (or of
+    position ``mask``). A part carved from a file (``carve_validation``) carries its rows' places in
+    ``attrs["data_rows"]``; other frames are whole files, where the place is the position + 1."""
+    pos = mask if isinstance(mask, int) else int(np.flatnonzero(np.asarray(mask))[0])
+    rows = obj.attrs.get("data_rows")
+    if isinstance(rows, FileRows) and len(rows) == len(obj):
+        return f"data row {int(rows.rows[pos])}"
+    return f"data row {pos + 1}"
+
+
+def _labels_as_float(
+    s: pd.Series, *, column: str, source: str, frame: pd.DataFrame | None = None
+) -> np.ndarray:
+    """A 0/1 (or boolean) label column as float32; one error line naming the column, the count and the first
+    bad value's data row otherwise."""
     if s.dtype == bool:
         return s.to_numpy(dtype=np.float32)
+    frame = s.to_frame() if frame is None else frame
     v = pd.to_numeric(s, errors="coerce")
     if v.isna().any():
-        raise ValueError(f"{source}: label column {column!r} has missing or non-numeric values")
+        blank = s.isna()
+        if not pd.api.types.is_numeric_dtype(s):
+            blank = blank | (s.astype(str).str.strip() == "")
+        text = v.isna() & ~blank
+        if text.any():
+            raise ValueError(
+                f"{source}: label column {column!r} has {int(text.sum())} non-numeric value(s), the first "
+                f"{s[text].iloc[0]!r} in {data_row(frame, text)} (1-based, header not counted); labels are "
+                "0/1 or true/false"
+            )
+        raise ValueError(
+            f"{source}: label column {column!r} has {int(blank.sum())} missing value(s), the first in "
+            f"{data_row(frame, blank)} (1-based, header not counted)"
+        )
     bad = ~v.isin([0, 1])
     if bad.any():
         vals = sorted(set(v[bad].tolist()))[:5]
-        raise ValueError(f"{source}: label column {column!r} is not binary (0/1); found values {vals}")
+        raise ValueError(
+            f"{source}: label column {column!r} is not binary (0/1): {int(bad.sum())} row(s) hold {vals}, "
+            f"the first in {data_row(frame, bad)} (1-based, header not counted)"
+        )
     return v.to_numpy(dtype=np.float32)
 
 
@@ -394,7 +449,9 @@ class TabularPreprocessor:
         if report_unseen:
             self._report_unseen(unseen, source=source)
         if with_labels:
-            lab = np.stack([_labels_as_float(df[c], column=c, source=source) for c in s.labels], axis=1)
+            lab = np.stack(
+                [_labels_as_float(df[c], column=c, source=source, frame=df) for c in s.labels], axis=1
+            )
             out["labels"] = torch.from_numpy(lab)  # (B, M)
         if s.group:
             codes, _ = pd.factorize(df[s.group].astype(str))
@@ -418,12 +475,12 @@ class TabularPreprocessor:
                 a = np.asarray(x)
                 if a.ndim != 1:
                     raise ValueError(
-                        f"{source}: sequence column {column!r} data row {i + 1}: not a flat list"
+                        f"{source}: sequence column {column!r} {data_row(values, i)}: not a flat list"
                     )
             else:
                 raise ValueError(
-                    f"{source}: sequence column {column!r} data row {i + 1}: expected a list of ids or a "
-                    f"{s.seq_sep!r}-separated string, got {x!r}"
+                    f"{source}: sequence column {column!r} {data_row(values, i)}: expected a list of ids or "
+                    f"a {s.seq_sep!r}-separated string, got {x!r}"
                 )
             rows.append(a[-length:])
         lens = np.fromiter((len(a) for a in rows), dtype=np.int64, count=len(rows))  # (B,)

@@ -285,3 +285,32 @@ def test_toy_yaml_parses_and_fits_one_epoch(tmp_path: Path) -> None:
     assert task.net.embedding.dims[dm.feature_names.index("user_id")] == 3
     assert task.hparams.sequence_targets == [dm.feature_names.index("item_id")]
     assert len(dm.splits["val"]["cat"]) == 600 and dm.splits["train"]["seq"].shape[1:] == (1, 20)
+
+
+def test_label_and_numeric_errors_name_the_file_row_also_in_a_carved_part(tmp_path: Path) -> None:
+    """New-user trial: a label value 2 gave 'not binary; found values [2]' with no row, NaN and text labels
+    the same 'missing or non-numeric values', and rows of a part carved from train counted in the part."""
+    df = _frame(40, 0)
+    df["t"] = np.arange(40)[::-1]  # the latest rows by t are the file's first ones: val = file rows 1-8
+    kw = dict(categorical=["u"], numeric=["x"], labels=["y"], val_fraction=0.2, val_time_column="t")
+    path = tmp_path / "train.csv"
+
+    def error(frame: pd.DataFrame) -> str:
+        frame.to_csv(path, index=False)
+        with pytest.raises(ValueError) as e:
+            MultiTaskDataModule(train_path=str(path), **kw).setup("fit")
+        return str(e.value)
+
+    bad = df.assign(y=df["y"].astype(object))
+    bad.loc[[14, 30], "y"] = 2  # file rows 15 and 31, both in the train part (file rows 9-40)
+    msg = error(bad)
+    assert "[train part]: label column 'y' is not binary (0/1): 2 row(s) hold [2]" in msg
+    assert "the first in data row 15 (1-based, header not counted)" in msg
+    bad = df.assign(y=df["y"].astype(object))
+    bad.loc[[20, 25], "y"] = ""
+    assert "label column 'y' has 2 missing value(s), the first in data row 21 (1-based" in error(bad)
+    bad.loc[[20, 25], "y"] = "yes"
+    assert "label column 'y' has 2 non-numeric value(s), the first 'yes' in data row 21 (1-based" in error(bad)
+    bad = df.assign(x=df["x"].astype(object))
+    bad.loc[9, "x"] = "abc"  # file row 10: the second row of the train part
+    assert "numeric column 'x' has non-numeric value 'abc' (data row 10, 1-based" in error(bad)
