@@ -186,10 +186,12 @@ def _check_config_files(app: str, args: Sequence[str]) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "fix your command, config or data", not "moekit has a bug"."""
+    from mlflow.exceptions import MlflowException  # a run, model or store that is not there
+
     from pipelines.checkpointing import CheckpointError
     from pipelines.lightning_cli import ConfigError
 
-    return (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+    return (ConfigError, CheckpointError, FileNotFoundError, ValueError, MlflowException)
 
 
 def _run_app(head: str, rest: list[str]) -> None:
@@ -226,11 +228,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         if debug or not isinstance(e, _user_errors()):
             raise
         where = f"moekit {head}{' ' + rest[0] if rest and not rest[0].startswith('-') else ''}"
-        _fail(f"{where}: {e}", e, debug)
+        _fail(f"{where}: {_error_text(e)}", e, debug)
 
 
 class _UsageError(Exception):
     pass
+
+
+def _error_text(exc: BaseException) -> str:
+    """The exception's message, saying "file not found" where it names only the missing file (pyarrow raises
+    ``FileNotFoundError(path)``)."""
+    text = str(exc)
+    if isinstance(exc, FileNotFoundError):
+        said = text.lower()
+        if "not found" not in said and "no such file" not in said:
+            path = os.fsdecode(exc.filename) if exc.filename is not None else text
+            return f"file not found: {path}" + ("" if path == text or not text else f" ({text})")
+    return text
 
 
 def _fail(message: str, exc: BaseException, debug: bool, *, hint: bool = True) -> None:
@@ -245,6 +259,9 @@ def _dispatch(head: str, rest: list[str]) -> None:
     if head in _tools():
         if head in ("tune", "register"):  # MLflow's INFO lines at moekit's level (serve and ui keep theirs)
             os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(logging.getLogger().level))
+            # as for fit (_run_app): lightning sets its loggers to INFO when imported ("Seed set to 0", "GPU
+            # available", the litlogger tip); import it first, so that moekit's level below overrides that
+            import lightning  # noqa: F401
         from pipelines.commands import run_tool
 
         _third_party_levels()

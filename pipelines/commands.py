@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -48,10 +49,12 @@ def tune(
         configs: base config YAML (``--config FILE``, repeatable).
         n_trials: the study's TOTAL number of finished (complete + pruned) trials over all runs and parallel
             workers, not a number to add: a rerun tops the study up to N (``--n-trials``).
-        storage: Optuna RDB URL (default sqlite:///<repo>/runs/optuna/optuna.db).
+        storage: Optuna RDB URL (default sqlite:///<repo>/runs/optuna/optuna.db: the moekit checkout's,
+            whatever the current directory).
         study: study name (default <app>-<config stem>).
         timeout: stop starting trials after this many seconds.
-        out: folder for trial checkpoints and best.yaml.
+        out: folder for trial checkpoints and best.yaml (default runs/tune/<study> under the current
+            directory).
         overrides: fixed override for every trial (``--set trainer.max_epochs=3``, repeatable); stored in the
             study: a rerun with other values is refused (start a new study with ``--study NAME``).
         tracking_uri: MLflow store (``--tracking-uri``; default $MLFLOW_TRACKING_URI, else
@@ -69,7 +72,8 @@ def tune(
 
     from pipelines.tune import run_study, summary_table
 
-    optuna.logging.set_verbosity(optuna.logging.INFO)
+    # moekit prints a line per finished trial (pipelines.tune): Optuna's own INFO lines only on request
+    optuna.logging.set_verbosity(logging.getLogger().getEffectiveLevel())
     result = run_study(
         app=app,
         configs=configs,
@@ -195,12 +199,15 @@ def serve(
 def ui(*, port: int = 5000, tracking_uri: str | None = None) -> None:
     """Start the MLflow UI on the moekit tracking store (127.0.0.1).
 
+    Stops its whole process tree (``mlflow ui``, uvicorn, workers) on SIGTERM/SIGINT/SIGHUP, as ``serve``
+    does.
+
     Args:
         port: port.
         tracking_uri: MLflow store (``--tracking-uri``; default $MLFLOW_TRACKING_URI, else
             <repo>/mlflow/mlflow.db).
     """
-    from pipelines.serve import serve_env
+    from pipelines.serve import serve_env, supervise
     from pipelines.tracking import DEFAULT_STORE_DIR, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
@@ -216,8 +223,9 @@ def ui(*, port: int = 5000, tracking_uri: str | None = None) -> None:
     ]
     if uri == f"sqlite:///{DEFAULT_STORE_DIR / 'mlflow.db'}":
         cmd += ["--default-artifact-root", (DEFAULT_STORE_DIR / "artifacts").as_uri()]
-    print(f"MLflow UI on http://127.0.0.1:{port}  ({uri})", flush=True)
-    raise SystemExit(subprocess.call(cmd, env=serve_env(uri)))
+    # its own session, stopped as a group on SIGTERM/SIGINT/SIGHUP: `mlflow ui` runs uvicorn and its workers
+    proc = subprocess.Popen(cmd, env=serve_env(uri), start_new_session=True)
+    raise SystemExit(supervise(proc, banner=f"MLflow UI on http://127.0.0.1:{port}  ({uri})"))
 
 
 TOOLS: dict[str, tuple[Callable[..., None], str]] = {

@@ -320,6 +320,16 @@ def _drop_validation_run(trainer: L.Trainer, source: str) -> None:
             lg.experiment.delete_run(lg.run_id)
 
 
+def _find_run(client: Any, run_id: str) -> Any | None:
+    """The run ``run_id`` of ``client``'s store, or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
 def register_trained(
     *,
     app: str,
@@ -342,8 +352,18 @@ def register_trained(
     ckpt = str(Path(trainer.ckpt_path).resolve()) if trainer is not None and trainer.ckpt_path else None
     metrics: dict[str, float] = {}
     tags = {"moekit.app": app}
-    if run_id is not None:
-        run = mlflow.MlflowClient(uri).get_run(run_id)
+    run = _find_run(mlflow.MlflowClient(uri), run_id) if run_id is not None else None
+    if run_id is not None and run is None:
+        # a checkpoint from another store (another machine, a copied run folder), as `moekit <app> test`
+        # handles it: the model goes into a new run of this store, the one that validated it if it is here
+        new = [lg.run_id for lg in loggers if lg._initialized and lg._tracking_uri == uri]
+        log.warning(
+            "MLflow run %s (named in the checkpoint) is not in %s: registering with a new run", run_id, uri
+        )
+        run_id = new[0] if new else None
+        if run_id is not None:
+            run = mlflow.MlflowClient(uri).get_run(run_id)
+    if run is not None:
         metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test")}
         ckpt = (
             ckpt or run.data.tags.get("moekit.checkpoint.best") or run.data.tags.get("moekit.checkpoint.last")

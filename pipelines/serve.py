@@ -17,7 +17,8 @@ Requests: ``POST /invocations`` with ``{"dataframe_split": {"columns": [...], "d
 problem, and the server keeps serving.
 
 Processes: :func:`start_server` starts uvicorn in its own session (process group); :func:`stop_server` and
-``moekit serve`` (on SIGTERM/SIGINT, :func:`serve_forever`) stop that whole group, workers included.
+``moekit serve`` and ``moekit ui`` (on SIGTERM/SIGINT/SIGHUP, :func:`supervise`) stop that whole group,
+workers included.
 """
 
 from __future__ import annotations
@@ -285,6 +286,38 @@ def stop_server(proc: subprocess.Popen, *, timeout: float = 20.0) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def supervise(proc: subprocess.Popen, *, banner: str | None = None) -> int:
+    """Wait in the foreground for ``proc`` (a server started in its own session) until it exits or this
+    process gets SIGTERM, SIGINT (Ctrl+C) or SIGHUP; then stop its whole process group (:func:`stop_server`).
+    ``moekit serve`` and ``moekit ui`` both run their server through it.
+
+    Args:
+        proc: the server, started with ``start_new_session=True`` (its pid is its process group id).
+        banner: a line printed (flushed) once the signal handlers are in place.
+
+    Returns:
+        The server's exit code, or ``128 + signal`` when a signal stopped it.
+    """
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        if banner:
+            print(banner, flush=True)
+        while not stopping and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        stop_server(proc)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if stopping:
+        return 128 + stopping[0]
+    return proc.returncode or 0
+
+
 def serve_forever(
     model_uri: str,
     *,
@@ -295,25 +328,9 @@ def serve_forever(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> int:
     """Run the server in the foreground until it exits or this process gets SIGTERM/SIGINT/SIGHUP; then stop
-    its whole process group. Returns the exit code."""
+    its whole process group (:func:`supervise`). Returns the exit code."""
     proc, url = start_server(
         model_uri, host=host, port=port, workers=workers, tracking_uri=tracking_uri,
         max_body_bytes=max_body_bytes, log_file=None,
     )  # fmt: skip
-    stopping: list[int] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stopping.append(signum)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        print(f"serving {model_uri} on {url}  (POST /invocations, GET /ping)", flush=True)
-        while not stopping and proc.poll() is None:
-            time.sleep(0.2)
-    finally:
-        stop_server(proc)
-        for s, h in old.items():
-            signal.signal(s, h)
-    if stopping:
-        return 128 + stopping[0]
-    return proc.returncode or 0
+    return supervise(proc, banner=f"serving {model_uri} on {url}  (POST /invocations, GET /ping)")

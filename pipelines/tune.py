@@ -22,10 +22,11 @@
 * Tracking: one MLflow parent run per study and one nested run per trial (Lightning logs into it). A trial
   run ends FINISHED (complete or pruned), FAILED (an exception) or KILLED (interrupted; also, at the next
   start, the runs of trials the heartbeat failed); the parent ends FINISHED, or KILLED when interrupted.
-  Each finished trial is logged as one line with its value and the best so far.
-* Output: ``<out>/best.yaml``, the base config with the best trial's values merged in (the sweep's fixed
-  ``--set`` budget overrides are noted in its header, not applied), runnable with
-  ``moekit <app> fit --config <out>/best.yaml``.
+  Each finished trial is logged as one line with its value and the best so far (logger ``moekit.progress``,
+  shown by the ``moekit`` CLI at its default level).
+* Output: ``<out>/best.yaml`` (default ``runs/tune/<study>/`` under the current directory), the base config
+  with the best trial's values merged in (the sweep's fixed ``--set`` budget overrides are noted in its
+  header, not applied), runnable with ``moekit <app> fit --config <out>/best.yaml``.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ from pipelines.lightning_cli import MoekitCLI, merged_config
 from pipelines.tracking import REPO_ROOT, default_tracking_uri, ensure_experiment, git_commit, make_logger
 
 log = logging.getLogger(__name__)
+# the sweep's progress (a line per finished trial, the best config's path): shown by the moekit CLI at its
+# default level, as the apps' stage lines are (pipelines.cli.PROGRESS_LOGGER)
+progress_log = logging.getLogger("moekit.progress")
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-# trials that count against the budget when a new one asks to start: finished, or on their way to it
-CLAIMED = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-SKIPPED_ATTR = "moekit.skipped"
 # trials that count against the budget when a new one asks to start: finished, or on their way to it
 CLAIMED = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
 SKIPPED_ATTR = "moekit.skipped"
@@ -309,7 +310,8 @@ def run_study(
         timeout: stop starting new trials after this many seconds.
         overrides: fixed dotted overrides applied to every trial (e.g. a shorter ``trainer.max_epochs``);
             stored in the study: a rerun with other values (or another base config) is refused.
-        out_dir: where trial checkpoints and ``best.yaml`` go (default ``<repo>/runs/tune/<study>``).
+        out_dir: where trial checkpoints and ``best.yaml`` go (default ``runs/tune/<study>`` under the current
+            directory, as ``fit`` writes ``runs/<app>/<config>``).
         tracking_uri, experiment: MLflow store and experiment (default: moekit's, ``moekit-<app>-tune``).
         seed: base seed of the per-trial TPE seeds (see :class:`PerTrialSeededTPE`); None: from
             ``os.urandom``.
@@ -342,7 +344,8 @@ def run_study(
     if direction not in ("maximize", "minimize"):
         raise ValueError(f"direction={direction!r}: expected 'maximize' or 'minimize'")
     study_name = study_name or f"{app}-{Path(configs[0]).stem}"
-    out = Path(out_dir) if out_dir else REPO_ROOT / "runs" / "tune" / study_name
+    # like fit's checkpoints (<default_root_dir>/runs/...), under the current directory
+    out = Path(out_dir) if out_dir else Path.cwd() / "runs" / "tune" / study_name
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or default_tracking_uri()
     fixed = dict(overrides or {})
@@ -443,7 +446,7 @@ def run_study(
                 best = f"best {study.best_value:.6g} (trial {study.best_trial.number})"
             except ValueError:
                 best = "no complete trial yet"
-            log.info(
+            progress_log.info(
                 "trial %d %s%s; %s; %d/%d finished",
                 trial.number, trial.state.name, value, best, finished, n_trials,
             )  # fmt: skip
@@ -493,7 +496,9 @@ def run_study(
         tracker.client.log_artifact(tracker.parent_run_id, str(path), "best")
         tracker.client.log_metric(tracker.parent_run_id, "best_value", best.value)
         tracker.client.set_tag(tracker.parent_run_id, "best_trial", str(best.number))
-        log.info("best trial %d: %s = %.6g; config written to %s", best.number, monitor, best.value, path)
+        progress_log.info(
+            "best trial %d: %s = %.6g; config written to %s", best.number, monitor, best.value, path
+        )
     tracker.finish_study("FINISHED")
     return study
 

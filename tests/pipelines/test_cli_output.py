@@ -191,3 +191,28 @@ def test_mlflow_imported_after_configure_output_stays_quiet() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "INFO-LINE" not in proc.stderr and "WARNING-LINE" in proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_missing_file_error_says_file_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """pyarrow's FileNotFoundError carries only the path: the line says what it is, once."""
+    missing = tmp_path / "predictions" / "nope.parquet"
+    with pytest.raises(SystemExit) as exit_:
+        main(["finance", "backtest", "--predictions", str(missing)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: moekit finance backtest: file not found: {missing}"), err
+
+    # a message that already says so is not doubled
+    import apps.finance.backtest
+
+    def fail(argv: list[str]) -> None:
+        open(missing)  # noqa: SIM115 - raises FileNotFoundError(2, 'No such file or directory', path)
+
+    monkeypatch.setattr(apps.finance.backtest, "main", fail)
+    with pytest.raises(SystemExit):
+        main(["finance", "backtest"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"No such file or directory: '{missing}'" in line and "file not found" not in line, line

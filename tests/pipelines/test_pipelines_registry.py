@@ -119,3 +119,43 @@ def test_registered_model_requirements_install_from_a_public_index(
         (spec,) = r.specifier
         assert spec.operator == "==" and "+" not in spec.version, r
     assert (local / "code" / "toy_app.py").is_file()
+
+
+def test_register_a_checkpoint_from_another_store_warns_and_uses_a_new_run(
+    tmp_path: Path,
+    toy_config: Path,
+    tracking_uri: str,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The checkpoint names a run of another store (a copied run folder): `moekit register` says so in one
+    warning line and registers into a new run of the current store, as `moekit <app> test` does."""
+    run_dir = tmp_path / "ckpt"
+    main(["toy", "fit", "--config", str(toy_config), f"--run_dir={run_dir}", "--trainer.max_epochs=1"])
+    (train,) = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_experiment_by_name("moekit-toy").experiment_id]
+    )
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    capsys.readouterr()
+    main([
+        "register", "toy", "--config", str(toy_config), "--ckpt", str(run_dir / "last.ckpt"),
+        "--name", "toy-moved", "--tracking-uri", other,
+    ])  # fmt: skip
+    assert "registered models:/toy-moved/1" in capsys.readouterr().out
+    warned = [r.getMessage() for r in caplog.records if train.info.run_id in r.getMessage()]
+    assert len(warned) == 1 and "is not in" in warned[0] and "new run" in warned[0], caplog.text
+    assert "\n" not in warned[0]
+    client = MlflowClient(other)
+    mv = client.get_model_version("toy-moved", "1")
+    assert mv.run_id != train.info.run_id
+    assert mv.tags["moekit.source_run_id"] == mv.run_id
+    assert client.get_run(mv.run_id).info.status == "FINISHED"
+
+
+def test_mlflow_error_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "models:/no-such-model/1", "--tracking-uri", uri])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: moekit serve ") and "no-such-model" in err[0], err

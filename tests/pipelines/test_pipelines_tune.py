@@ -7,6 +7,8 @@ refused; an interrupted trial and its sweep end FAIL/KILLED."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +34,15 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def test_tune_sweep_prunes_resumes_and_writes_best(
-    tmp_path: Path, toy_config: Path, tracking_uri: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    toy_config: Path,
+    tracking_uri: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="pipelines.tune")
+    # the progress lines go to moekit's progress logger (the CLI gives it its own handler, not propagating)
+    monkeypatch.setattr(logging.getLogger("moekit.progress"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="moekit.progress")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     kw = dict(
         app="toy",
@@ -288,3 +296,35 @@ def test_legacy_spelling_of_tool_options() -> None:
         "--name",
         "--x",  # a value is passed on verbatim, even one that looks like an option
     ]
+
+
+def test_tune_command_writes_under_cwd_and_prints_a_line_per_trial(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
+    """``moekit tune`` at the default log level: best.yaml under ``./runs/tune/<study>/`` (like fit's
+    ``./runs/``), one progress line per finished trial, and no Lightning or Optuna INFO chatter."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOEKIT_LOG_LEVEL", "MLFLOW_LOGGING"))}
+    cmd = [
+        sys.executable, "-c", "import sys; from pipelines.cli import main; main(sys.argv[1:])",
+        "tune", "toy", "--config", str(toy_config), "--n-trials", "2", "--set", "trainer.max_epochs=1",
+        "--set", "data.init_args.n_samples=256", "--storage", f"sqlite:///{tmp_path / 'o.db'}",
+        "--tracking-uri", tracking_uri,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "runs" / "tune" / "toy-toy" / "best.yaml").is_file()
+    assert (work / "runs" / "tune" / "toy-toy" / "trial_0").is_dir()
+    pattern = r"trial (\d) COMPLETE val/auc=[0-9.]+; best [0-9.]+ \(trial \d\); (\d)/2 finished"
+    lines = [m.groups() for m in map(re.compile(pattern).fullmatch, proc.stderr.splitlines()) if m]
+    assert lines == [("0", "1"), ("1", "2")], proc.stderr
+    for chatter in ("Seed set", "GPU available", "litlogger", "INFO", "[I "):
+        assert chatter not in proc.stderr + proc.stdout, proc.stderr
