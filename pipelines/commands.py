@@ -119,7 +119,12 @@ def register_checkpoint(
     if tracking_uri:
         args.append(f"--tracking.uri={tracking_uri}")
     cli = MoekitCLI(app=app, args=args, run=False)  # imports the app: its checkpoint types are registered
-    load_checkpoint_file(ckpt, app=app)
+    checkpoint = load_checkpoint_file(ckpt, app=app)
+    hook = getattr(cli.datamodule, "load_fitted_state", None)
+    if callable(hook):  # the registered preprocessing is the checkpoint's, not a refit on today's files
+        hook({k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")},
+             source=f"checkpoint {ckpt}")  # fmt: skip
+    del checkpoint
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     return register_trained(
         app=app,

@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 
 from pipelines.apps import get_app
@@ -283,6 +283,48 @@ class ResumableRng(Callback):
             torch.cuda.set_rng_state_all(states["cuda"])
 
 
+_NOISE = ("Subtypes:", "Errors:", "Given value type:", "Given value:", "Expected a <class 'NoneType'>")
+
+
+def condense_parse_error(message: str, prog: str) -> str:
+    """One line for jsonargparse's multi-line error. An unknown key in a class's section (a typo such as
+    ``categoricals:``) becomes ``--data (CLASS): unknown option(s) ['categoricals']`` with the command that
+    lists the accepted ones; any other message keeps its informative lines, joined."""
+    import re
+
+    unknown = re.findall(r"Option '([^']+)' is not accepted", message)
+    key = re.search(r'Parser key "([^"]+)"', message)
+    cls = re.search(r"given class_path '([^']+)'", message)
+    if unknown and key:
+        where = f"--{key.group(1)}" + (f" ({cls.group(1)})" if cls else "")
+        help_cmd = f"{prog} --{key.group(1)}.help {cls.group(1) if cls else 'CLASS'}"
+        return f"{where}: unknown option(s) {sorted(set(unknown))}; `{help_cmd}` lists the accepted ones"
+    kept = []
+    for raw in message.splitlines():
+        ln = raw.strip().removeprefix("- ").strip()
+        if ln.startswith("Given value:") and len(ln) <= 100 and "Arg(" not in ln and "Namespace(" not in ln:
+            kept.append(ln.replace("Given value:", "given", 1))
+        elif ln and not ln.startswith(_NOISE) and "Union subtypes" not in ln:
+            kept.append(re.sub(r'^Parser key "([^"]+)":$', r"--\1:", ln))
+    return " ".join(kept).replace(": ;", ":") or message.strip()
+
+
+class MoekitArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose command-line errors are one line (``error: ...``, exit status 2) instead
+    of the whole usage and jsonargparse's nested report (65 lines for one misspelt config key); ``--debug``
+    still raises, and a parser that does not exit on error raises as before."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:  # noqa: D102
+        from jsonargparse._common import debug_mode_active  # jsonargparse's own switch (JSONARGPARSE_DEBUG)
+
+        if not self.exit_on_error or debug_mode_active():
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {prog}: {condense_parse_error(message, prog)}\n")
+        self.exit(2)
+
+
 _EVALUATION = ("validate", "test", "predict")
 _CKPT_BULK = ("state_dict", "optimizer_states", "lr_schedulers")  # left out of the cached checkpoint extras
 
@@ -335,6 +377,7 @@ class MoekitCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=MlflowSaveConfigCallback,
+            parser_class=MoekitArgumentParser,
             args=list(args) if args is not None else None,
             run=run,
             parser_kwargs={"prog": f"moekit {app}"}
@@ -512,6 +555,18 @@ class MoekitCLI(LightningCLI):
         trainer = super()._instantiate_trainer(config, callbacks)
         _fix_checkpointing(trainer, run_dir)
         return trainer
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, with a class's refusal of its arguments (a ``ValueError`` in a data module's
+        ``__init__``, which jsonargparse reports inside its multi-line Union error) as one line."""
+        try:
+            super().instantiate_classes()
+        except Exception as e:  # jsonargparse wraps the class's own exception in its report
+            text = str(e)
+            if "Union subtypes" not in text and "Parser key" not in text:
+                raise
+            prog = f"moekit {self.app} {self.subcommand or ''}".strip()
+            raise ConfigError(condense_parse_error(text, prog)) from e
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()

@@ -237,6 +237,19 @@ def test_worked_example_trains_and_predicts_an_unlabelled_file(
           f"--data.init_args.predict_path={unlabelled}", "--data.init_args.val_fraction=0.3",
           f"--data.init_args.train_path={tmp_path / 'train_changed.csv'}"])  # fmt: skip
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "pred2" / "predictions.parquet"), got)
+    # and so does `moekit register` with the same changed settings: the registered model scores like predict
+    import mlflow
+
+    from pipelines.commands import register_checkpoint
+
+    changed_args = [f"--data.init_args.train_path={tmp_path / 'train_changed.csv'}",
+                    "--data.init_args.val_fraction=0.3"]  # fmt: skip
+    version = register_checkpoint(app="recsys", configs=[str(TOY_YAML)], ckpt=str(ckpt), name="toy-rec",
+                                  extra_args=changed_args)  # fmt: skip
+    served = mlflow.pyfunc.load_model(f"models:/toy-rec/{version}").predict(
+        pd.read_csv(unlabelled, keep_default_na=False)
+    )
+    np.testing.assert_allclose(served.to_numpy(), got.to_numpy(), rtol=1e-5, atol=1e-6)
     # other columns than the checkpoint was trained on: one line naming the difference
     with pytest.raises(SystemExit):
         main(["recsys", "predict", *common, f"--run_dir={tmp_path / 'pred3'}", f"--ckpt_path={ckpt}",
@@ -310,7 +323,7 @@ def test_label_and_numeric_errors_name_the_file_row_also_in_a_carved_part(tmp_pa
     bad.loc[[20, 25], "y"] = ""
     assert "label column 'y' has 2 missing value(s), the first in data row 21 (1-based" in error(bad)
     bad.loc[[20, 25], "y"] = "yes"
-    assert "label column 'y' has 2 non-numeric value(s), the first 'yes' in data row 21 (1-based" in error(bad)
+    assert "has 2 non-numeric value(s), the first 'yes' in data row 21 (1-based" in error(bad)
     bad = df.assign(x=df["x"].astype(object))
     bad.loc[9, "x"] = "abc"  # file row 10: the second row of the train part
     assert "numeric column 'x' has non-numeric value 'abc' (data row 10, 1-based" in error(bad)
