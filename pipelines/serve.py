@@ -24,6 +24,7 @@ workers included.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -128,17 +129,76 @@ class RequestGuard:
         return await self.app(scope, replay, send)
 
 
+_MAX_EXACT = 2**53  # integers a float64 holds exactly
+
+
+def widen_json_columns(df: Any, schema: Any) -> Any:
+    """The lossless conversions a JSON client cannot avoid, before MLflow enforces the signature ``schema``.
+
+    * a ``double`` column sent as integers (JSON has one number type: ``JSON.stringify(30.0)`` is ``30``)
+      becomes float64 when every value is within ``|x| <= 2**53`` (exact); MLflow refuses int64 there ("Can
+      not safely convert int64 to float64");
+    * a ``long`` column sent with integer strings (``"1010"``, as a CSV file keys them) becomes int64 when
+      every value is an integer or such a string; MLflow refuses the strings.
+
+    Anything else is left as sent, for the signature and the app's own check to refuse with a 400 that names
+    the column (``38.9`` in a ``long`` column stays a 400). Columns the schema does not name are untouched.
+    """
+    import numpy as np
+    import pandas as pd
+
+    named = schema is not None and getattr(schema, "has_input_names", lambda: False)()
+    if not isinstance(df, pd.DataFrame) or not named:
+        return df
+    out = None
+    for spec in schema.inputs:
+        name, kind = spec.name, str(getattr(spec, "type", ""))
+        if name not in df.columns:
+            continue
+        col = df[name]
+        new = None
+        integers = pd.api.types.is_integer_dtype(col) and not pd.api.types.is_bool_dtype(col)
+        if kind.endswith("double") and integers:
+            if (col.abs() <= _MAX_EXACT).all():
+                new = col.astype(np.float64)
+        elif kind.endswith("long") and (col.dtype == object or pd.api.types.is_string_dtype(col)):
+            values = col.tolist()
+            ints = []
+            for v in values:
+                if isinstance(v, bool):
+                    break
+                if isinstance(v, int):
+                    ints.append(v)
+                elif isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d{1,16}\s*", v):
+                    ints.append(int(v))
+                else:
+                    break
+            else:
+                if all(abs(v) <= _MAX_EXACT for v in ints):
+                    new = pd.Series(ints, index=col.index, dtype=np.int64)
+        if new is not None:
+            out = df.copy() if out is None else out
+            out[name] = new
+    return df if out is None else out
+
+
 class _ParseWithoutSchema:
     """The model as the scoring app sees it, minus the input schema at parse time.
 
     MLflow's scoring app casts the parsed JSON to the signature's types (38.9 in a ``long`` column becomes
     38, 1e308 becomes -2**63) before ``predict`` checks them. Without a schema at parse time the JSON keeps
     its own types and ``predict`` enforces the signature as it does in process: 38.9 for a ``long`` is a 400.
+    Before that, :func:`widen_json_columns` makes the lossless conversions JSON forces (an integer in a
+    ``double`` column, an integer string in a ``long`` column).
     """
 
     def __init__(self, model: Any) -> None:
         self._model = model
         self.metadata = _MetadataWithoutInputSchema(model.metadata)
+
+    def predict(self, data: Any, params: dict | None = None) -> Any:
+        data = widen_json_columns(data, self._model.metadata.get_input_schema())
+        return self._model.predict(data, params=params)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)

@@ -526,7 +526,8 @@ class TabularPreprocessor:
     def check_request(self, df: pd.DataFrame, *, source: str = "request") -> pd.DataFrame:
         """Check served raw rows against the training types; return them ready for :meth:`transform`.
 
-        String columns take ``str`` values only (no numbers, no nulls: the training files have none); integer
+        String columns take ``str`` values only (no numbers; a null only where the training column had missing
+        values, which key as ``"nan"``, and then it scores as they did); integer
         columns take integral numbers with ``|x| <= 2**53`` (returned as int64, so ``35.0`` is the category
         ``"35"`` as in training; a categorical integer column also takes strings, keyed as in training);
         float columns take finite numbers. Every numeric value must standardise to
@@ -545,9 +546,20 @@ class TabularPreprocessor:
             kind = kinds.get(c, "float" if c in s.numeric else "any")
             values = df[c].tolist()
             if kind == "string":
+                # a null scores as the training's missing value where the training column had some (a
+                # Parquet null keys as "nan"); elsewhere it is a 400
+                missing_known = "nan" in self.vocabularies.get(c, ())
+                nulls = []
                 for i, v in enumerate(values):
                     if not isinstance(v, str):
+                        if missing_known and (v is None or (isinstance(v, float) and math.isnan(v))):
+                            nulls.append(i)
+                            continue
                         raise ValueError(f"{source}: column {c!r} row {i}: expected a string, got {v!r}")
+                if nulls:
+                    null_rows = set(nulls)
+                    keyed = ["nan" if i in null_rows else v for i, v in enumerate(values)]
+                    out[c] = pd.Series(keyed, index=df.index, dtype=object)
             elif kind in ("integer", "float"):
                 keyed = c in s.categorical  # integer codes embedded by str(value): a string is a key too
                 for i, v in enumerate(values):

@@ -327,3 +327,22 @@ def test_label_and_numeric_errors_name_the_file_row_also_in_a_carved_part(tmp_pa
     bad = df.assign(x=df["x"].astype(object))
     bad.loc[9, "x"] = "abc"  # file row 10: the second row of the train part
     assert "numeric column 'x' has non-numeric value 'abc' (data row 10, 1-based" in error(bad)
+
+
+def test_served_null_in_a_string_column_scores_as_the_training_missing_value() -> None:
+    """New-user trial: a training file with null regions (keyed "nan") served a null region as a 400; a null
+    is now the training's missing value where that column had some, and still a 400 where it had none."""
+    train = pd.DataFrame({
+        "region": pd.Series(["north", None, "south", "north", None, "east"], dtype="str"),
+        "device": ["ios", "web", "ios", "web", "ios", "web"], "y": [0, 1, 0, 1, 1, 0],
+    })  # fmt: skip
+    pre = TabularPreprocessor.fit(train, FeatureSchema(categorical=("region", "device"), labels=("y",)))
+    assert "nan" in pre.vocabularies["region"]
+    request = pd.DataFrame({"region": [None, "south", float("nan")], "device": ["ios", "web", "web"]})
+    checked = pre.check_request(request)
+    assert checked["region"].tolist() == ["nan", "south", "nan"]
+    got = pre.transform(checked, with_labels=False)["cat"]
+    want = pre.transform(train.iloc[[1, 2, 4]].assign(device=["ios", "web", "web"]), with_labels=False)["cat"]
+    assert torch.equal(got, want)  # the same ids as the training rows with a missing region
+    with pytest.raises(ValueError, match=r"column 'device' row 1: expected a string, got (None|nan)"):
+        pre.check_request(request.assign(device=["ios", None, "web"]))
