@@ -17,7 +17,9 @@ Run lifecycle (:class:`MoekitMLFlowLogger`, :class:`MlflowRunLifecycle`):
   loop) ends KILLED; any other exception ends FAILED with an ``error`` tag (``<type>: <message>``), also when
   it comes before training (data setup, sanity check); a run left open when the process exits (an exception
   outside the trainer) is marked FAILED at exit. A process killed with SIGKILL cannot mark anything: its run
-  stays RUNNING until a resume reopens it;
+  stays RUNNING until a resume reopens it. A ``validate``/``test``/``predict`` that fails on the FINISHED fit
+  run it reopened leaves it FINISHED, with the failure in the tag ``moekit.last_error`` (``<stage>: <type>:
+  <message>``): a wrong file at predict time does not undo a good training run;
 * the training run records its checkpoint folder (tag ``moekit.checkpoint_dir``) and, at the end of ``fit``,
   the ``last``/``best`` checkpoint paths (tags ``moekit.checkpoint.last``, ``moekit.checkpoint.best``).
 """
@@ -175,6 +177,9 @@ class MoekitMLFlowLogger(MLFlowLogger):
         super().__init__(*args, **kwargs)
         self.failure_status = "FAILED"
         self._open = False
+        # the status of the run this logger reopened (make_logger(reopen=True)), None for a new run: a test
+        # or predict that fails on a FINISHED fit run leaves it FINISHED (see MlflowRunLifecycle.on_exception)
+        self.reopened_status: str | None = None
         _OPEN_LOGGERS.add(self)
 
     @property
@@ -212,8 +217,13 @@ def _fail_open_runs() -> None:
         try:
             client = lg._mlflow_client
             if client.get_run(lg._run_id).info.status == "RUNNING":
-                client.set_tag(lg._run_id, "error", "the process exited while the run was open")
-                client.set_terminated(lg._run_id, "FAILED")
+                why = "the process exited while the run was open"
+                if lg.reopened_status == "FINISHED":  # a later command on a finished run: it stays finished
+                    client.set_tag(lg._run_id, "moekit.last_error", why)
+                    client.set_terminated(lg._run_id, "FINISHED")
+                else:
+                    client.set_tag(lg._run_id, "error", why)
+                    client.set_terminated(lg._run_id, "FAILED")
         except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit (the store may be gone)
             pass
 
@@ -256,7 +266,7 @@ def make_logger(
 
         client = MlflowClient(tracking_uri=uri)
         try:
-            client.get_run(run_id)
+            previous = client.get_run(run_id).info.status
         except MlflowException:
             # a checkpoint from another store (another machine, a copied run folder): its run is not here
             log.warning("MLflow run %s (named in the checkpoint) is not in %s: logging to a new run", run_id,
@@ -266,7 +276,7 @@ def make_logger(
             client.update_run(run_id, status="RUNNING")
             for k, v in (tags or {}).items():
                 client.set_tag(run_id, k, v)
-    return MoekitMLFlowLogger(
+    logger = MoekitMLFlowLogger(
         experiment_name=name,
         run_name=run_name or (unique_run_name(app, config_stem) if run_id is None else None),
         tracking_uri=uri,
@@ -274,6 +284,9 @@ def make_logger(
         artifact_location=artifact_location_for(uri),
         run_id=run_id,
     )
+    if run_id is not None and reopen:
+        logger.reopened_status = previous
+    return logger
 
 
 def mlflow_loggers(trainer: L.Trainer) -> list[MLFlowLogger]:
@@ -365,9 +378,18 @@ class MlflowRunLifecycle(Callback):
         if not trainer.is_global_zero:
             return
         killed = isinstance(exception, (KeyboardInterrupt, SystemExit))
+        stage = str(getattr(trainer.state.fn, "value", trainer.state.fn))
         for lg in mlflow_loggers(trainer):
+            # a validate/test/predict that fails on the finished fit run it reopened (a wrong data file at
+            # predict time) does not undo that run: it stays FINISHED, the failure in moekit.last_error
+            keep = (
+                isinstance(lg, MoekitMLFlowLogger) and lg.reopened_status == "FINISHED" and stage != "fit"
+            )
             try:
-                if killed:
+                if keep:
+                    what = "interrupted" if killed else f"{type(exception).__name__}: {exception}"
+                    lg.experiment.set_tag(lg.run_id, "moekit.last_error", f"{stage}: {what}"[:5000])
+                elif killed:
                     lg.experiment.set_tag(lg.run_id, "moekit.interrupted", type(exception).__name__)
                 else:
                     lg.experiment.set_tag(
@@ -376,7 +398,7 @@ class MlflowRunLifecycle(Callback):
             except Exception as e:  # noqa: BLE001 - never hide the training error behind a tracking one
                 log.warning("could not tag the MLflow run with the error: %s", e)
             if isinstance(lg, MoekitMLFlowLogger):
-                lg.failure_status = "KILLED" if killed else "FAILED"
+                lg.failure_status = "FINISHED" if keep else "KILLED" if killed else "FAILED"
 
 
 class MlflowSaveConfigCallback(SaveConfigCallback):

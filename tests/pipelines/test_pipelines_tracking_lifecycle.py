@@ -187,3 +187,22 @@ def test_run_id_is_read_without_running_the_checkpoint_pickle(tmp_path: Path) ->
     torch.save({"state_dict": {}}, tmp_path / "old.ckpt")
     assert checkpoint_run_id(tmp_path / "old.ckpt") is None  # written before run ids were stored
     assert checkpoint_run_id("best", tmp_path) is None
+
+
+def test_failed_test_keeps_the_finished_fit_run_finished(
+    tmp_path: Path, toy_config: Path, tracking_uri: str
+) -> None:
+    """New-user trial: a predict that failed on a wrong data file marked the (successful) training run it
+    reopened FAILED (the source of a registered model). It now stays FINISHED with moekit.last_error."""
+    _fit(toy_config, tmp_path / "ck", "--trainer.max_epochs=1")
+    (fit_run,) = _runs(tracking_uri)
+    assert fit_run.info.status == "FINISHED"
+    args = ["test", "--config", str(toy_config), f"--run_dir={tmp_path / 'ck'}", "--ckpt_path",
+            str(tmp_path / "ck" / "last.ckpt")]  # fmt: skip
+    with pytest.raises(RuntimeError, match="no data"):  # fails at the data setup of the test
+        MoekitCLI(app="toy", args=args, extra_callbacks=[_Raise()])
+    (run,) = _runs(tracking_uri)
+    assert run.info.run_id == fit_run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["moekit.last_error"] == "test: RuntimeError: no data for split 'val'"
+    assert "error" not in run.data.tags
