@@ -371,6 +371,9 @@ class MoekitCLI(LightningCLI):
         self._logger_override = logger
         self._extra_callbacks = list(extra_callbacks)
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        # predict: PredictionsWriter writes whole epochs and never uses batch indices, which Lightning cannot
+        # infer from the apps' batch samplers (a warning on every predict otherwise)
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -533,6 +536,8 @@ class MoekitCLI(LightningCLI):
             )
         run_dir = self.run_dir()
         ckpt_path = self._cfg().get("ckpt_path")
+        if ckpt_path is not None:  # resuming into (or testing from) the run folder: of course it has files
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         if str(ckpt_path) == "last" and not (run_dir / "last.ckpt").is_file():
             raise ConfigError(
                 f"--ckpt_path last: no last.ckpt in {run_dir} (the run folder of this config; pass --run_dir "

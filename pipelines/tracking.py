@@ -33,6 +33,7 @@ import os
 import secrets
 import subprocess
 import tempfile
+import warnings
 import weakref
 from collections.abc import Mapping
 from datetime import datetime
@@ -532,9 +533,10 @@ class MlflowArtifactsCallback(Callback):
                     marker="." if len(hist) < 30 else None,
                 )
             ax.set_xlabel("step")
-            ax.legend(fontsize=6, ncol=2)
+            # many curves (a metric per task and split): the legend beside the axes, not over them
+            ax.legend(fontsize=6, ncol=1 + len(ax.lines) // 24, loc="upper left", bbox_to_anchor=(1.01, 1.0))
             ax.set_title(Path(path).stem.replace("_", " "))
-            fig.tight_layout()
+            _tight(fig)
             client.log_figure(lg.run_id, fig, path)
             plt.close(fig)
 
@@ -552,9 +554,17 @@ class MlflowArtifactsCallback(Callback):
             ax.text(values[n], i, f" {values[n]:.4f}", va="center", fontsize=8)
         ax.set_xlim(min(0.5, min(values.values())), 1.05)
         ax.set_title(title)
-        fig.tight_layout()
+        _tight(fig)
         lg.experiment.log_figure(lg.run_id, fig, path)
         plt.close(fig)
+
+
+def _tight(fig: Any) -> None:
+    """``fig.tight_layout()`` without its "Tight layout not applied" warning (printed on every ``test`` of a
+    run with many metrics, where the layout cannot shrink any further: the figure is logged as drawn)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
 
 
 def metrics_markdown(metrics: Mapping[str, float]) -> str:
