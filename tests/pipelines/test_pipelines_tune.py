@@ -38,10 +38,10 @@ def test_tune_sweep_prunes_resumes_and_writes_best(
     toy_config: Path,
     tracking_uri: str,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # the progress lines go to moekit's progress logger (the CLI gives it its own handler, not propagating)
-    monkeypatch.setattr(logging.getLogger("moekit.progress"), "propagate", True)
+    # the progress lines go to moekit's progress logger; caplog sees them whether it propagates (fresh) or
+    # not (after an in-process `moekit` command gave it its own handler: pytest then attaches its handler to
+    # the logger itself, so forcing propagation here counted every line twice)
     caplog.set_level(logging.INFO, logger="moekit.progress")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     kw = dict(

@@ -243,7 +243,7 @@ def test_worked_example_trains_and_predicts_an_unlabelled_file(
     from pipelines.commands import register_checkpoint
 
     changed_args = [f"--data.init_args.train_path={tmp_path / 'train_changed.csv'}",
-                    "--data.init_args.val_fraction=0.3"]  # fmt: skip
+                    "--data.init_args.val_fraction=0.3", f"--run_dir={tmp_path / 'reg'}"]  # fmt: skip
     version = register_checkpoint(app="recsys", configs=[str(TOY_YAML)], ckpt=str(ckpt), name="toy-rec",
                                   extra_args=changed_args)  # fmt: skip
     served = mlflow.pyfunc.load_model(f"models:/toy-rec/{version}").predict(
