@@ -41,6 +41,12 @@ Backends (``backend`` argument):
 
 Requesting ``grouped_mm`` explicitly for tensors it cannot handle raises ``RuntimeError`` (so a test that asks
 for it really runs it).
+
+Input checks: ``x`` must have the weights' dtype outside ``torch.autocast`` (``ValueError`` naming both). On
+CPU, every backend except an explicit ``grouped_mm`` (which promises no host synchronisation) checks that the
+used slots' expert ids lie in ``[0, E)`` and names the first bad token and slot; an id past the last expert
+would otherwise read rows no expert computed. :class:`~moe_core.layer.MoELayer` refuses a router whose
+``num_experts`` differs from the bank's, on every device.
 """
 
 from __future__ import annotations
@@ -325,6 +331,22 @@ def _scaled_down(
     return matmul(h, down) * ws
 
 
+def _check_expert_ids(indices: torch.Tensor, mask: torch.Tensor | None, num_experts: int) -> None:
+    """``ValueError`` naming the first used slot whose expert id is outside ``[0, E)``: the sorted layout
+    would send it past the last group, into rows no expert computes (uninitialised memory: garbage or NaN
+    outputs, no error), or ``bincount`` would refuse a negative id without saying where it came from."""
+    bad = (indices < 0) | (indices >= num_experts)  # (N, K)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        t, k = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"indices must be expert ids in [0, {num_experts}) (this bank's num_experts); token {t} slot {k} "
+            f"has {int(indices[t, k])} ({int(bad.sum())} such slot(s)): does the router route to as many "
+            "experts as the bank holds?"
+        )
+
+
 class _SortedPairs(NamedTuple):
     """The ``N*K`` (token, slot) pairs of one call, sorted by expert id; shared by every backend."""
 
@@ -443,6 +465,16 @@ class _ExpertBank(nn.Module):
             )
         if n == 0 or indices.shape[1] == 0:
             return self._zeros_connected(x, weights)
+        w0 = self._weights3d()[0]
+        if x.dtype != w0.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"x has dtype {x.dtype} but the expert weights are {w0.dtype}: cast one to the other "
+                "(bank.to(dtype) or x.to(dtype)), or run under torch.autocast"
+            )
+        if indices.device.type == "cpu" and self.backend != "grouped_mm":
+            # free on CPU; not on accelerators (it would stall the stream), nor for an explicit grouped_mm,
+            # which promises no host synchronisation (MoELayer checks the router's E against the bank's)
+            _check_expert_ids(indices, mask, e)
         pairs = _sort_pairs(indices, weights.to(x.dtype), mask, e)
         backend, counts_host = self._select_backend(x, pairs.counts)
         tuner, timed = None, False

@@ -142,6 +142,19 @@ class MoELayer(nn.Module):
         super().__init__()
         if shared_gate and shared_experts is None:
             raise ValueError("shared_gate=True needs shared_experts")
+        for name, module in (("router", router), ("experts", experts), ("shared_experts", shared_experts)):
+            if module is not None and not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"MoELayer: {name} must be an nn.Module (e.g. moe_core.routers.TopKRouter(...)), got "
+                    f"{type(module).__name__} {module!r:.60}"
+                )
+        e_router, e_bank = getattr(router, "num_experts", None), getattr(experts, "num_experts", None)
+        if isinstance(e_router, int) and isinstance(e_bank, int) and e_router != e_bank:
+            # ids the bank does not have would be routed to memory no expert owns (garbage or NaN outputs)
+            raise ValueError(
+                f"MoELayer: the router routes to num_experts={e_router} experts but the expert bank holds "
+                f"num_experts={e_bank}"
+            )
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
         self.dim = int(getattr(router, "dim", getattr(experts, "dim", 0)))
         self.shared_gate = nn.Linear(self.dim, 1, bias=False) if shared_gate else None

@@ -27,7 +27,7 @@ from typing import Literal, Protocol, get_args, runtime_checkable
 import torch
 
 from moe_core.types import RouterOutput
-from moe_core.validation import check_choice
+from moe_core.validation import check_choice, check_router_output
 
 BalanceLevel = Literal["expert", "device"]
 AUX_LOSS_KEYS: tuple[str, ...] = ("balance", "entropy")
@@ -86,6 +86,7 @@ def _token_weights(routing: RouterOutput, token_mask: torch.Tensor | None) -> to
 
 def assignment_matrix(routing: RouterOutput) -> torch.Tensor:
     """``(N, E)`` float32 number of used slots of each token on each expert (hard counts, no gradient)."""
+    check_router_output(routing, "assignment_matrix")
     n, e = routing.indices.shape[0], routing.num_experts
     used = routing.slot_mask().float()  # (N, K)
     return torch.zeros(n, e, device=used.device).scatter_add_(1, routing.indices, used)  # (N, E)
@@ -123,6 +124,7 @@ def switch_balance_loss(
     Returns:
         scalar float32 loss (multiply by the coefficient, e.g. 1e-2 as in Switch).
     """
+    check_router_output(routing, "switch_balance_loss")
     e = routing.num_experts
     w = _token_weights(routing, token_mask)  # (N,)
     if counts is None:
@@ -148,6 +150,7 @@ def router_z_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None = No
     Returns:
         scalar float32 loss (ST-MoE coefficient 1e-3).
     """
+    check_router_output(routing, "router_z_loss")
     w = _token_weights(routing, token_mask)  # (N,)
     lse = torch.logsumexp(routing.logits.float(), dim=-1)  # (N,)
     return _masked_mean(lse.square(), w)
@@ -185,6 +188,7 @@ def deepseek_balance_loss(
     Returns:
         scalar float32 loss (multiply by alpha_1 / alpha_2).
     """
+    check_router_output(routing, "deepseek_balance_loss")
     check_choice("level", level, get_args(BalanceLevel))
     n, e = routing.indices.shape[0], routing.num_experts
     if level == "device" and (num_devices is None or num_devices < 1 or e % num_devices):
@@ -225,6 +229,7 @@ def null_expert_balance_loss(
     Returns:
         scalar float32 loss.
     """
+    check_router_output(routing, "null_expert_balance_loss")
     if "all_indices" not in routing.aux or "num_null" not in routing.aux:
         raise ValueError("routing must come from NullExpertRouter (aux needs 'all_indices' and 'num_null')")
     e, m = routing.num_experts, int(routing.aux["num_null"])
@@ -253,6 +258,7 @@ def top_p_entropy_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None
     Returns:
         scalar float32 loss (paper beta 1e-4 [U]).
     """
+    check_router_output(routing, "top_p_entropy_loss")
     w = _token_weights(routing, token_mask)  # (N,)
     p = routing.probs.float()  # (N, E)
     ent = -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)  # (N,)
@@ -291,6 +297,7 @@ def noisy_load_importance_loss(
     Returns:
         scalar float32 loss.
     """
+    check_router_output(routing, "noisy_load_importance_loss")
     if "load_probs" not in routing.aux:
         raise ValueError("routing must come from NoisyTopKRouter (aux needs 'load_probs')")
     w = _token_weights(routing, token_mask)[:, None]  # (N, 1)
@@ -318,6 +325,7 @@ def dts_balance_loss(routing: RouterOutput, *, token_mask: torch.Tensor | None =
     Returns:
         scalar float32 loss.
     """
+    check_router_output(routing, "dts_balance_loss")
     e = routing.num_experts
     w = _token_weights(routing, token_mask)  # (N,)
     me = _masked_mean(routing.dense_weights().float(), w)  # (E,)

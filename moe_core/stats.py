@@ -14,6 +14,7 @@ import math
 import torch
 
 from moe_core.types import RouterOutput
+from moe_core.validation import check_router_output
 
 
 @torch.no_grad()
@@ -69,6 +70,7 @@ def routing_stats(routing: RouterOutput) -> dict[str, torch.Tensor]:
     Returns:
         dict name -> tensor.
     """
+    check_router_output(routing, "routing_stats")
     e = routing.num_experts
     used = routing.slot_mask()  # (N, K)
     idx = routing.indices[used]  # (P,)

@@ -32,3 +32,26 @@ def check_choice(name: str, value: T, options: Iterable[T]) -> T:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def check_router_output(routing: object, where: str) -> None:
+    """Raise ``TypeError`` unless ``routing`` is one :class:`~moe_core.types.RouterOutput`.
+
+    A Chain-of-Experts or dense layer's ``MoEOutput.routing`` is a list (one entry per round, or none): the
+    message says so and how to pass its entries, instead of ``'list' object has no attribute 'num_experts'``.
+
+    Args:
+        routing: what the caller passed as ``routing``.
+        where: the function's name, quoted in the error.
+    """
+    from moe_core.types import RouterOutput
+
+    if isinstance(routing, RouterOutput):
+        return
+    if isinstance(routing, (list, tuple)):
+        raise TypeError(
+            f"{where}: routing is a list of {len(routing)} RouterOutput(s) (MoEOutput.routing of a "
+            "Chain-of-Experts or dense layer); pass one RouterOutput, e.g. for r in out.routings(): "
+            f"{where}(r)"
+        )
+    raise TypeError(f"{where}: routing must be a RouterOutput, got {type(routing).__name__}")

@@ -73,3 +73,53 @@ def test_every_option_is_accepted_and_an_unknown_one_is_named(case):
     name = case.split("/")[0]
     with pytest.raises(ValueError, match=rf"^{name} must be one of \(.*\), got "):
         call("no-such-option" if isinstance(options[0], str) else 7)
+
+
+def test_router_and_bank_must_agree_on_the_number_of_experts():
+    """New-user trial: a 16-expert router over an 8-expert bank gave NaN / 1.7e38 for the tokens routed to
+    experts 8..15 (the sorted layout sends them past the last group), with no error."""
+    bank = SwiGLUExperts(num_experts=8, dim=32, hidden_dim=16)
+    with pytest.raises(ValueError, match=r"router routes to num_experts=16 .* bank holds num_experts=8"):
+        MoELayer(router=routers.TopKRouter(dim=32, num_experts=16, top_k=2), experts=bank)
+    with pytest.raises(TypeError, match=r"router must be an nn.Module .* got str"):
+        MoELayer(router="topk", experts=bank)  # type: ignore[arg-type]
+    # a null-expert router routes to E true experts (its null slots are masked): it fits an E-bank
+    null_router = routers.NullExpertRouter(dim=32, num_experts=8, num_null=2, top_k=2)
+    layer = MoELayer(router=null_router, experts=bank)
+    assert torch.isfinite(layer(torch.randn(64, 32)).output).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "padded", "loop"])
+def test_expert_ids_outside_the_bank_are_refused(backend):
+    bank = SwiGLUExperts(num_experts=8, dim=32, hidden_dim=16, backend=backend)
+    x, w = torch.randn(64, 32), torch.ones(64, 2)
+    idx = torch.zeros(64, 2, dtype=torch.long)
+    idx[5, 1] = 8  # one id past the last expert
+    with pytest.raises(ValueError, match=r"expert ids in \[0, 8\) .* token 5 slot 1 has 8 \(1 such slot"):
+        bank(x, idx, w)
+    idx[5, 1] = -1
+    with pytest.raises(ValueError, match=r"token 5 slot 1 has -1"):
+        bank(x, idx, w)
+    mask = torch.ones(64, 2, dtype=torch.bool)
+    mask[5, 1] = False  # a masked slot's id is never read
+    torch.testing.assert_close(bank(x, idx, w, mask), bank(x, idx.clamp(min=0), w, mask))
+
+
+def test_input_dtype_must_match_the_weights_unless_autocast():
+    bank = SwiGLUExperts(num_experts=4, dim=16, hidden_dim=8)
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    idx, w = torch.zeros(8, 1, dtype=torch.long), torch.ones(8, 1)
+    with pytest.raises(ValueError, match=r"x has dtype torch.bfloat16 but the expert weights are torch.fl"):
+        bank(x, idx, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bank(x, idx, w).shape == (8, 16)
+
+
+def test_list_routing_gets_a_hint_in_losses_and_stats():
+    from moe_core.stats import routing_stats
+
+    r = routers.TopKRouter(dim=8, num_experts=4, top_k=2)(torch.randn(6, 8))
+    for fn in (routing_stats, losses.switch_balance_loss, losses.router_z_loss, losses.deepseek_balance_loss):
+        fn(r)  # one RouterOutput: fine
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: routing is a list of 2 RouterOutput\(s\)"):
+            fn([r, r])
