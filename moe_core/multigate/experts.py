@@ -25,6 +25,16 @@ Activation = Literal["relu", "silu"]
 NormLayers = Literal["all", "last"]
 
 
+def check_input(v: torch.Tensor, dim: int, who: str) -> None:
+    """A multi-gate model's input must be ``(B, dim)`` and finite; ``ValueError`` naming the model otherwise
+    (a wrong width used to fail inside a matmul, a 3-D input inside the gates' broadcast, and NaN passed)."""
+    if v.dim() != 2 or v.shape[-1] != dim:
+        raise ValueError(f"{who}: v must have shape (B, dim={dim}), got {tuple(v.shape)}")
+    # a NaN or inf anywhere makes the sum non-finite: one reduction settles the common case
+    if not torch.isfinite(v.sum()) and not torch.isfinite(v).all():
+        raise ValueError(f"{who}: v contains non-finite values (NaN or +/-inf)")
+
+
 class DenseMLPExperts(nn.Module):
     """E independent MLP experts with stacked weights, evaluated densely.
 
@@ -109,8 +119,12 @@ class DenseMLPExperts(nn.Module):
         Returns:
             ``(B, E, H)`` expert outputs.
         """
-        if x.dim() not in (2, 3):
-            raise ValueError(f"expected x of shape (B, D) or (B, E, D), got {tuple(x.shape)}")
+        wrong_e = x.dim() == 3 and self.num_experts > 0 and x.shape[1] != self.num_experts
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim or wrong_e:
+            raise ValueError(
+                f"expected x of shape (B, D={self.dim}) or (B, E={self.num_experts}, D={self.dim}), got "
+                f"{tuple(x.shape)}"
+            )
         b = x.shape[0]
         if self.num_experts == 0:
             return x.new_zeros(b, 0, self.out_dim)

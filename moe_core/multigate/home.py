@@ -9,7 +9,7 @@ from typing import get_args
 import torch
 from torch import nn
 
-from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm, NormLayers
+from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm, NormLayers, check_input
 from moe_core.multigate.gates import (
     MultiGateOutput,
     SoftmaxGate,
@@ -141,6 +141,7 @@ class HoME(nn.Module):
         expert_norm_layers: NormLayers = "last",
     ) -> None:
         super().__init__()
+        self.dim = dim
         cats = [list(map(int, c)) for c in categories]
         tasks = sorted(t for c in cats for t in c)
         if not cats or any(not c for c in cats) or tasks != list(range(len(tasks))):
@@ -248,6 +249,7 @@ class HoME(nn.Module):
 
     def forward(self, v: torch.Tensor) -> MultiGateOutput:
         """``v (B, D)`` -> task outputs ``(B, M, H)``."""
+        check_input(v, self.dim, "HoME")
         m = self.num_tasks
         gates: dict[str, torch.Tensor] = {}
         experts: dict[str, torch.Tensor] = {}

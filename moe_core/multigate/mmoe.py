@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm
+from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm, check_input
 from moe_core.multigate.gates import MultiGateOutput, SoftmaxGate, mix_tasks, stacked_gates
 
 __all__ = ["MMoE", "SharedBottom"]
@@ -39,6 +39,7 @@ class MMoE(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.dim = dim
         if num_experts < 1 or num_tasks < 1:
             raise ValueError(f"num_experts and num_tasks must be >= 1, got {num_experts}, {num_tasks}")
         self.num_tasks = num_tasks
@@ -51,6 +52,7 @@ class MMoE(nn.Module):
 
     def forward(self, v: torch.Tensor) -> MultiGateOutput:
         """``v (B, D)`` -> task outputs ``(B, M, H)``."""
+        check_input(v, self.dim, "MMoE")
         ex = self.experts(v)  # (B, E, H)
         # all M gates in one matmul and all M mixtures in one bmm (a loop over tasks was ~half a train step)
         w = stacked_gates(self.gates, v)  # (B, M, E)
@@ -73,6 +75,7 @@ class SharedBottom(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.dim = dim
         self.num_tasks = num_tasks
         self.bottom = DenseMLPExperts(
             num_experts=1,
@@ -85,5 +88,6 @@ class SharedBottom(nn.Module):
         self.out_dim = self.bottom.out_dim
 
     def forward(self, v: torch.Tensor) -> MultiGateOutput:
+        check_input(v, self.dim, "SharedBottom")
         h = self.bottom(v)  # (B, 1, H)
         return MultiGateOutput(h.expand(-1, self.num_tasks, -1), {}, {"bottom": h})

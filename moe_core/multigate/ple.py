@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm
+from moe_core.multigate.experts import Activation, DenseMLPExperts, Norm, check_input
 from moe_core.multigate.gates import MultiGateOutput, SoftmaxGate, mix, mix_tasks, stacked_gates
 
 __all__ = ["PLE", "CGCLevel"]
@@ -131,6 +131,7 @@ class PLE(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.dim = dim
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         self.num_tasks = num_tasks
@@ -154,6 +155,7 @@ class PLE(nn.Module):
         self.out_dim = d
 
     def forward(self, v: torch.Tensor) -> MultiGateOutput:
+        check_input(v, self.dim, "PLE")
         streams = v  # (B, D): the first level's streams are all v
         gates_all, experts_all = {}, {}
         for j, level in enumerate(self.levels):

@@ -123,3 +123,27 @@ def test_list_routing_gets_a_hint_in_losses_and_stats():
         fn(r)  # one RouterOutput: fine
         with pytest.raises(TypeError, match=rf"{fn.__name__}: routing is a list of 2 RouterOutput\(s\)"):
             fn([r, r])
+
+
+@pytest.mark.parametrize("name", ["MMoE", "SharedBottom", "PLE", "HoME"])
+def test_multigate_models_name_a_wrong_input(name):
+    """New-user trial: a wrong width failed inside a matmul ('mat1 and mat2 shapes cannot be multiplied'),
+    a 3-D input inside the gates' broadcast, and NaN passed through to NaN outputs."""
+    from moe_core import multigate
+
+    kw = dict(dim=16, num_tasks=2, expert_hidden=[8])
+    model = {
+        "MMoE": lambda: multigate.MMoE(num_experts=3, **kw),
+        "SharedBottom": lambda: multigate.SharedBottom(**kw),
+        "PLE": lambda: multigate.PLE(num_shared=2, num_specific=1, **kw),
+        "HoME": lambda: multigate.HoME(dim=16, categories=[[0, 1]], expert_hidden=[8]),
+    }[name]()
+    assert model(torch.randn(4, 16)).task_outputs.shape[:2] == (4, 2)
+    with pytest.raises(ValueError, match=rf"^{name}: v must have shape \(B, dim=16\), got \(4, 17\)$"):
+        model(torch.randn(4, 17))
+    with pytest.raises(ValueError, match=rf"^{name}: v must have shape \(B, dim=16\), got \(4, 6, 16\)$"):
+        model(torch.randn(4, 6, 16))
+    bad = torch.randn(4, 16)
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=rf"^{name}: v contains non-finite values"):
+        model(bad)
