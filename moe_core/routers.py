@@ -108,9 +108,15 @@ def _check_sizes(dim: int, num_experts: int) -> None:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
 
 
-def _check_top_k(top_k: int, num_experts: int, name: str = "top_k") -> None:
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"{name} must be in [1, num_experts={num_experts}], got {top_k}")
+def _check_top_k(top_k: int, upper: int, bound: str | None = None, name: str = "top_k") -> None:
+    """``top_k`` must be an int (not a bool: ``TypeError``) in ``[1, upper]`` (``ValueError``).
+
+    ``bound`` says what ``upper`` counts (default ``num_experts=<upper>``).
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"{name} must be an int, got {top_k!r} ({type(top_k).__name__})")
+    if not 1 <= top_k <= upper:
+        raise ValueError(f"{name} must be in [1, {bound or f'num_experts={upper}'}], got {top_k}")
 
 
 def _resolve_renormalize(renormalize: bool | None, top_k: int) -> bool:
@@ -477,14 +483,14 @@ class TopPRouter(_GateMixin):
     Args:
         dim: D.
         num_experts: E.
-        threshold: p (paper code default 0.4).
+        threshold: p in ``[0, 1]`` (paper code default 0.4; 0 keeps only the top expert, 1 every expert).
     """
 
     def __init__(self, *, dim: int, num_experts: int, threshold: float = 0.4) -> None:
         super().__init__()
         _check_sizes(dim, num_experts)
-        if not 0 <= threshold:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1] (a probability mass), got {threshold}")
         self.dim, self.num_experts, self.threshold = dim, num_experts, threshold
         self.gate = nn.Linear(dim, num_experts, bias=False)
 
@@ -535,7 +541,10 @@ class NullExpertRouter(_GateMixin):
         _check_sizes(dim, num_experts)
         if num_null < 0:
             raise ValueError(f"num_null must be >= 0, got {num_null}")
-        _check_top_k(top_k, num_experts + num_null)
+        _check_top_k(
+            top_k, num_experts + num_null,
+            f"num_experts + num_null = {num_experts} + {num_null} = {num_experts + num_null}",
+        )
         self.dim, self.num_experts, self.num_null, self.top_k = dim, num_experts, num_null, top_k
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.null_gate = nn.Linear(dim, num_null, bias=False) if num_null > 0 else None
@@ -706,7 +715,12 @@ class SigmoidTopKRouter(_GateMixin):
         topk_groups = num_groups if topk_groups is None else topk_groups
         if not 1 <= topk_groups <= num_groups:
             raise ValueError(f"topk_groups must be in [1, num_groups={num_groups}], got {topk_groups}")
-        _check_top_k(top_k, topk_groups * (num_experts // num_groups))
+        allowed = topk_groups * (num_experts // num_groups)
+        _check_top_k(
+            top_k, allowed,
+            None if num_groups == 1 else f"{allowed}: the experts in topk_groups={topk_groups} of "
+            f"num_groups={num_groups} groups of {num_experts // num_groups}",
+        )
         if use_bias and num_groups > 1 and num_experts // num_groups < 2:
             raise ValueError("num_groups: with use_bias each group needs >= 2 experts (top-2 group score)")
         if bias_update_speed < 0:

@@ -31,6 +31,7 @@ from moe_core.blocks import (
     find_moe_blocks,
     router_probs,
     router_top_k,
+    router_weight,
     unwrap_bank,
 )
 from moe_core.validation import check_choice
@@ -156,6 +157,8 @@ class ScoreAwareExpertCache(LRUExpertCache):
         self.scores = new
 
     def victim(self, protected: set[int]) -> int | None:
+        """Expert to evict: the cached, not protected expert with the smallest score S (ties: the lowest
+        id), or None when every cached expert is protected."""
         cands = [e for e in self._order if e not in protected]
         if not cands:
             return None
@@ -317,18 +320,43 @@ def offload_model(
     """Move every MoE block's experts into a store and serve them through caches (in place).
 
     Args:
-        capacity: experts cached per layer (int) or a fraction of E (float in (0, 1]).
+        capacity: experts cached per layer: an int in ``[1, E]`` or a fraction of E, a float in ``(0, 1]``
+            (``round(capacity * E)``, at least 1). Other values raise ``ValueError`` (``TypeError`` for a
+            bool or a non-number).
         policy: ``score`` (HybriMoE score-aware) or ``lru``.
-        prefetch_size: experts prefetched for the next layer after each routing (score policy only).
+        prefetch_size: experts prefetched for the next layer after each routing, an int ``>= 0``; ``> 0``
+            needs the ``score`` policy (LRU has no scores to prefetch by).
         location, directory: see :class:`ExpertStore`.
+
+    Null-expert routers (``NullExpertRouter``): the cache scores the E real experts by their columns of
+    the ``(N, E + m)`` probabilities; null picks are masked and never load an expert.
 
     Returns:
         The engine (``engine.stats``) and the router hook handles (call ``.remove()`` to detach).
     """
     check_choice("policy", policy, get_args(CachePolicy))
+    if isinstance(capacity, bool) or not isinstance(capacity, int | float):
+        raise TypeError(f"capacity must be an int or a float, got {capacity!r}")
+    if isinstance(capacity, float) and not 0.0 < capacity <= 1.0:
+        raise ValueError(
+            f"capacity must be an int count of experts or a float fraction of E in (0, 1], got {capacity}"
+        )
+    if isinstance(prefetch_size, bool) or not isinstance(prefetch_size, int) or prefetch_size < 0:
+        raise ValueError(f"prefetch_size must be an int >= 0, got {prefetch_size!r}")
+    if prefetch_size > 0 and policy != "score":
+        raise ValueError(
+            f"prefetch_size={prefetch_size} needs policy='score' (prefetch follows the scores), got "
+            f"policy={policy!r}"
+        )
     refs = find_moe_blocks(model)
     if not refs:
         raise ValueError("model has no MoE blocks")
+    for layer, ref in enumerate(refs):  # check every layer before the model is touched
+        e = next(iter(_stacked_specs(unwrap_bank(ref.experts)).values()))[0][0]
+        if isinstance(capacity, int) and not 1 <= capacity <= e:
+            raise ValueError(
+                f"capacity={capacity} must be in [1, E={e}] (experts of MoE block {layer}, {ref.name!r})"
+            )
     store = ExpertStore(location=location, directory=directory)
     caches, top_ks, specs, maps = [], [], [], []
     for layer, ref in enumerate(refs):
@@ -338,7 +366,7 @@ def offload_model(
         params = dict(bank.named_parameters(recurse=False))
         for i in range(e):
             store.put(layer, i, {k: p[i] for k, p in params.items()})
-        cap = int(round(capacity * e)) if isinstance(capacity, float) else int(capacity)
+        cap = max(1, round(capacity * e)) if isinstance(capacity, float) else capacity
         cls = ScoreAwareExpertCache if policy == "score" else LRUExpertCache
         caches.append(cls(capacity=cap, num_experts=e, **({"alpha": alpha} if policy == "score" else {})))
         top_ks.append(router_top_k(ref.router))
@@ -356,7 +384,9 @@ def offload_model(
         holder.experts = OffloadedExperts(engine=engine, layer=layer, shell=bank, specs=specs[layer])
 
         def hook(_m, _inp, out, layer=layer, router=ref.router, index_map=maps[layer]):
-            p = router_probs(router, out)  # (N, E_router)
+            # (N, E_router): a null-expert router's probs have E + m columns, null experts last; the cache
+            # scores the E real experts by their columns
+            p = router_probs(router, out)[:, : router_weight(router).shape[0]]
             if index_map is not None:  # merged experts: a stored expert's score is its slots' total
                 p = p.new_zeros(p.shape[0], caches[layer].num_experts).index_add_(
                     1, index_map.to(p.device), p
@@ -394,6 +424,9 @@ class Placement:
     plan: str  # "greedy", "all_cpu" or "all_gpu"
 
 
+_DEVICES = ("gpu", "cpu", "transfer")
+
+
 class HybridPlacement:
     """HybriMoE-style intra-layer CPU/GPU scheduling simulator (times in, assignment out).
 
@@ -421,7 +454,18 @@ class HybridPlacement:
 
     def makespan(self, tokens: Sequence[int], assignment: Sequence[str]) -> float:
         """Simulated finish time: CPU runs its experts back to back; the GPU runs cached experts first,
-        transfers are sequential and each transferred expert runs after its copy and the previous work."""
+        transfers are sequential and each transferred expert runs after its copy and the previous work.
+
+        Args:
+            tokens: tokens routed to each activated expert.
+            assignment: one of ``"gpu"``, ``"cpu"``, ``"transfer"`` per expert (same length as ``tokens``;
+                anything else raises ``ValueError``).
+        """
+        if len(tokens) != len(assignment):
+            raise ValueError(f"tokens ({len(tokens)}) and assignment ({len(assignment)}) differ in length")
+        for a in assignment:
+            if a not in _DEVICES:
+                raise ValueError(f"assignment entries must be one of {_DEVICES}, got {a!r}")
         cpu_t = sum(self.cpu * t for t, a in zip(tokens, assignment) if a == "cpu")
         gpu_t = sum(self.launch + self.gpu * t for t, a in zip(tokens, assignment) if a == "gpu")
         link = 0.0

@@ -21,6 +21,13 @@ from moe_core.blocks import (
     router_top_k,
     select_top_k,
 )
+from moe_core.routers import (
+    DenseToSparseRouter,
+    GroupedRouter,
+    NullExpertRouter,
+    SigmoidTopKRouter,
+    TopKRouter,
+)
 
 # fn(block_position, ref, probs (N, E), current output) -> (weights (N, K'), indices (N, K')) or None
 SelectionFn = Callable[[int, BlockRef, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor] | None]
@@ -70,8 +77,17 @@ def _bad(b: int, n: int) -> int:
 class RoutingOverride(RouterHook):
     """Replace the pre-top-k routing distribution of chosen tokens in chosen blocks (C3PO library shape).
 
-    The router's usual top-k (and renormalisation, if the router renormalises) is applied to the new
-    distribution; rows not in ``token_index`` keep the router's own weights bit-for-bit.
+    The router's own selection is applied to the new distribution, so overriding with the router's own
+    probabilities reproduces its output exactly; rows not in ``token_index`` keep the router's own weights
+    bit-for-bit. Reproduced: HF Mixtral/Qwen2-MoE/OLMoE routers, ``TopKRouter`` (renormalisation and
+    ``routed_scaling_factor``; not with a capacity), ``NoisyTopKRouter``, ``GroupedRouter`` (top-K' per group,
+    renormalisation, ``expert_scale``) and ``DenseToSparseRouter`` in eval mode. Refused with ``TypeError``:
+    routers without a fixed top-k (``TopPRouter``, ``ExpertChoiceRouter``), ``NullExpertRouter`` (its weights
+    are renormalised over the true experts from the logits, which an ``(E + m)`` distribution does not
+    reproduce exactly), ``SigmoidTopKRouter`` (per-expert scores that are not a distribution, selection by
+    ``scores + bias`` and the group limit), a ``TopKRouter`` with a capacity (dropping depends on every token
+    of the batch), a ``DenseToSparseRouter`` in training, and other routers with a scaling factor or expert
+    groups.
 
     Args:
         model: the model.
@@ -88,6 +104,8 @@ class RoutingOverride(RouterHook):
         self.token_index = token_index.long()
         super().__init__(model, self._select, blocks=list(omegas))
         self.omegas = {p % len(self.refs): w for p, w in omegas.items()}
+        for p in self.positions:
+            _check_overridable(p, self.refs[p])
 
     def _select(self, p: int, ref: BlockRef, probs: torch.Tensor, out):
         omega = self.omegas[p]
@@ -97,12 +115,78 @@ class RoutingOverride(RouterHook):
                 f"got {tuple(omega.shape)}"
             )
         w_old, idx_old = router_selection(out)
-        w_new, idx_new = select_top_k(
-            omega.to(probs.dtype), router_top_k(ref.router), router_renormalizes(ref.router)
-        )
+        w_new, idx_new = _router_select(p, ref, omega.to(probs.dtype), probs.shape[0])
         w = w_old.to(w_new.dtype).index_put((self.token_index,), w_new)
         idx = idx_old.index_put((self.token_index,), idx_new)
         return w, idx
+
+
+def _refuse(p: int, ref: BlockRef, why: str) -> TypeError:
+    return TypeError(
+        f"RoutingOverride does not support {type(ref.router).__name__} (MoE block {p}, {ref.name!r}): {why}"
+    )
+
+
+def _check_overridable(p: int, ref: BlockRef) -> None:
+    """Refuse routers whose selection :func:`_router_select` cannot reproduce exactly (``TypeError``)."""
+    r = ref.router
+    if isinstance(r, NullExpertRouter):
+        raise _refuse(
+            p, ref, f"null experts (num_null={r.num_null}): its weights are renormalised over the "
+            "true experts from the router's logits, which an (E + m) distribution cannot reproduce exactly",
+        )
+    if isinstance(r, SigmoidTopKRouter):
+        raise _refuse(
+            p, ref, f"score_func={r.score_func!r} scores are not re-selected as the router does (selection "
+            f"by scores + balancing bias, group limit num_groups={r.num_groups}/topk_groups={r.topk_groups}, "
+            "log-space renormalisation)",
+        )
+    known = (TopKRouter, GroupedRouter, DenseToSparseRouter)
+    if not isinstance(r, known):
+        scale = getattr(r, "routed_scaling_factor", 1.0)
+        groups = max(int(getattr(r, a, 1) or 1) for a in ("num_groups", "n_group", "topk_group"))
+        if scale != 1.0 or groups > 1:
+            raise _refuse(
+                p, ref, f"routed_scaling_factor={scale} / expert groups ({groups}) are not reproduced"
+            )
+    router_top_k(r)  # TypeError for routers without a fixed top-k (top-p, expert choice)
+
+
+def _router_select(p: int, ref: BlockRef, omega: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's own top-k selection applied to ``omega (n', E)``: ``(weights, indices)`` ``(n', K)``.
+
+    ``n`` is the number of tokens of the forward call (a capacity depends on it).
+    """
+    r = ref.router
+    if isinstance(r, TopKRouter):
+        cap = r.capacity(n)
+        if cap is not None:
+            raise _refuse(
+                p, ref, f"a capacity ({cap} slots per expert; capacity_factor={r.capacity_factor}, "
+                f"eval_capacity_factor={r.eval_capacity_factor}) drops slots depending on every token of "
+                "the batch",
+            )
+        w, idx = select_top_k(omega, r.top_k, r.renormalize)  # (n', K) as TopKRouter.forward
+        if r.routed_scaling_factor != 1.0:
+            w = w * r.routed_scaling_factor
+        return w, idx
+    if isinstance(r, GroupedRouter):
+        m, g = omega.shape[0], r.num_groups
+        size = r.num_experts // g
+        top, local = omega.view(m, g, size).topk(r.top_k // g, dim=-1)  # (n', G, K'), (n', G, K')
+        offset = torch.arange(g, device=omega.device).view(1, g, 1) * size  # (1, G, 1)
+        idx = (local + offset).reshape(m, r.top_k)  # (n', K)
+        w = top.reshape(m, r.top_k)  # (n', K)
+        if r.renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        if r.expert_scale is not None:
+            w = w * r.expert_scale.float()[idx]  # (n', K)
+        return w, idx
+    if isinstance(r, DenseToSparseRouter):
+        if r.training:
+            raise _refuse(p, ref, "in training mode it activates a variable set of experts (use eval mode)")
+        return select_top_k(omega, r.top_k, False)  # eval: raw top-k probabilities
+    return select_top_k(omega, router_top_k(r), router_renormalizes(r))
 
 
 def last_token_index(batch: int, seq_len: int) -> torch.Tensor:

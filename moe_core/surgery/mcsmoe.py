@@ -37,6 +37,7 @@ from moe_core.blocks import (
     get_expert_weights,
     router_logits,
     router_selection,
+    router_weight,
     set_expert_weights,
     unwrap_bank,
 )
@@ -52,8 +53,11 @@ class RoutingStats:
     """Calibration statistics of one MoE block.
 
     Attributes:
-        counts: ``(E,)`` selected (token, slot) pairs per expert.
-        logits: ``(N, E)`` router logits of the calibration tokens (float32, at most ``max_tokens`` rows).
+        counts: ``(E,)`` selected (token, slot) pairs per expert (slots a router masks out, such as null
+            picks, dropped or top-p padding slots, are not counted).
+        logits: ``(N, E)`` router logits of the calibration tokens (float32, at most ``max_tokens`` rows);
+            for a null-expert router (``NullExpertRouter``) the E real experts' columns of its ``(N, E + m)``
+            logits.
     """
 
     counts: torch.Tensor
@@ -90,11 +94,17 @@ def collect_routing_stats(
     logits: list[list[torch.Tensor]] = [[] for _ in refs]
     kept = [0] * len(refs)
 
+    # E of each router: a null-expert router's logits have E + m columns (null experts last); the first E
+    # are the real experts', which are what the merge groups
+    widths = [router_weight(r.router).shape[0] for r in refs]
+
     def hook(i: int):
         def fn(_m, _inp, out):
             _, idx = router_selection(out)
-            z = router_logits(out).detach()
-            c = torch.bincount(idx.reshape(-1), minlength=z.shape[-1]).cpu()
+            z = router_logits(out).detach()[:, : widths[i]]  # (N, E)
+            mask = getattr(out, "mask", None)  # masked slots (null picks, drops, top-p padding) are not used
+            used = idx if mask is None else idx[mask]
+            c = torch.bincount(used.reshape(-1), minlength=widths[i]).cpu()
             counts[i] = c if counts[i] is None else counts[i] + c
             if kept[i] < max_tokens:
                 take = z[: max_tokens - kept[i]].cpu()
@@ -294,14 +304,20 @@ def low_rank_plus_sparse(
         raise ValueError(f"w must be 2-D, got shape {tuple(w.shape)}")
     if not 0 <= rank <= min(w.shape):
         raise ValueError(f"rank must be in [0, {min(w.shape)}], got {rank}")
-    if not 0.0 <= keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
+    _check_keep_ratio(keep_ratio)
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     root = s[:rank].sqrt()
     big_u = (u[:, :rank] * root).to(w.dtype)  # (m, r)
     big_v = (root[:, None] * vh[:rank]).to(w.dtype)  # (r, n)
     res = w - big_u @ big_v  # (m, n)
     return big_u, big_v, res * _keep_mask(importance if importance is not None else res.abs(), keep_ratio)
+
+
+def _check_keep_ratio(keep_ratio: float) -> None:
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, int | float):
+        raise TypeError(f"keep_ratio must be a float in [0, 1], got {keep_ratio!r}")
+    if not 0.0 <= keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
 
 
 def _keep_mask(score: torch.Tensor, keep_ratio: float) -> torch.Tensor:
@@ -375,6 +391,7 @@ class LowRankSparseExperts(ComputedWeightExperts):
 
     def prune(self, keep_ratio: float, importance: dict[str, torch.Tensor] | None = None) -> None:
         """Keep the ``keep_ratio`` most important S entries of each expert matrix (default ``|S|``)."""
+        _check_keep_ratio(keep_ratio)
         with torch.no_grad():
             for n in ("gate", "up", "down"):
                 s = getattr(self, f"{n}_s")
@@ -403,9 +420,14 @@ def compress_model(model: nn.Module, *, rank: int, keep_ratio: float) -> None:
 
     Args:
         model: a model containing moekit or HF MoE blocks.
-        rank: LoSparse rank r of ``U V`` (capped at ``min(D, H)``).
-        keep_ratio: fraction of the residual ``S`` entries kept (largest magnitude).
+        rank: LoSparse rank r of ``U V``, an int ``>= 0`` (capped at ``min(D, H)``).
+        keep_ratio: fraction of the residual ``S`` entries kept (largest magnitude), in ``[0, 1]``.
     """
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int >= 0, got {rank!r}")
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    _check_keep_ratio(keep_ratio)
     for ref in find_moe_blocks(model):
         holder = ref.block if not isinstance(ref.experts, RemappedExperts) else ref.experts
         bank = unwrap_bank(ref.experts)

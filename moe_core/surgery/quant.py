@@ -180,6 +180,20 @@ class NestedQuantExperts(ComputedWeightExperts):
         return total
 
 
+def _check_block_bits(b: int | torch.Tensor, num_experts: int, block: int) -> None:
+    """Widths of one block: an int or an integer ``()``/``(E,)`` tensor, every value in ``[1, 8]``."""
+    where = f"bits for MoE block {block}"
+    if isinstance(b, bool) or not isinstance(b, int | torch.Tensor):
+        raise TypeError(f"{where} must be an int or an (E,) integer tensor, got {b!r}")
+    t = torch.as_tensor(b)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{where} must hold integers, got dtype {t.dtype}")
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() != num_experts):
+        raise ValueError(f"{where} must be an int or have shape ({num_experts},), got shape {tuple(t.shape)}")
+    if t.numel() and (t.min() < 1 or t.max() > 8):
+        raise ValueError(f"{where} must be in [1, 8], got {t.tolist()}")
+
+
 def quantize_model_experts(
     model: nn.Module, *, bits: int | list[torch.Tensor] = 8, group_size: int | None = None
 ) -> list[NestedQuantExperts]:
@@ -189,7 +203,10 @@ def quantize_model_experts(
 
     Args:
         model: a model containing moekit or HF MoE blocks.
-        bits: one width, or one ``(E,)`` tensor of widths per block (e.g. from :func:`choose_bits`).
+        bits: one int width in ``[1, 8]``, or a list with one entry per MoE block (in
+            :func:`find_moe_blocks` order): an int or an integer ``(E,)`` tensor of widths in ``[1, 8]``
+            (e.g. from :func:`choose_bits`; E = the experts the block's bank stores). Checked for every block
+            before any bank is replaced (``ValueError``; ``TypeError`` for a bool, a float or another type).
         group_size: elements per quantisation scale along each matrix's last dimension (None: the whole
             dimension).
 
@@ -197,6 +214,13 @@ def quantize_model_experts(
         The new banks, in block order (call ``set_bits`` to switch widths without re-quantising).
     """
     refs = find_moe_blocks(model)
+    if isinstance(bits, bool) or not isinstance(bits, int | list | tuple):
+        raise TypeError(f"bits must be an int or a list with one entry per MoE block, got {bits!r}")
+    if not isinstance(bits, int) and len(bits) != len(refs):
+        raise ValueError(f"bits has {len(bits)} entries for {len(refs)} MoE blocks (one per block)")
+    for i, ref in enumerate(refs):
+        e = get_expert_weights(unwrap_bank(ref.experts))[0].shape[0]
+        _check_block_bits(bits if isinstance(bits, int) else bits[i], e, i)
     banks = []
     for i, ref in enumerate(refs):
         holder = ref.experts if isinstance(ref.experts, RemappedExperts) else ref.block
