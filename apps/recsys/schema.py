@@ -229,11 +229,7 @@ def validate_frame(df: pd.DataFrame, schema: FeatureSchema, *, source: str, need
         raise ValueError(f"{source}: missing column(s) {missing}; found {list(df.columns)[:50]}")
     for c in schema.numeric:
         col = pd.to_numeric(df[c], errors="coerce")
-        raw = df[c]
-        blank = raw.isna()
-        if not (pd.api.types.is_numeric_dtype(raw) or pd.api.types.is_bool_dtype(raw)):
-            blank = blank | (raw.astype(str).str.strip() == "")
-        bad = col.isna() & ~blank
+        bad = col.isna() & ~_blank(df[c])
         if bad.any():
             raise ValueError(
                 f"{source}: numeric column {c!r} has non-numeric value {df[c][bad].iloc[0]!r} "
@@ -273,6 +269,14 @@ class FileRows:
         return len(self.rows)
 
 
+def _blank(values: pd.Series) -> pd.Series:
+    """Missing cells: NaN/None, and in a text column also empty or all-blank strings (a CSV's empty field)."""
+    blank = values.isna()
+    if not (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)):
+        blank = blank | (values.astype(str).str.strip() == "")
+    return blank
+
+
 def data_row(obj: pd.DataFrame | pd.Series, mask: pd.Series | np.ndarray | int) -> str:
     """``"data row R"``: the file row (1-based, header not counted) of the first True of ``mask`` (or of
     position ``mask``). A part carved from a file (``carve_validation``) carries its rows' places in
@@ -294,9 +298,7 @@ def _labels_as_float(
     frame = s.to_frame() if frame is None else frame
     v = pd.to_numeric(s, errors="coerce")
     if v.isna().any():
-        blank = s.isna()
-        if not pd.api.types.is_numeric_dtype(s):
-            blank = blank | (s.astype(str).str.strip() == "")
+        blank = _blank(s)
         text = v.isna() & ~blank
         if text.any():
             raise ValueError(
