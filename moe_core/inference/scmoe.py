@@ -31,7 +31,11 @@ def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 class RankKRouting(RouterHook):
-    """Weak-model routing: each token uses only its expert at sorted position ``rank`` (0-based), weight 1."""
+    """Weak-model routing: each token uses only its expert at sorted position ``rank`` (0-based), weight 1.
+
+    The rank is among the block's ``E`` real experts: a null-expert router's extra probability columns (its
+    "no expert" choices, ids ``>= E``) are not experts the bank could run, so they are left out.
+    """
 
     def __init__(self, model: nn.Module, *, rank: int) -> None:
         if rank < 0:
@@ -39,9 +43,11 @@ class RankKRouting(RouterHook):
         self.rank = rank
 
         def fn(p, ref, probs, out):
-            if rank >= probs.shape[1]:
-                raise ValueError(f"rank={rank} >= number of experts {probs.shape[1]}")
-            idx = probs.argsort(dim=-1, descending=True, stable=True)[:, rank : rank + 1]  # (N, 1)
+            e = int(getattr(ref.experts, "num_experts", probs.shape[1]))
+            real = probs[:, : min(e, probs.shape[1])]  # (N, E)
+            if rank >= real.shape[1]:
+                raise ValueError(f"rank={rank} >= number of experts {real.shape[1]}")
+            idx = real.argsort(dim=-1, descending=True, stable=True)[:, rank : rank + 1]  # (N, 1)
             return torch.ones_like(idx, dtype=probs.dtype), idx
 
         super().__init__(model, fn)

@@ -141,6 +141,24 @@ def test_offload_model_on_null_router_is_bit_identical(tiny_lm):
     assert all(c.scores.shape == (E,) for c in engine.caches)
 
 
+def test_scmoe_weak_routing_of_a_null_router_picks_real_experts(tiny_lm):
+    """New-user trial: SCMoE's rank-k weak routing ranked the null columns too and sent ids >= E to the bank
+    (a ValueError from the bank's id check; garbage before it)."""
+    from moe_core.inference.scmoe import RankKRouting, scmoe_logits
+
+    model = _null_model(tiny_lm)
+    ids = torch.randint(0, 31, (2, 8))
+    picked = []
+    hook = find_moe_blocks(model)[0].experts.register_forward_pre_hook(lambda m, a: picked.append(a[1]))
+    with RankKRouting(model, rank=1), torch.no_grad():
+        model(ids)
+    hook.remove()
+    assert int(picked[0].max()) < E and int(picked[0].min()) >= 0
+    with torch.no_grad():
+        scores = scmoe_logits(model, ids, rank=1)  # -inf outside the plausible set, by design
+    assert not torch.isnan(scores).any() and torch.isfinite(scores).any(-1).all()
+
+
 # ------------------------------------------------------------------------------ HybridPlacement.makespan
 def test_makespan_refuses_unknown_device_and_length_mismatch():
     hp = HybridPlacement(cpu_time_per_token=1.0, gpu_time_per_token=0.1, transfer_time=2.0)
