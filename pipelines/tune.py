@@ -486,6 +486,10 @@ def run_study(
         best = study.best_trial
         # the tuned values on the base config; the sweep-time budget overrides (--set) are only noted
         cfg = merged_config(configs, json.loads(best.user_attrs["overrides"]))
+        # its own run folder: by the config's stem every study's best.yaml would share runs/<app>/best, and
+        # `--ckpt_path last` could resume another study's model
+        if not cfg.get("run_dir") and not (cfg.get("trainer") or {}).get("default_root_dir"):
+            cfg["run_dir"] = str(Path("runs") / app / f"{study_name}-best")
         header = (
             f"# best trial {best.number} of study {study_name!r}: {monitor} = {best.value:.6g}\n"
             f"# sweep-time fixed overrides (not applied here): {json.dumps(fixed)}\n"

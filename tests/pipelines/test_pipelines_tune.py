@@ -96,6 +96,8 @@ def test_tune_sweep_prunes_resumes_and_writes_best(
 
     cli = MoekitCLI(app="toy", args=["--config", str(best_path), "--trainer.logger=false"], run=False)
     assert cli.model.lr == study.best_trial.params["lr"]
+    # its own run folder (by the file's stem every study's best.yaml would share runs/toy/best)
+    assert best["run_dir"] == "runs/toy/toy-study-best" and cli.run_dir() == Path("runs/toy/toy-study-best")
 
 
 def _worker(config: Path, storage: str, study: str, n_trials: int, out: Path, seed: int) -> subprocess.Popen:
