@@ -449,7 +449,8 @@ class _ExpertBank(nn.Module):
             ``(N, D)`` mixture ``sum_k weights[t, k] * expert_{indices[t, k]}(x[t])`` over used slots.
         """
         # E and D from the weights: banks may be resharded or called functionally with other weights
-        e, d = self._weights3d()[0].shape[:2]
+        w0 = self._weights3d()[0]
+        e, d = w0.shape[:2]
         if x.dim() != 2 or x.shape[1] != d:
             raise ValueError(f"x must have shape (N, dim={d}), got {tuple(x.shape)}")
         n = x.shape[0]
@@ -465,7 +466,6 @@ class _ExpertBank(nn.Module):
             )
         if n == 0 or indices.shape[1] == 0:
             return self._zeros_connected(x, weights)
-        w0 = self._weights3d()[0]
         if x.dtype != w0.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"x has dtype {x.dtype} but the expert weights are {w0.dtype}: cast one to the other "

@@ -50,7 +50,7 @@ from moe_core.losses import (
     top_p_entropy_loss,
 )
 from moe_core.types import RouterOutput
-from moe_core.validation import check_choice
+from moe_core.validation import check_choice, check_rows
 
 LOGIT_BOUND: float = torch.finfo(torch.float32).max / 4
 """Magnitude bound of guarded float32 logits: the difference of two guarded logits (softmax's max shift, the
@@ -65,12 +65,7 @@ ScheduleKind = Literal["linear", "exp"]
 
 def _check_x(x: torch.Tensor, dim: int) -> None:
     """``x`` must be ``(N, dim)`` and finite: no NaN, no +/-inf (one host sync)."""
-    if x.dim() != 2 or x.shape[-1] != dim:
-        raise ValueError(f"x must have shape (N, dim={dim}), got {tuple(x.shape)}")
-    # a NaN or inf anywhere makes the sum non-finite, so a finite sum settles it in one reduction (the
-    # element-wise test is five passes over x); a non-finite sum of finite values (overflow) falls through
-    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
-        raise ValueError("x contains non-finite values (NaN or +/-inf)")
+    check_rows(x, dim)
 
 
 def finite_logits(z: torch.Tensor) -> torch.Tensor:
@@ -628,19 +623,26 @@ class GroupedRouter(_GateMixin):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """Route tokens; ``x (N, D)`` -> RouterOutput with ``(N, K)`` slots, K' per group in group order."""
         _check_x(x, self.dim)
-        n, g = x.shape[0], self.num_groups
-        size = self.num_experts // g
         logits = self._logits(x)  # (N, E)
         probs = logits.softmax(dim=-1)  # (N, E)
+        weights, indices = self.select(probs)
+        return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+
+    def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selection of :meth:`forward` on given probabilities ``(N, E)``: top-K' per group, renormalised
+        if ``renormalize``, times ``expert_scale`` -> ``(weights, indices)`` ``(N, K)`` (also used by
+        :class:`~moe_core.inference.override.RoutingOverride` to re-select from another distribution)."""
+        n, g = probs.shape[0], self.num_groups
+        size = self.num_experts // g
         top, local = probs.view(n, g, size).topk(self.top_k // g, dim=-1)  # (N, G, K'), (N, G, K')
-        offset = torch.arange(g, device=x.device).view(1, g, 1) * size  # (1, G, 1)
+        offset = torch.arange(g, device=probs.device).view(1, g, 1) * size  # (1, G, 1)
         indices = (local + offset).reshape(n, self.top_k)  # (N, K)
         weights = top.reshape(n, self.top_k)  # (N, K)
         if self.renormalize:
             weights = _renorm(weights)
         if self.expert_scale is not None:
             weights = weights * self.expert_scale.float()[indices]  # (N, K) learned per-expert scale
-        return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+        return weights, indices
 
     def aux_losses(
         self, routing: RouterOutput, *, batch_size: int | None = None, token_mask: torch.Tensor | None = None

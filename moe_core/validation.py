@@ -8,7 +8,10 @@ Closed choices are typed as ``Literal[...]`` and resolved in one place that rais
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -55,3 +58,17 @@ def check_router_output(routing: object, where: str) -> None:
             f"{where}(r)"
         )
     raise TypeError(f"{where}: routing must be a RouterOutput, got {type(routing).__name__}")
+
+
+def check_rows(x: torch.Tensor, dim: int, *, name: str = "x", rows: str = "N", prefix: str = "") -> None:
+    """``ValueError`` unless ``x`` is ``(rows, dim)`` and finite (no NaN, no +/-inf); messages
+    ``"<prefix><name> must have shape (<rows>, dim=<dim>), got <shape>"`` and ``"<prefix><name> contains
+    non-finite values (NaN or +/-inf)"``. One reduction (a host sync) in the common, finite case."""
+    import torch
+
+    if x.dim() != 2 or x.shape[-1] != dim:
+        raise ValueError(f"{prefix}{name} must have shape ({rows}, dim={dim}), got {tuple(x.shape)}")
+    # a NaN or inf anywhere makes the sum non-finite, so a finite sum settles it in one reduction (the
+    # element-wise test is five passes over x); a non-finite sum of finite values (overflow) falls through
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+        raise ValueError(f"{prefix}{name} contains non-finite values (NaN or +/-inf)")

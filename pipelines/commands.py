@@ -111,7 +111,7 @@ def register_checkpoint(
     model is restored.
     """
     from pipelines.checkpointing import load_checkpoint_file
-    from pipelines.lightning_cli import MoekitCLI
+    from pipelines.lightning_cli import MoekitCLI, checkpoint_extras
     from pipelines.registry import register_trained
 
     args = [a for c in configs for a in ("--config", str(c))]
@@ -122,8 +122,7 @@ def register_checkpoint(
     checkpoint = load_checkpoint_file(ckpt, app=app)
     hook = getattr(cli.datamodule, "load_fitted_state", None)
     if callable(hook):  # the registered preprocessing is the checkpoint's, not a refit on today's files
-        hook({k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")},
-             source=f"checkpoint {ckpt}")  # fmt: skip
+        hook(checkpoint_extras(checkpoint), source=f"checkpoint {ckpt}")
     del checkpoint
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True)
     return register_trained(

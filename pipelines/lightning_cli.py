@@ -326,7 +326,13 @@ class MoekitArgumentParser(LightningArgumentParser):
 
 
 _EVALUATION = ("validate", "test", "predict")
-_CKPT_BULK = ("state_dict", "optimizer_states", "lr_schedulers")  # left out of the cached checkpoint extras
+_CKPT_BULK = ("state_dict", "optimizer_states", "lr_schedulers")
+
+
+def checkpoint_extras(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint without its weights and optimizer state: what a data module's ``load_fitted_state``
+    reads (e.g. recsys's ``preprocessor``), small enough to keep while the trainer loads the file again."""
+    return {k: v for k, v in ckpt.items() if k not in _CKPT_BULK}
 
 
 def _class_paths(node: Any, prefix: str = "") -> dict[str, str]:
@@ -461,7 +467,7 @@ class MoekitCLI(LightningCLI):
             return
         ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         if isinstance(ckpt, dict):  # what the data module may need of it (load_fitted_state), no weights
-            self._ckpt_extras = {k: v for k, v in ckpt.items() if k not in _CKPT_BULK}
+            self._ckpt_extras = checkpoint_extras(ckpt)
         hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
         hparams.pop("_instantiator", None)
         if not hparams:
@@ -597,7 +603,7 @@ class MoekitCLI(LightningCLI):
 
             path = self.run_dir() / "last.ckpt"
             ckpt = torch.load(path, weights_only=True, map_location="cpu")
-            extras = {k: v for k, v in ckpt.items() if k not in _CKPT_BULK}
+            extras = checkpoint_extras(ckpt)
             ckpt_path = path
         if extras is not None:
             hook(extras, source=f"checkpoint {ckpt_path}")

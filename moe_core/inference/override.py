@@ -171,17 +171,7 @@ def _router_select(p: int, ref: BlockRef, omega: torch.Tensor, n: int) -> tuple[
             w = w * r.routed_scaling_factor
         return w, idx
     if isinstance(r, GroupedRouter):
-        m, g = omega.shape[0], r.num_groups
-        size = r.num_experts // g
-        top, local = omega.view(m, g, size).topk(r.top_k // g, dim=-1)  # (n', G, K'), (n', G, K')
-        offset = torch.arange(g, device=omega.device).view(1, g, 1) * size  # (1, G, 1)
-        idx = (local + offset).reshape(m, r.top_k)  # (n', K)
-        w = top.reshape(m, r.top_k)  # (n', K)
-        if r.renormalize:
-            w = w / w.sum(dim=-1, keepdim=True)
-        if r.expert_scale is not None:
-            w = w * r.expert_scale.float()[idx]  # (n', K)
-        return w, idx
+        return r.select(omega)  # (n', K) the router's own per-group selection
     if isinstance(r, DenseToSparseRouter):
         if r.training:
             raise _refuse(p, ref, "in training mode it activates a variable set of experts (use eval mode)")

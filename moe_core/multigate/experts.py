@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_core.validation import check_choice
+from moe_core.validation import check_choice, check_rows
 
 __all__ = ["Activation", "DenseMLPExperts", "Norm", "NormLayers"]
 
@@ -28,11 +28,7 @@ NormLayers = Literal["all", "last"]
 def check_input(v: torch.Tensor, dim: int, who: str) -> None:
     """A multi-gate model's input must be ``(B, dim)`` and finite; ``ValueError`` naming the model otherwise
     (a wrong width used to fail inside a matmul, a 3-D input inside the gates' broadcast, and NaN passed)."""
-    if v.dim() != 2 or v.shape[-1] != dim:
-        raise ValueError(f"{who}: v must have shape (B, dim={dim}), got {tuple(v.shape)}")
-    # a NaN or inf anywhere makes the sum non-finite: one reduction settles the common case
-    if not torch.isfinite(v.sum()) and not torch.isfinite(v).all():
-        raise ValueError(f"{who}: v contains non-finite values (NaN or +/-inf)")
+    check_rows(v, dim, name="v", rows="B", prefix=f"{who}: ")
 
 
 class DenseMLPExperts(nn.Module):
